@@ -1,0 +1,87 @@
+"""Shared fixtures: tiny real transformers models (built from configs, random weights, fixed seed) with a
+real word-level tokenizer, saved to disk so the CLI loads them exactly as it loads a pretrained folder."""
+import os
+
+os.environ.setdefault("TRITON_INTERPRET", "1")  # before anything imports triton (transformers does)
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from hypothesis import settings
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+import mezo  # noqa: E402
+
+torch.set_num_threads(min(2, os.cpu_count() or 1))
+
+settings.register_profile("ci", max_examples=12, deadline=None, derandomize=True)
+settings.register_profile("long", max_examples=200, deadline=None)
+settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", "ci"))
+
+SPECIALS = ["<pad>", "<s>", "</s>", "<unk>", "<mask>"]
+WORDS = sorted({w for ws in mezo.SYNTH_WORDS.values() for w in ws} | set(mezo.SYNTH_NOUNS)
+               | set("the a i was is and long thought what it review overall movie . , : ! ?".split())
+               | set("not very funny film bad good story".split()))
+
+
+def make_tokenizer(causal: bool):
+    from tokenizers import Tokenizer, normalizers, pre_tokenizers, processors
+    from tokenizers.models import WordLevel
+    from transformers import PreTrainedTokenizerFast
+
+    vocab = {t: i for i, t in enumerate(SPECIALS + WORDS)}
+    tok = Tokenizer(WordLevel(vocab, unk_token="<unk>"))
+    tok.normalizer = normalizers.Lowercase()
+    tok.pre_tokenizer = pre_tokenizers.Whitespace()
+    single = "<s> $A" if causal else "<s> $A </s>"
+    tok.post_processor = processors.TemplateProcessing(single=single, special_tokens=[("<s>", 1), ("</s>", 2)])
+    return PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<s>", eos_token="</s>", unk_token="<unk>",
+                                   pad_token="<pad>", mask_token="<mask>")
+
+
+def make_model(kind: str, dtype=torch.float32, seed: int = 0, layers: int = 2):
+    from transformers import LlamaConfig, LlamaForCausalLM, RobertaConfig, RobertaForMaskedLM
+
+    torch.manual_seed(seed)
+    n = len(SPECIALS) + len(WORDS)
+    if kind == "roberta":
+        cfg = RobertaConfig(vocab_size=n, hidden_size=32, num_hidden_layers=layers, num_attention_heads=2,
+                            intermediate_size=64, max_position_embeddings=140, pad_token_id=0, bos_token_id=1,
+                            eos_token_id=2, hidden_dropout_prob=0.1, attention_probs_dropout_prob=0.1)
+        model = RobertaForMaskedLM(cfg)
+    else:
+        cfg = LlamaConfig(vocab_size=n, hidden_size=32, num_hidden_layers=layers, num_attention_heads=4,
+                          num_key_value_heads=2, intermediate_size=64, max_position_embeddings=256,
+                          pad_token_id=0, bos_token_id=1, eos_token_id=2, tie_word_embeddings=False)
+        model = LlamaForCausalLM(cfg)
+    return model.to(dtype).eval()
+
+
+@pytest.fixture(scope="session")
+def model_dir(tmp_path_factory):
+    """kind -> folder with config.json, weights and tokenizer (saved once per session)."""
+    made = {}
+
+    def get(kind: str) -> str:
+        if kind not in made:
+            path = tmp_path_factory.mktemp(f"tiny-{kind}")
+            make_model(kind).save_pretrained(path)
+            make_tokenizer(causal=kind == "llama").save_pretrained(path)
+            made[kind] = str(path)
+        return made[kind]
+    return get
+
+
+def load_tiny(model_dir, kind: str, **overrides):
+    """(model, tokenizer, params, forward) for a tiny model, set up exactly as mezo.train sets it up."""
+    cfg = mezo.Config(model=model_dir(kind), **overrides)
+    model, tok, _ = mezo.load_model(cfg)
+    if cfg.head == "cls":
+        mezo.add_cls_head(model, len(cfg.label_words), cfg.seed)
+    label_ids = mezo.label_token_ids(tok, cfg.label_words) if cfg.head == "prompt" else []
+    params = mezo.select_trainables(model, cfg)
+    return cfg, model, tok, params, mezo.PromptForward(model, label_ids)

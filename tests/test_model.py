@@ -1,0 +1,139 @@
+"""LoRA, layer selection, prompt scoring and the PEFT export, on tiny real transformers models."""
+import json
+import shutil
+from pathlib import Path
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+import mezo
+from conftest import load_tiny, make_model
+
+SENTS = ["the movie was great .", "a dull film .", "what a superb story !", "the plot is bad and the cast is long ."]
+
+
+def _batch(tok, model, template="{sentence} It was {mask} ."):
+    kind = mezo.model_kind(model)
+    ex = [dict(zip(("ids", "position"), mezo.encode(tok, s, template, kind, 64)), label=i % 2)
+          for i, s in enumerate(SENTS)]
+    return mezo.collate(ex, tok.pad_token_id)
+
+
+@pytest.mark.parametrize("kind", ["roberta", "llama"])
+def test_lora_with_b_zero_leaves_outputs_unchanged(kind, model_dir):
+    cfg, model, tok, params, forward = load_tiny(model_dir, kind, mode="lora")
+    plain = make_model(kind)  # the same weights, built again, without LoRA
+    batch = _batch(tok, model)
+    with torch.no_grad():
+        out = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+        ref = plain(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+    assert torch.equal(out, ref)
+    assert all(p.tensor.abs().sum() > 0 for p in params if p.name.endswith("lora_A"))
+    # and once B moves, the outputs move: the hook is live
+    with torch.no_grad():
+        next(p for p in params if p.name.endswith("lora_B")).tensor.fill_(0.1)
+        moved = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+    assert not torch.allclose(moved, ref)
+
+
+@pytest.mark.parametrize("kind,targets", [("roberta", ("query", "value")), ("llama", ("q_proj", "v_proj"))])
+def test_default_lora_targets_and_names(kind, targets, model_dir):
+    cfg, model, tok, params, forward = load_tiny(model_dir, kind, mode="lora")
+    names = [p.name for p in params]
+    assert len(names) == 2 * 2 * 2  # 2 layers x 2 targets x (A, B)
+    assert all(n.split(".")[-2] in targets and n.split(".")[-1] in ("lora_A", "lora_B") for n in names)
+    assert names == sorted(names, key=[n for n, _ in model.named_parameters()].index), "not in canonical order"
+    offsets = [p.offset for p in params]
+    assert offsets == [sum(p.tensor.numel() for p in params[:i]) for i in range(len(params))]
+    a = next(p for p in params if p.name.endswith("lora_A")).tensor
+    assert a.shape[0] == cfg.lora_r
+
+
+@pytest.mark.parametrize("mode", ["lora", "full"])
+@pytest.mark.parametrize("kind", ["roberta", "llama"])
+def test_top_k_trains_only_those_layers(kind, mode, model_dir):
+    cfg, model, tok, params, forward = load_tiny(model_dir, kind, mode=mode, top_layers=1)
+    layers = {mezo.layer_index(p.name) for p in params}
+    assert layers == {1}, layers
+    before = {n: t.detach().clone() for n, t in model.named_parameters()}
+    batch = _batch(tok, model)
+    loss_fn = lambda: F.cross_entropy(forward(batch), batch["labels"]).item()
+    mezo.mezo_step(params, loss_fn, [mezo.step_seed(0, 1, 0)], 1e-3, lr=1e-2, weight_decay=0.0)
+    changed = {n for n, t in model.named_parameters() if not torch.equal(t, before[n])}
+    assert changed and all(mezo.layer_index(n) == 1 for n in changed), changed
+    assert changed == {p.name for p in params} or mode == "full"
+
+
+def test_top_layers_beyond_the_model_is_refused(model_dir):
+    with pytest.raises(mezo.UsageError, match="exceeds the model's 2 layers"):
+        load_tiny(model_dir, "llama", top_layers=5)
+
+
+@pytest.mark.parametrize("kind", ["roberta", "llama"])
+def test_prompt_scoring_reads_label_logits_at_mask_or_last_token(kind, model_dir):
+    """The label-word logits equal a hand computation on the full model's output."""
+    cfg, model, tok, params, forward = load_tiny(model_dir, kind, label_words=(" bad", " good"))
+    batch = _batch(tok, model)
+    with torch.no_grad():
+        full = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits  # (B, T, V)
+    bad, good = tok.convert_tokens_to_ids(["bad", "good"])
+    ids = batch["input_ids"].tolist()
+    for i, row in enumerate(ids):
+        n = int(batch["attention_mask"][i].sum())
+        pos = row.index(tok.mask_token_id) if kind == "roberta" else n - 1
+        if kind == "llama":
+            assert tok.convert_ids_to_tokens(row[pos]) == "was"  # the text before {mask}, nothing after
+        want = full[i, pos, [bad, good]]
+        got = forward(batch)[i]
+        assert torch.allclose(got, want, atol=1e-5), (i, got, want)
+
+
+def test_cls_head_is_fresh_trained_and_reads_the_same_position(model_dir):
+    cfg, model, tok, params, forward = load_tiny(model_dir, "roberta", head="cls", mode="lora")
+    assert {"cls_head.weight", "cls_head.bias"} <= {p.name for p in params}
+    batch = _batch(tok, model)
+    with torch.no_grad():
+        h = model.base_model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).last_hidden_state
+        want = model.cls_head(h[torch.arange(len(SENTS)), batch["position"]])
+    assert torch.allclose(forward(batch), want)
+
+
+def test_label_words_must_be_single_tokens(model_dir):
+    with pytest.raises(mezo.UsageError, match=r"not single: ' great film' -> \['great', 'film'\]"):
+        load_tiny(model_dir, "llama", label_words=(" bad", " great film"))
+
+
+def test_model_without_lm_head_is_refused(tmp_path, model_dir):
+    from transformers import LlamaModel
+    make_model("llama").model.save_pretrained(tmp_path)  # the body alone: no LM head
+    for f in ("tokenizer.json", "tokenizer_config.json"):
+        shutil.copy(Path(model_dir("llama")) / f, tmp_path / f)
+    with pytest.raises(mezo.UsageError, match="no masked- or causal-LM head"):
+        mezo.load_model(mezo.Config(model=str(tmp_path)))
+    model, _, _ = mezo.load_model(mezo.Config(model=str(tmp_path), head="cls"))  # the baseline still works
+    assert isinstance(model, LlamaModel)
+
+
+@pytest.mark.parametrize("kind", ["roberta", "llama"])
+def test_peft_loads_the_saved_adapter(kind, model_dir, tmp_path):
+    """The adapter in PEFT's layout gives, through peft, the same outputs as our LoRA model."""
+    peft = pytest.importorskip("peft")
+    cfg, model, tok, params, forward = load_tiny(model_dir, kind, mode="lora", top_layers=1)
+    with torch.no_grad():
+        for p in params:  # a trained-looking adapter
+            p.tensor.normal_(0, 0.05, generator=torch.Generator().manual_seed(len(p.name)))
+    mezo.save_checkpoint(tmp_path, params, 3, cfg, model)
+    config = json.loads((tmp_path / "adapter" / "adapter_config.json").read_text())
+    assert config["r"] == cfg.lora_r and config["lora_alpha"] == cfg.lora_alpha
+    base, _, _ = mezo.load_model(mezo.Config(model=model_dir(kind)))
+    batch = _batch(tok, model)
+    inputs = dict(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"])
+    with torch.no_grad():
+        plain = base(**inputs).logits
+        peft_model = peft.PeftModel.from_pretrained(base, str(tmp_path / "adapter")).eval()
+        want, got = model(**inputs).logits, peft_model(**inputs).logits
+    assert torch.allclose(got, want, atol=1e-5), (got - want).abs().max()
+    assert not torch.allclose(got, plain, atol=1e-3), "the adapter had no effect"
+    n_lora = sum("lora_" in n for n, _ in peft_model.named_parameters())
+    assert n_lora == len(params)

@@ -1,0 +1,200 @@
+"""The MeZO step: perturb/restore, the projected gradient against autograd, unbiasedness, n samples."""
+import math
+
+import pytest
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from hypothesis import given, strategies as st
+
+import mezo
+from conftest import load_tiny
+
+UNIT_ROUNDOFF = {torch.float32: 2.0**-24, torch.bfloat16: 2.0**-8, torch.float16: 2.0**-11, torch.float64: 2.0**-53}
+
+
+def _params(shapes, dtype, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    return mezo.make_trainables([(f"w{i}", nn.Parameter((torch.randn(s, generator=g) * 0.5).to(dtype)))
+                                 for i, s in enumerate(shapes)])
+
+
+shapes_st = st.lists(st.lists(st.integers(1, 37), min_size=1, max_size=3).map(tuple), min_size=1, max_size=4)
+dtype_st = st.sampled_from([torch.float32, torch.bfloat16, torch.float16])
+
+
+@given(shapes=shapes_st, dtype=dtype_st, seed=st.integers(0, 2**63 - 1), eps=st.floats(1e-5, 1e-1))
+def test_perturb_then_unperturb_returns_within_rounding(shapes, dtype, seed, eps):
+    """+ε then −ε: each of the two in-place updates rounds once to the storage dtype, an error of at most
+    half an ulp of its result; so |θ' − θ| ≤ 2·u·(|θ| + ε|z|) elementwise, u the unit roundoff."""
+    params = _params(shapes, dtype)
+    before = [p.tensor.detach().clone() for p in params]
+    backend = mezo.TorchBackend()
+    backend.perturb(params, seed, +eps)
+    backend.perturb(params, seed, -eps)
+    u = UNIT_ROUNDOFF[dtype]
+    for p, b in zip(params, before):
+        z = p.z(seed)
+        bound = 2 * u * (b.double().abs() + eps * z.double().abs())
+        err = (p.tensor.double() - b.double()).abs()
+        assert (err <= bound + 1e-30).all(), f"{p.name}: error {err.max()} > bound at {(err - bound).argmax()}"
+
+
+@given(dtype=dtype_st, seed=st.integers(0, 1000), steps=st.integers(1, 8))
+def test_steps_with_lr_zero_return_within_rounding(dtype, seed, steps):
+    """A step with lr = 0 is +ε, −2ε, +ε and an exact no-op update: three roundings per step, so after K
+    steps |θ' − θ| ≤ 3K·u·(|θ| + 2ε|z|max)."""
+    params = _params([(13, 7), (5,)], dtype, seed)
+    before = [p.tensor.detach().clone() for p in params]
+    eps = 1e-3
+    loss_fn = lambda: sum(float(p.tensor.float().square().sum()) for p in params)
+    for t in range(steps):
+        mezo.mezo_step(params, loss_fn, [mezo.step_seed(seed, t, 0)], eps, lr=0.0, weight_decay=0.1)
+    u = UNIT_ROUNDOFF[dtype]
+    for p, b in zip(params, before):
+        zmax = max(p.z(mezo.step_seed(seed, t, 0)).abs().max().item() for t in range(steps))
+        bound = 3 * steps * u * (b.double().abs() + 2 * eps * zmax)
+        err = (p.tensor.double() - b.double()).abs()
+        assert (err <= bound).all(), f"{p.name}: {err.max()} > {bound.min()}"
+
+
+def test_lr_zero_update_is_bit_exact_in_float32():
+    params = _params([(31, 3)], torch.float32)
+    before = params[0].tensor.detach().clone()
+    mezo.TorchBackend().update(params, 123, projected_grad=5.0, lr=0.0, weight_decay=0.5)
+    assert torch.equal(params[0].tensor, before)
+
+
+# --- the projected gradient is the directional derivative ∇L·z -------------------------------------------
+
+
+def _linear():
+    torch.manual_seed(0)
+    model = nn.Linear(6, 3).double()
+    x, y = torch.randn(10, 6, dtype=torch.float64), torch.randn(10, 3, dtype=torch.float64)
+    return list(model.named_parameters()), lambda: F.mse_loss(model(x), y)
+
+
+def _mlp():
+    torch.manual_seed(1)
+    model = nn.Sequential(nn.Linear(5, 16), nn.Tanh(), nn.Linear(16, 3)).double()
+    x, y = torch.randn(12, 5, dtype=torch.float64), torch.randint(0, 3, (12,))
+    return list(model.named_parameters()), lambda: F.cross_entropy(model(x), y)
+
+
+def _tiny(kind, mode):
+    def build(model_dir):
+        cfg, model, tok, params, forward = load_tiny(model_dir, kind, mode=mode, top_layers=0)
+        model.double()
+        if mode == "lora":  # B = 0 makes ∇_A L vanish; give B values so every direction counts
+            with torch.no_grad():
+                for p in params:
+                    if p.name.endswith("lora_B"):
+                        p.tensor.normal_(0, 0.1, generator=torch.Generator().manual_seed(3))
+        sents = ["the movie was great .", "a dull film .", "what a superb story !", "the plot is bad ."]
+        kind_ = mezo.model_kind(model)
+        ex = [dict(zip(("ids", "position"), mezo.encode(tok, s, cfg.template, kind_, 64)), label=i % 2)
+              for i, s in enumerate(sents)]
+        batch = mezo.collate(ex, 0)
+        return [(p.name, p.tensor) for p in params], lambda: F.cross_entropy(forward(batch).double(), batch["labels"])
+    return build
+
+
+# Each model with the ε where the ε² term dominates: small enough that εz (|z| ~ sqrt(d)) stays a small
+# step, large enough that rounding stays below it (Llama's RMSNorm computes in float32 even in a float64
+# model, which puts a floor of ~1e-8/ε under its differences).
+MODELS = {"linear": (lambda d: _linear(), 1e-2), "mlp": (lambda d: _mlp(), 1e-2),
+          "roberta-lora": (_tiny("roberta", "lora"), 1e-2), "roberta-full": (_tiny("roberta", "full"), 1e-3),
+          "llama-lora": (_tiny("llama", "lora"), 1e-2), "llama-full": (_tiny("llama", "full"), 1e-3)}
+
+
+def _projected_grad_and_autograd(named, loss_t, seed, eps):
+    params = mezo.make_trainables(named)
+    samples = mezo.mezo_step(params, lambda: loss_t().item(), [seed], eps, lr=0.0, weight_decay=0.0)
+    with torch.enable_grad():
+        for _, t in named:
+            t.requires_grad_(True)
+            t.grad = None
+        loss_t().backward()
+    directional = sum((p.tensor.grad.double() * p.z(seed).double()).sum().item() for p in params)
+    return samples[0]["projected_grad"], directional
+
+
+@pytest.mark.parametrize("name", list(MODELS))
+def test_projected_grad_is_the_directional_derivative(name, model_dir):
+    """Central differences: g - ∇L·z = ε²/6 · (third derivative along z) + O(ε^4): halving ε quarters the error."""
+    build, eps = MODELS[name]
+    named, loss_t = build(model_dir)
+    errors = []
+    for e in (eps, eps / 2):
+        g, dd = _projected_grad_and_autograd(named, loss_t, seed=2024, eps=e)
+        assert abs(dd) > 1e-6, "degenerate direction"
+        errors.append(abs(g - dd))
+    assert errors[1] <= 1e-2 * abs(dd), f"{name}: g={g} vs ∇L·z={dd} at eps={eps / 2}"
+    if name == "linear":  # a quadratic loss: central differences are exact up to rounding
+        assert max(errors) < 1e-12 * max(1.0, abs(dd)), errors
+    else:
+        assert 0.15 < errors[1] / errors[0] < 0.35, f"{name}: error ratio {errors[1] / errors[0]}, not O(eps^2)"
+
+
+def test_projected_grad_times_z_is_unbiased():
+    """E[(∇L·z) z] = ∇L for z ~ N(0, I). Averaged over N fixed seeds the estimate is within 5 standard
+    errors (se_i² = (|∇L|² + ∇L_i²)/N) of the autograd gradient, and a wrong estimator is not."""
+    named, loss_t = _mlp()
+    named = named[2:]  # the output layer: 51 values keep N large enough within seconds
+    params = mezo.make_trainables(named)
+    with torch.enable_grad():
+        loss_t().backward()
+    grad = torch.cat([p.tensor.grad.flatten() for p in params])
+    n = 1500
+    total = torch.zeros_like(grad)
+    for k in range(n):
+        seed = mezo.step_seed(77, k, 0)
+        (s,) = mezo.mezo_step(params, lambda: loss_t().item(), [seed], 1e-4, lr=0.0, weight_decay=0.0)
+        total += s["projected_grad"] * torch.cat([p.z(seed).flatten().double() for p in params])
+    estimate = total / n
+    se = ((grad.square().sum() + grad.square()) / n).sqrt()
+    z_scores = (estimate - grad) / se
+    assert z_scores.abs().max() < 5, f"max |z-score| {z_scores.abs().max():.2f} at {z_scores.abs().argmax()}"
+    cos = F.cosine_similarity(estimate, grad, dim=0).item()
+    assert cos > 0.8, cos
+
+
+@given(n=st.integers(2, 4), wd=st.sampled_from([0.0, 0.1]), seed=st.integers(0, 2**40))
+def test_n_sample_step_is_the_mean_of_single_estimates(n, wd, seed):
+    """Algorithm 2: θ ← θ − lr·(mean_k g_k z_k + wd·θ), each g_k measured at the same θ."""
+    named, loss_t = _mlp()
+    params = mezo.make_trainables(named)
+    theta0 = [p.tensor.detach().clone() for p in params]
+    seeds = [mezo.step_seed(seed, 1, k) for k in range(n)]
+    singles = []
+    for s in seeds:  # one-sample estimates at θ0, restoring θ0 exactly between them
+        (r,) = mezo.mezo_step(params, lambda: loss_t().item(), [s], 1e-3, lr=0.0, weight_decay=0.0)
+        singles.append(r["projected_grad"])
+        for p, t in zip(params, theta0):
+            p.tensor.data.copy_(t)
+    lr = 0.05
+    samples = mezo.mezo_step(params, lambda: loss_t().item(), seeds, 1e-3, lr=lr, weight_decay=wd)
+    assert [s["projected_grad"] for s in samples] == pytest.approx(singles, rel=1e-9, abs=1e-12)
+    for p, t in zip(params, theta0):
+        step = sum(g * p.z(s).double() for g, s in zip(singles, seeds)) / n
+        want = t - lr * (step + (wd if p.decay else 0.0) * t)
+        assert torch.allclose(p.tensor, want, rtol=0, atol=1e-12), p.name
+
+
+def test_weight_decay_skips_biases_and_norm_weights(model_dir):
+    cfg, model, tok, params, forward = load_tiny(model_dir, "llama", mode="full")
+    by_name = {p.name: p for p in params}
+    assert not by_name["model.norm.weight"].decay and not by_name["model.layers.0.input_layernorm.weight"].decay
+    assert by_name["model.layers.0.self_attn.q_proj.weight"].decay
+    bias = mezo.make_trainables([("b", nn.Parameter(torch.ones(5)))])
+    mezo.TorchBackend().update(bias, 1, projected_grad=0.0, lr=1.0, weight_decay=0.5)
+    assert torch.equal(bias[0].tensor, torch.ones(5))
+
+
+def test_non_finite_loss_stops_the_step_and_restores():
+    params = _params([(4, 4)], torch.float32)
+    before = params[0].tensor.detach().clone()
+    with pytest.raises(mezo.NonFiniteLoss):
+        mezo.mezo_step(params, lambda: math.nan, [1], 1e-3, lr=1.0, weight_decay=0.0)
+    assert torch.allclose(params[0].tensor, before, atol=1e-6)
