@@ -788,7 +788,6 @@ class Log:
         self.path = out / "log.jsonl" if out else None
         if self.path and resume_step is not None and self.path.exists():
             keep = [line for line in self.path.read_text().splitlines() if json.loads(line)["step"] <= resume_step]
-            keep = [line for line in keep if not (json.loads(line)["step"] == resume_step and "split" in line)]
             atomic_write(self.path, lambda tmp: tmp.write_text("".join(line + "\n" for line in keep)))
         elif self.path:
             self.path.write_text("")

@@ -1,0 +1,153 @@
+"""The command line as a user runs it: convergence, the log, exact resume, and every bad input's error."""
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+import mezo
+
+ROOT = Path(__file__).resolve().parents[1]
+SHARED = ROOT.parent / "shared" / "data"
+
+
+def run(argv, capsys):
+    code = mezo.main([str(a) for a in argv])
+    out, err = capsys.readouterr()
+    return code, out, err
+
+
+def records(folder):
+    return [json.loads(line) for line in (Path(folder) / "log.jsonl").read_text().splitlines()]
+
+
+def tiny_args(model_dir, out, **kw):
+    args = dict(task="synthetic", model=model_dir("llama"), template="{sentence} It was {mask}",
+                label_words=" bad, good", k=8, batch_size=8, steps=6, eval_every=3, eval_max=0, lr=1e-2, out=out)
+    args.update(kw)
+    return [x for k, v in args.items() for x in (f"--{k.replace('_', '-')}", v)]
+
+
+def test_synthetic_task_learns_well_above_chance(model_dir, tmp_path, capsys):
+    """A random tiny Llama, its fresh classification head trained by MeZO alone: chance is 0.5."""
+    code, out, err = run(["--task", "synthetic", "--model", model_dir("llama"), "--head", "cls", "--mode", "head",
+                          "--template", "{sentence}", "--k", 64, "--batch-size", 32, "--lr", 0.05, "--steps", 100,
+                          "--eval-every", 50, "--out", tmp_path], capsys)
+    assert code == 0, err
+    evals = [r for r in records(tmp_path) if r.get("split") == "test"]
+    assert [e["step"] for e in evals] == [0, 50, 100]
+    assert evals[0]["accuracy"] < 0.65 and evals[-1]["accuracy"] >= 0.8, evals
+    assert "step    100 | test accuracy" in out
+
+
+def test_log_has_the_promised_fields(model_dir, tmp_path, capsys):
+    code, out, err = run(tiny_args(model_dir, tmp_path, n_samples=2), capsys)
+    assert code == 0, err
+    log = records(tmp_path)
+    steps = [r for r in log if "seed" in r]
+    assert [r["step"] for r in steps] == [1, 2, 3, 4, 5, 6]
+    for r in steps:
+        assert {"step", "seed", "loss_plus", "loss_minus", "projected_grad", "lr"} <= set(r)
+        assert r["projected_grad"] == pytest.approx(
+            sum((s["loss_plus"] - s["loss_minus"]) / 2e-3 for s in r["samples"]) / 2, rel=1e-9)
+        assert [s["seed"] for s in r["samples"]] == [mezo.step_seed(0, r["step"], k) for k in range(2)]
+    evals = [r for r in log if "split" in r]
+    assert {(r["step"], r["split"]) for r in evals} == {(s, sp) for s in (0, 3, 6) for sp in ("dev", "test")}
+    assert all({"accuracy", "loss"} <= set(r) for r in evals)
+
+
+@pytest.mark.parametrize("mode", ["lora", "full"])
+def test_resume_continues_the_identical_trajectory(model_dir, tmp_path, capsys, mode):
+    """6 steps straight == 3 steps, stop, --resume, 3 more: every logged loss and every tensor identical."""
+    straight, halves = tmp_path / "straight", tmp_path / "halves"
+    assert run(tiny_args(model_dir, straight, mode=mode), capsys)[0] == 0
+    assert run(tiny_args(model_dir, halves, mode=mode, steps=3), capsys)[0] == 0
+    with open(halves / "log.jsonl", "a") as f:  # a crash after step 3's checkpoint left a stray record
+        f.write(json.dumps(dict(step=4, seed=0, loss_plus=9.0, loss_minus=9.0, projected_grad=0.0, lr=0.0)) + "\n")
+    code, out, err = run(["--resume", halves, "--steps", 6], capsys)
+    assert code == 0, err
+    assert "resumed from" in out and "at step 3" in out
+    keys = ("step", "seed", "loss_plus", "loss_minus", "projected_grad", "split", "accuracy", "loss")
+    strip = lambda log: [{k: r[k] for k in keys if k in r} for r in log]
+    assert strip(records(halves)) == strip(records(straight))
+    a, b = load_file(straight / mezo.CHECKPOINT), load_file(halves / mezo.CHECKPOINT)
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    if mode == "lora":
+        assert (halves / "adapter" / "adapter_model.safetensors").exists()
+
+
+def expect_error(capsys, argv, pattern, code=2):
+    got, out, err = run(argv, capsys)
+    lines = [line for line in err.splitlines() if line.startswith("mezo: error:")]
+    assert got == code and len(lines) == 1, (got, err[-2000:])
+    import re
+    assert re.search(pattern, lines[0]), lines[0]
+    return lines[0]
+
+
+@pytest.mark.parametrize("flags,pattern", [
+    (["--task", "imdb"], r"unknown --task 'imdb'; choose one of sst2, synthetic"),
+    (["--eps", "0"], r"--eps must be a finite number > 0, got 0.0"),
+    (["--eps=-1e-3"], r"--eps must be a finite number > 0, got -0.001"),
+    (["--eps", "nan"], r"--eps must be a finite number > 0, got nan"),
+    (["--lr=-1"], r"--lr must be a finite number >= 0"),
+    (["--batch-size", "0"], r"--batch-size 0 is out of range"),
+    (["--mode", "head"], r"--mode head .* needs --head cls"),
+    (["--template", "It was {mask}"], r"--template must contain \{sentence\}"),
+    (["--label-words", " bad, great film"], r"not single: ' great film' -> \['great', 'film'\]"),
+    (["--label-words", " bad, bad"], r"map to the same token"),
+    (["--top-layers", "9"], r"--top-layers 9 exceeds the model's 2 layers"),
+    (["--lora-targets", "c_attn"], r"--lora-targets c_attn matches no nn.Linear"),
+])
+def test_bad_values_get_one_clear_error(model_dir, tmp_path, capsys, flags, pattern):
+    expect_error(capsys, tiny_args(model_dir, tmp_path) + flags, pattern)
+
+
+def test_unknown_model_is_refused(tmp_path, capsys, monkeypatch):
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    expect_error(capsys, ["--task", "synthetic", "--model", tmp_path / "no-such-model"],
+                 r"cannot load model .*no-such-model.*Pass --model /path/to/folder")
+
+
+def test_missing_data_dir_is_refused(model_dir, tmp_path, capsys):
+    expect_error(capsys, ["--task", "sst2", "--model", model_dir("llama"), "--data-dir", tmp_path / "nothing"],
+                 r"SST-2 data not found: looked for lm-bff/SST-2/train.tsv, sst2/dev.tsv in .*nothing")
+
+
+def test_non_finite_loss_stops_and_keeps_the_last_good_checkpoint(model_dir, tmp_path, capsys):
+    # float16 weights pushed to ~1e4 by a huge step stay finite, but their products overflow in the forward
+    line = expect_error(capsys, tiny_args(model_dir, tmp_path, mode="full", dtype="float16", lr=1e4, steps=5,
+                                          eval_every=0),
+                        r"non-finite loss at step 2 .*last good checkpoint \(step 1\)", code=1)
+    assert "--resume" in line
+    from safetensors import safe_open
+    with safe_open(str(tmp_path / mezo.CHECKPOINT), "pt") as f:
+        assert f.metadata()["step"] == "1"
+        assert all(torch.isfinite(f.get_tensor(k)).all() for k in f.keys())
+
+
+def test_corrupt_or_mismatched_checkpoint_is_refused(model_dir, tmp_path, capsys):
+    expect_error(capsys, ["--resume", tmp_path / "empty"], r"no checkpoint.safetensors there")
+    assert run(tiny_args(model_dir, tmp_path, steps=1), capsys)[0] == 0
+    good = (tmp_path / mezo.CHECKPOINT).read_bytes()
+    expect_error(capsys, ["--resume", tmp_path, "--lora-r", 4], r"lora_A is \(8, 32\) .* but \(4, 32\)")
+    expect_error(capsys, ["--resume", tmp_path, "--mode", "full"], r"does not match this model's trainable tensors")
+    (tmp_path / mezo.CHECKPOINT).write_bytes(good[:len(good) // 2])  # truncated, as by a full disk
+    expect_error(capsys, ["--resume", tmp_path], r"checkpoint.safetensors is corrupt")
+    assert (tmp_path / "log.jsonl").exists()
+
+
+@pytest.mark.skipif(not (SHARED / "lm-bff" / "SST-2" / "train.tsv").exists(), reason="no ../shared/data")
+def test_command_line_runs_sst2_in_a_subprocess(model_dir, tmp_path):
+    """`python mezo.py --task sst2 ...` as a user types it: real SST-2 (16-shot, seed 13), a tiny model."""
+    proc = subprocess.run([sys.executable, str(ROOT / "mezo.py"), "--task", "sst2", "--model", model_dir("roberta"),
+                           "--data-seed", "13", "--steps", "2", "--eval-every", "0", "--out", str(tmp_path),
+                           "--label-words", " bad, good", "--threads", "1"],
+                          capture_output=True, text=True, timeout=600, cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "mezo: sst2 train 32, dev 32, test 872" in proc.stdout
+    assert "test accuracy" in proc.stdout
+    assert (tmp_path / mezo.CHECKPOINT).exists()
