@@ -1,0 +1,103 @@
+"""Peak memory of one MeZO step against inference on the same batch (and, for contrast, one backward pass).
+
+    python bench/memory.py                          # default model and batch, LoRA and full-parameter
+    python bench/memory.py --model DIR --batch-size 16 --device cuda
+
+Each case runs in a fresh process: load the model, warm up, reset the peak, run the case, read the peak.
+CPU: the process's peak resident set (VmHWM, reset through /proc/self/clear_refs). GPU: torch's
+max_memory_allocated. Printed: the absolute peak, the part above the loaded model, and ratios to inference.
+"""
+import argparse
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+CASES = ["inference", "mezo-lora", "mezo-full", "backward-lora"]
+
+
+def rss_mb(field: str) -> float:
+    for line in open("/proc/self/status"):
+        if line.startswith(field + ":"):
+            return int(line.split()[1]) / 1024
+    raise RuntimeError(field)
+
+
+def measure(case: str, args) -> dict:
+    import torch
+    import torch.nn.functional as F
+    import mezo
+
+    torch.set_num_threads(args.threads)
+    mode = "full" if case == "mezo-full" else "lora"
+    cfg = mezo.Config(model=args.model, mode=mode, device=args.device)
+    device = torch.device(args.device)
+    model, tok, _ = mezo.load_model(cfg)
+    model.to(device)
+    params = mezo.select_trainables(model, cfg)
+    forward = mezo.PromptForward(model, mezo.label_token_ids(tok, cfg.label_words))
+    data = mezo.load_sst2(cfg)
+    kind = mezo.model_kind(model)
+    ex = [dict(zip(("ids", "position"), mezo.encode(tok, s, cfg.template, kind, cfg.max_length)), label=y)
+          for s, y in data["train"][:args.batch_size]]
+    loss_fn = lambda: mezo.objective_loss(*mezo.batch_logits(forward, ex, args.batch_size, 0, device), "ce")
+    with torch.no_grad():
+        loss_fn()  # warm-up: allocator pools and lazy initialisation are not the case's cost
+    gpu = device.type == "cuda"
+    if gpu:
+        torch.cuda.synchronize()
+        torch.cuda.reset_peak_memory_stats()
+        base = torch.cuda.memory_allocated() / 2**20
+    else:
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")  # reset the peak resident set to the current one
+        base = rss_mb("VmRSS")
+    if case == "inference":
+        with torch.no_grad():
+            loss_fn()
+    elif case.startswith("mezo"):
+        mezo.mezo_step(params, loss_fn, [mezo.step_seed(0, 1, 0)], 1e-3, 1e-3, 0.0)
+    else:  # backpropagation through the same LoRA tensors: activations and gradients are kept
+        with torch.enable_grad():
+            logits, labels = mezo.batch_logits(forward, ex, args.batch_size, 0, device)
+            F.cross_entropy(logits, labels).backward()
+    if gpu:
+        torch.cuda.synchronize()
+        peak = torch.cuda.max_memory_allocated() / 2**20
+    else:
+        peak = rss_mb("VmHWM")
+    return dict(case=case, peak_mb=peak, above_model_mb=peak - base)
+
+
+def main():
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--model", default="smollm2-135m")
+    p.add_argument("--batch-size", type=int, default=8)
+    p.add_argument("--device", default="cpu")
+    p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--case", help=argparse.SUPPRESS)
+    args = p.parse_args()
+    if args.case:
+        print(json.dumps(measure(args.case, args)))
+        return
+    rows = []
+    for case in CASES:
+        cmd = [sys.executable, __file__, "--case", case, "--model", args.model, "--batch-size", str(args.batch_size),
+               "--device", args.device, "--threads", str(args.threads)]
+        out = subprocess.run(cmd, capture_output=True, text=True, env={**os.environ, "TQDM_DISABLE": "1"})
+        if out.returncode:
+            sys.exit(f"{case} failed:\n{out.stderr[-2000:]}")
+        rows.append(json.loads(out.stdout.strip().splitlines()[-1]))
+    ref = rows[0]
+    print(f"model {args.model}, batch {args.batch_size}, {args.device}")
+    print(f"{'case':15s} {'peak MB':>10s} {'above model MB':>15s} {'peak / inference':>17s} {'above / inference':>18s}")
+    for r in rows:
+        print(f"{r['case']:15s} {r['peak_mb']:10.1f} {r['above_model_mb']:15.1f} {r['peak_mb'] / ref['peak_mb']:17.3f} "
+              f"{r['above_model_mb'] / max(ref['above_model_mb'], 1e-9):18.2f}")
+
+
+if __name__ == "__main__":
+    main()
