@@ -69,6 +69,7 @@ class Config:
     weight_decay: float = 0.0  # decoupled from the estimate; never applied to biases or norm weights
     n_samples: int = 1  # directions z per step, averaged (paper's Algorithm 2; 1 = Algorithm 1)
     objective: str = "ce"  # "ce": cross-entropy over the label words; "accuracy": 1 − batch accuracy
+    fast: bool = False  # the Triton noise/update backend of fast/ (same numbers; CPUs need TRITON_INTERPRET=1)
     seed: int = 0  # run seed: LoRA init, batch order and every z derive from it
     # evaluation, logging, checkpoints
     eval_every: int = 100  # evaluate on dev every N steps (0 = only at the start and the end)
@@ -827,6 +828,13 @@ def train(cfg: Config, resume: str | None = None) -> dict:
     print(f"mezo: training {n_trainable:,} values in {len(params)} tensors ({cfg.mode}"
           f"{f', top {cfg.top_layers} layers' if cfg.top_layers else ''}, head {cfg.head})")
     forward = PromptForward(model, label_ids)
+    backend = TorchBackend()
+    if cfg.fast:
+        if device.type == "cpu" and os.environ.get("TRITON_INTERPRET") != "1":
+            raise UsageError("--fast on a CPU runs Triton's interpreter: start with TRITON_INTERPRET=1 set "
+                             "(before anything imports triton), or drop --fast")
+        from fast import TritonBackend  # noqa: the seam: nothing else in this file changes
+        backend = TritonBackend()
 
     # Tokenise once. The prompt is scored at the mask (masked LMs) or after its last token (causal LMs).
     enc_kind = kind if kind != "none" else "causal"
@@ -884,7 +892,7 @@ def train(cfg: Config, resume: str | None = None) -> dict:
         seeds = [step_seed(cfg.seed, step, k) for k in range(cfg.n_samples)]
         t_step = time.perf_counter()
         try:
-            samples = mezo_step(params, loss_fn, seeds, cfg.eps, cfg.lr, cfg.weight_decay)
+            samples = mezo_step(params, loss_fn, seeds, cfg.eps, cfg.lr, cfg.weight_decay, backend)
         except NonFiniteLoss as e:
             bar.close()
             if out and all(torch.isfinite(p.tensor).all() for p in params) and last_saved != step - 1:
@@ -934,7 +942,9 @@ def parse_args(argv=None) -> tuple[Config, str | None]:
     for f in dataclasses.fields(Config):
         flag = "--" + f.name.replace("_", "-")
         default = f.default
-        if f.name in ("label_words", "lora_targets"):
+        if f.type == "bool":
+            p.add_argument(flag, action="store_true", default=argparse.SUPPRESS, help=f"(default {default})")
+        elif f.name in ("label_words", "lora_targets"):
             p.add_argument(flag, type=comma, default=argparse.SUPPRESS,
                            help=f"comma-separated (default {','.join(default) if default else 'auto'})")
         else:

@@ -1,0 +1,119 @@
+"""fast/ (Triton kernels) against the reference backend: the primitives on odd shapes, one step and a
+K-step trajectory. On a CPU the kernels run in Triton's interpreter; with CUDA and TRITON_INTERPRET=0 they
+are compiled and run on the GPU."""
+import json
+import os
+
+import pytest
+import torch
+from hypothesis import given, strategies as st
+
+import mezo
+
+fast = pytest.importorskip("fast")
+INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
+DEVICES = [pytest.param("cpu", marks=pytest.mark.skipif(not INTERPRET, reason="CPU kernels need TRITON_INTERPRET=1")),
+           pytest.param("cuda", marks=pytest.mark.skipif(INTERPRET or not torch.cuda.is_available(),
+                                                         reason="no CUDA GPU (or TRITON_INTERPRET=1)"))]
+UNIT_ROUNDOFF = {torch.float32: 2.0**-24, torch.bfloat16: 2.0**-8, torch.float16: 2.0**-11}
+
+
+def _pair(shapes, dtype, device, offset0, seed=0):
+    """The same tensors twice, as Trainables whose global offsets start at offset0 (past 2^32 if drawn so)."""
+    g = torch.Generator().manual_seed(seed)
+    tensors = [torch.randn(s, generator=g).to(dtype).to(device) for s in shapes]
+    out = []
+    for copy in range(2):
+        params, offset = [], offset0
+        for i, t in enumerate(tensors):
+            t = t.clone()
+            params.append(mezo.Trainable(f"w{i}", t, offset, t.dim() >= 2, tuple(t.shape), (0,) * t.dim()))
+            offset += t.numel()
+        out.append(params)
+    return out
+
+
+def _check(ref, got, z_scale, before):
+    """Each element within the rounding of its dtype plus the z difference (1e-6): and for low precision,
+    almost every element bit-equal (a truncating cast would differ in about half)."""
+    for r, g, b in zip(ref, got, before):
+        u = UNIT_ROUNDOFF[r.tensor.dtype]
+        diff = (r.tensor.double() - g.tensor.double()).abs()
+        bound = 2 * u * (b.double().abs() + r.tensor.double().abs()) + abs(z_scale) * 2e-6
+        bad = (diff > bound).nonzero()
+        assert bad.numel() == 0, f"{r.name} {r.tensor.dtype}: {diff.max()} > bound at {bad[0].tolist()}"
+        if r.tensor.dtype != torch.float32:
+            assert (diff > 0).float().mean() <= 0.01, f"{r.name}: {(diff > 0).float().mean():.3f} of elements differ"
+
+
+shapes_st = st.lists(st.lists(st.integers(1, 61), min_size=1, max_size=3).map(tuple), min_size=1, max_size=4)
+dtype_st = st.sampled_from([torch.float32, torch.bfloat16, torch.float16])
+offset_st = st.one_of(st.integers(0, 7), st.integers(2**32 - 50, 2**40))
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@given(shapes=shapes_st, dtype=dtype_st, seed=st.integers(0, 2**63 - 1), scale=st.floats(-1.0, 1.0),
+       offset0=offset_st)
+def test_perturb_kernel_matches_reference(device, shapes, dtype, seed, scale, offset0):
+    ref, got = _pair(shapes, dtype, device, offset0)
+    before = [p.tensor.clone() for p in ref]
+    mezo.TorchBackend().perturb(ref, seed, scale)
+    fast.TritonBackend().perturb(got, seed, scale)
+    _check(ref, got, scale, before)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@given(shapes=shapes_st, dtype=dtype_st, seed=st.integers(0, 2**63 - 1), g=st.floats(-100, 100),
+       lr=st.floats(0, 1e-2), wd=st.sampled_from([0.0, 0.1]), offset0=offset_st)
+def test_update_kernel_matches_reference(device, shapes, dtype, seed, g, lr, wd, offset0):
+    ref, got = _pair(shapes, dtype, device, offset0)
+    before = [p.tensor.clone() for p in ref]
+    mezo.TorchBackend().update(ref, seed, g, lr, wd)
+    fast.TritonBackend().update(got, seed, g, lr, wd)
+    _check(ref, got, g * lr, before)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_kernel_noise_is_the_reference_noise(device):
+    """Perturbing zeros by 1 writes z itself: element by element, Triton's randn4x equals mezo.noise."""
+    for offset in (0, 1, 2**33 + 3):
+        t = torch.zeros(4099, device=device)
+        p = mezo.Trainable("z", t, offset, False, (4099,), (0,))
+        fast.TritonBackend().perturb([p], 77, 1.0)
+        want = mezo.noise(77, torch.arange(offset, offset + 4099)).to(device)
+        assert (t - want).abs().max() <= 1e-6, (offset, (t - want).abs().max())
+
+
+def _run(model_dir, out, fast_flag, **kw):
+    args = dict(task="synthetic", model=model_dir("llama"), template="{sentence} It was {mask}",
+                label_words=" bad, good", k=8, batch_size=8, steps=5, eval_every=0, eval_max=0, lr=1e-2, out=out)
+    args.update(kw)
+    argv = [str(x) for k, v in args.items() for x in (f"--{k.replace('_', '-')}", v)] + (["--fast"] if fast_flag else [])
+    assert mezo.main(argv) == 0
+    log = [json.loads(line) for line in (out / "log.jsonl").read_text().splitlines()]
+    from safetensors.torch import load_file
+    return log, load_file(out / mezo.CHECKPOINT)
+
+
+@pytest.mark.skipif(not INTERPRET, reason="the CLI runs on the CPU here: needs TRITON_INTERPRET=1")
+@pytest.mark.parametrize("mode,dtype", [("lora", "float32"), ("full", "float32"), ("lora", "bfloat16")])
+def test_fast_trajectory_equals_the_reference(model_dir, tmp_path, mode, dtype):
+    """`--fast` against the reference over 5 steps: every logged loss and projected gradient, and the final
+    tensors, equal within float32 noise (z differs by ~1e-6, so bit-equality is not expected)."""
+    ref_log, ref_t = _run(model_dir, tmp_path / "ref", False, mode=mode, dtype=dtype)
+    fast_log, fast_t = _run(model_dir, tmp_path / "fast", True, mode=mode, dtype=dtype)
+    tol = 1e-5 if dtype == "float32" else 2e-2
+    for r, f in zip(ref_log, fast_log):
+        assert r["step"] == f["step"] and r.get("seed") == f.get("seed")
+        for key in ("loss_plus", "loss_minus", "accuracy", "loss"):
+            if key in r:
+                assert f[key] == pytest.approx(r[key], rel=tol, abs=tol), (r["step"], key, r[key], f[key])
+    for name in ref_t:
+        assert torch.allclose(ref_t[name].float(), fast_t[name].float(), rtol=tol, atol=tol), name
+
+
+def test_fast_on_cpu_without_the_interpreter_is_refused(model_dir, tmp_path, capsys, monkeypatch):
+    monkeypatch.setenv("TRITON_INTERPRET", "0")
+    code = mezo.main(["--task", "synthetic", "--model", model_dir("llama"), "--fast", "--device", "cpu",
+                      "--steps", "1", "--template", "{sentence} It was {mask}", "--label-words", " bad, good"])
+    assert code == 2 and "TRITON_INTERPRET=1" in capsys.readouterr().err
