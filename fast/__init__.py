@@ -41,7 +41,9 @@ def _store_rounded(ptr, local, mask, t, IS_BF16: tl.constexpr):
         tl.store(ptr + local, t.to(ptr.dtype.element_ty), mask=mask)
 
 
-@triton.jit
+# offset and seed are never specialised: Triton would turn a value of 1 into a compile-time constant (and
+# compile a kernel per divisibility class), and each program computes with them as int64 tensors.
+@triton.jit(do_not_specialize=["n", "offset", "seed"])
 def _perturb_kernel(theta_ptr, n, offset, seed, scale, BLOCK4: tl.constexpr, IS_BF16: tl.constexpr):
     """θ ← θ + scale·z."""
     z, local, mask = _z_block(seed, offset, n, BLOCK4)
@@ -49,7 +51,7 @@ def _perturb_kernel(theta_ptr, n, offset, seed, scale, BLOCK4: tl.constexpr, IS_
     _store_rounded(theta_ptr, local, mask, t + scale * z, IS_BF16)
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["n", "offset", "seed"])
 def _update_kernel(theta_ptr, n, offset, seed, projected_grad, lr, wd, BLOCK4: tl.constexpr, IS_BF16: tl.constexpr):
     """θ ← θ − lr·(projected_grad·z + wd·θ)."""
     z, local, mask = _z_block(seed, offset, n, BLOCK4)
