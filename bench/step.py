@@ -1,0 +1,144 @@
+"""Step time against forward time: R = step / (2 x forward), for three noise/update backends in one run.
+
+    python bench/step.py                                  # CPU: two small Llama shapes; fast rows not timed
+    python bench/step.py --device cuda --sizes 135m,1b    # GPU: compiled Triton kernels
+
+(a) original: the original MeZO code's semantics (per tensor torch.manual_seed + torch.normal, out-of-place
+    update), written as a backend object for mezo_step; (b) reference: mezo.TorchBackend; (c) fast:
+    fast.TritonBackend. Models are Llama shapes with random weights (speed does not depend on the weights);
+    LoRA r=8 on q/v of every layer, or every parameter. Medians over --repeat steps after warm-up.
+R near 1 means the step costs its two forwards and nothing else. Memory: peak of a step / peak of a forward
+(GPU only; on a CPU see bench/memory.py).
+"""
+import argparse
+import os
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+import mezo  # noqa: E402
+
+SIZES = {  # hidden, layers, heads, kv heads, intermediate (Llama shapes)
+    "tiny": (256, 4, 4, 2, 704), "smol": (576, 8, 9, 3, 1536),
+    "135m": (576, 30, 9, 3, 1536),  # SmolLM2-135M
+    "1b": (2048, 22, 32, 4, 5632),  # TinyLlama-1.1B
+}
+
+
+class OriginalBackend:
+    """The original MeZO code's noise and update: torch.manual_seed(seed), then one torch.normal per tensor in
+    order, applied out of place (param.data = param.data + scale * z)."""
+
+    name = "original"
+
+    @torch.no_grad()
+    def perturb(self, params, seed, scale):
+        torch.manual_seed(seed)
+        for p in params:
+            z = torch.normal(0, 1, size=p.tensor.shape, device=p.tensor.device, dtype=p.tensor.dtype)
+            p.tensor.data = p.tensor.data + scale * z
+
+    @torch.no_grad()
+    def update(self, params, seed, projected_grad, lr, weight_decay):
+        torch.manual_seed(seed)
+        for p in params:
+            z = torch.normal(0, 1, size=p.tensor.shape, device=p.tensor.device, dtype=p.tensor.dtype)
+            wd = weight_decay if p.decay else 0.0
+            p.tensor.data = p.tensor.data - lr * (projected_grad * z + wd * p.tensor.data)
+
+
+def build(size, mode, device, dtype):
+    from transformers import LlamaConfig, LlamaForCausalLM
+    h, layers, heads, kv, inter = SIZES[size]
+    cfg = LlamaConfig(vocab_size=32000, hidden_size=h, num_hidden_layers=layers, num_attention_heads=heads,
+                      num_key_value_heads=kv, intermediate_size=inter, tie_word_embeddings=False)
+    with torch.device(device):
+        model = LlamaForCausalLM(cfg).to(dtype).eval()
+    model.config.architectures = ["LlamaForCausalLM"]
+    params = mezo.select_trainables(model, mezo.Config(mode=mode))
+    return model, params
+
+
+def sync(device):
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+
+
+def median_time(fn, device, repeat):
+    times = []
+    for i in range(repeat + 1):
+        sync(device)
+        t = time.perf_counter()
+        fn(i)
+        sync(device)
+        if i:  # the first call warms up (compilation, allocator)
+            times.append(time.perf_counter() - t)
+    return statistics.median(times)
+
+
+def main():
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--device", default="cpu")
+    p.add_argument("--sizes", default="tiny,smol")
+    p.add_argument("--dtype", default="float32")
+    p.add_argument("--batch-size", type=int, default=8)
+    p.add_argument("--seq-len", type=int, default=64)
+    p.add_argument("--repeat", type=int, default=5)
+    p.add_argument("--max-reference-values", type=float, default=2e8,
+                   help="skip the reference backend above this many trainable values (it is the specification, not fast)")
+    args = p.parse_args()
+    device, dtype = torch.device(args.device), mezo.DTYPES[args.dtype]
+    timed_fast = device.type == "cuda" and os.environ.get("TRITON_INTERPRET") != "1"
+    backends = {"original": OriginalBackend(), "reference": mezo.TorchBackend()}
+    try:
+        import fast
+        backends["fast"] = fast.TritonBackend()
+    except ImportError as e:
+        print(f"fast/ unavailable: {e}")
+    gen = torch.Generator().manual_seed(0)
+    print(f"device {device}{' ' + torch.cuda.get_device_name() if device.type == 'cuda' else ''}, {args.dtype}, "
+          f"batch {args.batch_size} x {args.seq_len} tokens")
+    print(f"{'model':6s} {'mode':5s} {'trainable':>13s} {'backend':10s} {'forward s':>10s} {'step s':>9s} {'R':>7s} "
+          f"{'mem step/fwd':>13s}")
+    for size in args.sizes.split(","):
+        for mode in ("lora", "full"):
+            model, params = build(size, mode, device, dtype)
+            n = sum(q.tensor.numel() for q in params)
+            ids = torch.randint(0, 32000, (args.batch_size, args.seq_len), generator=gen).to(device)
+            batch = dict(input_ids=ids, attention_mask=torch.ones_like(ids),
+                         position=torch.full((args.batch_size,), args.seq_len - 1, device=device),
+                         labels=torch.zeros(args.batch_size, dtype=torch.long, device=device))
+            forward = mezo.PromptForward(model, [100, 200])
+            loss_fn = lambda: mezo.objective_loss(forward(batch), batch["labels"], "ce")
+            with torch.no_grad():
+                t_fwd = median_time(lambda i: loss_fn(), device, args.repeat)
+                if device.type == "cuda":
+                    torch.cuda.reset_peak_memory_stats()
+                    loss_fn()
+                    mem_fwd = torch.cuda.max_memory_allocated()
+            for name, backend in backends.items():
+                if name == "fast" and not timed_fast:
+                    print(f"{size:6s} {mode:5s} {n:13,d} {name:10s} {'(interpreter: not timed; see tests)':>40s}")
+                    continue
+                if name == "reference" and n > args.max_reference_values:
+                    print(f"{size:6s} {mode:5s} {n:13,d} {name:10s} {'(skipped: > --max-reference-values)':>40s}")
+                    continue
+                step = lambda i: mezo.mezo_step(params, loss_fn, [mezo.step_seed(0, i, 0)], 1e-3, 0.0, 0.0, backend)
+                t_step = median_time(step, device, args.repeat)
+                mem = ""
+                if device.type == "cuda":
+                    torch.cuda.reset_peak_memory_stats()
+                    step(0)
+                    mem = f"{torch.cuda.max_memory_allocated() / mem_fwd:13.3f}"
+                print(f"{size:6s} {mode:5s} {n:13,d} {name:10s} {t_fwd:10.4f} {t_step:9.4f} {t_step / (2 * t_fwd):7.3f} {mem}")
+            del model, params
+            if device.type == "cuda":
+                torch.cuda.empty_cache()
+
+
+if __name__ == "__main__":
+    main()
