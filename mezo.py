@@ -27,7 +27,7 @@ import math
 import os
 import sys
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -397,7 +397,8 @@ class NonFiniteLoss(RuntimeError):
 
 @torch.no_grad()
 def mezo_step(params: list[Trainable], loss_fn, seeds: list[int], eps: float, lr: float, weight_decay: float,
-              backend=TorchBackend()) -> list[dict]:
+              backend=None) -> list[dict]:
+    backend = backend or TorchBackend()
     samples = []
     for seed in seeds:
         backend.perturb(params, seed, +eps)  # θ + εz
@@ -607,7 +608,11 @@ DATA_URLS = {"sst2": "https://dl.fbaipublicfiles.com/glue/data/SST-2.zip",  # GL
 
 
 def download_data(target: Path, needed: list[str]) -> Path:
-    import io, shutil, tarfile, urllib.request, zipfile
+    import io
+    import shutil
+    import tarfile
+    import urllib.request
+    import zipfile
     target.mkdir(parents=True, exist_ok=True)
     if any(f.startswith("sst2/") for f in needed) and not (target / "sst2" / "dev.tsv").exists():
         print(f"mezo: downloading GLUE SST-2 to {target}/sst2", file=sys.stderr)
@@ -833,7 +838,7 @@ def train(cfg: Config, resume: str | None = None) -> dict:
         if device.type == "cpu" and os.environ.get("TRITON_INTERPRET") != "1":
             raise UsageError("--fast on a CPU runs Triton's interpreter: start with TRITON_INTERPRET=1 set "
                              "(before anything imports triton), or drop --fast")
-        from fast import TritonBackend  # noqa: the seam: nothing else in this file changes
+        from fast import TritonBackend  # the seam: nothing else in this file changes
         backend = TritonBackend()
 
     # Tokenise once. The prompt is scored at the mask (masked LMs) or after its last token (causal LMs).

@@ -29,6 +29,7 @@ def rss_mb(field: str) -> float:
 def measure(case: str, args) -> dict:
     import torch
     import torch.nn.functional as F
+
     import mezo
 
     torch.set_num_threads(args.threads)

@@ -43,15 +43,16 @@ def main():
     import fast
 
     device = torch.device(args.device)
-    print(f"device {device} ({torch.cuda.get_device_name() if device.type == 'cuda' else 'cpu'}), {args.numel:,} elements")
+    name = torch.cuda.get_device_name() if device.type == "cuda" else "cpu"
+    print(f"device {device} ({name}), {args.numel:,} elements")
     print(f"{'dtype':10s} {'reference s':>12s} {'fast s':>10s} {'ref / fast':>11s} {'fast GB/s':>10s} {'of peak':>8s}")
     for dtype in (torch.float32, torch.bfloat16):
         theta = torch.randn(args.numel, device=device).to(dtype)
         params = mezo.make_trainables([("theta", theta)])
         t_fast = timed(lambda i: fast.TritonBackend().perturb(params, mezo.step_seed(0, i, 0), 1e-3), device,
                        args.repeat)
-        t_ref = float("nan") if args.skip_reference else timed(
-            lambda i: mezo.TorchBackend().perturb(params, mezo.step_seed(0, i, 0), 1e-3), device, max(2, args.repeat // 4))
+        reference = lambda i: mezo.TorchBackend().perturb(params, mezo.step_seed(0, i, 0), 1e-3)
+        t_ref = float("nan") if args.skip_reference else timed(reference, device, max(2, args.repeat // 4))
         gbs = 2 * theta.numel() * theta.element_size() / t_fast / 1e9
         peak = f"{gbs / args.peak_gbs:8.1%}" if args.peak_gbs else f"{'':8s}"
         print(f"{str(dtype).split('.')[-1]:10s} {t_ref:12.4f} {t_fast:10.5f} {t_ref / t_fast:11.1f} {gbs:10.1f} {peak}")

@@ -36,7 +36,8 @@ def test_load_sst2_few_shot_and_full():
     assert len(data["train"]) == len(data["dev"]) == 32 and len(data["test"]) == 872
     assert sorted(y for _, y in data["train"]) == [0] * 16 + [1] * 16
     assert not {s for s, _ in data["train"]} & {s for s, _ in data["dev"]}
-    # the test set is LM-BFF's test set: the GLUE dev sentences, tokenised and escaped a little differently ("(a)" vs "( a )", "\\/")
+    # the test set is LM-BFF's test set: the GLUE dev sentences, tokenised and escaped a little differently
+    # ("(a)" vs "( a )", "\\/")
     lmbff_test = mezo.read_tsv(SHARED / "lm-bff" / "SST-2" / "dev.tsv")
     norm = lambda rows: sorted((re.sub(r"[^a-z0-9]", "", s.lower()), y) for s, y in rows)
     assert norm(lmbff_test) == norm(data["test"])
@@ -51,7 +52,7 @@ def test_data_is_found_through_the_environment(monkeypatch, tmp_path):
 
 
 def test_missing_data_says_where_it_looked_and_what_to_do(monkeypatch, tmp_path):
-    with pytest.raises(mezo.UsageError, match=r"SST-2 data not found: looked for sst2/dev.tsv in .*nowhere.*--data-dir"):
+    with pytest.raises(mezo.UsageError, match=r"SST-2 data not found: looked for sst2/dev.tsv in .*nowhere.*--data"):
         mezo.find_data(mezo.Config(data_dir=str(tmp_path / "nowhere")), ["sst2/dev.tsv"])
     # nothing anywhere, and no network: the download fails and the message says so
     monkeypatch.setattr(mezo, "__file__", str(tmp_path / "x" / "mezo.py"))

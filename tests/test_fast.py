@@ -6,7 +6,8 @@ import os
 
 import pytest
 import torch
-from hypothesis import given, strategies as st
+from hypothesis import given
+from hypothesis import strategies as st
 
 import mezo
 
@@ -23,7 +24,7 @@ def _pair(shapes, dtype, device, offset0, seed=0):
     g = torch.Generator().manual_seed(seed)
     tensors = [torch.randn(s, generator=g).to(dtype).to(device) for s in shapes]
     out = []
-    for copy in range(2):
+    for _ in range(2):
         params, offset = [], offset0
         for i, t in enumerate(tensors):
             t = t.clone()
@@ -88,7 +89,8 @@ def _run(model_dir, out, fast_flag, **kw):
     args = dict(task="synthetic", model=model_dir("llama"), template="{sentence} It was {mask}",
                 label_words=" bad, good", k=8, batch_size=8, steps=5, eval_every=0, eval_max=0, lr=1e-2, out=out)
     args.update(kw)
-    argv = [str(x) for k, v in args.items() for x in (f"--{k.replace('_', '-')}", v)] + (["--fast"] if fast_flag else [])
+    argv = [str(x) for k, v in args.items() for x in (f"--{k.replace('_', '-')}", v)]
+    argv += ["--fast"] if fast_flag else []
     assert mezo.main(argv) == 0
     log = [json.loads(line) for line in (out / "log.jsonl").read_text().splitlines()]
     from safetensors.torch import load_file

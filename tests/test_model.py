@@ -6,9 +6,9 @@ from pathlib import Path
 import pytest
 import torch
 import torch.nn.functional as F
+from conftest import load_tiny, make_model
 
 import mezo
-from conftest import load_tiny, make_model
 
 SENTS = ["the movie was great .", "a dull film .", "what a superb story !", "the plot is bad and the cast is long ."]
 

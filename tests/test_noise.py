@@ -4,7 +4,8 @@ import math
 import numpy as np
 import pytest
 import torch
-from hypothesis import given, strategies as st
+from hypothesis import given
+from hypothesis import strategies as st
 
 import mezo
 
@@ -104,14 +105,14 @@ def test_independent_of_tensor_order_and_target_dtype(dtype):
     tensors = _tensors(dtype)
     params = mezo.make_trainables([(f"t{i}", t) for i, t in enumerate(tensors)])
     seen = {}
-    for p, theta, z in mezo.noise_chunks(params, seed=99):
+    for p, _, z in mezo.noise_chunks(params, seed=99):
         seen.setdefault(p.name, []).append(z)
     reordered = [params[i] for i in (4, 2, 0, 3, 1)]
     old = mezo.NOISE_CHUNK
     try:
         mezo.NOISE_CHUNK = 11  # many pieces, crossing tensor boundaries differently
         seen2 = {}
-        for p, theta, z in mezo.noise_chunks(reordered, seed=99):
+        for p, _, z in mezo.noise_chunks(reordered, seed=99):
             seen2.setdefault(p.name, []).append(z)
     finally:
         mezo.NOISE_CHUNK = old

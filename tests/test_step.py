@@ -5,10 +5,11 @@ import pytest
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
-from hypothesis import given, strategies as st
+from conftest import load_tiny
+from hypothesis import given
+from hypothesis import strategies as st
 
 import mezo
-from conftest import load_tiny
 
 UNIT_ROUNDOFF = {torch.float32: 2.0**-24, torch.bfloat16: 2.0**-8, torch.float16: 2.0**-11, torch.float64: 2.0**-53}
 
