@@ -405,11 +405,16 @@ def mezo_step(params: list[Trainable], loss_fn, seeds: list[int], eps: float, lr
         loss_plus = loss_fn()
         backend.perturb(params, seed, -2 * eps)  # θ − εz
         loss_minus = loss_fn()
-        backend.perturb(params, seed, +eps)  # back to θ (up to rounding; see the tests)
-        if not (math.isfinite(loss_plus) and math.isfinite(loss_minus)):
-            raise NonFiniteLoss(f"loss_plus={loss_plus}, loss_minus={loss_minus}")
         projected_grad = (loss_plus - loss_minus) / (2 * eps)  # ≈ ∇L·z
         samples.append(dict(seed=seed, loss_plus=loss_plus, loss_minus=loss_minus, projected_grad=projected_grad))
+        finite = math.isfinite(loss_plus) and math.isfinite(loss_minus)
+        if finite and len(seeds) == 1 and hasattr(backend, "restore_and_update"):
+            # A backend may fuse the restore below with the update (fast/ does): the same two roundings.
+            backend.restore_and_update(params, seed, eps, projected_grad, lr, weight_decay)
+            return samples
+        backend.perturb(params, seed, +eps)  # back to θ (up to rounding; see the tests)
+        if not finite:
+            raise NonFiniteLoss(f"loss_plus={loss_plus}, loss_minus={loss_minus}")
     # θ ← θ − lr·(mean_k g_k·z_k + wd·θ): weight decay once, with θ as the step found it.
     for k, s in enumerate(samples):
         backend.update(params, s["seed"], s["projected_grad"] / len(samples), lr, weight_decay if k == 0 else 0.0)
@@ -734,7 +739,7 @@ CHECKPOINT = "checkpoint.safetensors"
 
 def save_checkpoint(out: Path, params: list[Trainable], step: int, cfg: Config, model: nn.Module) -> None:
     from safetensors.torch import save_file
-    tensors = {p.name: p.tensor.detach().contiguous().cpu() for p in params}
+    tensors = {p.name: p.tensor.detach().cpu().clone() for p in params}  # clone: a tensor may view a shared buffer
     meta = dict(format="mezo-1", step=str(step), config=json.dumps(dataclasses.asdict(cfg)),
                 offsets=json.dumps([[p.name, p.offset] for p in params]))
     atomic_write(out / CHECKPOINT, lambda tmp: save_file(tensors, str(tmp), metadata=meta))
@@ -746,7 +751,7 @@ def save_peft_adapter(folder: Path, params: list[Trainable], cfg: Config, model:
     """The LoRA tensors in PEFT's layout, so `PeftModel.from_pretrained(base, folder)` loads them."""
     from safetensors.torch import save_file
     folder.mkdir(parents=True, exist_ok=True)
-    lora = {f"base_model.model.{p.name}.weight": p.tensor.detach().contiguous().cpu()
+    lora = {f"base_model.model.{p.name}.weight": p.tensor.detach().cpu().clone()
             for p in params if p.name.endswith((".lora_A", ".lora_B"))}
     modules = sorted({p.name.rsplit(".", 1)[0] for p in params if p.name.endswith(".lora_A")})
     adapter = dict(peft_type="LORA", r=cfg.lora_r, lora_alpha=cfg.lora_alpha, target_modules=modules,

@@ -9,6 +9,8 @@ interpreter truncates float32 -> bfloat16 casts.
 
 Same numbers as the reference: the integer stream and uniforms are bit-identical, z agrees within ~1e-6
 (Triton's log/cos versus correctly rounded ones), tensors within a rounding of their dtype (tests/test_fast.py).
+Two things the reference does not do: many small tensors (LoRA's) are moved once into one buffer so that a
+pass over them is one launch, and the restore after L− is fused with the update (one pass instead of two).
 
 Use: `python mezo.py ... --fast`, or `mezo.mezo_step(..., backend=fast.TritonBackend())`. On a CPU the
 kernels run in Triton's interpreter: set TRITON_INTERPRET=1 before anything imports triton.
@@ -32,56 +34,123 @@ def _z_block(seed, offset, n, BLOCK4: tl.constexpr):
 
 
 @triton.jit
-def _store_rounded(ptr, local, mask, t, IS_BF16: tl.constexpr):
-    if IS_BF16:  # round to nearest even by hand: the interpreter's cast truncates
+def _round(t, KIND: tl.constexpr):
+    """t (float32) rounded to the storage dtype, as float32: 0 float32, 1 bfloat16, 2 float16."""
+    if KIND == 1:  # bfloat16, to nearest even by hand: the interpreter's cast truncates
         bits = t.to(tl.uint32, bitcast=True)
-        rounded = ((bits + 0x7FFF + ((bits >> 16) & 1)) >> 16).to(tl.uint16).to(tl.bfloat16, bitcast=True)
-        tl.store(ptr + local, tl.where(t == t, rounded, t.to(tl.bfloat16)), mask=mask)  # NaN stays NaN
+        rounded = ((bits + 0x7FFF + ((bits >> 16) & 1)) >> 16) << 16
+        return tl.where(t == t, rounded.to(tl.float32, bitcast=True), t)  # NaN stays NaN
+    elif KIND == 2:
+        return t.to(tl.float16).to(tl.float32)
     else:
-        tl.store(ptr + local, t.to(ptr.dtype.element_ty), mask=mask)
+        return t
 
 
-# offset and seed are never specialised: Triton would turn a value of 1 into a compile-time constant (and
-# compile a kernel per divisibility class), and each program computes with them as int64 tensors.
+@triton.jit
+def _store(ptr, local, mask, t, KIND: tl.constexpr):
+    tl.store(ptr + local, _round(t, KIND).to(ptr.dtype.element_ty), mask=mask)  # exact: already rounded
+
+
+# n, offset and seed are never specialised: Triton would turn a value of 1 into a compile-time constant
+# (and compile a kernel per divisibility class), and each program computes with them as int64 tensors.
 @triton.jit(do_not_specialize=["n", "offset", "seed"])
-def _perturb_kernel(theta_ptr, n, offset, seed, scale, BLOCK4: tl.constexpr, IS_BF16: tl.constexpr):
+def _perturb_kernel(theta_ptr, n, offset, seed, scale, BLOCK4: tl.constexpr, KIND: tl.constexpr):
     """θ ← θ + scale·z."""
     z, local, mask = _z_block(seed, offset, n, BLOCK4)
     t = tl.load(theta_ptr + local, mask=mask, other=0.0).to(tl.float32)
-    _store_rounded(theta_ptr, local, mask, t + scale * z, IS_BF16)
+    _store(theta_ptr, local, mask, t + scale * z, KIND)
 
 
 @triton.jit(do_not_specialize=["n", "offset", "seed"])
-def _update_kernel(theta_ptr, n, offset, seed, projected_grad, lr, wd, BLOCK4: tl.constexpr, IS_BF16: tl.constexpr):
+def _update_kernel(theta_ptr, n, offset, seed, projected_grad, lr, wd, BLOCK4: tl.constexpr, KIND: tl.constexpr):
     """θ ← θ − lr·(projected_grad·z + wd·θ)."""
     z, local, mask = _z_block(seed, offset, n, BLOCK4)
     t = tl.load(theta_ptr + local, mask=mask, other=0.0).to(tl.float32)
-    _store_rounded(theta_ptr, local, mask, t - lr * (projected_grad * z + wd * t), IS_BF16)
+    _store(theta_ptr, local, mask, t - lr * (projected_grad * z + wd * t), KIND)
 
 
-def _launch(kernel, p, *args):
-    theta = p.tensor.data
-    if tuple(theta.shape) != p.full_shape or not theta.is_contiguous():
-        raise ValueError(f"{p.name}: the Triton backend takes whole contiguous tensors; use TorchBackend for shards")
-    if theta.dtype not in (torch.float32, torch.bfloat16, torch.float16):
-        raise ValueError(f"{p.name}: the Triton backend takes float32, bfloat16 or float16, not {theta.dtype}")
+@triton.jit(do_not_specialize=["n", "offset", "seed"])
+def _restore_update_kernel(theta_ptr, n, offset, seed, eps, projected_grad, lr, wd, BLOCK4: tl.constexpr,
+                           KIND: tl.constexpr):
+    """The restore (θ + εz, rounded as the reference stores it) and the update, in one pass over θ."""
+    z, local, mask = _z_block(seed, offset, n, BLOCK4)
+    t = _round(tl.load(theta_ptr + local, mask=mask, other=0.0).to(tl.float32) + eps * z, KIND)
+    _store(theta_ptr, local, mask, t - lr * (projected_grad * z + wd * t), KIND)
+
+
+KINDS = {torch.float32: 0, torch.bfloat16: 1, torch.float16: 2}
+COALESCE_MAX_NUMEL = 1 << 26  # up to this many values in tensors of 1M on average (LoRA's) share one buffer
+
+
+def _launch(kernel, theta, offset, *args):
     n = theta.numel()
-    counters = (p.offset + n - 1) // 4 - p.offset // 4 + 1
-    kernel[(triton.cdiv(counters, BLOCK4),)](theta, n, p.offset, *args, BLOCK4=BLOCK4,
-                                              IS_BF16=theta.dtype == torch.bfloat16)
+    counters = (offset + n - 1) // 4 - offset // 4 + 1
+    kernel[(triton.cdiv(counters, BLOCK4),)](theta, n, offset, *args, BLOCK4=BLOCK4, KIND=KINDS[theta.dtype])
+
+
+def _runs(params):
+    """(flat tensor, global offset of its element 0, decay) for each launch. Many small tensors (LoRA) are
+    moved once into one buffer, in global-index order, each parameter becoming a view of it: then a run of
+    them with the same weight-decay rule is one launch. Large tensors keep their own storage and launch."""
+    for p in params:
+        if tuple(p.tensor.shape) != p.full_shape or not p.tensor.is_contiguous() or p.tensor.dtype not in KINDS:
+            raise ValueError(f"{p.name}: the Triton backend takes whole contiguous float32/bfloat16/float16 "
+                             "tensors; use mezo.TorchBackend for shards and other dtypes")
+    adjacent = all(q.offset == p.offset + p.tensor.numel() for p, q in zip(params, params[1:]))
+    uniform = len({(p.tensor.dtype, p.tensor.device) for p in params}) == 1
+    total = sum(p.tensor.numel() for p in params)
+    small = total <= COALESCE_MAX_NUMEL and total < (1 << 20) * max(1, len(params))  # moving them costs a copy
+    if not (params and adjacent and uniform and small):
+        return [(p.tensor.data.view(-1), p.offset, p.decay) for p in params]
+    flat = torch.cat([p.tensor.data.reshape(-1) for p in params])
+    runs, start = [], 0
+    for p in params:
+        n = p.tensor.numel()
+        p.tensor.data = flat[start:start + n].view(p.tensor.shape)  # the Parameter stays; its storage moves
+        if runs and runs[-1][2] == p.decay:
+            runs[-1][0] += n
+        else:
+            runs.append([n, p.offset, p.decay])
+        start += n
+    out, start = [], 0
+    for n, offset, decay in runs:
+        out.append((flat[start:start + n], offset, decay))
+        start += n
+    return out
 
 
 class TritonBackend:
-    """The noise/update backend of mezo.py, in Triton: one launch per tensor."""
+    """The noise/update backend of mezo.py, in Triton, plus the fused restore-and-update that mezo_step uses
+    when a backend offers it."""
 
     name = "triton"
 
+    def __init__(self):
+        self._cache = (None, None)  # ((the params list, where its tensors live), its runs)
+
+    def runs(self, params):
+        key = (id(params), tuple(p.tensor.data_ptr() for p in params))
+        if self._cache[0] != key:  # new tensors, or storage moved since: lay out the runs again
+            runs = _runs(params)
+            self._cache = ((id(params), tuple(p.tensor.data_ptr() for p in params)), runs)
+        return self._cache[1]
+
     @torch.no_grad()
     def perturb(self, params, seed: int, scale: float) -> None:
-        for p in params:
-            _launch(_perturb_kernel, p, seed, float(scale))
+        for theta, offset, _ in self.runs(params):
+            _launch(_perturb_kernel, theta, offset, seed, float(scale))
 
     @torch.no_grad()
     def update(self, params, seed: int, projected_grad: float, lr: float, weight_decay: float) -> None:
-        for p in params:
-            _launch(_update_kernel, p, seed, float(projected_grad), float(lr), float(weight_decay if p.decay else 0.0))
+        for theta, offset, decay in self.runs(params):
+            wd = weight_decay if decay else 0.0
+            _launch(_update_kernel, theta, offset, seed, float(projected_grad), float(lr), float(wd))
+
+    @torch.no_grad()
+    def restore_and_update(self, params, seed: int, eps: float, projected_grad: float, lr: float,
+                           weight_decay: float) -> None:
+        """perturb(+eps) then update(...), in one pass over θ: the same two roundings, half the traffic."""
+        for theta, offset, decay in self.runs(params):
+            wd = weight_decay if decay else 0.0
+            _launch(_restore_update_kernel, theta, offset, seed, float(eps), float(projected_grad), float(lr),
+                    float(wd))

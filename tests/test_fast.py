@@ -75,6 +75,43 @@ def test_update_kernel_matches_reference(device, shapes, dtype, seed, g, lr, wd,
 
 
 @pytest.mark.parametrize("device", DEVICES)
+@given(shapes=shapes_st, dtype=dtype_st, seed=st.integers(0, 2**63 - 1), g=st.floats(-100, 100),
+       lr=st.floats(0, 1e-2), wd=st.sampled_from([0.0, 0.1]), offset0=offset_st)
+def test_fused_restore_and_update_matches_reference(device, shapes, dtype, seed, g, lr, wd, offset0):
+    """One pass of restore + update equals the reference's perturb(+ε) then update (two roundings)."""
+    ref, got = _pair(shapes, dtype, device, offset0)
+    before = [p.tensor.clone() for p in ref]
+    eps = 1e-3
+    mezo.TorchBackend().perturb(ref, seed, eps)
+    mezo.TorchBackend().update(ref, seed, g, lr, wd)
+    fast.TritonBackend().restore_and_update(got, seed, eps, g, lr, wd)
+    _check(ref, got, eps + g * lr, before)
+
+
+def test_small_tensors_share_one_buffer_and_launch(model_dir):
+    """LoRA's tensors become views of one buffer in global-index order: one launch a pass; the model still
+    reads them (its outputs follow the buffer)."""
+    from conftest import load_tiny
+    cfg, model, tok, params, forward = load_tiny(model_dir, "llama", mode="lora")
+    backend = fast.TritonBackend()
+    runs = backend.runs(params)
+    assert len(runs) == 1 and runs[0][0].numel() == sum(p.tensor.numel() for p in params)
+    flat = runs[0][0]
+    for p in params:
+        assert p.tensor.data_ptr() == flat.data_ptr() + p.offset * flat.element_size()
+    assert backend.runs(params) is runs  # cached while the storage stays put
+    lora_b = next(p for p in params if p.name.endswith("lora_B"))
+    flat[lora_b.offset:lora_b.offset + lora_b.tensor.numel()] = 1.0
+    assert lora_b.tensor.abs().min() == 1.0
+    full = load_tiny(model_dir, "llama", mode="full")[3]  # small too: one launch per run of equal decay rule
+    runs = backend.runs(full)
+    assert len(runs) == 1 + sum(p.decay != q.decay for p, q in zip(full, full[1:]))
+    big = mezo.make_trainables([("big", torch.zeros(3 << 20)), ("bias", torch.zeros(7))])
+    ptr = big[0].tensor.data_ptr()
+    assert len(backend.runs(big)) == 2 and big[0].tensor.data_ptr() == ptr  # large tensors are not moved
+
+
+@pytest.mark.parametrize("device", DEVICES)
 def test_kernel_noise_is_the_reference_noise(device):
     """Perturbing zeros by 1 writes z itself: element by element, Triton's randn4x equals mezo.noise."""
     for offset in (0, 1, 2**33 + 3):
