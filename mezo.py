@@ -60,6 +60,8 @@ class Config:
     lora_r: int = 8  # LoRA rank (paper: 8)
     lora_alpha: float = 16.0  # LoRA scaling alpha; the update is scaled by alpha / r (paper: 16)
     lora_targets: tuple[str, ...] | None = None  # linear layers to adapt; None = query/value or q_proj/v_proj
+    lora_dtype: str | None = None  # LoRA tensors' dtype (None = the model's); float32 over a bfloat16 or float16
+    # model keeps ±ε from drifting (in-place ±ε in bfloat16 loses ~3% of |θ| in 50 steps: bench/drift.py)
     top_layers: int = 0  # train only the top K transformer layers (0 = all layers)
     # MeZO
     steps: int = 400  # optimisation steps (the default run takes about 12 minutes on 2 CPU cores)
@@ -99,10 +101,11 @@ def check_config(cfg: Config) -> None:
         if not (math.isfinite(v) and v >= 0):
             raise UsageError(f"--{name.replace('_', '-')} must be a finite number >= 0, got {v}")
     choices = {"task": TASKS, "head": ("prompt", "cls"), "mode": ("lora", "full", "head"),
-               "objective": ("ce", "accuracy"), "dtype": tuple(DTYPES)}
+               "objective": ("ce", "accuracy"), "dtype": tuple(DTYPES), "lora_dtype": (None, *DTYPES)}
     for name, allowed in choices.items():
         if getattr(cfg, name) not in allowed:
-            raise UsageError(f"unknown --{name} {getattr(cfg, name)!r}; choose one of {', '.join(allowed)}")
+            names = ", ".join(str(a) for a in allowed if a is not None)
+            raise UsageError(f"unknown --{name.replace('_', '-')} {getattr(cfg, name)!r}; choose one of {names}")
     if "{sentence}" not in cfg.template:
         raise UsageError(f"--template must contain {{sentence}}, got {cfg.template!r}")
     if cfg.mode == "head" and cfg.head != "cls":
@@ -277,21 +280,23 @@ def make_trainables(named_params) -> list[Trainable]:
 
 
 def _lora_hook(module: nn.Linear, inputs, output):
-    x = inputs[0]  # (B, T, in)
-    return output + (x @ module.lora_A.t() @ module.lora_B.t()) * module.lora_scaling  # (B, T, out)
+    a, b = module.lora_A, module.lora_B
+    x = inputs[0].to(a.dtype)  # (B, T, in); LoRA may be float32 over a low-precision model
+    return output + ((x @ a.t() @ b.t()) * module.lora_scaling).to(output.dtype)  # (B, T, out)
 
 
-def add_lora(model: nn.Module, names: list[str], r: int, alpha: float, seed: int) -> None:
+def add_lora(model: nn.Module, names: list[str], r: int, alpha: float, seed: int, dtype=None) -> None:
     """Add lora_A (r, in) and lora_B (out, r) to each named nn.Linear; B = 0, so the model is unchanged.
     A is initialised as PEFT does (Kaiming-uniform), from a generator seeded by the run seed."""
     gen = torch.Generator().manual_seed(seed)
     for name in names:
         layer = model.get_submodule(name)
         w = layer.weight
+        dtype_ = dtype or w.dtype
         bound = 1 / math.sqrt(layer.in_features)  # kaiming_uniform_(a=sqrt(5)), written out to take a generator
         a = (torch.rand(r, layer.in_features, generator=gen) * 2 - 1) * bound
-        layer.lora_A = nn.Parameter(a.to(w.device, w.dtype))
-        layer.lora_B = nn.Parameter(torch.zeros(layer.out_features, r, device=w.device, dtype=w.dtype))
+        layer.lora_A = nn.Parameter(a.to(w.device, dtype_))
+        layer.lora_B = nn.Parameter(torch.zeros(layer.out_features, r, device=w.device, dtype=dtype_))
         layer.lora_scaling = alpha / r
         layer.register_forward_hook(_lora_hook)
 
@@ -343,7 +348,7 @@ def select_trainables(model: nn.Module, cfg: Config) -> list[Trainable]:
         p.requires_grad_(False)
     if cfg.mode == "lora":
         add_lora(model, lora_target_names(model, cfg.lora_targets, cfg.top_layers), cfg.lora_r, cfg.lora_alpha,
-                 cfg.seed)
+                 cfg.seed, DTYPES[cfg.lora_dtype] if cfg.lora_dtype else None)
     chosen = []
     for name, p in model.named_parameters():
         if name.startswith("cls_head."):

@@ -199,3 +199,24 @@ def test_non_finite_loss_stops_the_step_and_restores():
     with pytest.raises(mezo.NonFiniteLoss):
         mezo.mezo_step(params, lambda: math.nan, [1], 1e-3, lr=1.0, weight_decay=0.0)
     assert torch.allclose(params[0].tensor, before, atol=1e-6)
+
+
+def test_float32_lora_over_a_bfloat16_model_does_not_drift(model_dir):
+    """--lora-dtype float32: the LoRA tensors are float32 while the model is bfloat16, so K steps at lr = 0
+    stay within float32's rounding bound, where bfloat16 LoRA tensors drift by bfloat16's."""
+    def drift(lora_dtype):
+        cfg, model, tok, params, forward = load_tiny(model_dir, "llama", dtype="bfloat16", lora_dtype=lora_dtype)
+        with torch.no_grad():
+            for p in params:  # a trained-looking adapter, so that B is not all zeros
+                p.tensor.copy_(torch.randn(p.tensor.shape, generator=torch.Generator().manual_seed(1)) * 0.02)
+        before = [p.tensor.detach().clone() for p in params]
+        batch = mezo.collate([dict(zip(("ids", "position"), mezo.encode(tok, "the movie was great", cfg.template,
+                                                                        "causal", 64)), label=1)], 0)
+        loss_fn = lambda: F.cross_entropy(forward(batch), batch["labels"]).item()
+        for t in range(10):
+            mezo.mezo_step(params, loss_fn, [mezo.step_seed(0, t, 0)], 1e-3, lr=0.0, weight_decay=0.0)
+        assert {p.tensor.dtype for p in params} == {mezo.DTYPES[lora_dtype]}
+        return max(((p.tensor.double() - b.double()).abs().max() / b.double().abs().max()).item()
+                   for p, b in zip(params, before))
+    assert drift("float32") < 30 * 2.0**-24, drift("float32")  # 3 roundings a step, 10 steps
+    assert drift("bfloat16") > 100 * drift("float32")
