@@ -129,10 +129,10 @@ class TritonBackend:
         self._cache = (None, None)  # ((the params list, where its tensors live), its runs)
 
     def runs(self, params):
-        key = (id(params), tuple(p.tensor.data_ptr() for p in params))
-        if self._cache[0] != key:  # new tensors, or storage moved since: lay out the runs again
-            runs = _runs(params)
-            self._cache = ((id(params), tuple(p.tensor.data_ptr() for p in params)), runs)
+        where = lambda: (id(params), tuple(p.tensor.data_ptr() for p in params))
+        if self._cache[0] != where():  # new tensors, or storage moved since: lay out the runs again
+            runs = _runs(params)  # may move the tensors into one buffer: key the cache by where they are now
+            self._cache = (where(), runs)
         return self._cache[1]
 
     @torch.no_grad()

@@ -52,26 +52,29 @@ dtype_st = st.sampled_from([torch.float32, torch.bfloat16, torch.float16])
 offset_st = st.one_of(st.integers(0, 7), st.integers(2**32 - 50, 2**40))
 
 
+def _compare(shapes, dtype, device, offset0, reference, triton, z_scale):
+    """Run reference(params) and triton(params) on the same tensors and check them against each other."""
+    ref, got = _pair(shapes, dtype, device, offset0)
+    before = [p.tensor.clone() for p in ref]
+    reference(ref)
+    triton(got)
+    _check(ref, got, z_scale, before)
+
+
 @pytest.mark.parametrize("device", DEVICES)
 @given(shapes=shapes_st, dtype=dtype_st, seed=st.integers(0, 2**63 - 1), scale=st.floats(-1.0, 1.0),
        offset0=offset_st)
 def test_perturb_kernel_matches_reference(device, shapes, dtype, seed, scale, offset0):
-    ref, got = _pair(shapes, dtype, device, offset0)
-    before = [p.tensor.clone() for p in ref]
-    mezo.TorchBackend().perturb(ref, seed, scale)
-    fast.TritonBackend().perturb(got, seed, scale)
-    _check(ref, got, scale, before)
+    _compare(shapes, dtype, device, offset0, lambda ps: mezo.TorchBackend().perturb(ps, seed, scale),
+             lambda ps: fast.TritonBackend().perturb(ps, seed, scale), scale)
 
 
 @pytest.mark.parametrize("device", DEVICES)
 @given(shapes=shapes_st, dtype=dtype_st, seed=st.integers(0, 2**63 - 1), g=st.floats(-100, 100),
        lr=st.floats(0, 1e-2), wd=st.sampled_from([0.0, 0.1]), offset0=offset_st)
 def test_update_kernel_matches_reference(device, shapes, dtype, seed, g, lr, wd, offset0):
-    ref, got = _pair(shapes, dtype, device, offset0)
-    before = [p.tensor.clone() for p in ref]
-    mezo.TorchBackend().update(ref, seed, g, lr, wd)
-    fast.TritonBackend().update(got, seed, g, lr, wd)
-    _check(ref, got, g * lr, before)
+    _compare(shapes, dtype, device, offset0, lambda ps: mezo.TorchBackend().update(ps, seed, g, lr, wd),
+             lambda ps: fast.TritonBackend().update(ps, seed, g, lr, wd), g * lr)
 
 
 @pytest.mark.parametrize("device", DEVICES)
@@ -79,13 +82,13 @@ def test_update_kernel_matches_reference(device, shapes, dtype, seed, g, lr, wd,
        lr=st.floats(0, 1e-2), wd=st.sampled_from([0.0, 0.1]), offset0=offset_st)
 def test_fused_restore_and_update_matches_reference(device, shapes, dtype, seed, g, lr, wd, offset0):
     """One pass of restore + update equals the reference's perturb(+ε) then update (two roundings)."""
-    ref, got = _pair(shapes, dtype, device, offset0)
-    before = [p.tensor.clone() for p in ref]
     eps = 1e-3
-    mezo.TorchBackend().perturb(ref, seed, eps)
-    mezo.TorchBackend().update(ref, seed, g, lr, wd)
-    fast.TritonBackend().restore_and_update(got, seed, eps, g, lr, wd)
-    _check(ref, got, eps + g * lr, before)
+
+    def reference(ps):
+        mezo.TorchBackend().perturb(ps, seed, eps)
+        mezo.TorchBackend().update(ps, seed, g, lr, wd)
+    _compare(shapes, dtype, device, offset0, reference,
+             lambda ps: fast.TritonBackend().restore_and_update(ps, seed, eps, g, lr, wd), eps + g * lr)
 
 
 def test_small_tensors_share_one_buffer_and_launch(model_dir):
