@@ -5,7 +5,8 @@
 
 A step at lr = 0 should leave θ unchanged; in place, θ + εz − 2εz + εz rounds three times, and in bfloat16
 or float16 the rounding error is not small next to εz. Printed per dtype and backend: the RMS and the max of
-|θ_N − θ_0| relative to RMS(θ_0), and the fraction of elements changed.
+|θ_N − θ_0| relative to RMS(θ_0), and the fraction of elements changed; "+exact" rows use the drift-free mode
+(--exact-restore: ±ε start from a copy of θ, and the restore is the copy), whose drift must be exactly 0.
 """
 import argparse
 import sys
@@ -26,16 +27,19 @@ def main():
     p.add_argument("--device", default="cpu")
     p.add_argument("--fast", action="store_true")
     args = p.parse_args()
-    backends = {"reference": mezo.TorchBackend()}
+    backends = {"reference": lambda: mezo.TorchBackend()}
     if args.fast:
         import fast
-        backends["fast"] = fast.TritonBackend()
+        backends["fast"] = lambda: fast.TritonBackend()
+    for name, make in list(backends.items()):  # --exact-restore: a copy of θ for the step, the restore exact
+        backends[f"{name}+exact"] = lambda make=make: mezo.ExactRestore(make())
     theta0 = torch.randn(args.numel, generator=torch.Generator().manual_seed(0)) * args.std
     loss = lambda: 0.0  # a constant loss: projected_grad = 0, so any change of θ is rounding alone
     print(f"{args.numel:,} values of std {args.std}, eps {args.eps}, {args.steps} steps at lr = 0")
-    print(f"{'dtype':10s} {'backend':10s} {'rms drift / rms θ':>18s} {'max drift / rms θ':>18s} {'changed':>8s}")
+    print(f"{'dtype':10s} {'backend':14s} {'rms drift / rms θ':>18s} {'max drift / rms θ':>18s} {'changed':>8s}")
     for dtype in (torch.float32, torch.bfloat16, torch.float16):
-        for name, backend in backends.items():
+        for name, make in backends.items():
+            backend = make()
             theta = theta0.to(dtype).to(args.device)
             start = theta.clone()
             params = mezo.make_trainables([("theta", theta)])
@@ -43,7 +47,7 @@ def main():
                 mezo.mezo_step(params, loss, [mezo.step_seed(0, t, 0)], args.eps, 0.0, 0.0, backend)
             d = (params[0].tensor.double() - start.double())
             scale = start.double().square().mean().sqrt()
-            print(f"{str(dtype).split('.')[-1]:10s} {name:10s} {(d.square().mean().sqrt() / scale).item():18.3e} "
+            print(f"{str(dtype).split('.')[-1]:10s} {name:14s} {(d.square().mean().sqrt() / scale).item():18.3e} "
                   f"{(d.abs().max() / scale).item():18.3e} {(d != 0).double().mean().item():8.1%}")
 
 

@@ -5,7 +5,9 @@
 
 (a) original: the original MeZO code's semantics (per tensor torch.manual_seed + torch.normal, out-of-place
     update), written as a backend object for mezo_step; (b) reference: mezo.TorchBackend; (c) fast:
-    fast.TritonBackend. Models are Llama shapes with random weights (speed does not depend on the weights);
+    fast.TritonBackend, two passes over θ a step (−2εz; restore + update + the next step's +εz); "+exact"
+    rows wrap (b) and (c) in mezo.ExactRestore (--exact-restore: a copy of θ per step, no drift).
+Models are Llama shapes with random weights (speed does not depend on the weights);
     LoRA r=8 on q/v of every layer, or every parameter. Medians over --repeat steps after warm-up.
 R near 1 means the step costs its two forwards and nothing else. Memory: peak of a step / peak of a forward
 (GPU only; on a CPU see bench/memory.py).
@@ -99,10 +101,12 @@ def main():
         backends["fast"] = fast.TritonBackend()
     except ImportError as e:
         print(f"fast/ unavailable: {e}")
+    for name in [n for n in backends if n != "original"]:  # --exact-restore: a copy of θ per step, no drift
+        backends[f"{name}+exact"] = mezo.ExactRestore(backends[name])
     gen = torch.Generator().manual_seed(0)
     print(f"device {device}{' ' + torch.cuda.get_device_name() if device.type == 'cuda' else ''}, {args.dtype}, "
           f"batch {args.batch_size} x {args.seq_len} tokens")
-    print(f"{'model':6s} {'mode':5s} {'trainable':>13s} {'backend':10s} {'forward s':>10s} {'step s':>9s} {'R':>7s} "
+    print(f"{'model':6s} {'mode':5s} {'trainable':>13s} {'backend':15s} {'forward s':>10s} {'step s':>9s} {'R':>7s} "
           f"{'mem step/fwd':>13s}")
     for size in args.sizes.split(","):
         for mode in ("lora", "full"):
@@ -121,13 +125,17 @@ def main():
                     loss_fn()
                     mem_fwd = torch.cuda.max_memory_allocated()
             for name, backend in backends.items():
-                if name == "fast" and not timed_fast:
-                    print(f"{size:6s} {mode:5s} {n:13,d} {name:10s} {'(interpreter: not timed; see tests)':>40s}")
+                if name.startswith("fast") and not timed_fast:
+                    print(f"{size:6s} {mode:5s} {n:13,d} {name:15s} {'(interpreter: not timed; see tests)':>40s}")
                     continue
-                if name == "reference" and n > args.max_reference_values:
-                    print(f"{size:6s} {mode:5s} {n:13,d} {name:10s} {'(skipped: > --max-reference-values)':>40s}")
+                if name.startswith("reference") and n > args.max_reference_values:
+                    print(f"{size:6s} {mode:5s} {n:13,d} {name:15s} {'(skipped: > --max-reference-values)':>40s}")
                     continue
-                step = lambda i: mezo.mezo_step(params, loss_fn, [mezo.step_seed(0, i, 0)], 1e-3, 0.0, 0.0, backend)
+                # As the training loop does: a fused backend makes the next step's +εz in the update's pass.
+                fused = hasattr(backend, "restore_and_update")
+                step = lambda i: mezo.mezo_step(params, loss_fn, [mezo.step_seed(0, i, 0)], 1e-3, 0.0, 0.0, backend,
+                                                perturbed=fused and i > 0,
+                                                next_seed=mezo.step_seed(0, i + 1, 0) if fused else None)
                 t_step = median_time(step, device, args.repeat)
                 mem = ""
                 if device.type == "cuda":
@@ -135,7 +143,7 @@ def main():
                     step(0)
                     mem = f"{torch.cuda.max_memory_allocated() / mem_fwd:13.3f}"
                 r = t_step / (2 * t_fwd)
-                print(f"{size:6s} {mode:5s} {n:13,d} {name:10s} {t_fwd:10.4f} {t_step:9.4f} {r:7.3f} {mem}")
+                print(f"{size:6s} {mode:5s} {n:13,d} {name:15s} {t_fwd:10.4f} {t_step:9.4f} {r:7.3f} {mem}")
             if device.type == "cuda":
                 torch.cuda.empty_cache()
 

@@ -125,12 +125,12 @@ def test_kernel_noise_is_the_reference_noise(device):
         assert (t - want).abs().max() <= 1e-6, (offset, (t - want).abs().max())
 
 
-def _run(model_dir, out, fast_flag, **kw):
+def _run(model_dir, out, flags, **kw):
     args = dict(task="synthetic", model=model_dir("llama"), template="{sentence} It was {mask}",
                 label_words=" bad, good", k=8, batch_size=8, steps=5, eval_every=0, eval_max=0, lr=1e-2, out=out)
     args.update(kw)
     argv = [str(x) for k, v in args.items() for x in (f"--{k.replace('_', '-')}", v)]
-    argv += ["--fast"] if fast_flag else []
+    argv += flags
     assert mezo.main(argv) == 0
     log = [json.loads(line) for line in (out / "log.jsonl").read_text().splitlines()]
     from safetensors.torch import load_file
@@ -138,12 +138,14 @@ def _run(model_dir, out, fast_flag, **kw):
 
 
 @pytest.mark.skipif(not INTERPRET, reason="the CLI runs on the CPU here: needs TRITON_INTERPRET=1")
-@pytest.mark.parametrize("mode,dtype", [("lora", "float32"), ("full", "float32"), ("lora", "bfloat16")])
-def test_fast_trajectory_equals_the_reference(model_dir, tmp_path, mode, dtype):
-    """`--fast` against the reference over 5 steps: every logged loss and projected gradient, and the final
-    tensors, equal within float32 noise (z differs by ~1e-6, so bit-equality is not expected)."""
-    ref_log, ref_t = _run(model_dir, tmp_path / "ref", False, mode=mode, dtype=dtype)
-    fast_log, fast_t = _run(model_dir, tmp_path / "fast", True, mode=mode, dtype=dtype)
+@pytest.mark.parametrize("mode,dtype,extra", [("lora", "float32", []), ("full", "float32", []),
+                                              ("lora", "bfloat16", []), ("full", "bfloat16", ["--exact-restore"])])
+def test_fast_trajectory_equals_the_reference(model_dir, tmp_path, mode, dtype, extra):
+    """`--fast` against the reference over 5 steps (steps 1-4 carry the next step's +εz in the fused pass):
+    every logged loss and projected gradient, and the final tensors, equal within float32 noise (z differs
+    by ~1e-6, so bit-equality is not expected)."""
+    ref_log, ref_t = _run(model_dir, tmp_path / "ref", extra, mode=mode, dtype=dtype)
+    fast_log, fast_t = _run(model_dir, tmp_path / "fast", ["--fast"] + extra, mode=mode, dtype=dtype)
     tol = 1e-5 if dtype == "float32" else 2e-2
     for r, f in zip(ref_log, fast_log):
         assert r["step"] == f["step"] and r.get("seed") == f.get("seed")
@@ -159,3 +161,20 @@ def test_fast_on_cpu_without_the_interpreter_is_refused(model_dir, tmp_path, cap
     code = mezo.main(["--task", "synthetic", "--model", model_dir("llama"), "--fast", "--device", "cpu",
                       "--steps", "1", "--template", "{sentence} It was {mask}", "--label-words", " bad, good"])
     assert code == 2 and "TRITON_INTERPRET=1" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@given(shapes=shapes_st, dtype=dtype_st, seed=st.integers(0, 2**63 - 1), next_seed=st.integers(0, 2**63 - 1),
+       g=st.floats(-100, 100), lr=st.floats(0, 1e-2), wd=st.sampled_from([0.0, 0.1]), offset0=offset_st)
+def test_fused_restore_update_and_next_perturbation_matches_reference(device, shapes, dtype, seed, next_seed, g, lr,
+                                                                      wd, offset0):
+    """One pass of restore + update + the next step's +εz' equals the reference's three calls (three roundings)."""
+    eps = 1e-3
+
+    def reference(ps):
+        mezo.TorchBackend().perturb(ps, seed, eps)
+        mezo.TorchBackend().update(ps, seed, g, lr, wd)
+        mezo.TorchBackend().perturb(ps, next_seed, eps)
+    _compare(shapes, dtype, device, offset0, reference,
+             lambda ps: fast.TritonBackend().restore_and_update(ps, seed, eps, g, lr, wd, next_seed),
+             2 * eps + g * lr)
