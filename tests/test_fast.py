@@ -137,15 +137,15 @@ def _run(model_dir, out, flags, **kw):
     return log, load_file(out / mezo.CHECKPOINT)
 
 
-@pytest.mark.skipif(not INTERPRET, reason="the CLI runs on the CPU here: needs TRITON_INTERPRET=1")
+@pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("mode,dtype,extra", [("lora", "float32", []), ("full", "float32", []),
                                               ("lora", "bfloat16", []), ("full", "bfloat16", ["--exact-restore"])])
-def test_fast_trajectory_equals_the_reference(model_dir, tmp_path, mode, dtype, extra):
+def test_fast_trajectory_equals_the_reference(model_dir, tmp_path, device, mode, dtype, extra):
     """`--fast` against the reference over 5 steps (steps 1-4 carry the next step's +εz in the fused pass):
     every logged loss and projected gradient, and the final tensors, equal within float32 noise (z differs
     by ~1e-6, so bit-equality is not expected)."""
-    ref_log, ref_t = _run(model_dir, tmp_path / "ref", extra, mode=mode, dtype=dtype)
-    fast_log, fast_t = _run(model_dir, tmp_path / "fast", ["--fast"] + extra, mode=mode, dtype=dtype)
+    ref_log, ref_t = _run(model_dir, tmp_path / "ref", extra, mode=mode, dtype=dtype, device=device)
+    fast_log, fast_t = _run(model_dir, tmp_path / "fast", ["--fast"] + extra, mode=mode, dtype=dtype, device=device)
     tol = 1e-5 if dtype == "float32" else 2e-2
     for r, f in zip(ref_log, fast_log):
         assert r["step"] == f["step"] and r.get("seed") == f.get("seed")
