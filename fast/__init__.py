@@ -24,14 +24,30 @@ BLOCK4 = 1024  # Philox counters per program: 4096 elements (the interpreter cos
 
 
 @triton.jit
-def _z_block(seed, offset, n, BLOCK4: tl.constexpr):
-    """z for the program's 4·BLOCK4 global indices, their local positions, and which lie in [0, n)."""
-    offset = offset.to(tl.int64)
-    first = offset // 4 + tl.program_id(0).to(tl.int64) * BLOCK4  # first Philox counter of this program
+def _z_block(seed, offset, n, block, BLOCK4: tl.constexpr):
+    """z for the 4·BLOCK4 global indices of the tensor's block number `block`, their local positions, and
+    which lie in [0, n)."""
+    first = offset // 4 + block * BLOCK4  # first Philox counter of this block
     n0, n1, n2, n3 = tl.randn4x(seed, first + tl.arange(0, BLOCK4))
     z = tl.interleave(tl.interleave(n0, n2), tl.interleave(n1, n3))  # n0 n1 n2 n3 of counter 0, then 1, ...
     local = first * 4 + tl.arange(0, 4 * BLOCK4) - offset  # element i of the tensor has global index offset + i
     return z, local, (local >= 0) & (local < n)
+
+
+@triton.jit
+def _my_tensor(tensors, programs, KIND: tl.constexpr):
+    """One launch covers many tensors: row p of `programs` names the tensor and block of program p, row t of
+    `tensors` holds tensor t's address, numel, global offset and weight-decay flag (all int64)."""
+    pid = tl.program_id(0).to(tl.int64)
+    t, block = tl.load(programs + 2 * pid), tl.load(programs + 2 * pid + 1)
+    address = tl.load(tensors + 4 * t)
+    if KIND == 1:
+        theta_ptr = address.to(tl.pointer_type(tl.bfloat16))
+    elif KIND == 2:
+        theta_ptr = address.to(tl.pointer_type(tl.float16))
+    else:
+        theta_ptr = address.to(tl.pointer_type(tl.float32))
+    return theta_ptr, tl.load(tensors + 4 * t + 1), tl.load(tensors + 4 * t + 2), tl.load(tensors + 4 * t + 3), block
 
 
 @triton.jit
@@ -52,34 +68,36 @@ def _store(ptr, local, mask, t, KIND: tl.constexpr):
     tl.store(ptr + local, _round(t, KIND).to(ptr.dtype.element_ty), mask=mask)  # exact: already rounded
 
 
-# n, offset and seed are never specialised: Triton would turn a value of 1 into a compile-time constant
-# (and compile a kernel per divisibility class), and each program computes with them as int64 tensors.
-@triton.jit(do_not_specialize=["n", "offset", "seed"])
-def _perturb_kernel(theta_ptr, n, offset, seed, scale, BLOCK4: tl.constexpr, KIND: tl.constexpr):
+# seed is never specialised: Triton would turn a value of 1 into a compile-time constant.
+@triton.jit(do_not_specialize=["seed"])
+def _perturb_kernel(tensors, programs, seed, scale, BLOCK4: tl.constexpr, KIND: tl.constexpr):
     """θ ← θ + scale·z."""
-    z, local, mask = _z_block(seed, offset, n, BLOCK4)
+    theta_ptr, n, offset, _, block = _my_tensor(tensors, programs, KIND)
+    z, local, mask = _z_block(seed, offset, n, block, BLOCK4)
     t = tl.load(theta_ptr + local, mask=mask, other=0.0).to(tl.float32)
     _store(theta_ptr, local, mask, t + scale * z, KIND)
 
 
-@triton.jit(do_not_specialize=["n", "offset", "seed"])
-def _update_kernel(theta_ptr, n, offset, seed, projected_grad, lr, wd, BLOCK4: tl.constexpr, KIND: tl.constexpr):
-    """θ ← θ − lr·(projected_grad·z + wd·θ)."""
-    z, local, mask = _z_block(seed, offset, n, BLOCK4)
+@triton.jit(do_not_specialize=["seed"])
+def _update_kernel(tensors, programs, seed, projected_grad, lr, wd, BLOCK4: tl.constexpr, KIND: tl.constexpr):
+    """θ ← θ − lr·(projected_grad·z + wd·θ); wd only where the tensor's decay flag is set."""
+    theta_ptr, n, offset, decay, block = _my_tensor(tensors, programs, KIND)
+    z, local, mask = _z_block(seed, offset, n, block, BLOCK4)
     t = tl.load(theta_ptr + local, mask=mask, other=0.0).to(tl.float32)
-    _store(theta_ptr, local, mask, t - lr * (projected_grad * z + wd * t), KIND)
+    _store(theta_ptr, local, mask, t - lr * (projected_grad * z + wd * decay.to(tl.float32) * t), KIND)
 
 
-@triton.jit(do_not_specialize=["n", "offset", "seed", "next_seed"])
-def _restore_update_kernel(theta_ptr, n, offset, seed, eps, projected_grad, lr, wd, next_seed, BLOCK4: tl.constexpr,
+@triton.jit(do_not_specialize=["seed", "next_seed"])
+def _restore_update_kernel(tensors, programs, seed, eps, projected_grad, lr, wd, next_seed, BLOCK4: tl.constexpr,
                            KIND: tl.constexpr, NEXT: tl.constexpr):
     """The restore (θ + εz, rounded as the reference stores it) and the update, in one pass over θ; with
     NEXT, also the next step's θ + εz', rounded once more: the reference's three roundings, one pass."""
-    z, local, mask = _z_block(seed, offset, n, BLOCK4)
+    theta_ptr, n, offset, decay, block = _my_tensor(tensors, programs, KIND)
+    z, local, mask = _z_block(seed, offset, n, block, BLOCK4)
     t = _round(tl.load(theta_ptr + local, mask=mask, other=0.0).to(tl.float32) + eps * z, KIND)
-    t = t - lr * (projected_grad * z + wd * t)
+    t = t - lr * (projected_grad * z + wd * decay.to(tl.float32) * t)
     if NEXT:
-        z_next, _, _ = _z_block(next_seed, offset, n, BLOCK4)
+        z_next, _, _ = _z_block(next_seed, offset, n, block, BLOCK4)
         t = _round(t, KIND) + eps * z_next
     _store(theta_ptr, local, mask, t, KIND)
 
@@ -88,17 +106,37 @@ KINDS = {torch.float32: 0, torch.bfloat16: 1, torch.float16: 2}
 COALESCE_MAX_NUMEL = 1 << 26  # up to this many values in tensors of 1M on average (LoRA's) share one buffer
 
 
-def _launch(kernel, theta, offset, *args, **constexprs):
-    n = theta.numel()
-    counters = (offset + n - 1) // 4 - offset // 4 + 1
-    kernel[(triton.cdiv(counters, BLOCK4),)](theta, n, offset, *args, BLOCK4=BLOCK4, KIND=KINDS[theta.dtype],
-                                             **constexprs)
+def _launches(runs):
+    """Group the runs by dtype and device: one launch each, whatever the number of tensors. A launch is
+    (tensors table, programs table, number of programs, KIND); see _my_tensor."""
+    groups = {}
+    for theta, offset, decay in runs:
+        groups.setdefault((theta.dtype, theta.device), []).append((theta, offset, decay))
+    launches = []
+    for (dtype, device), group in groups.items():
+        rows, programs = [], []
+        for t, (theta, offset, decay) in enumerate(group):
+            n = theta.numel()
+            counters = (offset + n - 1) // 4 - offset // 4 + 1  # Philox counters the tensor's indices touch
+            rows.append([theta.data_ptr(), n, offset, int(decay)])
+            programs.append(torch.stack([torch.full((triton.cdiv(counters, BLOCK4),), t),
+                                         torch.arange(triton.cdiv(counters, BLOCK4))], 1))
+        programs = torch.cat(programs).to(device=device, dtype=torch.int64).contiguous()
+        launches.append((torch.tensor(rows, dtype=torch.int64, device=device), programs, programs.shape[0],
+                         KINDS[dtype]))
+    return launches
+
+
+def _launch(kernel, launch, *args, **constexprs):
+    tensors, programs, count, kind = launch
+    kernel[(count,)](tensors, programs, *args, BLOCK4=BLOCK4, KIND=kind, **constexprs)
 
 
 def _runs(params):
-    """(flat tensor, global offset of its element 0, decay) for each launch. Many small tensors (LoRA) are
+    """(flat tensor, global offset of its element 0, decay) for each run. Many small tensors (LoRA) are
     moved once into one buffer, in global-index order, each parameter becoming a view of it: then a run of
-    them with the same weight-decay rule is one launch. Large tensors keep their own storage and launch."""
+    them with the same weight-decay rule is one row of a launch's table (and one contiguous stretch of
+    memory). Large tensors keep their own storage and row."""
     for p in params:
         if tuple(p.tensor.shape) != p.full_shape or not p.tensor.is_contiguous() or p.tensor.dtype not in KINDS:
             raise ValueError(f"{p.name}: the Triton backend takes whole contiguous float32/bfloat16/float16 "
@@ -128,37 +166,42 @@ def _runs(params):
 
 class TritonBackend:
     """The noise/update backend of mezo.py, in Triton, plus the fused restore-and-update that mezo_step uses
-    when a backend offers it."""
+    when a backend offers it. Each pass is one kernel launch per dtype, over every trainable tensor."""
 
     name = "triton"
 
     def __init__(self):
-        self._cache = (None, None)  # ((the params list, where its tensors live), its runs)
+        self._cache = (None, None, None)  # (the params list and where its tensors live, its runs, its launches)
 
-    def runs(self, params):
+    def _layout(self, params):
         where = lambda: (id(params), tuple(p.tensor.data_ptr() for p in params))
         if self._cache[0] != where():  # new tensors, or storage moved since: lay out the runs again
             runs = _runs(params)  # may move the tensors into one buffer: key the cache by where they are now
-            self._cache = (where(), runs)
-        return self._cache[1]
+            self._cache = (where(), runs, _launches(runs))
+        return self._cache
+
+    def runs(self, params):
+        """(flat tensor, global offset, decay) for each run of tensors (see _runs)."""
+        return self._layout(params)[1]
+
+    def launches(self, params):
+        return self._layout(params)[2]
 
     @torch.no_grad()
     def perturb(self, params, seed: int, scale: float) -> None:
-        for theta, offset, _ in self.runs(params):
-            _launch(_perturb_kernel, theta, offset, seed, float(scale))
+        for launch in self.launches(params):
+            _launch(_perturb_kernel, launch, seed, float(scale))
 
     @torch.no_grad()
     def update(self, params, seed: int, projected_grad: float, lr: float, weight_decay: float) -> None:
-        for theta, offset, decay in self.runs(params):
-            wd = weight_decay if decay else 0.0
-            _launch(_update_kernel, theta, offset, seed, float(projected_grad), float(lr), float(wd))
+        for launch in self.launches(params):
+            _launch(_update_kernel, launch, seed, float(projected_grad), float(lr), float(weight_decay))
 
     @torch.no_grad()
     def restore_and_update(self, params, seed: int, eps: float, projected_grad: float, lr: float,
                            weight_decay: float, next_seed: int | None = None) -> None:
         """perturb(+eps), update(...) and, given next_seed, perturb(+eps) with it, in one pass over θ: the
         same roundings as the three calls, a third (or half) of the traffic."""
-        for theta, offset, decay in self.runs(params):
-            wd = weight_decay if decay else 0.0
-            _launch(_restore_update_kernel, theta, offset, seed, float(eps), float(projected_grad), float(lr),
-                    float(wd), 0 if next_seed is None else next_seed, NEXT=next_seed is not None)
+        for launch in self.launches(params):
+            _launch(_restore_update_kernel, launch, seed, float(eps), float(projected_grad), float(lr),
+                    float(weight_decay), 0 if next_seed is None else next_seed, NEXT=next_seed is not None)

@@ -112,6 +112,30 @@ def test_small_tensors_share_one_buffer_and_launch(model_dir):
     big = mezo.make_trainables([("big", torch.zeros(3 << 20)), ("bias", torch.zeros(7))])
     ptr = big[0].tensor.data_ptr()
     assert len(backend.runs(big)) == 2 and big[0].tensor.data_ptr() == ptr  # large tensors are not moved
+    assert len(backend.launches(big)) == 1  # ... but share the launch: one row each in its table
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_one_launch_per_dtype_over_large_and_mixed_tensors(device):
+    """Tensors of three dtypes (so not moved into one buffer, as large ones are not), unaligned offsets, decay
+    and no decay: one launch per dtype, and each tensor ends as the reference leaves it (perturb, then the
+    fused restore+update+next pass)."""
+    g = torch.Generator().manual_seed(5)
+    specs = [((110, 101), torch.float32), ((3,), torch.bfloat16), ((103, 11), torch.bfloat16),
+             ((9, 1201), torch.float16), ((1025, 7), torch.float32), ((5,), torch.float32)]
+    tensors = [torch.randn(shape, generator=g).to(dtype).to(device) for shape, dtype in specs]
+    pairs = [mezo.make_trainables([(f"w{i}", t.clone()) for i, t in enumerate(tensors)]) for _ in range(2)]
+    ref, got = pairs
+    backend = fast.TritonBackend()
+    assert len(backend.runs(got)) == len(specs) and len(backend.launches(got)) == 3
+    before = [p.tensor.clone() for p in ref]
+    reference = mezo.TorchBackend()
+    for step in (lambda b, ps: b.perturb(ps, 11, 0.5),
+                 lambda b, ps: (b.perturb(ps, 11, 1e-3), b.update(ps, 11, 3.0, 1e-2, 0.1), b.perturb(ps, 12, 1e-3))
+                 if b is reference else b.restore_and_update(ps, 11, 1e-3, 3.0, 1e-2, 0.1, 12)):
+        step(reference, ref)
+        step(backend, got)
+        _check(ref, got, 0.5 + 2e-3 + 3e-2, before)
 
 
 @pytest.mark.parametrize("device", DEVICES)
