@@ -142,7 +142,8 @@ class DistributedPlacement(mezo.Placement):
         if use_cuda:
             self.device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
             torch.cuda.set_device(self.device)
-        if not dist.is_initialized():
+        self.owns_group = not dist.is_initialized()  # a caller (a test worker) may run several trainings in one
+        if self.owns_group:
             dist.init_process_group("nccl" if use_cuda else "gloo",
                                     timeout=datetime.timedelta(seconds=cfg.dist_timeout))
         mesh = init_device_mesh("cuda" if use_cuda else "cpu", (self.dp, self.tp), mesh_dim_names=("dp", "tp"))
@@ -172,19 +173,13 @@ class DistributedPlacement(mezo.Placement):
     def gather(self, params: list[mezo.Trainable]) -> list[mezo.Trainable]:
         if self.tp == 1:
             return params
-        model_params = {}  # name -> full tensor: DTensor.full_tensor() all-gathers the shards
-        out = []
-        for p in params:
-            if p.tensor.shape == p.full_shape:
-                out.append(p)
-                continue
-            model_params[p.name] = _full(p, self.tp_mesh)
-            out.append(dataclasses.replace(p, tensor=model_params[p.name], shard_start=(0,) * len(p.full_shape)))
-        return out
+        return [p if p.tensor.shape == p.full_shape else
+                dataclasses.replace(p, tensor=_full(p, self.tp_mesh), shard_start=(0,) * len(p.full_shape))
+                for p in params]
 
     def close(self) -> None:
-        if dist.is_initialized():
-            dist.barrier()  # no rank leaves while another still needs it (e.g. rank 0 writing the checkpoint)
+        dist.barrier()  # no rank leaves while another still needs it (e.g. rank 0 writing the checkpoint)
+        if self.owns_group:
             dist.destroy_process_group()
 
 
