@@ -1036,6 +1036,12 @@ def main(argv=None) -> int:
     except (UsageError, NonFiniteLoss) as e:
         print(f"mezo: error: {e}", file=sys.stderr)
         return 2 if isinstance(e, UsageError) else 1
+    except RuntimeError as e:  # under torchrun: a collective that failed because another rank died or hung
+        from tp import peer_failure
+        if "WORLD_SIZE" not in os.environ or not peer_failure(e):
+            raise
+        print(f"mezo: error: {peer_failure(e)}", file=sys.stderr)
+        return 1
     return 0
 
 

@@ -183,6 +183,21 @@ class DistributedPlacement(mezo.Placement):
             dist.destroy_process_group()
 
 
+# What gloo and nccl say when the peer of a collective is gone or silent.
+PEER_LOST = ("Timed out waiting", "Connection closed by peer", "Connection reset by peer", "Broken pipe",
+             "Watchdog caught collective operation timeout", "NCCL communicator was aborted")
+
+
+def peer_failure(e: BaseException) -> str | None:
+    """One line for a collective that failed because another rank died or hung (None for any other error)."""
+    text = str(e)
+    if not any(s in text for s in PEER_LOST):
+        return None
+    detail = next(line for line in text.splitlines() if any(s in line for s in PEER_LOST)).split("] ")[-1]
+    return (f"rank {os.environ.get('RANK', '?')}: a collective failed ({detail.strip()}): another rank died or "
+            "stopped answering within --dist-timeout seconds; the job stops (see that rank's own error above)")
+
+
 def _full(p: mezo.Trainable, mesh) -> torch.Tensor:
     """The full tensor from every rank's shard (an all-gather along the split dimension)."""
     dims = [d for d, (n, f) in enumerate(zip(p.tensor.shape, p.full_shape)) if n != f]
