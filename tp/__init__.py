@@ -194,8 +194,8 @@ def peer_failure(e: BaseException) -> str | None:
     if not any(s in text for s in PEER_LOST):
         return None
     detail = next(line for line in text.splitlines() if any(s in line for s in PEER_LOST)).split("] ")[-1]
-    return (f"rank {os.environ.get('RANK', '?')}: a collective failed ({detail.strip()}): another rank died or "
-            "stopped answering within --dist-timeout seconds; the job stops (see that rank's own error above)")
+    return (f"rank {os.environ.get('RANK', '?')}: a collective failed ({detail.strip()}): another rank died, or "
+            "hung past --dist-timeout; the job stops")
 
 
 def _full(p: mezo.Trainable, mesh) -> torch.Tensor:
