@@ -166,6 +166,17 @@ def setup(kind, path, mode):
     return model, mezo.select_trainables(model, cfg)
 
 
+def test_bad_combinations_give_one_error_line(worker, model_dir, tmp_path, capsys):
+    _, _, log = worker
+    assert "mezo: error: --tp 2 x --dp 2 = 4 processes, but torchrun started 2" in log
+    assert mezo.main(cli_args(model_dir("llama"), tmp_path) + ["--tp", "2"]) == 2  # no torchrun
+    assert capsys.readouterr().err.strip().splitlines()[-1] == (
+        "mezo: error: --tp 2 --dp 1 needs 2 processes: launch with torchrun --nproc-per-node 2 mezo.py ...")
+    from tp import check_tp
+    with pytest.raises(mezo.UsageError, match="--tp 3 does not divide the model's 4 attention heads, 2 key/value"):
+        check_tp(setup("llama", model_dir("llama"), "lora")[0], 3)
+
+
 def test_killed_rank_ends_the_job(model_dir, tmp_path):
     """SIGKILL one worker mid-training: torchrun stops the other and exits non-zero, naming the dead rank."""
     proc = torchrun(2, "mezo.py", *cli_args(model_dir("llama"), tmp_path, steps=100000, eval_every=0), "--tp", 2)
@@ -194,6 +205,7 @@ if __name__ == "__main__":  # the worker: python -m torch.distributed.run ... te
     dist.init_process_group("gloo")
     for argv in spec["runs"]:
         assert mezo.main(argv) == 0, argv
+    assert mezo.main(spec["runs"][0] + ["--tp", "2", "--dp", "2"]) == 2  # its error line goes to the log
     for kind, path in spec["models"].items():
         for mode in ("lora", "full"):
             model, params = setup(kind, path, mode)
