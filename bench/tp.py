@@ -37,8 +37,9 @@ def worker(args) -> None:
     import mezo
 
     torch.set_num_threads(args.threads)
+    targets = tuple(args.lora_targets.split(",")) if args.lora_targets else None
     cfg = mezo.Config(model=args.model, mode=args.mode, tp=args.tp, dp=args.dp, batch_size=args.batch_size,
-                      threads=args.threads)
+                      threads=args.threads, lora_targets=targets)
     placement = mezo.make_placement(cfg)
     torch.manual_seed(0)
     if args.model != "smollm2-shape":
@@ -79,30 +80,36 @@ def worker(args) -> None:
         logits, labels = mezo.batch_logits(forward, mine, 8, 0, "cpu")
         return placement.mean(mezo.objective_loss(logits, labels, "ce"), len(mine))
 
-    times, counts = [], None
+    times, cpu, counts = [], [], None
     for step in range(1, args.steps + 2):
         comm = CommBytes()
-        t = time.perf_counter()
+        t, c = time.perf_counter(), time.process_time()
         with comm:
             mezo.mezo_step(params, loss_fn, [mezo.step_seed(0, step, 0)], 1e-3, 1e-5, 0.0)
         if step > 1:  # the first step warms up
             times.append(time.perf_counter() - t)
+            cpu.append(time.process_time() - c)
         counts = comm
+    # CPU seconds of this process per step (all its threads): on a machine other work is also using, wall time
+    # says little; the slowest rank's CPU time is what a step would take with a free core per thread.
+    cpu_step = torch.tensor([statistics.median(cpu)])
+    if torch.distributed.is_initialized():
+        torch.distributed.all_reduce(cpu_step, op=torch.distributed.ReduceOp.MAX)
     # The forward's own activation traffic, for scale: the hidden state (B, T, H) float32 that each transformer
     # block reads and writes, summed over blocks, for one forward of the whole batch (all ranks together).
     layers = mezo.num_layers(model)
     activation = args.batch_size * args.length * hidden * 4 * layers
     if placement.is_main:
-        print("RESULT " + json.dumps(dict(step=statistics.median(times), bytes=sum(counts.bytes.values()),
-                                          calls=dict(counts.calls), per=dict(counts.bytes), activation=activation,
-                                          layers=layers, world=int(os.environ.get("WORLD_SIZE", "1")))), flush=True)
+        result = dict(step=statistics.median(times), cpu=cpu_step.item(), bytes=sum(counts.bytes.values()),
+                      calls=dict(counts.calls), per=dict(counts.bytes), activation=activation, layers=layers)
+        print("RESULT " + json.dumps(result), flush=True)
     placement.close()
 
 
 def launch(args, nproc: int, threads: int, extra: list[str]) -> dict:
     argv = [str(ROOT / "bench" / "tp.py"), "--worker", "--threads", str(threads), "--model", args.model,
             "--mode", args.mode, "--steps", str(args.steps), "--batch-size", str(args.batch_size),
-            "--length", str(args.length), *extra]
+            "--length", str(args.length), "--lora-targets", args.lora_targets, *extra]
     cmd = [sys.executable, *argv] if nproc == 1 else \
         [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={nproc}", *argv]
     env = {**os.environ, "OMP_NUM_THREADS": str(threads), "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"}
@@ -122,6 +129,7 @@ def main() -> None:
     p.add_argument("--batch-size", type=int, default=8)
     p.add_argument("--length", type=int, default=48, help="tokens per example (SST-2 prompts are about 49)")
     p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--lora-targets", default="", help="comma-separated (default: q_proj,v_proj)")
     p.add_argument("--tp", type=int, default=1)
     p.add_argument("--dp", type=int, default=0)
     args = p.parse_args()
@@ -136,11 +144,14 @@ def main() -> None:
           f"median of {args.steps} steps after 1 warm-up, on {os.cpu_count()} cores")
     print(f"forward activation traffic (hidden states in and out of the blocks, one forward): "
           f"{base['activation'] / 1e6:.2f} MB; a step runs 2 forwards")
-    print(f"{'placement':24s} {'s/step':>8s} {'vs 1 proc':>9s} {'bytes/step':>12s} {'/ 2 fwd act.':>12s}  collectives")
+    print(f"{'placement':24s} {'s/step':>8s} {'vs 1 proc':>9s} {'CPU s/step':>10s} {'bytes/step':>12s} "
+          f"{'/ 2 fwd act.':>12s}  collectives")
     for name, r in rows:
         calls = ", ".join(f"{k} x{v}" for k, v in r["calls"].items()) or "none"
-        print(f"{name:24s} {r['step']:8.3f} {r['step'] / base['step']:9.2f} {r['bytes']:12,d} "
+        print(f"{name:24s} {r['step']:8.3f} {r['step'] / base['step']:9.2f} {r['cpu']:10.3f} {r['bytes']:12,d} "
               f"{r['bytes'] / (2 * r['activation']):12.2e}  {calls}")
+    print("CPU s/step: CPU seconds of one process per step, all its threads (the slowest rank's), which other load "
+          f"on the machine disturbs less than wall time (load average now {os.getloadavg()[0]:.1f})")
 
 
 if __name__ == "__main__":

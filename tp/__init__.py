@@ -117,7 +117,6 @@ def shard_model(model: nn.Module, params: list[mezo.Trainable], mesh) -> list[me
             if placement.is_shard():
                 start[placement.dim] = rank * (t.shape[placement.dim] // mesh.size())
         out.append(dataclasses.replace(p, tensor=local, shard_start=tuple(start)))
-        assert tuple(local.shape) != p.full_shape or not any(start), p.name
     return out
 
 
@@ -134,8 +133,7 @@ class DistributedPlacement(mezo.Placement):
         if self.tp * self.dp != world:
             raise mezo.UsageError(f"--tp {self.tp} x --dp {self.dp} = {self.tp * self.dp} processes, but torchrun "
                                   f"started {world}; make --nproc-per-node equal to tp x dp")
-        effective = cfg.batch_size  # every data-parallel rank needs at least one example of each step
-        if self.dp > 1 and effective < self.dp:
+        if cfg.batch_size < self.dp:  # every data-parallel rank needs at least one example of each step
             raise mezo.UsageError(f"--batch-size {cfg.batch_size} is smaller than --dp {self.dp}: every data-parallel "
                                   "rank needs an example; raise --batch-size or lower --dp")
         use_cuda = torch.cuda.is_available() and not cfg.device.startswith("cpu")
