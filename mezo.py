@@ -80,6 +80,10 @@ class Config:
     out: str | None = None  # folder for log.jsonl, checkpoint.safetensors and the PEFT adapter
     save_every: int = 0  # also checkpoint every N steps (0 = at each evaluation and at the end)
     threads: int = 0  # torch CPU threads (0 = torch's default)
+    # parallel (tp/): launch with `torchrun --nproc-per-node N mezo.py ...`; one process is the reference itself
+    tp: int = 1  # tensor-parallel ranks: each holds a slice of every attention and MLP weight (and of its LoRA)
+    dp: int = 0  # data-parallel ranks: each runs a slice of the batch (0 = the number of processes / tp)
+    dist_timeout: float = 300.0  # seconds a collective waits for a silent rank before the whole job fails
 
 
 class UsageError(ValueError):
@@ -91,12 +95,14 @@ def check_config(cfg: Config) -> None:
                 "n_samples": cfg.n_samples >= 1, "lora_r": cfg.lora_r >= 1, "max_length": cfg.max_length >= 8,
                 "top_layers": cfg.top_layers >= 0, "eval_every": cfg.eval_every >= 0,
                 "micro_batch": cfg.micro_batch >= 1, "save_every": cfg.save_every >= 0,
-                "eval_max": cfg.eval_max >= 0, "threads": cfg.threads >= 0}
+                "eval_max": cfg.eval_max >= 0, "threads": cfg.threads >= 0, "tp": cfg.tp >= 1, "dp": cfg.dp >= 0}
     for name, ok in positive.items():
         if not ok:
             raise UsageError(f"--{name.replace('_', '-')} {getattr(cfg, name)} is out of range")
     if not (math.isfinite(cfg.eps) and cfg.eps > 0):
         raise UsageError(f"--eps must be a finite number > 0, got {cfg.eps} (the paper uses 1e-3)")
+    if not (math.isfinite(cfg.dist_timeout) and cfg.dist_timeout > 0):
+        raise UsageError(f"--dist-timeout must be a number of seconds > 0, got {cfg.dist_timeout}")
     for name in ("lr", "weight_decay", "lora_alpha"):
         v = getattr(cfg, name)
         if not (math.isfinite(v) and v >= 0):
@@ -240,6 +246,10 @@ class Trainable:
             coord = (local // math.prod(self.tensor.shape[dim + 1:])) % size + self.shard_start[dim]
             flat += coord * math.prod(self.full_shape[dim + 1:])
         return self.offset + flat
+
+    def shard_of(self, full: torch.Tensor) -> torch.Tensor:
+        """This rank's slice of the full tensor (the whole of it when the tensor is not sharded)."""
+        return full[tuple(slice(s, s + n) for s, n in zip(self.shard_start, self.tensor.shape))]
 
     def z(self, seed: int) -> torch.Tensor:
         """The whole z of this tensor (tests and small tensors only: the algorithm never materialises it)."""
@@ -826,12 +836,12 @@ def restore_checkpoint(params: list[Trainable], tensors: dict, folder: Path) -> 
         raise UsageError(f"--resume {folder}: checkpoint does not match this model's trainable tensors "
                          f"(missing {missing[:3]}, unexpected {extra[:3]}); resume with the run's own settings")
     for name, p in want.items():
-        t = tensors[name]
-        if t.shape != p.tensor.shape or t.dtype != p.tensor.dtype:
+        t = tensors[name]  # checkpoints hold full tensors: a shard takes its slice, so any world size resumes
+        if tuple(t.shape) != p.full_shape or t.dtype != p.tensor.dtype:
             raise UsageError(f"--resume {folder}: {name} is {tuple(t.shape)} {t.dtype} in the checkpoint but "
-                             f"{tuple(p.tensor.shape)} {p.tensor.dtype} in the model")
+                             f"{p.full_shape} {p.tensor.dtype} in the model")
         with torch.no_grad():
-            p.tensor.copy_(t)
+            p.tensor.copy_(p.shard_of(t))
 
 
 class Log:
@@ -851,13 +861,45 @@ class Log:
                 f.write(json.dumps(record) + "\n")
 
 # -----------------------------------------------------------------------------
+# Placement (seam 3): where the model's tensors live, which examples this process runs, how a loss is
+# reduced, and who writes. One process: everything here, nothing to reduce. tp/ replaces it under torchrun.
+
+
+class Placement:
+    is_main = True  # this process prints, logs, evaluates into the log and writes checkpoints
+    device = None  # None: --device decides
+
+    def shard(self, model: nn.Module, params: list[Trainable]) -> list[Trainable]:
+        return params  # the model stays whole
+
+    def local(self, examples: list[dict]) -> list[dict]:
+        return examples  # this process runs every example
+
+    def mean(self, value: float, n: int) -> float:
+        return value  # a mean over this process's n examples is the mean over all of them
+
+    def gather(self, params: list[Trainable]) -> list[Trainable]:
+        return params  # full tensors, as checkpoints hold them
+
+    def close(self) -> None:
+        pass
+
+
+def make_placement(cfg: Config) -> Placement:
+    if cfg.tp == 1 and cfg.dp <= 1 and int(os.environ.get("WORLD_SIZE", "1")) == 1:
+        return Placement()
+    from tp import DistributedPlacement  # the seam: nothing else in this file changes
+    return DistributedPlacement(cfg)
+
+# -----------------------------------------------------------------------------
 # The training loop
 
 
-def train(cfg: Config, resume: str | None = None) -> dict:
+def train(cfg: Config, resume: str | None = None, placement: Placement | None = None) -> dict:
     from tqdm import tqdm
 
     check_config(cfg)
+    placement = placement or make_placement(cfg)
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
     torch.manual_seed(cfg.seed)
@@ -865,6 +907,7 @@ def train(cfg: Config, resume: str | None = None) -> dict:
     if data["root"] is not None:
         print(f"mezo: data from {data['root']}")
     device = torch.device(cfg.device if cfg.device != "auto" else "cuda" if torch.cuda.is_available() else "cpu")
+    device = placement.device or device  # under torchrun on GPUs: this rank's own GPU
     model, tokenizer, source = load_model(cfg)
     model.to(device)
     kind = model_kind(model)
@@ -875,8 +918,8 @@ def train(cfg: Config, resume: str | None = None) -> dict:
     if cfg.head == "cls":
         add_cls_head(model, len(cfg.label_words), cfg.seed)
     label_ids = label_token_ids(tokenizer, cfg.label_words) if cfg.head == "prompt" else []
-    params = select_trainables(model, cfg)
-    n_trainable = sum(p.tensor.numel() for p in params)
+    params = placement.shard(model, select_trainables(model, cfg))
+    n_trainable = sum(math.prod(p.full_shape) for p in params)
     print(f"mezo: training {n_trainable:,} values in {len(params)} tensors ({cfg.mode}"
           f"{f', top {cfg.top_layers} layers' if cfg.top_layers else ''}, head {cfg.head})")
     forward = PromptForward(model, label_ids)
@@ -908,7 +951,7 @@ def train(cfg: Config, resume: str | None = None) -> dict:
         tensors, start, _ = read_checkpoint(Path(resume))
         restore_checkpoint(params, tensors, Path(resume))
         print(f"mezo: resumed from {resume} at step {start}")
-    log = Log(out, start if resume else None)
+    log = Log(out if placement.is_main else None, start if resume else None)
     last_saved = start if resume else None
 
     def run_eval(step: int, final: bool) -> dict:
@@ -917,7 +960,9 @@ def train(cfg: Config, resume: str | None = None) -> dict:
             rows = splits[split]
             if split == "test" and cfg.eval_max and step and not final:
                 rows = rows[:cfg.eval_max]
-            acc, loss = evaluate(forward, rows, cfg.micro_batch, pad_id, device)
+            mine = placement.local(rows)
+            acc, loss = evaluate(forward, mine, cfg.micro_batch, pad_id, device) if mine else (0.0, 0.0)
+            acc, loss = placement.mean(acc, len(mine)), placement.mean(loss, len(mine))
             log.write(dict(step=step, split=split, accuracy=acc, loss=loss, n=len(rows)))
             results[split] = acc
             tqdm.write(f"step {step:6d} | {split:4s} accuracy {acc:.4f} loss {loss:.4f} ({len(rows)} examples)")
@@ -926,23 +971,27 @@ def train(cfg: Config, resume: str | None = None) -> dict:
     def checkpoint(step: int) -> None:
         nonlocal last_saved
         if out:
-            save_checkpoint(out, params, step, cfg, model)
+            full = placement.gather(params)  # every rank takes part; one writes
+            if placement.is_main:
+                save_checkpoint(out, full, step, cfg, model)
             last_saved = step
 
     t0 = time.time()
     evals = {0: run_eval(0, final=cfg.steps == 0)} if start == 0 else {}
     step_times, fwd_times = [], []
     fuse, perturbed = hasattr(backend, "restore_and_update") and cfg.n_samples == 1, False
-    bar = tqdm(range(start + 1, cfg.steps + 1), initial=start, total=cfg.steps, desc="mezo", dynamic_ncols=True)
+    bar = tqdm(range(start + 1, cfg.steps + 1), initial=start, total=cfg.steps, desc="mezo", dynamic_ncols=True,
+               disable=not placement.is_main)
     for step in bar:
         batch = [splits["train"][i] for i in batch_indices(cfg.seed, step, len(splits["train"]), cfg.batch_size)]
+        batch = placement.local(batch)  # data parallel: this rank's slice of the step's examples
         fwd = []
 
         def loss_fn() -> float:
             t = time.perf_counter()
             loss = objective_loss(*batch_logits(forward, batch, cfg.micro_batch, pad_id, device), cfg.objective)
             fwd.append(time.perf_counter() - t)
-            return loss
+            return placement.mean(loss, len(batch))  # data-parallel ranks average: every rank sees one loss
 
         seeds = [step_seed(cfg.seed, step, k) for k in range(cfg.n_samples)]
         # A fused backend also makes the next step's +εz in the update's pass, unless θ itself is needed
@@ -990,6 +1039,7 @@ def train(cfg: Config, resume: str | None = None) -> dict:
               f"step / ({2 * cfg.n_samples} x forward) = {summary['ratio']:.3f}")
     last = evals[max(evals)] if evals else {}
     print(f"mezo: done in {summary['wall_time']:.0f} s; " + ", ".join(f"{k} accuracy {v:.4f}" for k, v in last.items()))
+    placement.close()
     return summary
 
 # -----------------------------------------------------------------------------
@@ -1017,6 +1067,8 @@ def parse_args(argv=None) -> tuple[Config, str | None]:
     resume = args.pop("resume")
     if resume:
         _, _, saved = read_checkpoint(Path(resume))
+        for name in ("tp", "dp"):  # a checkpoint holds full tensors: it resumes at any world size
+            saved.pop(name, None)
         saved["label_words"] = tuple(saved["label_words"])
         if saved.get("lora_targets"):
             saved["lora_targets"] = tuple(saved["lora_targets"])
@@ -1031,6 +1083,12 @@ def main(argv=None) -> int:
     except (UsageError, NonFiniteLoss) as e:
         print(f"mezo: error: {e}", file=sys.stderr)
         return 2 if isinstance(e, UsageError) else 1
+    except RuntimeError as e:  # under torchrun: a collective that failed because another rank died or hung
+        from tp import peer_failure
+        if "WORLD_SIZE" not in os.environ or not peer_failure(e):
+            raise
+        print(f"mezo: error: {peer_failure(e)}", file=sys.stderr)
+        return 1
     return 0
 
 

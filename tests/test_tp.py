@@ -1,0 +1,215 @@
+"""tp/ against the reference: real gloo processes on 127.0.0.1, launched with torchrun as a user launches them.
+
+Tolerances. Tensor parallelism splits each output projection's sum over its inputs into two partial sums added
+by an all-reduce; data parallelism adds per-rank sums of losses in float64 and runs other micro-batches (other
+padding). Either changes a float32 loss by a few ulps, and the tensors those losses move differ by as little
+again, so: losses within 16 ulps (|L| < 1: 9.5e-7; measured up to 4.5 ulps); projected_grad = (L+ − L−)/2ε
+within 2·9.5e-7/2ε (a wrong noise slice changes it by O(1)); tensors within lr·Σ_steps|Δg|·max|z| (< 6) plus a few
+float32 roundings of θ. Run as a script (under torchrun), this file is the worker of the noise test.
+"""
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+import mezo
+
+ROOT = Path(__file__).resolve().parents[1]
+ULPS = 16 * 2.0 ** -24  # 16 float32 ulps of a number below 1 (measured: up to 4.5)
+EPS, LR = 1e-3, 1e-2
+
+
+def env():
+    return {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false",
+            "MASTER_ADDR": "127.0.0.1", "PYTHONPATH": str(ROOT)}
+
+
+def torchrun(nproc, *argv, **kw):
+    """python -m torch.distributed.run on one host; a free port each time (--standalone)."""
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={nproc}", *map(str, argv)]
+    return subprocess.Popen(cmd, cwd=ROOT, env=env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, **kw)
+
+
+def cli_args(model, out, **kw):
+    args = dict(task="synthetic", model=model, template="{sentence} It was {mask}", label_words=" bad, good", k=8,
+                batch_size=8, micro_batch=4, steps=3, eval_every=3, eval_max=0, lr=LR, eps=EPS, threads=1, out=out)
+    args.update(kw)
+    return [str(x) for k, v in args.items() for x in (f"--{k.replace('_', '-')}", v)]
+
+
+def records(folder):
+    return [json.loads(line) for line in (Path(folder) / "log.jsonl").read_text().splitlines()]
+
+
+def reference(model, out, **kw):
+    """The same run in this process, through mezo.main: the reference every parallel run is compared with."""
+    assert mezo.main(cli_args(model, out, **kw)) == 0
+
+
+def assert_same_run(ref, par, steps, keep=lambda r: True):
+    """log.jsonl records (those kept) pair up; losses, projected gradients and eval figures within the module's
+    tolerances; the checkpoints' full tensors agree."""
+    a, b = [r for r in records(ref) if keep(r)], [r for r in records(par) if keep(r)]
+    assert [(r["step"], r.get("split")) for r in a] == [(r["step"], r.get("split")) for r in b]
+    g_tol = 2 * ULPS / (2 * EPS)
+    sum_g = 0.0
+    for x, y in zip(a, b):
+        where = f"step {x['step']} {x.get('split', 'train')}"
+        for key in ("loss_plus", "loss_minus", "loss"):
+            if key in x:
+                assert abs(x[key] - y[key]) <= ULPS, (where, key, x[key], y[key])
+        if "projected_grad" in x:
+            assert x["seed"] == y["seed"], where
+            assert abs(x["projected_grad"] - y["projected_grad"]) <= g_tol, (where, x, y)
+            sum_g += abs(x["projected_grad"] - y["projected_grad"])
+        if "accuracy" in x:  # argmax flips only on a tie within a few ulps: none in these runs
+            assert x["accuracy"] == y["accuracy"], where
+    assert sum(1 for r in a if "projected_grad" in r) == steps
+    ta, tb = load_file(Path(ref) / mezo.CHECKPOINT), load_file(Path(par) / mezo.CHECKPOINT)
+    assert ta.keys() == tb.keys()
+    tol = LR * 6 * steps * g_tol + 8 * 2.0 ** -24 * max(t.abs().max().item() for t in ta.values())
+    for k in ta:
+        assert ta[k].shape == tb[k].shape, k
+        err = (ta[k] - tb[k]).abs().max().item()
+        assert err <= tol, (k, err, tol)
+
+
+def finish(proc, timeout=180):
+    out, _ = proc.communicate(timeout=timeout)
+    assert proc.returncode == 0, out[-3000:]
+    return out
+
+
+# One tensor-parallel and one data-parallel run per model family; LoRA on one family, every parameter on the other,
+# so both LoRA placements (on colwise and on rowwise bases), sharded biases, rowwise weights (dim-1 shards) and
+# replicated norms and embeddings are all in some run.
+LORA_TARGETS = {"llama": "q_proj,v_proj,o_proj,down_proj", "roberta": "query,value,dense"}  # colwise and rowwise
+CASES = [("llama", "tp", "lora"), ("roberta", "tp", "full"), ("llama", "dp", "full"), ("roberta", "dp", "lora")]
+EXTRA = {("llama", "dp", "full"): dict(batch_size=7)}  # ranks get 4 and 3 examples: the mean must weigh them
+SEED = 1234  # of the noise test
+
+
+@pytest.fixture(scope="module")
+def worker(model_dir, tmp_path_factory):
+    """One launch of 2 gloo processes (torch and transformers start in a few seconds per process on 2 cores, so
+    the parallel runs share one process group): each case is `mezo.main(argv)`, the command line's own entry,
+    under torchrun's environment; then the resume test's first step; then the noise of every shard."""
+    root = tmp_path_factory.mktemp("tp")
+    models = {k: model_dir(k) for k in ("llama", "roberta")}
+    runs = [cli_args(models[kind], root / f"{kind}-{how}-{mode}", mode=mode, lora_targets=LORA_TARGETS[kind],
+                     **EXTRA.get((kind, how, mode), {})) + [f"--{how}", "2"] for kind, how, mode in CASES]
+    runs.append(cli_args(models["llama"], root / "resume", steps=1, eval_every=0, mode="full") + ["--tp", "2"])
+    log = finish(torchrun(2, "tests/test_tp.py", root, json.dumps(dict(runs=runs, models=models))))
+    return root, models, log
+
+
+@pytest.mark.parametrize("case", CASES, ids=["-".join(c) for c in CASES])
+def test_k_steps_equal_one_process(worker, tmp_path, case):
+    kind, how, mode = case
+    root, models, log = worker
+    assert log.count("step      3 | test accuracy") == len(CASES)  # rank 0 alone prints
+    reference(models[kind], tmp_path, mode=mode, lora_targets=LORA_TARGETS[kind], **EXTRA.get(case, {}))
+    assert_same_run(tmp_path, root / "-".join(case), steps=3)
+    if mode == "lora":
+        assert (root / "-".join(case) / "adapter" / "adapter_model.safetensors").exists()
+
+
+def test_resume_at_another_world_size(worker, tmp_path, capsys):
+    """1 step at TP = 2 (equal to the reference's one step, tensors included), then 2 more in one process,
+    equal to 3 steps in one process: the checkpoint holds full tensors."""
+    root, models, _ = worker
+    par, ref1, ref3 = root / "resume", tmp_path / "ref1", tmp_path / "ref3"
+    reference(models["llama"], ref1, steps=1, eval_every=0, mode="full")
+    assert_same_run(ref1, par, steps=1)
+    assert mezo.main(["--resume", str(par), "--steps", "3"]) == 0  # a plain process: tp/dp are not kept
+    assert "resumed from" in capsys.readouterr().out
+    reference(models["llama"], ref3, steps=3, eval_every=0, mode="full")
+    assert_same_run(ref3, par, steps=3, keep=lambda r: "split" not in r or r["step"] == 3)  # par also has step 1's
+
+
+def test_sharded_noise_reassembles_to_the_reference(worker):
+    """Each rank wrote z of its shards; the shards, put back where shard_start says, tile the full tensor
+    exactly once and give bit for bit the reference's z of the whole tensor. A replicated tensor's z is the
+    whole reference z on every rank."""
+    root, models, _ = worker
+    dims_split, n_sharded = set(), {"lora": 0, "full": 0}
+    for kind, path in models.items():
+        for mode in ("lora", "full"):
+            _, params = setup(kind, path, mode)
+            shards = [torch.load(root / f"noise-{kind}-{mode}-{r}.pt") for r in range(2)]
+            for p in params:
+                full = p.z(SEED)
+                got, covered = torch.full_like(full, float("nan")), torch.zeros(full.shape, dtype=torch.int)
+                for rank in range(2):
+                    start, z = shards[rank][p.name]
+                    where = tuple(slice(s, s + n) for s, n in zip(start, z.shape))
+                    got[where], covered[where] = z, covered[where] + 1
+                    dims_split |= {d for d, (n, f) in enumerate(zip(z.shape, full.shape)) if n != f}
+                replicated = shards[0][p.name][1].shape == full.shape
+                assert (covered == (2 if replicated else 1)).all(), p.name
+                assert torch.equal(got, full), p.name
+                n_sharded[mode] += not replicated
+    assert dims_split == {0, 1}  # colwise (rows) and rowwise (columns) shards both checked
+    assert n_sharded["lora"] >= 8 and n_sharded["full"] >= 20, n_sharded
+
+
+def setup(kind, path, mode):
+    cfg = mezo.Config(model=path, mode=mode, lora_targets=tuple(LORA_TARGETS[kind].split(",")))
+    model, _, _ = mezo.load_model(cfg)
+    return model, mezo.select_trainables(model, cfg)
+
+
+def test_bad_combinations_give_one_error_line(worker, model_dir, tmp_path, capsys):
+    _, _, log = worker
+    assert "mezo: error: --tp 2 x --dp 2 = 4 processes, but torchrun started 2" in log
+    assert mezo.main(cli_args(model_dir("llama"), tmp_path) + ["--tp", "2"]) == 2  # no torchrun
+    assert capsys.readouterr().err.strip().splitlines()[-1] == (
+        "mezo: error: --tp 2 --dp 1 needs 2 processes: launch with torchrun --nproc-per-node 2 mezo.py ...")
+    from tp import check_tp
+    with pytest.raises(mezo.UsageError, match="--tp 3 does not divide the model's 4 attention heads, 2 key/value"):
+        check_tp(setup("llama", model_dir("llama"), "lora")[0], 3)
+
+
+def test_killed_rank_ends_the_job(model_dir, tmp_path):
+    """SIGKILL one worker mid-training: torchrun stops the other and exits non-zero, naming the dead rank."""
+    proc = torchrun(2, "mezo.py", *cli_args(model_dir("llama"), tmp_path, steps=100000, eval_every=0), "--tp", 2)
+    log = tmp_path / "log.jsonl"
+    deadline = time.time() + 60
+    while not (log.exists() and len(log.read_text().splitlines()) > 3):  # evals at step 0, then training steps
+        assert time.time() < deadline and proc.poll() is None, "the job did not start training"
+        time.sleep(0.2)
+    workers = Path(f"/proc/{proc.pid}/task/{proc.pid}/children").read_text().split()
+    rank1 = [int(p) for p in workers if "RANK=1" in Path(f"/proc/{p}/environ").read_bytes().decode().split("\0")]
+    assert len(rank1) == 1
+    t0 = time.time()
+    os.kill(rank1[0], signal.SIGKILL)
+    out, _ = proc.communicate(timeout=60)
+    assert proc.returncode != 0 and time.time() - t0 < 60
+    assert "rank      : 1" in out and "SIGKILL" in out, out[-2000:]
+
+
+if __name__ == "__main__":  # the worker: python -m torch.distributed.run ... tests/test_tp.py OUT SPEC
+    import torch.distributed as dist
+
+    from tp import DistributedPlacement
+
+    torch.set_num_threads(1)
+    out, spec = Path(sys.argv[1]), json.loads(sys.argv[2])
+    dist.init_process_group("gloo")
+    for argv in spec["runs"]:
+        assert mezo.main(argv) == 0, argv
+    assert mezo.main(spec["runs"][0] + ["--tp", "2", "--dp", "2"]) == 2  # its error line goes to the log
+    for kind, path in spec["models"].items():
+        for mode in ("lora", "full"):
+            model, params = setup(kind, path, mode)
+            shards = DistributedPlacement(mezo.Config(model=path, tp=2)).shard(model, params)
+            torch.save({p.name: (p.shard_start, p.z(SEED)) for p in shards},
+                       out / f"noise-{kind}-{mode}-{os.environ['RANK']}.pt")
+    dist.destroy_process_group()
