@@ -23,4 +23,4 @@ bench:
 	$(PY) bench/memory.py
 
 lint:
-	$(PY) -m ruff check mezo.py fast tests bench
+	$(PY) -m ruff check mezo.py fast cache tests bench
