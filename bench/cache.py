@@ -4,8 +4,9 @@
     python bench/cache.py --k-layers 1,4 --steps 40 --test-rows 200
 
 For each K the same run is made twice, the reference forward (mezo.PromptForward) and cache.CachedForward,
-from the same start: 16-shot SST-2 (LM-BFF seed 42, 32 examples), batch 8, LoRA r=8 on q_proj/v_proj of
-the top K layers, the default template and lr. Reported: the median step time over the steps after the first
+from the same start, alternating step by step (both see the same load on a shared machine): 16-shot SST-2
+(LM-BFF seed 42, 32 examples), batch 8, LoRA r=8 on q_proj/v_proj of the top K layers, the default template
+and lr. Reported: the median step time over the steps after the first
 epoch (every example's trunk is cached by then: the steady state), the whole training loop's time including
 the first epoch, their ratios reference / cache, the time to evaluate dev + a test slice after training
 (test rows were never seen: misses; dev rows neither), and both runs' accuracies and largest |ΔL±|. The
@@ -25,33 +26,54 @@ import mezo  # noqa: E402
 from cache import CachedForward  # noqa: E402
 
 
-def run(cfg: mezo.Config, use_cache: bool, test_rows: int) -> dict:
-    data = mezo.load_sst2(cfg)
-    model, tok, _ = mezo.load_model(cfg)
-    label_ids = mezo.label_token_ids(tok, cfg.label_words)
-    params = mezo.select_trainables(model, cfg)
-    forward = CachedForward(model, label_ids, params) if use_cache else mezo.PromptForward(model, label_ids)
-    splits = {name: [dict(zip(("ids", "position"), mezo.encode(tok, s, cfg.template, "causal", cfg.max_length)),
-                          label=y) for s, y in rows] for name, rows in data.items() if name != "root"}
-    splits["test"] = splits["test"][:test_rows]
-    pad = tok.pad_token_id if tok.pad_token_id is not None else 0
-    if use_cache:
-        forward.add_shared_prefix([e["ids"] for rows in splits.values() for e in rows])
-    step_times, losses, t0 = [], [], time.perf_counter()
-    for step in range(1, cfg.steps + 1):
-        batch = [splits["train"][i] for i in mezo.batch_indices(cfg.seed, step, len(splits["train"]), cfg.batch_size)]
-        loss_fn = lambda: mezo.objective_loss(*mezo.batch_logits(forward, batch, cfg.micro_batch, pad, "cpu"), "ce")
+class Run:
+    """One training run set up as mezo.train sets it up; step() makes one MeZO step and returns its time."""
+
+    def __init__(self, cfg: mezo.Config, use_cache: bool, test_rows: int):
+        data = mezo.load_sst2(cfg)
+        model, tok, _ = mezo.load_model(cfg)
+        label_ids = mezo.label_token_ids(tok, cfg.label_words)
+        self.cfg, self.layers, self.params = cfg, mezo.num_layers(model), mezo.select_trainables(model, cfg)
+        self.forward = CachedForward(model, label_ids, self.params) if use_cache else \
+            mezo.PromptForward(model, label_ids)
+        encode = lambda s: mezo.encode(tok, s, cfg.template, "causal", cfg.max_length)
+        self.splits = {name: [dict(zip(("ids", "position"), encode(s)), label=y) for s, y in rows]
+                       for name, rows in data.items() if name != "root"}
+        self.splits["test"] = self.splits["test"][:test_rows]
+        self.pad = tok.pad_token_id if tok.pad_token_id is not None else 0
+        if use_cache:
+            self.forward.add_shared_prefix([e["ids"] for rows in self.splits.values() for e in rows])
+        self.losses = []
+
+    def step(self, step: int) -> float:
+        cfg, train = self.cfg, self.splits["train"]
+        batch = [train[i] for i in mezo.batch_indices(cfg.seed, step, len(train), cfg.batch_size)]
+        loss_fn = lambda: mezo.objective_loss(*mezo.batch_logits(self.forward, batch, cfg.micro_batch, self.pad,
+                                                                 "cpu"), "ce")
         t = time.perf_counter()
-        s = mezo.mezo_step(params, loss_fn, [mezo.step_seed(cfg.seed, step, 0)], cfg.eps, cfg.lr, 0.0)[0]
-        step_times.append(time.perf_counter() - t)
-        losses.append((s["loss_plus"], s["loss_minus"]))
-    train_time = time.perf_counter() - t0
-    t = time.perf_counter()
-    acc = {split: mezo.evaluate(forward, splits[split], cfg.micro_batch, pad, "cpu")[0] for split in ("dev", "test")}
-    epoch = -(-len(splits["train"]) // cfg.batch_size)  # steps until every training example was seen once
-    return dict(step=statistics.median(step_times[epoch:] or step_times), train=train_time,
-                eval=time.perf_counter() - t, acc=acc, losses=losses,
-                stats=forward.stats() if use_cache else None, layers=mezo.num_layers(model))
+        s = mezo.mezo_step(self.params, loss_fn, [mezo.step_seed(cfg.seed, step, 0)], cfg.eps, cfg.lr, 0.0)[0]
+        self.losses.append((s["loss_plus"], s["loss_minus"]))
+        return time.perf_counter() - t
+
+    def evaluate(self) -> tuple[dict, float]:
+        t = time.perf_counter()
+        acc = {split: mezo.evaluate(self.forward, self.splits[split], self.cfg.micro_batch, self.pad, "cpu")[0]
+               for split in ("dev", "test")}
+        return acc, time.perf_counter() - t
+
+
+def compare(cfg: mezo.Config, test_rows: int) -> dict:
+    """Reference and cache runs side by side, alternating step by step, so that both see the same machine
+    load (this machine is shared: a sequential pair of runs measured ratios off by 2x when the load moved)."""
+    ref, cached = Run(cfg, False, test_rows), Run(cfg, True, test_rows)
+    times = [(ref.step(t), cached.step(t)) for t in range(1, cfg.steps + 1)]
+    epoch = -(-len(ref.splits["train"]) // cfg.batch_size)  # steps until every training example was seen once
+    steady = times[epoch:] or times
+    (acc_ref, eval_ref), (acc_cache, eval_cache) = ref.evaluate(), cached.evaluate()
+    dl = max(abs(a - b) for pa, pb in zip(ref.losses, cached.losses) for a, b in zip(pa, pb))
+    return dict(step=[statistics.median(t[i] for t in steady) for i in (0, 1)],
+                loop=[sum(t[i] for t in times) for i in (0, 1)], eval=[eval_ref, eval_cache],
+                acc=[acc_ref, acc_cache], dl=dl, stats=cached.forward.stats(), layers=ref.layers)
 
 
 def main() -> None:
@@ -70,18 +92,14 @@ def main() -> None:
           f"{'max |dL|':>8} | {'hits':>5} {'misses':>6} {'MB':>5}")
     for k in [int(x) for x in args.k_layers.split(",")]:
         cfg = mezo.Config(model=args.model, top_layers=k, steps=args.steps)
-        ref, cached = run(cfg, False, args.test_rows), run(cfg, True, args.test_rows)
-        dl = max(abs(a - b) for pa, pb in zip(ref["losses"], cached["losses"]) for a, b in zip(pa, pb))
-        s = cached["stats"]
-        rows.append((k, ref, cached))
-        print(f"{k:>3} | {ref['step']:8.3f} {cached['step']:10.3f} {ref['step'] / cached['step']:6.2f} | "
-              f"{ref['train']:8.1f} {cached['train']:10.1f} {ref['train'] / cached['train']:6.2f} | "
-              f"{ref['eval']:8.1f} {cached['eval']:10.1f} | "
-              f"{ref['acc']['dev']:.3f}/{cached['acc']['dev']:.3f}   "
-              f"{ref['acc']['test']:.3f}/{cached['acc']['test']:.3f}    | {dl:8.1e} | "
-              f"{s['hits']:5d} {s['misses']:6d} {s['bytes'] / 2**20:5.1f}", flush=True)
+        r = compare(cfg, args.test_rows)
+        (sr, sc), (lr_, lc), (er, ec), (ar, ac), s = r["step"], r["loop"], r["eval"], r["acc"], r["stats"]
+        rows.append(r)
+        print(f"{k:>3} | {sr:8.3f} {sc:10.3f} {sr / sc:6.2f} | {lr_:8.1f} {lc:10.1f} {lr_ / lc:6.2f} | "
+              f"{er:8.1f} {ec:10.1f} | {ar['dev']:.3f}/{ac['dev']:.3f}   {ar['test']:.3f}/{ac['test']:.3f}    | "
+              f"{r['dl']:8.1e} | {s['hits']:5d} {s['misses']:6d} {s['bytes'] / 2**20:5.1f}", flush=True)
     print(f"(step: median s/step after the first epoch; loop: all {args.steps} steps; eval: dev 32 + test "
-          f"{args.test_rows} rows after training; ceiling of the step ratio ~ {rows[0][1]['layers']}/K)")
+          f"{args.test_rows} rows after training; ceiling of the step ratio ~ {rows[0]['layers']}/K)")
 
 
 if __name__ == "__main__":

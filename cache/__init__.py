@@ -137,6 +137,8 @@ class CachedForward:
 
     @torch.no_grad()
     def __call__(self, batch: dict) -> torch.Tensor:
+        if self.model.training:  # dropout would make the trunk random: nothing could be reused
+            raise UsageError("CachedForward needs model.eval() (MeZO's forwards run without dropout)")
         self._check_valid()
         ids, mask = batch["input_ids"], batch["attention_mask"]  # (B, T) right-padded, as mezo.collate makes
         lengths = mask.sum(1).tolist()
@@ -183,6 +185,8 @@ class CachedForward:
 
     def _run(self, layers, hidden, mask, position_ids=None, past=None):
         """hidden (B, T, H) through the given layers, as the model's forward runs them."""
+        if not layers:
+            return hidden  # l0 = number of layers (a head alone is trained): nothing to run
         if self.arch == "encoder":
             attn = self._mask(hidden, mask)
             for layer in layers:
