@@ -143,18 +143,19 @@ class CachedForward:
         ids, mask = batch["input_ids"], batch["attention_mask"]  # (B, T) right-padded, as mezo.collate makes
         lengths = mask.sum(1).tolist()
         keys = [tuple(ids[i, :n].tolist()) for i, n in enumerate(lengths)]
-        found = {}
+        found, missing = {}, {}  # row -> states; key -> rows that need it computed
         for i, key in enumerate(keys):
             if key in self.store:
                 self.store.move_to_end(key)  # most recently used
                 found[i] = self.store[key]
-        missing = [i for i in range(len(keys)) if i not in found]
-        self.hits += len(found)
-        self.misses += len(missing)
+            else:
+                missing.setdefault(key, []).append(i)
+        self.misses += len(missing)  # a key repeated within the batch is computed once: its other rows are hits
+        self.hits += len(keys) - len(missing)
         if missing:
-            for i, h in zip(missing, self.trunk([keys[i] for i in missing])):
-                found[i] = h
-                self._put(keys[i], h)
+            for key, h in zip(missing, self.trunk(list(missing))):
+                found.update((i, h) for i in missing[key])
+                self._put(key, h)
         hidden = torch.zeros(len(keys), ids.size(1), found[0].size(-1), dtype=found[0].dtype, device=ids.device)
         for i, n in enumerate(lengths):
             hidden[i, :n] = found[i]  # (B, T, H): re-padded; pad rows are masked out of every real token
@@ -166,7 +167,7 @@ class CachedForward:
 
     def _put(self, key: tuple[int, ...], h: torch.Tensor) -> None:
         size = h.numel() * h.element_size()
-        if size > self.max_bytes:
+        if key in self.store or size > self.max_bytes:
             return  # larger than the whole cap: computed, used, not kept
         self.store[key] = h
         self.nbytes += size

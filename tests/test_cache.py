@@ -143,6 +143,22 @@ def test_hits_count_calls_really_avoided(folders, kind):
         h.remove()
 
 
+def test_a_repeated_example_in_one_batch_runs_once(folders):
+    _, model, params, cached, tok = setup(folders["llama"], use_cache=True, top_layers=1,
+                                          label_words=(" bad", " good"))
+    ref = mezo.PromptForward(model, mezo.label_token_ids(tok, (" bad", " good")))
+    rows = examples(tok, "llama", [], 3)
+    batch = mezo.collate([rows[0], rows[1], rows[0], rows[2], rows[0]], 0)
+    seen, hooks = count_rows(cached_layers(model)[:1])
+    got = cached(batch)
+    for h in hooks:
+        h.remove()
+    assert (got - ref(batch)).abs().max() <= TOL
+    s = cached.stats()
+    assert seen[0] == 3 and (s["misses"], s["hits"], s["entries"]) == (3, 2, 3)
+    assert s["bytes"] == sum(len(e["ids"]) for e in rows) * model.config.hidden_size * 8
+
+
 def cached_layers(model):
     body = model.base_model
     return list(body.layers) if hasattr(body, "layers") else list(body.encoder.layer)
