@@ -23,4 +23,4 @@ bench:
 	$(PY) bench/memory.py
 
 lint:
-	$(PY) -m ruff check mezo.py fast tp tests bench
+	$(PY) -m ruff check mezo.py fast tp cache tests bench

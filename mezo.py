@@ -73,6 +73,8 @@ class Config:
     objective: str = "ce"  # "ce": cross-entropy over the label words; "accuracy": 1 − batch accuracy
     fast: bool = False  # the Triton noise/update backend of fast/ (same numbers; CPUs need TRITON_INTERPRET=1)
     exact_restore: bool = False  # keep a copy of θ during a step so ±ε never drifts (bfloat16/float16 full-param)
+    cache: bool = False  # cache/: reuse the frozen layers' states per example (same numbers; pays with --top-layers)
+    cache_mb: int = 1024  # --cache memory cap in MiB (least recently used examples are evicted past it)
     seed: int = 0  # run seed: LoRA init, batch order and every z derive from it
     # evaluation, logging, checkpoints
     eval_every: int = 100  # evaluate on dev every N steps (0 = only at the start and the end)
@@ -95,7 +97,8 @@ def check_config(cfg: Config) -> None:
                 "n_samples": cfg.n_samples >= 1, "lora_r": cfg.lora_r >= 1, "max_length": cfg.max_length >= 8,
                 "top_layers": cfg.top_layers >= 0, "eval_every": cfg.eval_every >= 0,
                 "micro_batch": cfg.micro_batch >= 1, "save_every": cfg.save_every >= 0,
-                "eval_max": cfg.eval_max >= 0, "threads": cfg.threads >= 0, "tp": cfg.tp >= 1, "dp": cfg.dp >= 0}
+                "eval_max": cfg.eval_max >= 0, "threads": cfg.threads >= 0, "tp": cfg.tp >= 1, "dp": cfg.dp >= 0,
+                "cache_mb": cfg.cache_mb >= 1}
     for name, ok in positive.items():
         if not ok:
             raise UsageError(f"--{name.replace('_', '-')} {getattr(cfg, name)} is out of range")
@@ -923,6 +926,10 @@ def train(cfg: Config, resume: str | None = None, placement: Placement | None = 
     print(f"mezo: training {n_trainable:,} values in {len(params)} tensors ({cfg.mode}"
           f"{f', top {cfg.top_layers} layers' if cfg.top_layers else ''}, head {cfg.head})")
     forward = PromptForward(model, label_ids)
+    if cfg.cache:
+        from cache import CachedForward  # the seam: a forward that reuses what depends on no trainable tensor
+        forward = CachedForward(model, label_ids, params, max_bytes=cfg.cache_mb << 20)
+        print(f"mezo: cache: {forward.describe()}")
     backend = TorchBackend()
     if cfg.fast:
         if device.type == "cpu" and os.environ.get("TRITON_INTERPRET") != "1":
@@ -942,6 +949,8 @@ def train(cfg: Config, resume: str | None = None, placement: Placement | None = 
         if any(e["label"] >= len(cfg.label_words) for e in rows):
             raise UsageError(f"{name} has labels beyond the {len(cfg.label_words)} --label-words")
     print(f"mezo: {cfg.task} train {len(splits['train'])}, dev {len(splits['dev'])}, test {len(splits['test'])}")
+    if cfg.cache and forward.add_shared_prefix([e["ids"] for rows in splits.values() for e in rows]):
+        print("mezo: cache: keys/values of the prompt's shared prefix kept for the frozen layers")
     out = Path(cfg.out) if cfg.out else None
     if out:
         out.mkdir(parents=True, exist_ok=True)
@@ -1037,6 +1046,9 @@ def train(cfg: Config, resume: str | None = None, placement: Placement | None = 
         summary.update(step_time=s, forward_time=f, ratio=s / (2 * f * cfg.n_samples))
         print(f"mezo: {len(step_times)} steps, median {s:.3f} s/step, forward {f:.3f} s, "
               f"step / ({2 * cfg.n_samples} x forward) = {summary['ratio']:.3f}")
+    if cfg.cache:
+        summary["cache"] = forward.stats()
+        print("mezo: cache: " + ", ".join(f"{k} {v}" for k, v in summary["cache"].items()))
     last = evals[max(evals)] if evals else {}
     print(f"mezo: done in {summary['wall_time']:.0f} s; " + ", ".join(f"{k} accuracy {v:.4f}" for k, v in last.items()))
     placement.close()
@@ -1093,4 +1105,5 @@ def main(argv=None) -> int:
 
 
 if __name__ == "__main__":
+    sys.modules.setdefault("mezo", sys.modules[__name__])  # variants' `import mezo` gets this module, not a copy
     sys.exit(main())
