@@ -118,6 +118,9 @@ def check_config(cfg: Config) -> None:
             raise UsageError(f"unknown --{name.replace('_', '-')} {getattr(cfg, name)!r}; choose one of {names}")
     if "{sentence}" not in cfg.template:
         raise UsageError(f"--template must contain {{sentence}}, got {cfg.template!r}")
+    if cfg.cache and cfg.tp > 1:
+        raise UsageError("--cache runs the model's layers itself and does not take tensor-parallel shards: "
+                         "drop --cache, or use --dp alone")
     if cfg.mode == "head" and cfg.head != "cls":
         raise UsageError("--mode head trains the fresh classification head alone; it needs --head cls")
     if len(cfg.label_words) < 2:

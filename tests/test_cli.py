@@ -102,6 +102,7 @@ def expect_error(capsys, argv, pattern, code=2):
     (["--top-layers", "9"], r"--top-layers 9 exceeds the model's 2 layers"),
     (["--lora-targets", "c_attn"], r"--lora-targets c_attn matches no nn.Linear"),
     (["--lora-dtype", "int8"], r"unknown --lora-dtype 'int8'; choose one of float32, bfloat16, float16"),
+    (["--cache", "--tp", "2"], r"--cache .* does not take tensor-parallel shards"),
 ])
 def test_bad_values_get_one_clear_error(model_dir, tmp_path, capsys, flags, pattern):
     expect_error(capsys, tiny_args(model_dir, tmp_path) + flags, pattern)
