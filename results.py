@@ -128,8 +128,9 @@ def memory_command(root: Path, threads: int) -> list[str]:
 
 
 def subprocess_runner(cmd: list[str], threads: int) -> int:
-    """`python mezo.py ...` in a fresh process (so each run's memory and threads are its own)."""
-    return subprocess.call([sys.executable, *cmd], cwd=ROOT, env={**os.environ, "OMP_NUM_THREADS": str(threads)})
+    """`python mezo.py ...` in a fresh process (so each run's memory and threads are its own), from this folder."""
+    return subprocess.call([sys.executable, str(ROOT / cmd[0]), *cmd[1:]],
+                           env={**os.environ, "OMP_NUM_THREADS": str(threads)})
 
 
 def cmd_run(args) -> int:
@@ -160,7 +161,7 @@ def run_all(root: Path, threads: int, methods=METHODS, runner=subprocess_runner,
             return code
     if memory and not (root / "memory.json").exists():
         print(f"results: memory table: {' '.join(memory_command(root, threads))}", flush=True)
-        code = subprocess.call([sys.executable, *memory_command(root, threads)[1:]], cwd=ROOT)
+        code = subprocess_runner(memory_command(root, threads)[1:], threads)
         if code:
             return code
     print(f"results: all runs done ({(time.time() - t_all) / 60:.1f} min this time); now: python results.py table")
