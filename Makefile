@@ -1,9 +1,9 @@
-# make install | run | test | test-long | bench | lint
+# make install | run | test | test-long | bench | plot | results | lint
 PY ?= python3
 # The CPU build of torch: on this kind of machine the wheel lies on disk; an unpinned torch pulls a CUDA build.
 TORCH ?= torch==2.13.0
 
-.PHONY: install run test test-long bench lint
+.PHONY: install run test test-long bench plot results lint
 
 install:
 	$(PY) -m pip install -q $(TORCH)
@@ -22,5 +22,14 @@ test-long:
 bench:
 	$(PY) bench/memory.py
 
+# learning curves of every run under runs/ (plots/curves.png); needs matplotlib (pip install -e ".[plot]")
+plot:
+	$(PY) plot.py runs -o plots
+
+# RESULTS.md: every run of the table (about an hour on 2 cores; resumable), then the table and its figure
+results:
+	$(PY) results.py run
+	$(PY) results.py table
+
 lint:
-	$(PY) -m ruff check mezo.py fast tp cache tests bench
+	$(PY) -m ruff check mezo.py plot.py results.py fast tp cache tests bench

@@ -71,6 +71,7 @@ class Config:
     weight_decay: float = 0.0  # decoupled from the estimate; never applied to biases or norm weights
     n_samples: int = 1  # directions z per step, averaged (paper's Algorithm 2; 1 = Algorithm 1)
     objective: str = "ce"  # "ce": cross-entropy over the label words; "accuracy": 1 − batch accuracy
+    optimizer: str = "mezo"  # "mezo"; or "adam": the first-order baseline, backpropagation + AdamW on the same tensors
     fast: bool = False  # the Triton noise/update backend of fast/ (same numbers; CPUs need TRITON_INTERPRET=1)
     exact_restore: bool = False  # keep a copy of θ during a step so ±ε never drifts (bfloat16/float16 full-param)
     cache: bool = False  # cache/: reuse the frozen layers' states per example (same numbers; pays with --top-layers)
@@ -79,6 +80,7 @@ class Config:
     # evaluation, logging, checkpoints
     eval_every: int = 100  # evaluate on dev every N steps (0 = only at the start and the end)
     eval_max: int = 200  # test rows evaluated during training (0 = all); the start and the end use all
+    eval_max_start: int = 0  # test rows evaluated at step 0 (0 = all); the zero-shot score is the same for every seed
     out: str | None = None  # folder for log.jsonl, checkpoint.safetensors and the PEFT adapter
     save_every: int = 0  # also checkpoint every N steps (0 = at each evaluation and at the end)
     threads: int = 0  # torch CPU threads (0 = torch's default)
@@ -97,8 +99,8 @@ def check_config(cfg: Config) -> None:
                 "n_samples": cfg.n_samples >= 1, "lora_r": cfg.lora_r >= 1, "max_length": cfg.max_length >= 8,
                 "top_layers": cfg.top_layers >= 0, "eval_every": cfg.eval_every >= 0,
                 "micro_batch": cfg.micro_batch >= 1, "save_every": cfg.save_every >= 0,
-                "eval_max": cfg.eval_max >= 0, "threads": cfg.threads >= 0, "tp": cfg.tp >= 1, "dp": cfg.dp >= 0,
-                "cache_mb": cfg.cache_mb >= 1}
+                "eval_max": cfg.eval_max >= 0, "eval_max_start": cfg.eval_max_start >= 0, "threads": cfg.threads >= 0,
+                "tp": cfg.tp >= 1, "dp": cfg.dp >= 0, "cache_mb": cfg.cache_mb >= 1}
     for name, ok in positive.items():
         if not ok:
             raise UsageError(f"--{name.replace('_', '-')} {getattr(cfg, name)} is out of range")
@@ -111,7 +113,8 @@ def check_config(cfg: Config) -> None:
         if not (math.isfinite(v) and v >= 0):
             raise UsageError(f"--{name.replace('_', '-')} must be a finite number >= 0, got {v}")
     choices = {"task": TASKS, "head": ("prompt", "cls"), "mode": ("lora", "full", "head"),
-               "objective": ("ce", "accuracy"), "dtype": tuple(DTYPES), "lora_dtype": (None, *DTYPES)}
+               "objective": ("ce", "accuracy"), "optimizer": ("mezo", "adam"),
+               "dtype": tuple(DTYPES), "lora_dtype": (None, *DTYPES)}
     for name, allowed in choices.items():
         if getattr(cfg, name) not in allowed:
             names = ", ".join(str(a) for a in allowed if a is not None)
@@ -123,6 +126,10 @@ def check_config(cfg: Config) -> None:
                          "drop --cache, or use --dp alone")
     if cfg.mode == "head" and cfg.head != "cls":
         raise UsageError("--mode head trains the fresh classification head alone; it needs --head cls")
+    if cfg.optimizer == "adam" and (cfg.objective != "ce" or cfg.fast):
+        raise UsageError("--optimizer adam backpropagates the cross-entropy: drop --objective accuracy and --fast")
+    if cfg.optimizer == "adam" and (cfg.tp > 1 or cfg.dp > 1 or cfg.cache):
+        raise UsageError("--optimizer adam is the single-process baseline: drop --tp, --dp and --cache")
     if len(cfg.label_words) < 2:
         raise UsageError("--label-words needs one word per class, at least two (e.g. ' terrible,great')")
 
@@ -479,6 +486,29 @@ class ExactRestore:
         self.backend.update(params, seed, projected_grad, lr, weight_decay)
 
 # -----------------------------------------------------------------------------
+# The first-order baseline (--optimizer adam): what MeZO replaces. The same trainable tensors, batches and
+# eval-mode forwards (no dropout), but one forward with autograd and a backward per step, then AdamW.
+# Weight decay is decoupled (AdamW) and skips biases and norm weights, as MeZO's does; wd = 0 makes it Adam.
+
+
+def adam_optimizer(params: list[Trainable], lr: float, weight_decay: float) -> torch.optim.Optimizer:
+    groups = [dict(params=[p.tensor for p in params if p.decay], weight_decay=weight_decay),
+              dict(params=[p.tensor for p in params if not p.decay], weight_decay=0.0)]
+    return torch.optim.AdamW([g for g in groups if g["params"]], lr=lr)
+
+
+def adam_step(optimizer: torch.optim.Optimizer, loss_fn) -> float:
+    """One backpropagation step. loss_fn returns the batch's loss as a tensor that autograd can differentiate."""
+    optimizer.zero_grad(set_to_none=True)
+    with torch.enable_grad():
+        loss = loss_fn()
+        if not torch.isfinite(loss):
+            raise NonFiniteLoss(f"loss={loss.item()}")
+        loss.backward()  # keeps every activation of the batch until here: the memory MeZO avoids
+    optimizer.step()
+    return loss.item()
+
+# -----------------------------------------------------------------------------
 # Model, head and prompt (seam 2). The prompt head reads the model's own LM head at one position: the
 # <mask> for masked LMs, the last token for causal LMs. Scoring only that position keeps the vocabulary
 # projection (about a tenth of a small model's forward) off every other token.
@@ -795,9 +825,13 @@ def atomic_write(path: Path, write) -> None:
 CHECKPOINT = "checkpoint.safetensors"
 
 
-def save_checkpoint(out: Path, params: list[Trainable], step: int, cfg: Config, model: nn.Module) -> None:
+def save_checkpoint(out: Path, params: list[Trainable], step: int, cfg: Config, model: nn.Module,
+                    optimizer: torch.optim.Optimizer | None = None) -> None:
     from safetensors.torch import save_file
     tensors = {p.name: p.tensor.detach().cpu().clone() for p in params}  # clone: a tensor may view a shared buffer
+    if optimizer is not None:  # --optimizer adam: its moments go in the same file, so a resume is exact
+        tensors.update({f"{ADAM}{key}:{p.name}": value.detach().cpu().clone()
+                        for p in params for key, value in optimizer.state.get(p.tensor, {}).items()})
     meta = dict(format="mezo-1", step=str(step), config=json.dumps(dataclasses.asdict(cfg)),
                 offsets=json.dumps([[p.name, p.offset] for p in params]))
     atomic_write(out / CHECKPOINT, lambda tmp: save_file(tensors, str(tmp), metadata=meta))
@@ -835,6 +869,17 @@ def read_checkpoint(folder: Path) -> tuple[dict, int, dict]:
                          f"({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''})") from None
 
 
+ADAM = "adam:"  # checkpoint names of AdamW's state: adam:<exp_avg|exp_avg_sq|step>:<tensor name>
+
+
+def restore_adam_state(params: list[Trainable], optimizer: torch.optim.Optimizer, tensors: dict) -> None:
+    for p in params:
+        state = {key: tensors[f"{ADAM}{key}:{p.name}"] for key in ("step", "exp_avg", "exp_avg_sq")
+                 if f"{ADAM}{key}:{p.name}" in tensors}
+        if state:  # AdamW keeps `step` on the CPU and the moments beside the tensor
+            optimizer.state[p.tensor] = {k: v if k == "step" else v.to(p.tensor.device) for k, v in state.items()}
+
+
 def restore_checkpoint(params: list[Trainable], tensors: dict, folder: Path) -> None:
     want = {p.name: p for p in params}
     if set(want) != set(tensors):
@@ -848,6 +893,23 @@ def restore_checkpoint(params: list[Trainable], tensors: dict, folder: Path) -> 
                              f"{p.full_shape} {p.tensor.dtype} in the model")
         with torch.no_grad():
             p.tensor.copy_(p.shard_of(t))
+
+
+def peak_memory_mb(device: torch.device, reset: bool = False) -> float | None:
+    """Peak memory since the last reset, in MiB: torch's allocator on a GPU; on a Linux CPU the process's peak
+    resident set (VmHWM), reset through /proc/self/clear_refs as bench/memory.py does. None elsewhere."""
+    if device.type == "cuda":
+        if reset:
+            torch.cuda.reset_peak_memory_stats(device)
+        return torch.cuda.max_memory_allocated(device) / 2**20
+    try:
+        if reset:
+            with open("/proc/self/clear_refs", "w") as f:
+                f.write("5")  # the peak resident set starts again from the current one
+        with open("/proc/self/status") as f:
+            return next(int(line.split()[1]) / 1024 for line in f if line.startswith("VmHWM:"))
+    except (OSError, StopIteration):
+        return None
 
 
 class Log:
@@ -934,6 +996,8 @@ def train(cfg: Config, resume: str | None = None, placement: Placement | None = 
         forward = CachedForward(model, label_ids, params, max_bytes=cfg.cache_mb << 20)
         print(f"mezo: cache: {forward.describe()}")
     backend = TorchBackend()
+    optimizer = adam_optimizer(params, cfg.lr, cfg.weight_decay) if cfg.optimizer == "adam" else None
+    per_step = dict(forwards=1, backwards=1) if optimizer else dict(forwards=2 * cfg.n_samples, backwards=0)
     if cfg.fast:
         if device.type == "cpu" and os.environ.get("TRITON_INTERPRET") != "1":
             raise UsageError("--fast on a CPU runs Triton's interpreter: start with TRITON_INTERPRET=1 set "
@@ -960,8 +1024,14 @@ def train(cfg: Config, resume: str | None = None, placement: Placement | None = 
 
     start = 0
     if resume:
-        tensors, start, _ = read_checkpoint(Path(resume))
+        tensors, start, saved = read_checkpoint(Path(resume))
+        if saved.get("optimizer", "mezo") != cfg.optimizer:
+            raise UsageError(f"--resume {resume}: the run was trained with --optimizer {saved.get('optimizer', 'mezo')}"
+                             f"; resume it with the same optimizer (drop --optimizer {cfg.optimizer})")
+        adam_state = {k: tensors.pop(k) for k in list(tensors) if k.startswith(ADAM)}
         restore_checkpoint(params, tensors, Path(resume))
+        if optimizer:
+            restore_adam_state(params, optimizer, adam_state)
         print(f"mezo: resumed from {resume} at step {start}")
     log = Log(out if placement.is_main else None, start if resume else None)
     last_saved = start if resume else None
@@ -970,8 +1040,9 @@ def train(cfg: Config, resume: str | None = None, placement: Placement | None = 
         results = {}
         for split in ("dev", "test"):
             rows = splits[split]
-            if split == "test" and cfg.eval_max and step and not final:
-                rows = rows[:cfg.eval_max]
+            limit = cfg.eval_max if step else cfg.eval_max_start
+            if split == "test" and limit and not final:
+                rows = rows[:limit]
             mine = placement.local(rows)
             acc, loss = evaluate(forward, mine, cfg.micro_batch, pad_id, device) if mine else (0.0, 0.0)
             acc, loss = placement.mean(acc, len(mine)), placement.mean(loss, len(mine))
@@ -985,13 +1056,14 @@ def train(cfg: Config, resume: str | None = None, placement: Placement | None = 
         if out:
             full = placement.gather(params)  # every rank takes part; one writes
             if placement.is_main:
-                save_checkpoint(out, full, step, cfg, model)
+                save_checkpoint(out, full, step, cfg, model, optimizer)
             last_saved = step
 
     t0 = time.time()
+    peak_memory_mb(device, reset=True)  # from here on: evaluations and steps, not loading
     evals = {0: run_eval(0, final=cfg.steps == 0)} if start == 0 else {}
     step_times, fwd_times = [], []
-    fuse, perturbed = hasattr(backend, "restore_and_update") and cfg.n_samples == 1, False
+    fuse, perturbed = hasattr(backend, "restore_and_update") and cfg.n_samples == 1 and not optimizer, False
     bar = tqdm(range(start + 1, cfg.steps + 1), initial=start, total=cfg.steps, desc="mezo", dynamic_ncols=True,
                disable=not placement.is_main)
     for step in bar:
@@ -1005,6 +1077,12 @@ def train(cfg: Config, resume: str | None = None, placement: Placement | None = 
             fwd.append(time.perf_counter() - t)
             return placement.mean(loss, len(batch))  # data-parallel ranks average: every rank sees one loss
 
+        def grad_loss_fn() -> torch.Tensor:  # --optimizer adam: the same loss as a tensor, to backpropagate
+            t = time.perf_counter()
+            loss = F.cross_entropy(*batch_logits(forward, batch, cfg.micro_batch, pad_id, device))
+            fwd.append(time.perf_counter() - t)
+            return loss
+
         seeds = [step_seed(cfg.seed, step, k) for k in range(cfg.n_samples)]
         # A fused backend also makes the next step's +εz in the update's pass, unless θ itself is needed
         # between the steps (an evaluation, a checkpoint) or this is the last step.
@@ -1013,9 +1091,12 @@ def train(cfg: Config, resume: str | None = None, placement: Placement | None = 
         next_seed = step_seed(cfg.seed, step + 1, 0) if fuse and not stop else None
         t_step = time.perf_counter()
         try:
-            samples = mezo_step(params, loss_fn, seeds, cfg.eps, cfg.lr, cfg.weight_decay, backend,
-                                perturbed=perturbed, next_seed=next_seed)
-            perturbed = next_seed is not None
+            if optimizer:
+                loss = adam_step(optimizer, grad_loss_fn)
+            else:
+                samples = mezo_step(params, loss_fn, seeds, cfg.eps, cfg.lr, cfg.weight_decay, backend,
+                                    perturbed=perturbed, next_seed=next_seed)
+                perturbed = next_seed is not None
         except NonFiniteLoss as e:
             bar.close()
             if out and all(torch.isfinite(p.tensor).all() for p in params) and last_saved != step - 1:
@@ -1025,15 +1106,21 @@ def train(cfg: Config, resume: str | None = None, placement: Placement | None = 
                                 "Lower --lr or --eps, then --resume") from None
         step_times.append(time.perf_counter() - t_step)
         fwd_times.extend(fwd)
-        mean = lambda key: sum(s[key] for s in samples) / len(samples)
-        record = dict(step=step, seed=seeds[0], loss_plus=mean("loss_plus"), loss_minus=mean("loss_minus"),
-                      projected_grad=mean("projected_grad"), lr=cfg.lr)
-        if len(samples) > 1:
-            record["samples"] = samples
+        # forwards/backwards: cumulative passes over a training batch (evaluations not counted), to compare
+        # methods per forward pass; every step of a run costs the same.
+        counts = {k: n * step for k, n in per_step.items()}
+        if optimizer:
+            record = dict(step=step, loss=loss, lr=cfg.lr, **counts)
+        else:
+            mean = lambda key: sum(s[key] for s in samples) / len(samples)
+            record = dict(step=step, seed=seeds[0], loss_plus=mean("loss_plus"), loss_minus=mean("loss_minus"),
+                          projected_grad=mean("projected_grad"), lr=cfg.lr,
+                          loss=(mean("loss_plus") + mean("loss_minus")) / 2, **counts)  # loss at θ, up to O(ε²)
+            if len(samples) > 1:
+                record["samples"] = samples
         log.write(record)
         shown = evals[max(evals)] if evals else {}
-        bar.set_postfix(loss=f"{(record['loss_plus'] + record['loss_minus']) / 2:.4f}",
-                        acc=f"{shown.get('test', float('nan')):.3f}")
+        bar.set_postfix(loss=f"{record['loss']:.4f}", acc=f"{shown.get('test', float('nan')):.3f}")
         final = step == cfg.steps
         if final or (cfg.eval_every and step % cfg.eval_every == 0):
             evals[step] = run_eval(step, final)
@@ -1043,17 +1130,20 @@ def train(cfg: Config, resume: str | None = None, placement: Placement | None = 
     bar.close()
     if out and last_saved != cfg.steps:
         checkpoint(cfg.steps)
-    summary = dict(steps=cfg.steps, wall_time=time.time() - t0, evals=evals)
+    summary = dict(optimizer=cfg.optimizer, steps=cfg.steps, wall_time=time.time() - t0, evals=evals,
+                   **{k: n * cfg.steps for k, n in per_step.items()}, peak_memory_mb=peak_memory_mb(device))
     if step_times:
         s, f = float(np.median(step_times)), float(np.median(fwd_times))
-        summary.update(step_time=s, forward_time=f, ratio=s / (2 * f * cfg.n_samples))
+        summary.update(step_time=s, forward_time=f, ratio=s / (per_step["forwards"] * f))
         print(f"mezo: {len(step_times)} steps, median {s:.3f} s/step, forward {f:.3f} s, "
-              f"step / ({2 * cfg.n_samples} x forward) = {summary['ratio']:.3f}")
+              f"step / ({per_step['forwards']} x forward) = {summary['ratio']:.3f}")
     if cfg.cache:
         summary["cache"] = forward.stats()
         print("mezo: cache: " + ", ".join(f"{k} {v}" for k, v in summary["cache"].items()))
     last = evals[max(evals)] if evals else {}
     print(f"mezo: done in {summary['wall_time']:.0f} s; " + ", ".join(f"{k} accuracy {v:.4f}" for k, v in last.items()))
+    if out and placement.is_main:  # this process's part of the run (a resumed run writes its own)
+        atomic_write(out / "summary.json", lambda tmp: tmp.write_text(json.dumps(summary, indent=1)))
     placement.close()
     return summary
 

@@ -1,7 +1,9 @@
-"""Peak memory of one MeZO step against inference on the same batch (and, for contrast, one backward pass).
+"""Peak memory of one MeZO step against inference on the same batch (and, for contrast, one backward pass
+and one first-order step: backward + AdamW, as `mezo.py --optimizer adam` takes).
 
     python bench/memory.py                          # default model and batch, LoRA and full-parameter
     python bench/memory.py --model DIR --batch-size 16 --device cuda
+    python bench/memory.py --cases inference,mezo-lora,adam-lora --json memory.json
 
 Each case runs in a fresh process: load the model, warm up, reset the peak, run the case, read the peak.
 CPU: the process's peak resident set (VmHWM, reset through /proc/self/clear_refs). GPU: torch's
@@ -12,11 +14,12 @@ import json
 import os
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-CASES = ["inference", "mezo-lora", "mezo-full", "backward-lora"]
+CASES = ["inference", "mezo-lora", "mezo-full", "backward-lora", "adam-lora", "adam-full"]
 
 
 def rss_mb(field: str) -> float:
@@ -33,7 +36,7 @@ def measure(case: str, args) -> dict:
     import mezo
 
     torch.set_num_threads(args.threads)
-    mode = "full" if case == "mezo-full" else "lora"
+    mode = "full" if case.endswith("-full") else "lora"
     cfg = mezo.Config(model=args.model, mode=mode, device=args.device)
     device = torch.device(args.device)
     model, tok, _ = mezo.load_model(cfg)
@@ -56,11 +59,15 @@ def measure(case: str, args) -> dict:
         with open("/proc/self/clear_refs", "w") as f:
             f.write("5")  # reset the peak resident set to the current one
         base = rss_mb("VmRSS")
+    t = time.perf_counter()
     if case == "inference":
         with torch.no_grad():
             loss_fn()
     elif case.startswith("mezo"):
         mezo.mezo_step(params, loss_fn, [mezo.step_seed(0, 1, 0)], 1e-3, 1e-3, 0.0)
+    elif case.startswith("adam"):  # a first-order step: activations, gradients and AdamW's two moments
+        optimizer = mezo.adam_optimizer(params, 1e-4, 0.0)
+        mezo.adam_step(optimizer, lambda: F.cross_entropy(*mezo.batch_logits(forward, ex, args.batch_size, 0, device)))
     else:  # backpropagation through the same LoRA tensors: activations and gradients are kept
         with torch.enable_grad():
             logits, labels = mezo.batch_logits(forward, ex, args.batch_size, 0, device)
@@ -70,7 +77,9 @@ def measure(case: str, args) -> dict:
         peak = torch.cuda.max_memory_allocated() / 2**20
     else:
         peak = rss_mb("VmHWM")
-    return dict(case=case, peak_mb=peak, above_model_mb=peak - base)
+    seconds = time.perf_counter() - t  # one run of the case, a side figure (bench/step.py times steps properly)
+    return dict(case=case, peak_mb=peak, above_model_mb=peak - base, seconds=seconds,
+                trainable=sum(p.tensor.numel() for p in params))
 
 
 def main():
@@ -79,13 +88,18 @@ def main():
     p.add_argument("--batch-size", type=int, default=8)
     p.add_argument("--device", default="cpu")
     p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--cases", default=",".join(CASES), help="comma-separated, from " + ", ".join(CASES))
+    p.add_argument("--json", help="also write the rows to this file")
     p.add_argument("--case", help=argparse.SUPPRESS)
     args = p.parse_args()
     if args.case:
         print(json.dumps(measure(args.case, args)))
         return
+    cases = args.cases.split(",")
+    if cases[0] != "inference" or not set(cases) <= set(CASES):
+        sys.exit(f"--cases: start with inference (the reference) and choose from {', '.join(CASES)}")
     rows = []
-    for case in CASES:
+    for case in cases:
         cmd = [sys.executable, __file__, "--case", case, "--model", args.model, "--batch-size", str(args.batch_size),
                "--device", args.device, "--threads", str(args.threads)]
         out = subprocess.run(cmd, capture_output=True, text=True, env={**os.environ, "TQDM_DISABLE": "1"})
@@ -98,6 +112,9 @@ def main():
     for r in rows:
         print(f"{r['case']:15s} {r['peak_mb']:10.1f} {r['above_model_mb']:15.1f} {r['peak_mb'] / ref['peak_mb']:17.3f} "
               f"{r['above_model_mb'] / max(ref['above_model_mb'], 1e-9):18.2f}")
+    if args.json:
+        Path(args.json).write_text(json.dumps(dict(model=args.model, batch_size=args.batch_size, device=args.device,
+                                                   threads=args.threads, rows=rows), indent=1))
 
 
 if __name__ == "__main__":

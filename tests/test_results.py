@@ -1,0 +1,205 @@
+"""The first-order baseline (--optimizer adam) against a hand-written torch.optim loop, and the results table and
+plots made from logs of real short runs (tiny models, real SST-2 data)."""
+import json
+import math
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+from conftest import load_tiny
+from safetensors.torch import load_file
+from test_cli import records, run, tiny_args
+
+import mezo
+
+ROOT = Path(__file__).resolve().parents[1]
+SHARED = ROOT.parent / "shared" / "data"
+
+
+@pytest.fixture(autouse=True)
+def one_thread():
+    """Tiny models: one thread is as fast, and does not stall when other processes hold the cores. Restored after."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+def synthetic_batches(tok, cfg, steps):
+    data = mezo.load_synthetic(cfg)
+    train = [dict(zip(("ids", "position"), mezo.encode(tok, s, cfg.template, "causal", cfg.max_length)), label=y)
+             for s, y in data["train"]]
+    return [[train[i] for i in mezo.batch_indices(cfg.seed, step, len(train), cfg.batch_size)]
+            for step in range(1, steps + 1)]
+
+
+@pytest.mark.parametrize("mode,weight_decay", [("lora", 0.0), ("full", 0.1)])
+def test_adam_step_equals_a_hand_written_torch_adam_loop(model_dir, mode, weight_decay):
+    """Two models from the same folder: one stepped by mezo.adam_step, one by plain torch.optim on the same tensors
+    (Adam when wd = 0; AdamW with decay on 2-D tensors only otherwise). Same batches: identical tensors."""
+    kw = dict(task="synthetic", template="{sentence} It was {mask}", label_words=(" bad", " good"), k=8,
+              batch_size=8, mode=mode, lr=1e-2, weight_decay=weight_decay, optimizer="adam")
+    cfg, _, tok, params, forward = load_tiny(model_dir, "llama", **kw)
+    _, _, _, ref_params, ref_forward = load_tiny(model_dir, "llama", **kw)
+    assert [p.name for p in params] == [p.name for p in ref_params]
+    if weight_decay:
+        ref = torch.optim.AdamW([dict(params=[p.tensor for p in ref_params if p.tensor.dim() >= 2]),
+                                 dict(params=[p.tensor for p in ref_params if p.tensor.dim() < 2], weight_decay=0.0)],
+                                lr=cfg.lr, weight_decay=weight_decay)
+    else:
+        ref = torch.optim.Adam([p.tensor for p in ref_params], lr=cfg.lr)
+    ours = mezo.adam_optimizer(params, cfg.lr, cfg.weight_decay)
+    for batch in synthetic_batches(tok, cfg, 2):
+        loss = mezo.adam_step(ours, lambda: F.cross_entropy(*mezo.batch_logits(forward, batch, 8, 0, "cpu")))
+        ref.zero_grad()
+        ref_loss = F.cross_entropy(*mezo.batch_logits(ref_forward, batch, 8, 0, "cpu"))
+        ref_loss.backward()
+        ref.step()
+        assert loss == ref_loss.item()
+        for p, q in zip(params, ref_params):
+            assert torch.equal(p.tensor, q.tensor), f"{p.name}: max diff {(p.tensor - q.tensor).abs().max():.3g}"
+    changed = [p.name for p, q0 in zip(params, load_tiny(model_dir, "llama", **kw)[3]) if
+               not torch.equal(p.tensor, q0.tensor)]
+    assert changed, "the steps changed nothing"
+
+
+def test_adam_lowers_the_training_loss(model_dir, tmp_path, capsys):
+    code, out, err = run(tiny_args(model_dir, tmp_path, optimizer="adam", steps=24, eval_every=0, k=16), capsys)
+    assert code == 0, err
+    losses = [r["loss"] for r in records(tmp_path) if "loss" in r and "split" not in r]
+    assert len(losses) == 24
+    assert np.mean(losses[-6:]) < losses[0] - 0.1, losses
+
+
+def test_step_records_count_forward_and_backward_passes(model_dir, tmp_path, capsys):
+    for name, extra, fwd, bwd in (("mezo", dict(n_samples=2), 4, 0), ("adam", dict(optimizer="adam"), 1, 1)):
+        assert run(tiny_args(model_dir, tmp_path / name, **extra), capsys)[0] == 0
+        steps = [r for r in records(tmp_path / name) if "split" not in r]
+        assert [(r["forwards"], r["backwards"]) for r in steps] == [(fwd * s, bwd * s) for s in range(1, 7)]
+        if name == "mezo":
+            assert all(r["loss"] == (r["loss_plus"] + r["loss_minus"]) / 2 for r in steps)
+        summary = json.loads((tmp_path / name / "summary.json").read_text())
+        assert (summary["forwards"], summary["backwards"], summary["optimizer"]) == (6 * fwd, 6 * bwd, name)
+        assert summary["peak_memory_mb"] > 0
+
+
+def test_adam_resume_continues_the_identical_trajectory(model_dir, tmp_path, capsys):
+    """6 steps straight == 3 + --resume + 3, with AdamW's moments restored from the checkpoint."""
+    straight, halves = tmp_path / "straight", tmp_path / "halves"
+    assert run(tiny_args(model_dir, straight, optimizer="adam"), capsys)[0] == 0
+    assert run(tiny_args(model_dir, halves, optimizer="adam", steps=3), capsys)[0] == 0
+    code, out, err = run(["--resume", halves, "--steps", 6], capsys)
+    assert code == 0 and "at step 3" in out, err
+    strip = lambda log: [dict(r) for r in log]
+    assert strip(records(halves)) == strip(records(straight))
+    a, b = load_file(straight / mezo.CHECKPOINT), load_file(halves / mezo.CHECKPOINT)
+    assert any(k.startswith(mezo.ADAM + "exp_avg_sq:") for k in a)
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    # The same resume with the moments dropped from the checkpoint continues differently: the check above has teeth.
+    from safetensors import safe_open
+    from safetensors.torch import save_file
+    fresh = tmp_path / "fresh"
+    assert run(tiny_args(model_dir, fresh, optimizer="adam", steps=3), capsys)[0] == 0
+    with safe_open(str(fresh / mezo.CHECKPOINT), "pt") as f:
+        meta, kept = f.metadata(), {k: f.get_tensor(k) for k in f.keys() if not k.startswith(mezo.ADAM)}
+    save_file(kept, str(fresh / mezo.CHECKPOINT), metadata=meta)
+    assert run(["--resume", fresh, "--steps", 6], capsys)[0] == 0
+    assert strip(records(fresh))[:4] == strip(records(straight))[:4]  # step 0's evaluations and steps 1..3
+    assert strip(records(fresh))[-1] != strip(records(straight))[-1]
+    from test_cli import expect_error
+    expect_error(capsys, ["--resume", halves, "--optimizer", "mezo"], r"trained with --optimizer adam; resume it")
+
+
+def test_adam_refuses_what_it_cannot_do(model_dir, tmp_path, capsys):
+    from test_cli import expect_error
+    expect_error(capsys, tiny_args(model_dir, tmp_path, optimizer="sgd"), r"unknown --optimizer 'sgd'; choose one of "
+                 "mezo, adam")
+    expect_error(capsys, tiny_args(model_dir, tmp_path, optimizer="adam", objective="accuracy"),
+                 r"--optimizer adam backpropagates the cross-entropy")
+
+# -----------------------------------------------------------------------------
+# results.py and plot.py on real short runs
+
+
+def in_process(cmd, threads):
+    assert cmd[0] == "mezo.py"
+    return mezo.main(cmd[1:])
+
+
+@pytest.fixture(scope="module")
+def small_results(model_dir, tmp_path_factory):
+    """A results tree made by results.run_all: real 16-shot SST-2 splits, a tiny Llama, a few steps a run."""
+    if not (SHARED / "lm-bff" / "SST-2" / "train.tsv").exists():
+        pytest.skip("no ../shared/data")
+    import results
+    model = ["--model", model_dir("llama"), "--max-length", "48"]
+    methods = [
+        results.Method("zero-shot", "zero-shot", [*model, "--eval-every", "0"], 0, 0.0, "79.0", seeds=(13,)),
+        results.Method("mezo-lora", "MeZO LoRA", [*model, "--lr", "3e-2", "--eval-every", "2"], 4, 0.0, "91.4",
+                       seeds=(13, 21)),
+        results.Method("mezo-full", "MeZO full", [*model, "--mode", "full", "--lr", "3e-2", "--eval-every", "2"],
+                       4, 0.0, "90.5", seeds=(13, 21, 42)),
+        results.Method("adam-lora", "Adam LoRA", [*model, "--optimizer", "adam", "--lr", "3e-2", "--eval-every", "2"],
+                       4, 0.0, "91.9", seeds=(13, 21)),
+    ]
+    root = tmp_path_factory.mktemp("results")
+    assert results.run_all(root, 1, methods, runner=in_process, memory=False) == 0
+    return results, root, methods
+
+
+def test_results_run_skips_finished_runs_and_resumes_stopped_ones(small_results, capsys):
+    results, root, methods = small_results
+    before = {p: p.stat().st_mtime_ns for p in root.rglob("log.jsonl")}
+    assert results.run_all(root, 1, methods, runner=in_process, memory=False) == 0
+    assert {p: p.stat().st_mtime_ns for p in root.rglob("log.jsonl")} == before  # nothing ran again
+    assert capsys.readouterr().out.count("done, skipped") == 8
+
+
+def test_table_means_and_stds_match_a_hand_computation(small_results, tmp_path):
+    results, root, methods = small_results
+    md = results.write_table(root, tmp_path / "RESULTS.md", None, methods)
+    for m in methods[1:]:
+        finals = []
+        for seed in m.seeds:
+            log = [json.loads(x) for x in (root / m.name / f"seed{seed}" / "log.jsonl").read_text().splitlines()]
+            finals.append([r["accuracy"] for r in log if r.get("split") == "test" and r["step"] == m.steps][0])
+        mean = sum(finals) / len(finals)
+        std = math.sqrt(sum((x - mean) ** 2 for x in finals) / len(finals))
+        row = results.summarise(results.collect(root, methods), methods)[m.name]
+        assert row["test"] == pytest.approx((mean, std), rel=1e-12, abs=1e-15)
+        line = next(x for x in md.splitlines() if x.startswith(f"| {m.title} |"))
+        assert f"| {100 * mean:.1f} ± {100 * std:.1f} (n = {len(m.seeds)}) |" in line, line
+        assert f"| {m.steps} | {m.steps * (1 if 'adam' in m.name else 2)} | {m.steps if 'adam' in m.name else 0} |" \
+            in line, line
+    full = [json.loads(x)["accuracy"] for s in (13, 21, 42)
+            for x in (root / "mezo-full" / f"seed{s}" / "log.jsonl").read_text().splitlines() if '"test"' in x]
+    assert len(set(full)) > 1, "every accuracy equal: the std check above would be vacuous"
+    per_seed = next(x for x in md.splitlines() if x.startswith("| MeZO full |") and "±" not in x)
+    finals = {s: [json.loads(x)["accuracy"] for x in (root / "mezo-full" / f"seed{s}" / "log.jsonl").read_text()
+                  .splitlines() if '"test"' in x][-1] for s in (13, 21, 42)}
+    assert per_seed == "| MeZO full | " + " | ".join(f"{100 * finals[s]:.1f}" for s in (13, 21, 42)) + " | — | — |"
+    zero = next(x for x in md.splitlines() if x.startswith("| zero-shot |"))
+    assert "(one run)" in zero and "| 79.0 |" in zero
+    assert "Not measured yet" in md and "Not run: no GPU" in md
+    assert "**MeZO-LoRA** moves" in md and "**First-order (Adam) LoRA** reaches" in md  # the generated sentences
+
+
+def test_plots_exist_open_and_carry_the_runs_labels(small_results, tmp_path):
+    import matplotlib.image
+
+    import plot
+    results, root, methods = small_results
+    runs = plot.labelled_runs(plot.find_logs([str(root)]), group=False)
+    fig = plot.plot_runs(runs, tmp_path / "curves.png")
+    want = {f"{m.name}/seed{s}" for m in methods for s in m.seeds if m.steps} | {"zero-shot/seed13"}
+    assert {t.get_text() for t in fig.legends[0].get_texts()} == want
+    image = matplotlib.image.imread(tmp_path / "curves.png")
+    assert image.ndim == 3 and image.shape[0] > 400 and image.shape[1] > 800 and image.std() > 0
+    grouped = plot.labelled_runs(plot.find_logs([str(root / "mezo-full"), str(root / "adam-lora")]), group=True)
+    assert [(label, len(logs)) for label, logs in grouped] == [("mezo-full", 3), ("adam-lora", 2)]  # given order
+    assert {t.get_text() for t in plot.plot_runs(grouped).legends[0].get_texts()} == {"mezo-full", "adam-lora"}
+    assert plot.main([str(root / "adam-lora"), "-o", str(tmp_path / "cli")]) == 0
+    assert matplotlib.image.imread(tmp_path / "cli" / "curves.png").shape[2] in (3, 4)
+    assert plot.main([str(tmp_path / "nothing-here"), "-o", str(tmp_path)]) == 2
