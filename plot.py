@@ -117,7 +117,7 @@ def plot_runs(runs: list[tuple[str, list[dict]]], path: Path | None = None, titl
                 ax.set_title(titles[col], fontsize=10)
         axes[row][0].set_ylabel("cross-entropy")
         axes[row][1].set_ylabel("accuracy")
-    fig.legend(loc="upper center", ncol=min(len(runs), 5), frameon=False)
+    fig.legend(loc="upper center", bbox_to_anchor=(0.5, 0.965), ncol=min(len(runs), 5), frameon=False)
     if title:
         fig.suptitle(title, y=0.995)
     fig.tight_layout(rect=(0, 0, 1, 0.94))

@@ -306,7 +306,7 @@ def render(root: Path, runs: dict, rows: dict, memory, curves, here: Path, metho
               "whole `python mezo.py` process (loading, every evaluation, training), mean (min–max) over seeds, "
               f"with {'/'.join(str(t) for t in sorted({t for r in rows.values() for t in r['threads']})) or '?'} "
               "torch threads. "
-              "Peak RSS: the process's peak resident set from step 0 to the end (evaluations included), highest "
+              "Peak RSS: the process's peak resident set from step 0 to the end (evaluations and checkpoint writes included), highest "
               "over seeds. Paper column: " + PAPER_SOURCE + "; its fine-tuning (FT) row is full-parameter Adam, "
               "and its MeZO row trains all parameters, so those two are not the same method as the row they stand "
               "beside here.", ""]
