@@ -825,12 +825,21 @@ def atomic_write(path: Path, write) -> None:
 CHECKPOINT = "checkpoint.safetensors"
 
 
+def _own_storage(t: torch.Tensor) -> torch.Tensor:
+    """t on the CPU, copied only if it views a larger buffer (fast/ keeps LoRA's tensors in one): safetensors
+    refuses shared storage, and copying every tensor would cost full-parameter runs a copy of the model."""
+    t = t.detach().cpu()
+    whole = t.is_contiguous() and t.storage_offset() == 0 and \
+        t.untyped_storage().nbytes() == t.numel() * t.element_size()
+    return t if whole else t.clone()
+
+
 def save_checkpoint(out: Path, params: list[Trainable], step: int, cfg: Config, model: nn.Module,
                     optimizer: torch.optim.Optimizer | None = None) -> None:
     from safetensors.torch import save_file
-    tensors = {p.name: p.tensor.detach().cpu().clone() for p in params}  # clone: a tensor may view a shared buffer
+    tensors = {p.name: _own_storage(p.tensor) for p in params}
     if optimizer is not None:  # --optimizer adam: its moments go in the same file, so a resume is exact
-        tensors.update({f"{ADAM}{key}:{p.name}": value.detach().cpu().clone()
+        tensors.update({f"{ADAM}{key}:{p.name}": _own_storage(value)
                         for p in params for key, value in optimizer.state.get(p.tensor, {}).items()})
     meta = dict(format="mezo-1", step=str(step), config=json.dumps(dataclasses.asdict(cfg)),
                 offsets=json.dumps([[p.name, p.offset] for p in params]))
