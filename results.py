@@ -306,10 +306,10 @@ def render(root: Path, runs: dict, rows: dict, memory, curves, here: Path, metho
               "whole `python mezo.py` process (loading, every evaluation, training), mean (min–max) over seeds, "
               f"with {'/'.join(str(t) for t in sorted({t for r in rows.values() for t in r['threads']})) or '?'} "
               "torch threads. "
-              "Peak RSS: the process's peak resident set from step 0 to the end (evaluations and checkpoint writes included), highest "
-              "over seeds. Paper column: " + PAPER_SOURCE + "; its fine-tuning (FT) row is full-parameter Adam, "
-              "and its MeZO row trains all parameters, so those two are not the same method as the row they stand "
-              "beside here.", ""]
+              "Peak RSS: the process's peak resident set from step 0 to the end (evaluations and checkpoint writes "
+              "included), highest over seeds. Paper column: " + PAPER_SOURCE + "; its fine-tuning (FT) row is "
+              "full-parameter Adam, and its MeZO row trains all parameters, so those two are not the same method "
+              "as the row they stand beside here.", ""]
     for m in methods:
         for note in m.notes:
             lines.append(f"- {m.title}: {note}.")
@@ -475,8 +475,7 @@ def gpu_section(root: Path) -> list[str]:
     else:
         lines += ["| run | steps | test accuracy |", "|---|---|---|"]
         for log in found:
-            ev = [json.loads(x) for x in log.read_text().splitlines()]
-            last = [r for r in ev if r.get("split") == "test"]
+            last = [r for r in read_log(log.parent) if r.get("split") == "test"]
             if last:
                 lines.append(f"| {log.parent.relative_to(root)} | {last[-1]['step']} | {pct(last[-1]['accuracy'])} |")
     return lines
