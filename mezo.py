@@ -1072,6 +1072,8 @@ def train(cfg: Config, resume: str | None = None, placement: Placement | None = 
     peak_memory_mb(device, reset=True)  # from here on: evaluations and steps, not loading
     evals = {0: run_eval(0, final=cfg.steps == 0)} if start == 0 else {}
     step_times, fwd_times = [], []
+    evaluates_at = lambda step: step == cfg.steps or bool(cfg.eval_every and step % cfg.eval_every == 0)
+    saves_at = lambda step: bool(cfg.save_every and step % cfg.save_every == 0)
     fuse, perturbed = hasattr(backend, "restore_and_update") and cfg.n_samples == 1 and not optimizer, False
     bar = tqdm(range(start + 1, cfg.steps + 1), initial=start, total=cfg.steps, desc="mezo", dynamic_ncols=True,
                disable=not placement.is_main)
@@ -1094,10 +1096,9 @@ def train(cfg: Config, resume: str | None = None, placement: Placement | None = 
 
         seeds = [step_seed(cfg.seed, step, k) for k in range(cfg.n_samples)]
         # A fused backend also makes the next step's +εz in the update's pass, unless θ itself is needed
-        # between the steps (an evaluation, a checkpoint) or this is the last step.
-        stop = step == cfg.steps or (cfg.eval_every and step % cfg.eval_every == 0) or \
-            (cfg.save_every and step % cfg.save_every == 0)
-        next_seed = step_seed(cfg.seed, step + 1, 0) if fuse and not stop else None
+        # between the steps (an evaluation, a checkpoint; the last step evaluates).
+        needs_theta = evaluates_at(step) or saves_at(step)
+        next_seed = step_seed(cfg.seed, step + 1, 0) if fuse and not needs_theta else None
         t_step = time.perf_counter()
         try:
             if optimizer:
@@ -1130,11 +1131,10 @@ def train(cfg: Config, resume: str | None = None, placement: Placement | None = 
         log.write(record)
         shown = evals[max(evals)] if evals else {}
         bar.set_postfix(loss=f"{record['loss']:.4f}", acc=f"{shown.get('test', float('nan')):.3f}")
-        final = step == cfg.steps
-        if final or (cfg.eval_every and step % cfg.eval_every == 0):
-            evals[step] = run_eval(step, final)
+        if evaluates_at(step):
+            evals[step] = run_eval(step, final=step == cfg.steps)
             checkpoint(step)
-        elif cfg.save_every and step % cfg.save_every == 0:
+        elif saves_at(step):
             checkpoint(step)
     bar.close()
     if out and last_saved != cfg.steps:
@@ -1199,9 +1199,10 @@ def main(argv=None) -> int:
         return 2 if isinstance(e, UsageError) else 1
     except RuntimeError as e:  # under torchrun: a collective that failed because another rank died or hung
         from tp import peer_failure
-        if "WORLD_SIZE" not in os.environ or not peer_failure(e):
+        line = peer_failure(e) if "WORLD_SIZE" in os.environ else None
+        if line is None:
             raise
-        print(f"mezo: error: {peer_failure(e)}", file=sys.stderr)
+        print(f"mezo: error: {line}", file=sys.stderr)
         return 1
     return 0
 
