@@ -22,13 +22,6 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 CASES = ["inference", "mezo-lora", "mezo-full", "backward-lora", "adam-lora", "adam-full"]
 
 
-def rss_mb(field: str) -> float:
-    for line in open("/proc/self/status"):
-        if line.startswith(field + ":"):
-            return int(line.split()[1]) / 1024
-    raise RuntimeError(field)
-
-
 def measure(case: str, args) -> dict:
     import torch
     import torch.nn.functional as F
@@ -53,12 +46,7 @@ def measure(case: str, args) -> dict:
     gpu = device.type == "cuda"
     if gpu:
         torch.cuda.synchronize()
-        torch.cuda.reset_peak_memory_stats()
-        base = torch.cuda.memory_allocated() / 2**20
-    else:
-        with open("/proc/self/clear_refs", "w") as f:
-            f.write("5")  # reset the peak resident set to the current one
-        base = rss_mb("VmRSS")
+    base = mezo.peak_memory_mb(device, reset=True)  # right after the reset, the peak is what is in use now
     t = time.perf_counter()
     if case == "inference":
         with torch.no_grad():
@@ -74,9 +62,7 @@ def measure(case: str, args) -> dict:
             F.cross_entropy(logits, labels).backward()
     if gpu:
         torch.cuda.synchronize()
-        peak = torch.cuda.max_memory_allocated() / 2**20
-    else:
-        peak = rss_mb("VmHWM")
+    peak = mezo.peak_memory_mb(device)
     seconds = time.perf_counter() - t  # one run of the case, a side figure (bench/step.py times steps properly)
     return dict(case=case, peak_mb=peak, above_model_mb=peak - base, seconds=seconds,
                 trainable=sum(p.tensor.numel() for p in params))
