@@ -1012,8 +1012,8 @@ def train(cfg: Config, resume: str | None = None, placement: Placement | None = 
             raise UsageError("--fast on a CPU runs Triton's interpreter: start with TRITON_INTERPRET=1 set "
                              "(before anything imports triton), or drop --fast")
         from fast import TritonBackend  # the seam: nothing else in this file changes
-        backend = TritonBackend()
-    if cfg.exact_restore:
+        backend = TritonBackend(exact=cfg.exact_restore)  # ExactRestore's numbers, in fewer passes over θ
+    elif cfg.exact_restore:
         backend = ExactRestore(backend)
 
     # Tokenise once. The prompt is scored at the mask (masked LMs) or after its last token (causal LMs).

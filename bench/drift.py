@@ -27,12 +27,12 @@ def main():
     p.add_argument("--device", default="cpu")
     p.add_argument("--fast", action="store_true")
     args = p.parse_args()
-    backends = {"reference": lambda: mezo.TorchBackend()}
+    # "+exact": --exact-restore, a copy of θ for the step and the restore exact
+    backends = {"reference": mezo.TorchBackend, "reference+exact": lambda: mezo.ExactRestore(mezo.TorchBackend())}
     if args.fast:
         import fast
-        backends["fast"] = lambda: fast.TritonBackend()
-    for name, make in list(backends.items()):  # --exact-restore: a copy of θ for the step, the restore exact
-        backends[f"{name}+exact"] = lambda make=make: mezo.ExactRestore(make())
+        backends["fast"] = fast.TritonBackend
+        backends["fast+exact"] = lambda: fast.TritonBackend(exact=True)
     theta0 = torch.randn(args.numel, generator=torch.Generator().manual_seed(0)) * args.std
     loss = lambda: 0.0  # a constant loss: projected_grad = 0, so any change of θ is rounding alone
     print(f"{args.numel:,} values of std {args.std}, eps {args.eps}, {args.steps} steps at lr = 0")

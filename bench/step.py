@@ -6,7 +6,8 @@
 (a) original: the original MeZO code's semantics (per tensor torch.manual_seed + torch.normal, out-of-place
     update), written as a backend object for mezo_step; (b) reference: mezo.TorchBackend; (c) fast:
     fast.TritonBackend, two passes over θ a step (−2εz; restore + update + the next step's +εz); "+exact"
-    rows wrap (b) and (c) in mezo.ExactRestore (--exact-restore: a copy of θ per step, no drift).
+    rows are --exact-restore (a copy of θ per step, no drift): mezo.ExactRestore around (b), and
+    fast.TritonBackend(exact=True), which writes the copy and reads it in its fused passes.
 Models are Llama shapes with random weights (speed does not depend on the weights);
     LoRA r=8 on q/v of every layer, or every parameter. Medians over --repeat steps after warm-up.
 R near 1 means the step costs its two forwards and nothing else. Memory: peak of a step / peak of a forward
@@ -96,13 +97,13 @@ def main():
     device, dtype = torch.device(args.device), mezo.DTYPES[args.dtype]
     timed_fast = device.type == "cuda" and os.environ.get("TRITON_INTERPRET") != "1"
     backends = {"original": OriginalBackend(), "reference": mezo.TorchBackend()}
+    backends["reference+exact"] = mezo.ExactRestore(backends["reference"])  # --exact-restore: a copy of θ
     try:
         import fast
         backends["fast"] = fast.TritonBackend()
+        backends["fast+exact"] = fast.TritonBackend(exact=True)  # ExactRestore's numbers, fused passes
     except ImportError as e:
         print(f"fast/ unavailable: {e}")
-    for name in [n for n in backends if n != "original"]:  # --exact-restore: a copy of θ per step, no drift
-        backends[f"{name}+exact"] = mezo.ExactRestore(backends[name])
     gen = torch.Generator().manual_seed(0)
     print(f"device {device}{' ' + torch.cuda.get_device_name() if device.type == 'cuda' else ''}, {args.dtype}, "
           f"batch {args.batch_size} x {args.seq_len} tokens")
@@ -140,7 +141,7 @@ def main():
                 mem = ""
                 if device.type == "cuda":
                     torch.cuda.reset_peak_memory_stats()
-                    step(0)
+                    step(args.repeat + 1)  # the next step of the run just timed
                     mem = f"{torch.cuda.max_memory_allocated() / mem_fwd:13.3f}"
                 r = t_step / (2 * t_fwd)
                 print(f"{size:6s} {mode:5s} {n:13,d} {name:15s} {t_fwd:10.4f} {t_step:9.4f} {r:7.3f} {mem}")

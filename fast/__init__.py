@@ -35,19 +35,25 @@ def _z_block(seed, offset, n, block, BLOCK4: tl.constexpr):
 
 
 @triton.jit
+def _pointer(address, KIND: tl.constexpr):
+    if KIND == 1:
+        return address.to(tl.pointer_type(tl.bfloat16))
+    elif KIND == 2:
+        return address.to(tl.pointer_type(tl.float16))
+    else:
+        return address.to(tl.pointer_type(tl.float32))
+
+
+@triton.jit
 def _my_tensor(tensors, programs, KIND: tl.constexpr):
     """One launch covers many tensors: row p of `programs` names the tensor and block of program p, row t of
-    `tensors` holds tensor t's address, numel, global offset and weight-decay flag (all int64)."""
+    `tensors` holds tensor t's address, numel, global offset, weight-decay flag and the address of its saved
+    copy (exact mode; else its own address again), all int64."""
     pid = tl.program_id(0).to(tl.int64)
     t, block = tl.load(programs + 2 * pid), tl.load(programs + 2 * pid + 1)
-    address = tl.load(tensors + 4 * t)
-    if KIND == 1:
-        theta_ptr = address.to(tl.pointer_type(tl.bfloat16))
-    elif KIND == 2:
-        theta_ptr = address.to(tl.pointer_type(tl.float16))
-    else:
-        theta_ptr = address.to(tl.pointer_type(tl.float32))
-    return theta_ptr, tl.load(tensors + 4 * t + 1), tl.load(tensors + 4 * t + 2), tl.load(tensors + 4 * t + 3), block
+    row = tensors + 5 * t
+    return (_pointer(tl.load(row), KIND), _pointer(tl.load(row + 4), KIND), tl.load(row + 1), tl.load(row + 2),
+            tl.load(row + 3), block)
 
 
 @triton.jit
@@ -70,18 +76,25 @@ def _store(ptr, local, mask, t, KIND: tl.constexpr):
 
 # seed is never specialised: Triton would turn a value of 1 into a compile-time constant.
 @triton.jit(do_not_specialize=["seed"])
-def _perturb_kernel(tensors, programs, seed, scale, BLOCK4: tl.constexpr, KIND: tl.constexpr):
-    """θ ← θ + scale·z."""
-    theta_ptr, n, offset, _, block = _my_tensor(tensors, programs, KIND)
+def _perturb_kernel(tensors, programs, seed, scale, BLOCK4: tl.constexpr, KIND: tl.constexpr,
+                    SOURCE: tl.constexpr):
+    """θ ← θ + scale·z (SOURCE 0); θ ← saved + scale·z (1: exact mode, from the step's copy of θ);
+    saved ← θ, then θ ← θ + scale·z (2: exact mode, the step's first perturbation keeps its copy)."""
+    theta_ptr, saved_ptr, n, offset, _, block = _my_tensor(tensors, programs, KIND)
     z, local, mask = _z_block(seed, offset, n, block, BLOCK4)
-    t = tl.load(theta_ptr + local, mask=mask, other=0.0).to(tl.float32)
-    _store(theta_ptr, local, mask, t + scale * z, KIND)
+    if SOURCE == 1:
+        t = tl.load(saved_ptr + local, mask=mask, other=0.0)
+    else:
+        t = tl.load(theta_ptr + local, mask=mask, other=0.0)
+    if SOURCE == 2:
+        tl.store(saved_ptr + local, t, mask=mask)
+    _store(theta_ptr, local, mask, t.to(tl.float32) + scale * z, KIND)
 
 
 @triton.jit(do_not_specialize=["seed"])
 def _update_kernel(tensors, programs, seed, projected_grad, lr, wd, BLOCK4: tl.constexpr, KIND: tl.constexpr):
     """θ ← θ − lr·(projected_grad·z + wd·θ); wd only where the tensor's decay flag is set."""
-    theta_ptr, n, offset, decay, block = _my_tensor(tensors, programs, KIND)
+    theta_ptr, _, n, offset, decay, block = _my_tensor(tensors, programs, KIND)
     z, local, mask = _z_block(seed, offset, n, block, BLOCK4)
     t = tl.load(theta_ptr + local, mask=mask, other=0.0).to(tl.float32)
     _store(theta_ptr, local, mask, t - lr * (projected_grad * z + wd * decay.to(tl.float32) * t), KIND)
@@ -89,16 +102,23 @@ def _update_kernel(tensors, programs, seed, projected_grad, lr, wd, BLOCK4: tl.c
 
 @triton.jit(do_not_specialize=["seed", "next_seed"])
 def _restore_update_kernel(tensors, programs, seed, eps, projected_grad, lr, wd, next_seed, BLOCK4: tl.constexpr,
-                           KIND: tl.constexpr, NEXT: tl.constexpr):
-    """The restore (θ + εz, rounded as the reference stores it) and the update, in one pass over θ; with
-    NEXT, also the next step's θ + εz', rounded once more: the reference's three roundings, one pass."""
-    theta_ptr, n, offset, decay, block = _my_tensor(tensors, programs, KIND)
+                           KIND: tl.constexpr, NEXT: tl.constexpr, EXACT: tl.constexpr):
+    """The restore (θ + εz, rounded as the reference stores it; in exact mode the saved copy itself) and the
+    update, in one pass over θ; with NEXT, also the next step's θ + εz', rounded once more: the reference's
+    three roundings, one pass. Exact mode with NEXT keeps the updated θ as the next step's saved copy."""
+    theta_ptr, saved_ptr, n, offset, decay, block = _my_tensor(tensors, programs, KIND)
     z, local, mask = _z_block(seed, offset, n, block, BLOCK4)
-    t = _round(tl.load(theta_ptr + local, mask=mask, other=0.0).to(tl.float32) + eps * z, KIND)
+    if EXACT:
+        t = tl.load(saved_ptr + local, mask=mask, other=0.0).to(tl.float32)
+    else:
+        t = _round(tl.load(theta_ptr + local, mask=mask, other=0.0).to(tl.float32) + eps * z, KIND)
     t = t - lr * (projected_grad * z + wd * decay.to(tl.float32) * t)
     if NEXT:
         z_next, _, _ = _z_block(next_seed, offset, n, block, BLOCK4)
-        t = _round(t, KIND) + eps * z_next
+        t = _round(t, KIND)
+        if EXACT:
+            _store(saved_ptr, local, mask, t, KIND)
+        t = t + eps * z_next
     _store(theta_ptr, local, mask, t, KIND)
 
 
@@ -106,19 +126,21 @@ KINDS = {torch.float32: 0, torch.bfloat16: 1, torch.float16: 2}
 COALESCE_MAX_NUMEL = 1 << 26  # up to this many values in tensors of 1M on average (LoRA's) share one buffer
 
 
-def _launches(runs):
+def _launches(runs, saved=None):
     """Group the runs by dtype and device: one launch each, whatever the number of tensors. A launch is
-    (tensors table, programs table, number of programs, KIND); see _my_tensor."""
+    (tensors table, programs table, number of programs, KIND); see _my_tensor. saved: a buffer per run
+    (exact mode's copy of θ)."""
     groups = {}
-    for theta, offset, decay in runs:
-        groups.setdefault((theta.dtype, theta.device), []).append((theta, offset, decay))
+    for i, (theta, offset, decay) in enumerate(runs):
+        copy = theta if saved is None else saved[i]
+        groups.setdefault((theta.dtype, theta.device), []).append((theta, offset, decay, copy))
     launches = []
     for (dtype, device), group in groups.items():
         rows, programs = [], []
-        for t, (theta, offset, decay) in enumerate(group):
+        for t, (theta, offset, decay, copy) in enumerate(group):
             n = theta.numel()
             counters = (offset + n - 1) // 4 - offset // 4 + 1  # Philox counters the tensor's indices touch
-            rows.append([theta.data_ptr(), n, offset, int(decay)])
+            rows.append([theta.data_ptr(), n, offset, int(decay), copy.data_ptr()])
             programs.append(torch.stack([torch.full((triton.cdiv(counters, BLOCK4),), t),
                                          torch.arange(triton.cdiv(counters, BLOCK4))], 1))
         programs = torch.cat(programs).to(device=device, dtype=torch.int64).contiguous()
@@ -166,18 +188,29 @@ def _runs(params):
 
 class TritonBackend:
     """The noise/update backend of mezo.py, in Triton, plus the fused restore-and-update that mezo_step uses
-    when a backend offers it. Each pass is one kernel launch per dtype, over every trainable tensor."""
+    when a backend offers it. Each pass is one kernel launch per dtype, over every trainable tensor.
+
+    exact=True is mezo.ExactRestore's drift-free mode (--fast --exact-restore), the same numbers in fewer
+    passes: the copy of θ is written by the step's first perturbation, θ − εz is made from it, and the
+    restore is fused with the update (and the next step's +εz', which also writes the next copy). A step
+    then moves 10 bytes per bfloat16 value, not the 24 of ExactRestore(TritonBackend()): copy, +ε, copy
+    back, −ε, copy back, update. The copy lives as long as the backend (ExactRestore frees it after each
+    step): one copy of the trainable tensors either way."""
 
     name = "triton"
 
-    def __init__(self):
-        self._cache = (None, None, None)  # (the params list and where its tensors live, its runs, its launches)
+    def __init__(self, exact: bool = False):
+        self.exact = exact
+        self._cache = (None, None, None, None)  # (params and where they live, runs, launches, saved copies)
+        self._scale = None  # exact mode: θ = saved + _scale·z for the current seed; None: θ is itself
 
     def _layout(self, params):
         where = lambda: (id(params), tuple(p.tensor.data_ptr() for p in params))
         if self._cache[0] != where():  # new tensors, or storage moved since: lay out the runs again
             runs = _runs(params)  # may move the tensors into one buffer: key the cache by where they are now
-            self._cache = (where(), runs, _launches(runs))
+            saved = [torch.empty_like(theta) for theta, _, _ in runs] if self.exact else None
+            self._cache = (where(), runs, _launches(runs, saved), saved)
+            self._scale = None
         return self._cache
 
     def runs(self, params):
@@ -189,8 +222,18 @@ class TritonBackend:
 
     @torch.no_grad()
     def perturb(self, params, seed: int, scale: float) -> None:
-        for launch in self.launches(params):
-            _launch(_perturb_kernel, launch, seed, float(scale))
+        launches = self.launches(params)
+        source = 0
+        if self.exact:  # the calls of a step: +ε (keep θ), −2ε (θ − εz from the copy), +ε (θ is the copy)
+            source, self._scale = (2, scale) if self._scale is None else (1, self._scale + scale)
+            if self._scale == 0.0:
+                for (theta, _, _), saved in zip(self._cache[1], self._cache[3]):
+                    theta.copy_(saved)
+                self._scale = None
+                return
+            scale = self._scale
+        for launch in launches:
+            _launch(_perturb_kernel, launch, seed, float(scale), SOURCE=source)
 
     @torch.no_grad()
     def update(self, params, seed: int, projected_grad: float, lr: float, weight_decay: float) -> None:
@@ -202,6 +245,12 @@ class TritonBackend:
                            weight_decay: float, next_seed: int | None = None) -> None:
         """perturb(+eps), update(...) and, given next_seed, perturb(+eps) with it, in one pass over θ: the
         same roundings as the three calls, a third (or half) of the traffic."""
-        for launch in self.launches(params):
+        launches = self.launches(params)
+        if self.exact and self._scale != -eps:  # mezo_step calls it after perturb(+ε), perturb(−2ε)
+            raise RuntimeError(f"restore_and_update in exact mode expects θ − εz, not {self._scale}·z (ε = {eps})")
+        for launch in launches:
             _launch(_restore_update_kernel, launch, seed, float(eps), float(projected_grad), float(lr),
-                    float(weight_decay), 0 if next_seed is None else next_seed, NEXT=next_seed is not None)
+                    float(weight_decay), 0 if next_seed is None else next_seed, NEXT=next_seed is not None,
+                    EXACT=self.exact)
+        if self.exact:
+            self._scale = None if next_seed is None else eps
