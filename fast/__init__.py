@@ -16,6 +16,8 @@ pass over them is one launch, and the restore after L− is fused with the updat
 Use: `python mezo.py ... --fast`, or `mezo.mezo_step(..., backend=fast.TritonBackend())`. On a CPU the
 kernels run in Triton's interpreter: set TRITON_INTERPRET=1 before anything imports triton.
 """
+import math
+
 import torch
 import triton
 import triton.language as tl
@@ -24,14 +26,21 @@ BLOCK4 = 1024  # Philox counters per program: 4096 elements (the interpreter cos
 
 
 @triton.jit
+def _block(offset, n, block, BLOCK4: tl.constexpr):
+    """The 4·BLOCK4 elements of a run's block number `block`: its first Philox counter, their local positions,
+    and which lie in [0, n). Blocks are aligned to Philox counters: element i has global index offset + i."""
+    first = offset // 4 + block * BLOCK4
+    local = first * 4 + tl.arange(0, 4 * BLOCK4) - offset
+    return first, local, (local >= 0) & (local < n)
+
+
+@triton.jit
 def _z_block(seed, offset, n, block, BLOCK4: tl.constexpr):
-    """z for the 4·BLOCK4 global indices of the tensor's block number `block`, their local positions, and
-    which lie in [0, n)."""
-    first = offset // 4 + block * BLOCK4  # first Philox counter of this block
+    """z of the block's elements (see _block), with their local positions and mask."""
+    first, local, mask = _block(offset, n, block, BLOCK4)
     n0, n1, n2, n3 = tl.randn4x(seed, first + tl.arange(0, BLOCK4))
     z = tl.interleave(tl.interleave(n0, n2), tl.interleave(n1, n3))  # n0 n1 n2 n3 of counter 0, then 1, ...
-    local = first * 4 + tl.arange(0, 4 * BLOCK4) - offset  # element i of the tensor has global index offset + i
-    return z, local, (local >= 0) & (local < n)
+    return z, local, mask
 
 
 @triton.jit
@@ -79,16 +88,21 @@ def _store(ptr, local, mask, t, KIND: tl.constexpr):
 def _perturb_kernel(tensors, programs, seed, scale, BLOCK4: tl.constexpr, KIND: tl.constexpr,
                     SOURCE: tl.constexpr):
     """θ ← θ + scale·z (SOURCE 0); θ ← saved + scale·z (1: exact mode, from the step's copy of θ);
-    saved ← θ, then θ ← θ + scale·z (2: exact mode, the step's first perturbation keeps its copy)."""
+    saved ← θ, then θ ← θ + scale·z (2: exact mode, the step's first perturbation keeps its copy);
+    θ ← saved (3: exact mode's restore; no noise)."""
     theta_ptr, saved_ptr, n, offset, _, block = _my_tensor(tensors, programs, KIND)
-    z, local, mask = _z_block(seed, offset, n, block, BLOCK4)
-    if SOURCE == 1:
-        t = tl.load(saved_ptr + local, mask=mask, other=0.0)
+    if SOURCE == 3:
+        _, local, mask = _block(offset, n, block, BLOCK4)
+        tl.store(theta_ptr + local, tl.load(saved_ptr + local, mask=mask), mask=mask)
     else:
-        t = tl.load(theta_ptr + local, mask=mask, other=0.0)
-    if SOURCE == 2:
-        tl.store(saved_ptr + local, t, mask=mask)
-    _store(theta_ptr, local, mask, t.to(tl.float32) + scale * z, KIND)
+        z, local, mask = _z_block(seed, offset, n, block, BLOCK4)
+        if SOURCE == 1:
+            t = tl.load(saved_ptr + local, mask=mask, other=0.0)
+        else:
+            t = tl.load(theta_ptr + local, mask=mask, other=0.0)
+        if SOURCE == 2:
+            tl.store(saved_ptr + local, t, mask=mask)
+        _store(theta_ptr, local, mask, t.to(tl.float32) + scale * z, KIND)
 
 
 @triton.jit(do_not_specialize=["seed"])
@@ -126,49 +140,74 @@ KINDS = {torch.float32: 0, torch.bfloat16: 1, torch.float16: 2}
 COALESCE_MAX_NUMEL = 1 << 26  # up to this many values in tensors of 1M on average (LoRA's) share one buffer
 
 
+def _pieces(p):
+    """(local start, length, global offset) of each stretch of p's flat tensor that is also contiguous in the
+    global index: the whole tensor; or, for a tensor-parallel shard that cuts dimension d, one stretch per
+    index of the dimensions before d (a rowwise weight's shard: one per row). Same mapping as
+    mezo.Trainable.global_index."""
+    shape, full = tuple(p.tensor.shape), tuple(p.full_shape)
+    cut = [d for d in range(len(full)) if shape[d] != full[d]]
+    if not cut:
+        return [(0, p.tensor.numel(), p.offset)]
+    d = cut[-1]  # dimensions after d are whole: a stretch is shape[d:]
+    length = math.prod(shape[d:])
+    starts = torch.zeros(math.prod(shape[:d]), dtype=torch.int64)  # global index of each stretch's element 0
+    outer = torch.arange(starts.numel())
+    for k in range(d + 1):
+        coord = (outer // math.prod(shape[k + 1:d])) % shape[k] if k < d else torch.zeros_like(outer)
+        starts += (coord + p.shard_start[k]) * math.prod(full[k + 1:])
+    return [(i * length, length, p.offset + int(g)) for i, g in enumerate(starts.tolist())]
+
+
 def _launches(runs, saved=None):
-    """Group the runs by dtype and device: one launch each, whatever the number of tensors. A launch is
-    (tensors table, programs table, number of programs, KIND); see _my_tensor. saved: a buffer per run
-    (exact mode's copy of θ)."""
+    """Group the runs by dtype, device and block size: one launch each, whatever the number of runs. A launch
+    is (tensors table, programs table, number of programs, KIND, BLOCK4); see _my_tensor. A stretch of a
+    shard (e.g. a row: many, all short) gets the smallest block that holds it, other runs BLOCK4, so an
+    unsharded model makes one launch per dtype. saved: a buffer per run (exact mode's copy of θ)."""
     groups = {}
-    for i, (theta, offset, decay) in enumerate(runs):
+    for i, (theta, offset, decay, stretch) in enumerate(runs):
+        counters = (offset + theta.numel() - 1) // 4 - offset // 4 + 1  # Philox counters its indices touch
+        block4 = min(BLOCK4, max(16, triton.next_power_of_2(counters))) if stretch else BLOCK4
         copy = theta if saved is None else saved[i]
-        groups.setdefault((theta.dtype, theta.device), []).append((theta, offset, decay, copy))
+        groups.setdefault((theta.dtype, theta.device, block4), []).append((theta, offset, decay, copy, counters))
     launches = []
-    for (dtype, device), group in groups.items():
+    for (dtype, device, block4), group in groups.items():
         rows, programs = [], []
-        for t, (theta, offset, decay, copy) in enumerate(group):
-            n = theta.numel()
-            counters = (offset + n - 1) // 4 - offset // 4 + 1  # Philox counters the tensor's indices touch
-            rows.append([theta.data_ptr(), n, offset, int(decay), copy.data_ptr()])
-            programs.append(torch.stack([torch.full((triton.cdiv(counters, BLOCK4),), t),
-                                         torch.arange(triton.cdiv(counters, BLOCK4))], 1))
+        for t, (theta, offset, decay, copy, counters) in enumerate(group):
+            rows.append([theta.data_ptr(), theta.numel(), offset, int(decay), copy.data_ptr()])
+            programs.append(torch.stack([torch.full((triton.cdiv(counters, block4),), t),
+                                         torch.arange(triton.cdiv(counters, block4))], 1))
         programs = torch.cat(programs).to(device=device, dtype=torch.int64).contiguous()
         launches.append((torch.tensor(rows, dtype=torch.int64, device=device), programs, programs.shape[0],
-                         KINDS[dtype]))
+                         KINDS[dtype], block4))
     return launches
 
 
 def _launch(kernel, launch, *args, **constexprs):
-    tensors, programs, count, kind = launch
-    kernel[(count,)](tensors, programs, *args, BLOCK4=BLOCK4, KIND=kind, **constexprs)
+    tensors, programs, count, kind, block4 = launch
+    kernel[(count,)](tensors, programs, *args, BLOCK4=block4, KIND=kind, **constexprs)
 
 
 def _runs(params):
-    """(flat tensor, global offset of its element 0, decay) for each run. Many small tensors (LoRA) are
-    moved once into one buffer, in global-index order, each parameter becoming a view of it: then a run of
-    them with the same weight-decay rule is one row of a launch's table (and one contiguous stretch of
-    memory). Large tensors keep their own storage and row."""
+    """(flat tensor, global offset of its element 0, decay, stretch) for each run: memory whose global
+    indices are consecutive. Many small whole tensors (LoRA) are moved once into one buffer, in global-index
+    order, each parameter becoming a view of it: then a run of them with the same weight-decay rule is one
+    row of a launch's table (and one contiguous stretch of memory). Large tensors keep their own storage and
+    row; tensor-parallel shards keep theirs (a shard's storage belongs to its DTensor) and give a row per
+    stretch (see _pieces; `stretch` says the run is one)."""
     for p in params:
-        if tuple(p.tensor.shape) != p.full_shape or not p.tensor.is_contiguous() or p.tensor.dtype not in KINDS:
-            raise ValueError(f"{p.name}: the Triton backend takes whole contiguous float32/bfloat16/float16 "
-                             "tensors; use mezo.TorchBackend for shards and other dtypes")
+        if not p.tensor.is_contiguous() or p.tensor.dtype not in KINDS:
+            raise ValueError(f"{p.name}: the Triton backend takes contiguous float32/bfloat16/float16 tensors "
+                             f"(got {p.tensor.dtype}{'' if p.tensor.is_contiguous() else ', not contiguous'}); "
+                             "use mezo.TorchBackend for others")
+    whole = all(tuple(p.tensor.shape) == tuple(p.full_shape) for p in params)
     adjacent = all(q.offset == p.offset + p.tensor.numel() for p, q in zip(params, params[1:]))
     uniform = len({(p.tensor.dtype, p.tensor.device) for p in params}) == 1
     total = sum(p.tensor.numel() for p in params)
     small = total <= COALESCE_MAX_NUMEL and total < (1 << 20) * max(1, len(params))  # moving them costs a copy
-    if not (params and adjacent and uniform and small):
-        return [(p.tensor.data.view(-1), p.offset, p.decay) for p in params]
+    if not (params and whole and adjacent and uniform and small):
+        return [(p.tensor.data.view(-1)[start:start + n], offset, p.decay, n != p.tensor.numel())
+                for p in params for start, n, offset in _pieces(p)]
     flat = torch.cat([p.tensor.data.reshape(-1) for p in params])
     runs, start = [], 0
     for p in params:
@@ -181,14 +220,29 @@ def _runs(params):
         start += n
     out, start = [], 0
     for n, offset, decay in runs:
-        out.append((flat[start:start + n], offset, decay))
+        out.append((flat[start:start + n], offset, decay, False))
         start += n
     return out
 
 
+def _saved_buffers(runs):
+    """Exact mode's copy of θ: one buffer per dtype and device, a slice of it per run."""
+    sizes = {}
+    for theta, *_ in runs:
+        sizes[theta.dtype, theta.device] = sizes.get((theta.dtype, theta.device), 0) + theta.numel()
+    buffers = {key: torch.empty(n, dtype=key[0], device=key[1]) for key, n in sizes.items()}
+    used, saved = dict.fromkeys(sizes, 0), []
+    for theta, *_ in runs:
+        key = theta.dtype, theta.device
+        saved.append(buffers[key][used[key]:used[key] + theta.numel()])
+        used[key] += theta.numel()
+    return saved
+
+
 class TritonBackend:
     """The noise/update backend of mezo.py, in Triton, plus the fused restore-and-update that mezo_step uses
-    when a backend offers it. Each pass is one kernel launch per dtype, over every trainable tensor.
+    when a backend offers it. Each pass is one kernel launch per dtype, over every trainable tensor (under
+    tensor parallelism, one more per length of a shard's row).
 
     exact=True is mezo.ExactRestore's drift-free mode (--fast --exact-restore), the same numbers in fewer
     passes: the copy of θ is written by the step's first perturbation, θ − εz is made from it, and the
@@ -208,13 +262,13 @@ class TritonBackend:
         where = lambda: (id(params), tuple(p.tensor.data_ptr() for p in params))
         if self._cache[0] != where():  # new tensors, or storage moved since: lay out the runs again
             runs = _runs(params)  # may move the tensors into one buffer: key the cache by where they are now
-            saved = [torch.empty_like(theta) for theta, _, _ in runs] if self.exact else None
+            saved = _saved_buffers(runs) if self.exact else None
             self._cache = (where(), runs, _launches(runs, saved), saved)
             self._scale = None
         return self._cache
 
     def runs(self, params):
-        """(flat tensor, global offset, decay) for each run of tensors (see _runs)."""
+        """(flat tensor, global offset, decay, stretch) for each run of tensors (see _runs)."""
         return self._layout(params)[1]
 
     def launches(self, params):
@@ -226,12 +280,9 @@ class TritonBackend:
         source = 0
         if self.exact:  # the calls of a step: +ε (keep θ), −2ε (θ − εz from the copy), +ε (θ is the copy)
             source, self._scale = (2, scale) if self._scale is None else (1, self._scale + scale)
-            if self._scale == 0.0:
-                for (theta, _, _), saved in zip(self._cache[1], self._cache[3]):
-                    theta.copy_(saved)
-                self._scale = None
-                return
-            scale = self._scale
+            if self._scale == 0.0:  # θ ← its copy: a copy kernel (3), one launch for any number of runs
+                source, self._scale = 3, None
+            scale = self._scale or 0.0
         for launch in launches:
             _launch(_perturb_kernel, launch, seed, float(scale), SOURCE=source)
 

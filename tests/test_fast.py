@@ -232,3 +232,56 @@ def test_exact_mode_matches_exact_restore(device, shapes, dtype, seeds, n, lr, f
     if lr == 0.0:
         for p, b in zip(got, before):
             assert torch.equal(p.tensor, b), p.name
+
+
+@st.composite
+def shards_st(draw):
+    """Tensor-parallel shards, as tp/ makes them: each a contiguous block of a full tensor cut along one
+    dimension (a colwise weight's rows, a rowwise weight's columns, a bias's slice), with global offsets."""
+    out, offset = [], draw(offset_st)
+    for i in range(draw(st.integers(1, 3))):
+        full = tuple(draw(st.lists(st.integers(1, 37), min_size=1, max_size=3)))
+        d = draw(st.integers(0, len(full) - 1))
+        parts = draw(st.integers(1, 4))
+        rank = draw(st.integers(0, parts - 1))
+        size = -(-full[d] // parts)
+        lo, hi = min(rank * size, full[d] - 1), min((rank + 1) * size, full[d])
+        start = tuple(lo if k == d else 0 for k in range(len(full)))
+        shape = tuple(hi - lo if k == d else n for k, n in enumerate(full))
+        out.append((f"w{i}", shape, full, start, offset, len(full) >= 2))
+        offset += draw(st.integers(0, 3)) + torch.Size(full).numel()
+    return out
+
+
+def _shard_pair(specs, dtype, device):
+    g = torch.Generator().manual_seed(1)
+    tensors = [torch.randn(shape, generator=g).to(dtype).to(device) for _, shape, *_ in specs]
+    return [[mezo.Trainable(name, t.clone(), offset, decay, full, start)
+             for t, (name, _, full, start, offset, decay) in zip(tensors, specs)] for _ in range(2)]
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@given(specs=shards_st(), dtype=dtype_st, seed=st.integers(0, 2**63 - 1), next_seed=st.integers(0, 2**63 - 1),
+       g=st.floats(-100, 100), lr=st.floats(0, 1e-2))
+def test_tensor_parallel_shards_match_reference(device, specs, dtype, seed, next_seed, g, lr):
+    """On shards (tp/'s), each kernel against the reference, which maps a shard's elements to global indices
+    with Trainable.global_index: +εz, −2εz, then the fused restore + update + next +εz'; and z itself."""
+    ref, got = _shard_pair(specs, dtype, device)
+    before = [p.tensor.clone() for p in ref]
+    eps, backend, reference = 1e-3, fast.TritonBackend(), mezo.TorchBackend()
+    reference.perturb(ref, seed, eps)
+    backend.perturb(got, seed, eps)
+    _check(ref, got, eps, before)
+    reference.perturb(ref, seed, -2 * eps)
+    backend.perturb(got, seed, -2 * eps)
+    _check(ref, got, 2 * eps, before)
+    reference.perturb(ref, seed, eps)
+    reference.update(ref, seed, g, lr, 0.1)
+    reference.perturb(ref, next_seed, eps)
+    backend.restore_and_update(got, seed, eps, g, lr, 0.1, next_seed)
+    _check(ref, got, 3 * eps + abs(g) * lr, before)
+    zeros = [mezo.Trainable(p.name, torch.zeros_like(p.tensor, dtype=torch.float32), p.offset, p.decay,
+                            p.full_shape, p.shard_start) for p in got]
+    fast.TritonBackend().perturb(zeros, seed, 1.0)
+    for p in zeros:
+        assert (p.tensor - p.z(seed)).abs().max() <= 1e-6, p.name

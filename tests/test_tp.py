@@ -93,6 +93,7 @@ def finish(proc, timeout=180):
 LORA_TARGETS = {"llama": "q_proj,v_proj,o_proj,down_proj", "roberta": "query,value,dense"}  # colwise and rowwise
 CASES = [("llama", "tp", "lora"), ("roberta", "tp", "full"), ("llama", "dp", "full"), ("roberta", "dp", "lora")]
 EXTRA = {("llama", "dp", "full"): dict(batch_size=7)}  # ranks get 4 and 3 examples: the mean must weigh them
+FAST_CASES = [("llama", "tp", "full"), ("roberta", "tp", "lora")]  # --fast on shards (rows of rowwise weights)
 SEED = 1234  # of the noise test
 
 
@@ -105,6 +106,8 @@ def worker(model_dir, tmp_path_factory):
     models = {k: model_dir(k) for k in ("llama", "roberta")}
     runs = [cli_args(models[kind], root / f"{kind}-{how}-{mode}", mode=mode, lora_targets=LORA_TARGETS[kind],
                      **EXTRA.get((kind, how, mode), {})) + [f"--{how}", "2"] for kind, how, mode in CASES]
+    runs += [cli_args(models[kind], root / f"{kind}-{how}-{mode}-fast", mode=mode, lora_targets=LORA_TARGETS[kind])
+             + [f"--{how}", "2", "--fast"] for kind, how, mode in FAST_CASES]
     runs.append(cli_args(models["llama"], root / "resume", steps=1, eval_every=0, mode="full") + ["--tp", "2"])
     log = finish(torchrun(2, "tests/test_tp.py", root, json.dumps(dict(runs=runs, models=models))))
     return root, models, log
@@ -114,11 +117,21 @@ def worker(model_dir, tmp_path_factory):
 def test_k_steps_equal_one_process(worker, tmp_path, case):
     kind, how, mode = case
     root, models, log = worker
-    assert log.count("step      3 | test accuracy") == len(CASES)  # rank 0 alone prints
+    assert log.count("step      3 | test accuracy") == len(CASES) + len(FAST_CASES)  # rank 0 alone prints
     reference(models[kind], tmp_path, mode=mode, lora_targets=LORA_TARGETS[kind], **EXTRA.get(case, {}))
     assert_same_run(tmp_path, root / "-".join(case), steps=3)
     if mode == "lora":
         assert (root / "-".join(case) / "adapter" / "adapter_model.safetensors").exists()
+
+
+@pytest.mark.parametrize("case", FAST_CASES, ids=["-".join(c) for c in FAST_CASES])
+def test_fast_on_shards_equals_one_process(worker, tmp_path, case):
+    """--fast under tensor parallelism: each rank's kernels make the noise of its shards (a rowwise weight's
+    shard is one stretch of global indices per row), equal to the reference backend in one process."""
+    kind, how, mode = case
+    root, models, _ = worker
+    reference(models[kind], tmp_path, mode=mode, lora_targets=LORA_TARGETS[kind])
+    assert_same_run(tmp_path, root / ("-".join(case) + "-fast"), steps=3)
 
 
 def test_resume_at_another_world_size(worker, tmp_path, capsys):
