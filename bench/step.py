@@ -11,7 +11,10 @@
 Models are Llama shapes with random weights (speed does not depend on the weights);
     LoRA r=8 on q/v of every layer, or every parameter. Medians over --repeat steps after warm-up.
 R near 1 means the step costs its two forwards and nothing else. Memory: peak of a step / peak of a forward
-(GPU only; on a CPU see bench/memory.py).
+(GPU only; on a CPU see bench/memory.py). Perturbation: one θ += εz pass over the trainable tensors, as GB/s
+(a read and a write of θ) and as a share of the device's memory bandwidth (--peak-gbs; known for H100 and
+H200). The forwards at the default batch are launch-bound on a GPU: for realistic R also run, e.g.,
+--batch-size 16 --seq-len 256 (the paper's batch of 16).
 """
 import argparse
 import os
@@ -30,6 +33,9 @@ SIZES = {  # hidden, layers, heads, kv heads, intermediate (Llama shapes)
     "135m": (576, 30, 9, 3, 1536),  # SmolLM2-135M
     "1b": (2048, 22, 32, 4, 5632),  # TinyLlama-1.1B
 }
+
+
+PEAK_GBS = {"H100 80GB HBM3": 3350, "H100 PCIe": 2000, "H200": 4800}  # memory bandwidth (NVIDIA's data sheets)
 
 
 class OriginalBackend:
@@ -91,6 +97,7 @@ def main():
     p.add_argument("--batch-size", type=int, default=8)
     p.add_argument("--seq-len", type=int, default=64)
     p.add_argument("--repeat", type=int, default=5)
+    p.add_argument("--peak-gbs", type=float, default=None, help="memory bandwidth, GB/s (default: known GPUs)")
     p.add_argument("--max-reference-values", type=float, default=2e8,
                    help="skip the reference backend above this many trainable values (it is the specification)")
     args = p.parse_args()
@@ -105,10 +112,12 @@ def main():
     except ImportError as e:
         print(f"fast/ unavailable: {e}")
     gen = torch.Generator().manual_seed(0)
+    name = torch.cuda.get_device_name() if device.type == "cuda" else ""
+    peak = args.peak_gbs or next((gbs for key, gbs in PEAK_GBS.items() if key in name), None)
     print(f"device {device}{' ' + torch.cuda.get_device_name() if device.type == 'cuda' else ''}, {args.dtype}, "
-          f"batch {args.batch_size} x {args.seq_len} tokens")
+          f"batch {args.batch_size} x {args.seq_len} tokens" + (f", peak {peak:.0f} GB/s" if peak else ""))
     print(f"{'model':6s} {'mode':5s} {'trainable':>13s} {'backend':15s} {'forward s':>10s} {'step s':>9s} {'R':>7s} "
-          f"{'mem step/fwd':>13s}")
+          f"{'mem step/fwd':>13s} {'perturb GB/s':>13s} {'of peak':>8s}")
     for size in args.sizes.split(","):
         for mode in ("lora", "full"):
             model, params = build(size, mode, device, dtype)
@@ -138,13 +147,18 @@ def main():
                                                 perturbed=fused and i > 0,
                                                 next_seed=mezo.step_seed(0, i + 1, 0) if fused else None)
                 t_step = median_time(step, device, args.repeat)
-                mem = ""
+                mem, bandwidth = f"{'':13s}", ""
                 if device.type == "cuda":
                     torch.cuda.reset_peak_memory_stats()
                     step(args.repeat + 1)  # the next step of the run just timed
                     mem = f"{torch.cuda.max_memory_allocated() / mem_fwd:13.3f}"
+                if "exact" not in name:  # one in-place pass (the exact modes' passes also read or write a copy)
+                    t_pass = median_time(lambda i: backend.perturb(params, mezo.step_seed(1, i, 0), 1e-3), device,
+                                         min(args.repeat, 3))
+                    gbs = 2 * sum(q.tensor.numel() * q.tensor.element_size() for q in params) / t_pass / 1e9
+                    bandwidth = f"{gbs:13.1f} {f'{gbs / peak:8.1%}' if peak else ''}"
                 r = t_step / (2 * t_fwd)
-                print(f"{size:6s} {mode:5s} {n:13,d} {name:15s} {t_fwd:10.4f} {t_step:9.4f} {r:7.3f} {mem}")
+                print(f"{size:6s} {mode:5s} {n:13,d} {name:15s} {t_fwd:10.4f} {t_step:9.4f} {r:7.3f} {mem} {bandwidth}")
             if device.type == "cuda":
                 torch.cuda.empty_cache()
 
