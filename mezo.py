@@ -926,9 +926,11 @@ class Log:
 
     def __init__(self, out: Path | None, resume_step: int | None):
         self.path = out / "log.jsonl" if out else None
+        self.last_step = {}  # on resume, the kept log's last step record (its cumulative pass counts go on)
         if self.path and resume_step is not None and self.path.exists():
             keep = [line for line in self.path.read_text().splitlines() if json.loads(line)["step"] <= resume_step]
             atomic_write(self.path, lambda tmp: tmp.write_text("".join(line + "\n" for line in keep)))
+            self.last_step = next((r for r in map(json.loads, reversed(keep)) if "forwards" in r), {})
         elif self.path:
             self.path.write_text("")
 
@@ -1043,6 +1045,7 @@ def train(cfg: Config, resume: str | None = None, placement: Placement | None = 
             restore_adam_state(params, optimizer, adam_state)
         print(f"mezo: resumed from {resume} at step {start}")
     log = Log(out if placement.is_main else None, start if resume else None)
+    counts = {k: log.last_step.get(k, n * start) for k, n in per_step.items()}  # passes so far
     last_saved = start if resume else None
 
     def run_eval(step: int, final: bool) -> dict:
@@ -1117,8 +1120,8 @@ def train(cfg: Config, resume: str | None = None, placement: Placement | None = 
         step_times.append(time.perf_counter() - t_step)
         fwd_times.extend(fwd)
         # forwards/backwards: cumulative passes over a training batch (evaluations not counted), to compare
-        # methods per forward pass; every step of a run costs the same.
-        counts = {k: n * step for k, n in per_step.items()}
+        # methods per forward pass (a resume with another --n-samples goes on from the log's count).
+        counts = {k: counts[k] + n for k, n in per_step.items()}
         if optimizer:
             record = dict(step=step, loss=loss, lr=cfg.lr, **counts)
         else:
@@ -1140,7 +1143,7 @@ def train(cfg: Config, resume: str | None = None, placement: Placement | None = 
     if out and last_saved != cfg.steps:
         checkpoint(cfg.steps)
     summary = dict(optimizer=cfg.optimizer, steps=cfg.steps, wall_time=time.time() - t0, evals=evals,
-                   **{k: n * cfg.steps for k, n in per_step.items()}, peak_memory_mb=peak_memory_mb(device))
+                   **counts, peak_memory_mb=peak_memory_mb(device))
     if step_times:
         s, f = float(np.median(step_times)), float(np.median(fwd_times))
         summary.update(step_time=s, forward_time=f, ratio=s / (per_step["forwards"] * f))

@@ -95,9 +95,10 @@ def main():
     ref = rows[0]
     print(f"model {args.model}, batch {args.batch_size}, {args.device}")
     print(f"{'case':15s} {'peak MB':>10s} {'above model MB':>15s} {'peak / inference':>17s} {'above / inference':>18s}")
-    for r in rows:
+    for r in rows:  # on a CPU, inference may add almost nothing above the model: no ratio to a near-zero
+        above = f"{r['above_model_mb'] / ref['above_model_mb']:18.2f}" if ref["above_model_mb"] >= 1 else f"{'-':>18s}"
         print(f"{r['case']:15s} {r['peak_mb']:10.1f} {r['above_model_mb']:15.1f} {r['peak_mb'] / ref['peak_mb']:17.3f} "
-              f"{r['above_model_mb'] / max(ref['above_model_mb'], 1e-9):18.2f}")
+              f"{above}")
     if args.json:
         Path(args.json).write_text(json.dumps(dict(model=args.model, batch_size=args.batch_size, device=args.device,
                                                    threads=args.threads, rows=rows), indent=1))
