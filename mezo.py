@@ -498,15 +498,20 @@ def adam_optimizer(params: list[Trainable], lr: float, weight_decay: float) -> t
 
 
 def adam_step(optimizer: torch.optim.Optimizer, loss_fn) -> float:
-    """One backpropagation step. loss_fn returns the batch's loss as a tensor that autograd can differentiate."""
+    """One backpropagation step. loss_fn returns the batch's mean loss as a tensor that autograd can
+    differentiate, or an iterable of its parts (one per micro-batch: the part's summed loss / batch size),
+    each made after the last one's backward, so only one micro-batch's activations are alive at a time."""
     optimizer.zero_grad(set_to_none=True)
+    loss = 0.0
     with torch.enable_grad():
-        loss = loss_fn()
-        if not torch.isfinite(loss):
-            raise NonFiniteLoss(f"loss={loss.item()}")
-        loss.backward()  # keeps every activation of the batch until here: the memory MeZO avoids
+        parts = loss_fn()
+        for part in [parts] if torch.is_tensor(parts) else parts:
+            if not torch.isfinite(part):
+                raise NonFiniteLoss(f"loss={part.item()}")  # before optimizer.step: θ is as it was
+            part.backward()  # keeps the part's activations until here: the memory MeZO avoids
+            loss += part.item()
     optimizer.step()
-    return loss.item()
+    return loss
 
 # -----------------------------------------------------------------------------
 # Model, head and prompt (seam 2). The prompt head reads the model's own LM head at one position: the
@@ -781,14 +786,19 @@ def load_synthetic(cfg: Config) -> dict[str, list[tuple[str, int]]]:
 # Evaluation, checkpoints and the log
 
 
-def batch_logits(forward, examples: list[dict], micro_batch: int, pad_id: int, device) -> tuple[torch.Tensor, ...]:
-    """Label-word logits (N, C) and labels (N,) of examples, run as length-sorted micro-batches: a padded
-    token costs as much as a real one, and the per-example results do not depend on the grouping."""
+def micro_batches(examples: list[dict], micro_batch: int, pad_id: int, device):
+    """The examples as length-sorted micro-batches, collated on the device: a padded token costs as much as
+    a real one, and the per-example results do not depend on the grouping."""
     order = sorted(range(len(examples)), key=lambda i: len(examples[i]["ids"]))
-    logits, labels = [], []
     for start in range(0, len(order), micro_batch):
         batch = collate([examples[i] for i in order[start:start + micro_batch]], pad_id)
-        batch = {k: v.to(device) for k, v in batch.items()}
+        yield {k: v.to(device) for k, v in batch.items()}
+
+
+def batch_logits(forward, examples: list[dict], micro_batch: int, pad_id: int, device) -> tuple[torch.Tensor, ...]:
+    """Label-word logits (N, C) and labels (N,) of examples, run as micro-batches."""
+    logits, labels = [], []
+    for batch in micro_batches(examples, micro_batch, pad_id, device):
         logits.append(forward(batch))  # (b, C)
         labels.append(batch["labels"])
     return torch.cat(logits), torch.cat(labels)
@@ -1091,11 +1101,14 @@ def train(cfg: Config, resume: str | None = None, placement: Placement | None = 
             fwd.append(time.perf_counter() - t)
             return placement.mean(loss, len(batch))  # data-parallel ranks average: every rank sees one loss
 
-        def grad_loss_fn() -> torch.Tensor:  # --optimizer adam: the same loss as a tensor, to backpropagate
-            t = time.perf_counter()
-            loss = F.cross_entropy(*batch_logits(forward, batch, cfg.micro_batch, pad_id, device))
-            fwd.append(time.perf_counter() - t)
-            return loss
+        def grad_loss_fn():  # --optimizer adam: the same loss, as one part per micro-batch, to backpropagate
+            spent = 0.0  # the forwards' time, not the backwards' run between the parts
+            for part in micro_batches(batch, cfg.micro_batch, pad_id, device):
+                t = time.perf_counter()
+                loss = F.cross_entropy(forward(part), part["labels"], reduction="sum") / len(batch)
+                spent += time.perf_counter() - t
+                yield loss
+            fwd.append(spent)
 
         seeds = [step_seed(cfg.seed, step, k) for k in range(cfg.n_samples)]
         # A fused backend also makes the next step's +εz in the update's pass, unless θ itself is needed

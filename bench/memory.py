@@ -54,8 +54,10 @@ def measure(case: str, args) -> dict:
     elif case.startswith("mezo"):
         mezo.mezo_step(params, loss_fn, [mezo.step_seed(0, 1, 0)], 1e-3, 1e-3, 0.0)
     elif case.startswith("adam"):  # a first-order step: activations, gradients and AdamW's two moments
-        optimizer = mezo.adam_optimizer(params, 1e-4, 0.0)
-        mezo.adam_step(optimizer, lambda: F.cross_entropy(*mezo.batch_logits(forward, ex, args.batch_size, 0, device)))
+        optimizer = mezo.adam_optimizer(params, 1e-4, 0.0)  # one part per micro-batch, as mezo.train makes them
+        parts = lambda: (F.cross_entropy(forward(b), b["labels"], reduction="sum") / len(ex)
+                         for b in mezo.micro_batches(ex, args.micro_batch or args.batch_size, 0, device))
+        mezo.adam_step(optimizer, parts)
     else:  # backpropagation through the same LoRA tensors: activations and gradients are kept
         with torch.enable_grad():
             logits, labels = mezo.batch_logits(forward, ex, args.batch_size, 0, device)
@@ -74,6 +76,7 @@ def main():
     p.add_argument("--batch-size", type=int, default=8)
     p.add_argument("--device", default="cpu")
     p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--micro-batch", type=int, default=0, help="adam cases: examples per backward (default: the batch)")
     p.add_argument("--cases", default=",".join(CASES), help="comma-separated, from " + ", ".join(CASES))
     p.add_argument("--json", help="also write the rows to this file")
     p.add_argument("--case", help=argparse.SUPPRESS)
@@ -87,13 +90,14 @@ def main():
     rows = []
     for case in cases:
         cmd = [sys.executable, __file__, "--case", case, "--model", args.model, "--batch-size", str(args.batch_size),
-               "--device", args.device, "--threads", str(args.threads)]
+               "--device", args.device, "--threads", str(args.threads), "--micro-batch", str(args.micro_batch)]
         out = subprocess.run(cmd, capture_output=True, text=True, env={**os.environ, "TQDM_DISABLE": "1"})
         if out.returncode:
             sys.exit(f"{case} failed:\n{out.stderr[-2000:]}")
         rows.append(json.loads(out.stdout.strip().splitlines()[-1]))
     ref = rows[0]
-    print(f"model {args.model}, batch {args.batch_size}, {args.device}")
+    print(f"model {args.model}, batch {args.batch_size}" + (f", adam micro-batch {args.micro_batch}" if args.micro_batch
+                                                             else "") + f", {args.device}")
     print(f"{'case':15s} {'peak MB':>10s} {'above model MB':>15s} {'peak / inference':>17s} {'above / inference':>18s}")
     for r in rows:  # on a CPU, inference may add almost nothing above the model: no ratio to a near-zero
         above = f"{r['above_model_mb'] / ref['above_model_mb']:18.2f}" if ref["above_model_mb"] >= 1 else f"{'-':>18s}"

@@ -117,6 +117,21 @@ def test_adam_resume_continues_the_identical_trajectory(model_dir, tmp_path, cap
     expect_error(capsys, ["--resume", halves, "--optimizer", "mezo"], r"trained with --optimizer adam; resume it")
 
 
+def test_adam_micro_batches_accumulate_the_batch_gradient(model_dir, tmp_path, capsys):
+    """--optimizer adam --micro-batch 3 backpropagates each micro-batch before the next forward (one
+    micro-batch's activations alive at a time) and sums the parts: the same steps as one batch of 8, up to
+    float32 summation order."""
+    for name, micro in (("whole", 8), ("parts", 3)):
+        assert run(tiny_args(model_dir, tmp_path / name, optimizer="adam", micro_batch=micro, steps=4), capsys)[0] == 0
+    a, b = ([r for r in records(tmp_path / name) if "split" not in r] for name in ("whole", "parts"))
+    assert len(a) == len(b) == 4
+    for x, y in zip(a, b):
+        assert y["loss"] == pytest.approx(x["loss"], rel=1e-5), (x, y)
+    ta, tb = load_file(tmp_path / "whole" / mezo.CHECKPOINT), load_file(tmp_path / "parts" / mezo.CHECKPOINT)
+    moved = max((ta[k] - tb[k]).abs().max().item() for k in ta if not k.startswith(mezo.ADAM))
+    assert moved <= 1e-5, moved  # lr 1e-2 a step: a wrong scale of the parts moves tensors by ~1e-2
+
+
 def test_adam_refuses_what_it_cannot_do(model_dir, tmp_path, capsys):
     from test_cli import expect_error
     expect_error(capsys, tiny_args(model_dir, tmp_path, optimizer="sgd"), r"unknown --optimizer 'sgd'; choose one of "
