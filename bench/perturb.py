@@ -37,13 +37,15 @@ def main():
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--numel", type=int, default=256 * 2**20)
     p.add_argument("--repeat", type=int, default=10)
-    p.add_argument("--peak-gbs", type=float, default=0.0, help="device memory bandwidth, GB/s (H100 SXM: 3350)")
+    p.add_argument("--peak-gbs", type=float, default=0.0, help="device memory bandwidth, GB/s (default: known GPUs)")
     p.add_argument("--skip-reference", action="store_true")
     args = p.parse_args()
     import fast
 
     device = torch.device(args.device)
     name = torch.cuda.get_device_name() if device.type == "cuda" else "cpu"
+    from step import PEAK_GBS  # bench/step.py's table of known devices
+    args.peak_gbs = args.peak_gbs or next((gbs for key, gbs in PEAK_GBS.items() if key in name), 0.0)
     print(f"device {device} ({name}), {args.numel:,} elements")
     print(f"{'dtype':10s} {'reference s':>12s} {'fast s':>10s} {'ref / fast':>11s} {'fast GB/s':>10s} {'of peak':>8s}")
     for dtype in (torch.float32, torch.bfloat16):
