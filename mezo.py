@@ -957,6 +957,7 @@ class Log:
 class Placement:
     is_main = True  # this process prints, logs, evaluates into the log and writes checkpoints
     device = None  # None: --device decides
+    dp = 1  # data-parallel ranks that split a step's batch
 
     def shard(self, model: nn.Module, params: list[Trainable]) -> list[Trainable]:
         return params  # the model stays whole
@@ -1037,6 +1038,10 @@ def train(cfg: Config, resume: str | None = None, placement: Placement | None = 
         if any(e["label"] >= len(cfg.label_words) for e in rows):
             raise UsageError(f"{name} has labels beyond the {len(cfg.label_words)} --label-words")
     print(f"mezo: {cfg.task} train {len(splits['train'])}, dev {len(splits['dev'])}, test {len(splits['test'])}")
+    if min(cfg.batch_size, len(splits["train"])) < placement.dp:  # decided alike on every rank
+        raise UsageError(f"a step's batch has {min(cfg.batch_size, len(splits['train']))} examples (--batch-size "
+                         f"{cfg.batch_size}, {len(splits['train'])} training examples), fewer than --dp {placement.dp}:"
+                         " every data-parallel rank needs one; lower --dp, or raise --batch-size or --k")
     if cfg.cache and forward.add_shared_prefix([e["ids"] for rows in splits.values() for e in rows]):
         print("mezo: cache: keys/values of the prompt's shared prefix kept for the frozen layers")
     out = Path(cfg.out) if cfg.out else None

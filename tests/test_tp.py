@@ -182,6 +182,11 @@ def setup(kind, path, mode):
 def test_bad_combinations_give_one_error_line(worker, model_dir, tmp_path, capsys):
     _, _, log = worker
     assert "mezo: error: --tp 2 x --dp 2 = 4 processes, but torchrun started 2" in log
+    assert "mezo: error: a step's batch has 1 examples (--batch-size 1, 16 training examples), fewer than --dp 2" in log
+    class FourRanks(mezo.Placement):  # the same check where the training set is what is short (no 4 processes here)
+        dp = 4
+    with pytest.raises(mezo.UsageError, match=r"batch has 2 examples \(--batch-size 8, 2 training examples\), fewer"):
+        mezo.train(mezo.parse_args(cli_args(model_dir("llama"), tmp_path, k=1))[0], None, placement=FourRanks())
     assert mezo.main(cli_args(model_dir("llama"), tmp_path) + ["--tp", "2"]) == 2  # no torchrun
     assert capsys.readouterr().err.strip().splitlines()[-1] == (
         "mezo: error: --tp 2 --dp 1 needs 2 processes: launch with torchrun --nproc-per-node 2 mezo.py ...")
@@ -219,6 +224,7 @@ if __name__ == "__main__":  # the worker: python -m torch.distributed.run ... te
     for argv in spec["runs"]:
         assert mezo.main(argv) == 0, argv
     assert mezo.main(spec["runs"][0] + ["--tp", "2", "--dp", "2"]) == 2  # its error line goes to the log
+    assert mezo.main(spec["runs"][2] + ["--batch-size", "1"]) == 2  # a DP run whose batch cannot be split
     for kind, path in spec["models"].items():
         for mode in ("lora", "full"):
             model, params = setup(kind, path, mode)

@@ -133,9 +133,6 @@ class DistributedPlacement(mezo.Placement):
         if self.tp * self.dp != world:
             raise mezo.UsageError(f"--tp {self.tp} x --dp {self.dp} = {self.tp * self.dp} processes, but torchrun "
                                   f"started {world}; make --nproc-per-node equal to tp x dp")
-        if cfg.batch_size < self.dp:  # every data-parallel rank needs at least one example of each step
-            raise mezo.UsageError(f"--batch-size {cfg.batch_size} is smaller than --dp {self.dp}: every data-parallel "
-                                  "rank needs an example; raise --batch-size or lower --dp")
         use_cuda = torch.cuda.is_available() and not cfg.device.startswith("cpu")
         if use_cuda:
             self.device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
