@@ -13,6 +13,10 @@ Two things the reference does not do: many small tensors (LoRA's) are moved once
 pass over them is one launch, and the restore after L− is fused with the update and with the next step's
 +εz (one pass instead of three: a step makes two passes over θ, not four).
 
+TritonBackend(exact=True) is --exact-restore's drift-free mode with its copy of θ read and written inside
+the same passes. Tensor-parallel shards (tp/) work too: a shard is cut into stretches of consecutive global
+indices (one per row of a rowwise weight's shard), each a row of the launch's table.
+
 Use: `python mezo.py ... --fast`, or `mezo.mezo_step(..., backend=fast.TritonBackend())`. On a CPU the
 kernels run in Triton's interpreter: set TRITON_INTERPRET=1 before anything imports triton.
 """
