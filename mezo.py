@@ -249,9 +249,9 @@ class Trainable:
     full_shape: tuple[int, ...] = ()  # shape of the unsharded tensor
     shard_start: tuple[int, ...] = ()  # where this shard starts in the full tensor (all zeros: not sharded)
 
-    def global_index(self, start: int, end: int) -> torch.Tensor:
-        """Global indices of local flat elements [start, end) (row-major in the full tensor)."""
-        local = torch.arange(start, end, device=self.tensor.device)
+    def global_index(self, start: int, end: int, step: int = 1) -> torch.Tensor:
+        """Global indices of local flat elements range(start, end, step) (row-major in the full tensor)."""
+        local = torch.arange(start, end, step, device=self.tensor.device)
         if tuple(self.tensor.shape) == self.full_shape:
             return self.offset + local
         flat = torch.zeros_like(local)  # unravel in the shard's shape, shift, ravel in the full shape
@@ -1038,8 +1038,9 @@ def train(cfg: Config, resume: str | None = None, placement: Placement | None = 
         if any(e["label"] >= len(cfg.label_words) for e in rows):
             raise UsageError(f"{name} has labels beyond the {len(cfg.label_words)} --label-words")
     print(f"mezo: {cfg.task} train {len(splits['train'])}, dev {len(splits['dev'])}, test {len(splits['test'])}")
-    if min(cfg.batch_size, len(splits["train"])) < placement.dp:  # decided alike on every rank
-        raise UsageError(f"a step's batch has {min(cfg.batch_size, len(splits['train']))} examples (--batch-size "
+    batch_size = min(cfg.batch_size, len(splits["train"]))  # what batch_indices gives a step
+    if batch_size < placement.dp:  # decided alike on every rank
+        raise UsageError(f"a step's batch has {batch_size} examples (--batch-size "
                          f"{cfg.batch_size}, {len(splits['train'])} training examples), fewer than --dp {placement.dp}:"
                          " every data-parallel rank needs one; lower --dp, or raise --batch-size or --k")
     if cfg.cache and forward.add_shared_prefix([e["ids"] for rows in splits.values() for e in rows]):

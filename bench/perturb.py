@@ -44,8 +44,8 @@ def main():
 
     device = torch.device(args.device)
     name = torch.cuda.get_device_name() if device.type == "cuda" else "cpu"
-    from step import PEAK_GBS  # bench/step.py's table of known devices
-    args.peak_gbs = args.peak_gbs or next((gbs for key, gbs in PEAK_GBS.items() if key in name), 0.0)
+    from step import peak_gbs  # bench/step.py's table of known devices
+    args.peak_gbs = args.peak_gbs or peak_gbs(name) or 0.0
     print(f"device {device} ({name}), {args.numel:,} elements")
     print(f"{'dtype':10s} {'reference s':>12s} {'fast s':>10s} {'ref / fast':>11s} {'fast GB/s':>10s} {'of peak':>8s}")
     for dtype in (torch.float32, torch.bfloat16):

@@ -38,6 +38,11 @@ SIZES = {  # hidden, layers, heads, kv heads, intermediate (Llama shapes)
 PEAK_GBS = {"H100 80GB HBM3": 3350, "H100 PCIe": 2000, "H200": 4800}  # memory bandwidth (NVIDIA's data sheets)
 
 
+def peak_gbs(device_name: str) -> float | None:
+    """The memory bandwidth of a known GPU, GB/s (None: unknown)."""
+    return next((gbs for key, gbs in PEAK_GBS.items() if key in device_name), None)
+
+
 class OriginalBackend:
     """The original MeZO code's noise and update: torch.manual_seed(seed), then one torch.normal per tensor in
     order, applied out of place (param.data = param.data + scale * z)."""
@@ -113,7 +118,7 @@ def main():
         print(f"fast/ unavailable: {e}")
     gen = torch.Generator().manual_seed(0)
     name = torch.cuda.get_device_name() if device.type == "cuda" else ""
-    peak = args.peak_gbs or next((gbs for key, gbs in PEAK_GBS.items() if key in name), None)
+    peak = args.peak_gbs or peak_gbs(name)
     print(f"device {device}{' ' + torch.cuda.get_device_name() if device.type == 'cuda' else ''}, {args.dtype}, "
           f"batch {args.batch_size} x {args.seq_len} tokens" + (f", peak {peak:.0f} GB/s" if peak else ""))
     print(f"{'model':6s} {'mode':5s} {'trainable':>13s} {'backend':15s} {'forward s':>10s} {'step s':>9s} {'R':>7s} "

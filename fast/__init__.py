@@ -147,20 +147,13 @@ COALESCE_MAX_NUMEL = 1 << 26  # up to this many values in tensors of 1M on avera
 def _pieces(p):
     """(local start, length, global offset) of each stretch of p's flat tensor that is also contiguous in the
     global index: the whole tensor; or, for a tensor-parallel shard that cuts dimension d, one stretch per
-    index of the dimensions before d (a rowwise weight's shard: one per row). Same mapping as
-    mezo.Trainable.global_index."""
-    shape, full = tuple(p.tensor.shape), tuple(p.full_shape)
-    cut = [d for d in range(len(full)) if shape[d] != full[d]]
+    index of the dimensions before d (a rowwise weight's shard: one per row)."""
+    cut = [d for d, (n, f) in enumerate(zip(p.tensor.shape, p.full_shape)) if n != f]
     if not cut:
         return [(0, p.tensor.numel(), p.offset)]
-    d = cut[-1]  # dimensions after d are whole: a stretch is shape[d:]
-    length = math.prod(shape[d:])
-    starts = torch.zeros(math.prod(shape[:d]), dtype=torch.int64)  # global index of each stretch's element 0
-    outer = torch.arange(starts.numel())
-    for k in range(d + 1):
-        coord = (outer // math.prod(shape[k + 1:d])) % shape[k] if k < d else torch.zeros_like(outer)
-        starts += (coord + p.shard_start[k]) * math.prod(full[k + 1:])
-    return [(i * length, length, p.offset + int(g)) for i, g in enumerate(starts.tolist())]
+    length = math.prod(p.tensor.shape[cut[-1]:])  # dimensions after the last cut are whole
+    starts = p.global_index(0, p.tensor.numel(), length).tolist()  # global index of each stretch's element 0
+    return [(i * length, length, g) for i, g in enumerate(starts)]
 
 
 def _launches(runs, saved=None):
