@@ -42,4 +42,4 @@ results:
 	$(PY) results.py table
 
 lint:
-	$(PY) -m ruff check mezo.py plot.py results.py fast tp cache tests bench
+	$(PY) -m ruff check .

@@ -23,20 +23,26 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import mezo  # noqa: E402
+import models  # noqa: E402
+import runs  # noqa: E402
 from cache import CachedForward  # noqa: E402
+from tasks import (
+    lmbff,  # noqa: E402
+    prompts,  # noqa: E402
+)
 
 
 class Run:
     """One training run set up as mezo.train sets it up; step() makes one MeZO step and returns its time."""
 
     def __init__(self, cfg: mezo.Config, use_cache: bool, test_rows: int):
-        data = mezo.load_sst2(cfg)
-        model, tok, _ = mezo.load_model(cfg)
-        label_ids = mezo.label_token_ids(tok, cfg.label_words)
-        self.cfg, self.layers, self.params = cfg, mezo.num_layers(model), mezo.select_trainables(model, cfg)
+        data = lmbff.load_sst2(cfg.k, cfg.data_seed, cfg.data_dir)
+        model, tok, *_ = models.load_model(cfg.model, cfg.dtype, cfg.head)
+        label_ids = prompts.label_token_ids(tok, cfg.label_words)
+        self.cfg, self.layers, self.params = cfg, models.num_layers(model), mezo.select_trainables(model, cfg)
         self.forward = CachedForward(model, label_ids, self.params) if use_cache else \
             mezo.PromptForward(model, label_ids)
-        encode = lambda s: mezo.encode(tok, s, cfg.template, "causal", cfg.max_length)
+        encode = lambda s: prompts.encode(tok, s, cfg.template, "causal", cfg.max_length)
         self.splits = {name: [dict(zip(("ids", "position"), encode(s)), label=y) for s, y in rows]
                        for name, rows in data.items() if name != "root"}
         self.splits["test"] = self.splits["test"][:test_rows]
@@ -47,8 +53,8 @@ class Run:
 
     def step(self, step: int) -> float:
         cfg, train = self.cfg, self.splits["train"]
-        batch = [train[i] for i in mezo.batch_indices(cfg.seed, step, len(train), cfg.batch_size)]
-        loss_fn = lambda: mezo.objective_loss(*mezo.batch_logits(self.forward, batch, cfg.micro_batch, self.pad,
+        batch = [train[i] for i in runs.batch_indices(cfg.seed, step, len(train), cfg.batch_size)]
+        loss_fn = lambda: mezo.objective_loss(*prompts.batch_logits(self.forward, batch, cfg.micro_batch, self.pad,
                                                                  "cpu"), "ce")
         t = time.perf_counter()
         s = mezo.mezo_step(self.params, loss_fn, [mezo.step_seed(cfg.seed, step, 0)], cfg.eps, cfg.lr, 0.0)[0]
@@ -57,8 +63,11 @@ class Run:
 
     def evaluate(self) -> tuple[dict, float]:
         t = time.perf_counter()
-        acc = {split: mezo.evaluate(self.forward, self.splits[split], self.cfg.micro_batch, self.pad, "cpu")[0]
-               for split in ("dev", "test")}
+        acc = {}
+        for split in ("dev", "test"):
+            rows = self.splits[split]
+            logits, labels = prompts.batch_logits(self.forward, rows, self.cfg.micro_batch, self.pad, "cpu")
+            acc[split] = (logits.argmax(-1) == labels).float().mean().item()
         return acc, time.perf_counter() - t
 
 

@@ -26,27 +26,31 @@ def measure(case: str, args) -> dict:
     import torch
     import torch.nn.functional as F
 
+    import baseline
     import mezo
+    import models
+    import runs
+    from tasks import lmbff, prompts
 
     torch.set_num_threads(args.threads)
     mode = "full" if case.endswith("-full") else "lora"
     cfg = mezo.Config(model=args.model, mode=mode, device=args.device)
     device = torch.device(args.device)
-    model, tok, _ = mezo.load_model(cfg)
+    model, tok, *_ = models.load_model(cfg.model, cfg.dtype, cfg.head)
     model.to(device)
     params = mezo.select_trainables(model, cfg)
-    forward = mezo.PromptForward(model, mezo.label_token_ids(tok, cfg.label_words))
-    data = mezo.load_sst2(cfg)
-    kind = mezo.model_kind(model)
-    ex = [dict(zip(("ids", "position"), mezo.encode(tok, s, cfg.template, kind, cfg.max_length)), label=y)
+    forward = mezo.PromptForward(model, prompts.label_token_ids(tok, cfg.label_words))
+    data = lmbff.load_sst2(cfg.k, cfg.data_seed, cfg.data_dir)
+    kind = models.model_kind(model)
+    ex = [dict(zip(("ids", "position"), prompts.encode(tok, s, cfg.template, kind, cfg.max_length)), label=y)
           for s, y in data["train"][:args.batch_size]]
-    loss_fn = lambda: mezo.objective_loss(*mezo.batch_logits(forward, ex, args.batch_size, 0, device), "ce")
+    loss_fn = lambda: mezo.objective_loss(*prompts.batch_logits(forward, ex, args.batch_size, 0, device), "ce")
     with torch.no_grad():
         loss_fn()  # warm-up: allocator pools and lazy initialisation are not the case's cost
     gpu = device.type == "cuda"
     if gpu:
         torch.cuda.synchronize()
-    base = mezo.peak_memory_mb(device, reset=True)  # right after the reset, the peak is what is in use now
+    base = runs.peak_memory_mb(device, reset=True)  # right after the reset, the peak is what is in use now
     t = time.perf_counter()
     if case == "inference":
         with torch.no_grad():
@@ -54,17 +58,18 @@ def measure(case: str, args) -> dict:
     elif case.startswith("mezo"):
         mezo.mezo_step(params, loss_fn, [mezo.step_seed(0, 1, 0)], 1e-3, 1e-3, 0.0)
     elif case.startswith("adam"):  # a first-order step: activations, gradients and AdamW's two moments
-        optimizer = mezo.adam_optimizer(params, 1e-4, 0.0)  # one part per micro-batch, as mezo.train makes them
+        # one part per micro-batch, as mezo.train makes them
+        optimizer = baseline.adam_optimizer([(p.tensor, p.decay) for p in params], 1e-4, 0.0)
         parts = lambda: (F.cross_entropy(forward(b), b["labels"], reduction="sum") / len(ex)
-                         for b in mezo.micro_batches(ex, args.micro_batch or args.batch_size, 0, device))
-        mezo.adam_step(optimizer, parts)
+                         for b in prompts.micro_batches(ex, args.micro_batch or args.batch_size, 0, device))
+        baseline.adam_step(optimizer, parts)
     else:  # backpropagation through the same LoRA tensors: activations and gradients are kept
         with torch.enable_grad():
-            logits, labels = mezo.batch_logits(forward, ex, args.batch_size, 0, device)
+            logits, labels = prompts.batch_logits(forward, ex, args.batch_size, 0, device)
             F.cross_entropy(logits, labels).backward()
     if gpu:
         torch.cuda.synchronize()
-    peak = mezo.peak_memory_mb(device)
+    peak = runs.peak_memory_mb(device)
     seconds = time.perf_counter() - t  # one run of the case, a side figure (bench/step.py times steps properly)
     return dict(case=case, peak_mb=peak, above_model_mb=peak - base, seconds=seconds,
                 trainable=sum(p.tensor.numel() for p in params))

@@ -27,6 +27,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import mezo  # noqa: E402
+import models  # noqa: E402
 
 SIZES = {  # hidden, layers, heads, kv heads, intermediate (Llama shapes)
     "tiny": (256, 4, 4, 2, 704), "smol": (576, 8, 9, 3, 1536),
@@ -106,7 +107,7 @@ def main():
     p.add_argument("--max-reference-values", type=float, default=2e8,
                    help="skip the reference backend above this many trainable values (it is the specification)")
     args = p.parse_args()
-    device, dtype = torch.device(args.device), mezo.DTYPES[args.dtype]
+    device, dtype = torch.device(args.device), models.DTYPES[args.dtype]
     timed_fast = device.type == "cuda" and os.environ.get("TRITON_INTERPRET") != "1"
     backends = {"original": OriginalBackend(), "reference": mezo.TorchBackend()}
     backends["reference+exact"] = mezo.ExactRestore(backends["reference"])  # --exact-restore: a copy of θ

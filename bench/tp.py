@@ -35,16 +35,19 @@ def worker(args) -> None:
     from torch.utils._pytree import tree_leaves
 
     import mezo
+    import models
+    from tasks import prompts
 
     torch.set_num_threads(args.threads)
     targets = tuple(args.lora_targets.split(",")) if args.lora_targets else None
     cfg = mezo.Config(model=args.model, mode=args.mode, tp=args.tp, dp=args.dp, batch_size=args.batch_size,
                       threads=args.threads, lora_targets=targets)
-    placement = mezo.make_placement(cfg)
+    placement = mezo.variants(cfg).get("placement", mezo.Placement())  # as the command line picks it
     torch.manual_seed(0)
     if args.model != "smollm2-shape":
-        model, tok, _ = mezo.load_model(cfg)
-        label_ids = mezo.label_token_ids(tok, (" terrible", " great") if "smollm" in args.model else (" bad", " good"))
+        model, tok, *_ = models.load_model(cfg.model, cfg.dtype, cfg.head)
+        words = (" terrible", " great") if "smollm" in args.model else (" bad", " good")
+        label_ids = prompts.label_token_ids(tok, words)
     else:  # SmolLM2-135M's shapes with random weights (time does not depend on the values), but 8 query and
         # 2 key/value heads of 72: SmolLM2's own 9 and 3 heads do not split over 2 ranks
         from transformers import LlamaConfig, LlamaForCausalLM
@@ -77,7 +80,7 @@ def worker(args) -> None:
             return func(*args, **(kwargs or {}))
 
     def loss_fn():
-        logits, labels = mezo.batch_logits(forward, mine, 8, 0, "cpu")
+        logits, labels = prompts.batch_logits(forward, mine, 8, 0, "cpu")
         return placement.mean(mezo.objective_loss(logits, labels, "ce"), len(mine))
 
     times, cpu, counts = [], [], None
@@ -97,7 +100,7 @@ def worker(args) -> None:
         torch.distributed.all_reduce(cpu_step, op=torch.distributed.ReduceOp.MAX)
     # The forward's own activation traffic, for scale: the hidden state (B, T, H) float32 that each transformer
     # block reads and writes, summed over blocks, for one forward of the whole batch (all ranks together).
-    layers = mezo.num_layers(model)
+    layers = models.num_layers(model)
     activation = args.batch_size * args.length * hidden * 4 * layers
     if placement.is_main:
         result = dict(step=statistics.median(times), cpu=cpu_step.item(), bytes=sum(counts.bytes.values()),

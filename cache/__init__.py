@@ -128,6 +128,12 @@ class CachedForward:
                     prefix_bytes=self.prefix_bytes, prefix_hits=self.prefix_hits,
                     prefix_tokens_saved=self.prefix_tokens_saved)
 
+    def prepare(self, sequences: list[list[int]]) -> str:
+        """What mezo.train prints before the first step: what is reused, and the prompts' shared prefix, kept."""
+        n = self.add_shared_prefix(sequences)
+        return "cache: " + self.describe() + (f"; keys/values of the prompts' shared prefix ({n} tokens) kept for "
+                                              "the frozen layers" if n else "")
+
     def describe(self) -> str:
         what = (f"reusing the input of layer {self.l0} of {len(self.layers)} per example"
                 if self.l0 > 0 else "layer 0 holds trainable tensors: only the embeddings are reused")

@@ -15,6 +15,8 @@ from hypothesis import settings
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import mezo  # noqa: E402
+import models  # noqa: E402
+from tasks import prompts, synthetic  # noqa: E402
 
 torch.set_num_threads(min(2, os.cpu_count() or 1))
 
@@ -23,7 +25,7 @@ settings.register_profile("long", max_examples=200, deadline=None)
 settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", "ci"))
 
 SPECIALS = ["<pad>", "<s>", "</s>", "<unk>", "<mask>"]
-WORDS = sorted({w for ws in mezo.SYNTH_WORDS.values() for w in ws} | set(mezo.SYNTH_NOUNS)
+WORDS = sorted({w for ws in synthetic.WORDS.values() for w in ws} | set(synthetic.NOUNS)
                | set("the a i was is and long thought what it review overall movie . , : ! ?".split())
                | set("not very funny film bad good story".split()))
 
@@ -79,9 +81,9 @@ def model_dir(tmp_path_factory):
 def load_tiny(model_dir, kind: str, **overrides):
     """(model, tokenizer, params, forward) for a tiny model, set up exactly as mezo.train sets it up."""
     cfg = mezo.Config(model=model_dir(kind), **overrides)
-    model, tok, _ = mezo.load_model(cfg)
+    model, tok, _, _ = models.load_model(cfg.model, cfg.dtype, cfg.head)
     if cfg.head == "cls":
-        mezo.add_cls_head(model, len(cfg.label_words), cfg.seed)
-    label_ids = mezo.label_token_ids(tok, cfg.label_words) if cfg.head == "prompt" else []
+        models.add_cls_head(model, len(cfg.label_words), cfg.seed)
+    label_ids = prompts.label_token_ids(tok, cfg.label_words) if cfg.head == "prompt" else []
     params = mezo.select_trainables(model, cfg)
     return cfg, model, tok, params, mezo.PromptForward(model, label_ids)

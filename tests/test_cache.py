@@ -20,7 +20,10 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 import mezo
+import models
+import runs
 from cache import CachedForward, UnsafeCache
+from tasks import prompts
 
 LAYERS = 3
 TOL = 1e-11  # float64, see the module docstring
@@ -42,11 +45,11 @@ def folders(tmp_path_factory):
 def setup(folder, dtype=torch.float64, use_cache=False, **overrides):
     """(cfg, model, params, forward, tokenizer): mezo.train's set-up, in float64 unless asked otherwise."""
     cfg = mezo.Config(model=folder, **overrides)
-    model, tok, _ = mezo.load_model(cfg)
+    model, tok, _, _ = models.load_model(cfg.model, cfg.dtype, cfg.head)
     model.to(dtype)
     if cfg.head == "cls":
-        mezo.add_cls_head(model, len(cfg.label_words), cfg.seed)
-    label_ids = mezo.label_token_ids(tok, cfg.label_words) if cfg.head == "prompt" else []
+        models.add_cls_head(model, len(cfg.label_words), cfg.seed)
+    label_ids = prompts.label_token_ids(tok, cfg.label_words) if cfg.head == "prompt" else []
     params = mezo.select_trainables(model, cfg)
     forward = CachedForward(model, label_ids, params) if use_cache else mezo.PromptForward(model, label_ids)
     return cfg, model, params, forward, tok
@@ -56,19 +59,21 @@ def examples(tok, kind, prefix_words, n=None):
     """Prompts over the fixed sentences; prefix_words puts a shared instruction (or demonstrations) first."""
     template = " ".join(prefix_words + ["{sentence} . overall the movie was {mask} ."])
     enc = "causal" if kind == "llama" else "mlm"
-    return [dict(zip(("ids", "position"), mezo.encode(tok, s, template, enc, 64)), label=i % 2)
+    return [dict(zip(("ids", "position"), prompts.encode(tok, s, template, enc, 64)), label=i % 2)
             for i, s in enumerate(SENTENCES[:n or len(SENTENCES)])]
 
 
 def run_steps(params, forward, rows, steps, batch_size, micro_batch, evaluate_every=0):
-    """K MeZO steps as mezo.train runs them (batches drawn by mezo.batch_indices), evaluations in between."""
+    """K MeZO steps as mezo.train runs them (batches drawn by runs.batch_indices), evaluations in between."""
     out = []
     for step in range(1, steps + 1):
-        batch = [rows[i] for i in mezo.batch_indices(0, step, len(rows), batch_size)]
-        loss_fn = lambda: mezo.objective_loss(*mezo.batch_logits(forward, batch, micro_batch, 0, "cpu"), "ce")
+        batch = [rows[i] for i in runs.batch_indices(0, step, len(rows), batch_size)]
+        loss_fn = lambda: mezo.objective_loss(*prompts.batch_logits(forward, batch, micro_batch, 0, "cpu"), "ce")
         out += mezo.mezo_step(params, loss_fn, [mezo.step_seed(0, step, 0)], 1e-3, 5e-2, 0.0)
         if evaluate_every and step % evaluate_every == 0:
-            out.append(dict(eval=mezo.evaluate(forward, rows, micro_batch, 0, "cpu")))
+            logits, labels = prompts.batch_logits(forward, rows, micro_batch, 0, "cpu")
+            out.append(dict(eval=((logits.argmax(-1) == labels).float().mean().item(),
+                                  torch.nn.functional.cross_entropy(logits, labels).item())))
     return out
 
 
@@ -108,7 +113,7 @@ def test_trajectory_equals_reference(folders, kind, setting, steps, batch_size, 
     got = run_steps(params, cached, rows, steps, batch_size, micro_batch, evaluate_every=2)
     assert_same(want, got, params_ref, params)
     s = cached.stats()
-    batches = [mezo.batch_indices(0, t, n, batch_size) for t in range(1, steps + 1)]
+    batches = [runs.batch_indices(0, t, n, batch_size) for t in range(1, steps + 1)]
     seen = {i for b in batches for i in b} | (set(range(n)) if steps >= 2 else set())
     assert s["misses"] == s["entries"] == len(seen)  # each example's trunk computed once, whatever the batching
     assert s["hits"] + s["misses"] == sum(2 * len(b) for b in batches) + n * (steps // 2)
@@ -146,9 +151,9 @@ def test_hits_count_calls_really_avoided(folders, kind):
 def test_a_repeated_example_in_one_batch_runs_once(folders):
     _, model, params, cached, tok = setup(folders["llama"], use_cache=True, top_layers=1,
                                           label_words=(" bad", " good"))
-    ref = mezo.PromptForward(model, mezo.label_token_ids(tok, (" bad", " good")))
+    ref = mezo.PromptForward(model, prompts.label_token_ids(tok, (" bad", " good")))
     rows = examples(tok, "llama", [], 3)
-    batch = mezo.collate([rows[0], rows[1], rows[0], rows[2], rows[0]], 0)
+    batch = prompts.collate([rows[0], rows[1], rows[0], rows[2], rows[0]], 0)
     seen, hooks = count_rows(cached_layers(model)[:1])
     got = cached(batch)
     for h in hooks:
@@ -169,9 +174,9 @@ def test_refuses_a_layer_that_moves_with_theta_and_shows_the_bias(folders):
     θ + εz value in the θ − εz pass would have moved L− by an amount comparable to L+ − L− itself."""
     _, model, params, _, tok = setup(folders["llama"], mode="full", top_layers=2, label_words=(" bad", " good"))
     with pytest.raises(UnsafeCache, match="refusing to cache the input of layer 2: layer 1 holds trainable"):
-        CachedForward(model, mezo.label_token_ids(tok, (" bad", " good")), params, layer=2)
-    ref = mezo.PromptForward(model, mezo.label_token_ids(tok, (" bad", " good")))
-    batch = mezo.collate(examples(tok, "llama", []), 0)
+        CachedForward(model, prompts.label_token_ids(tok, (" bad", " good")), params, layer=2)
+    ref = mezo.PromptForward(model, prompts.label_token_ids(tok, (" bad", " good")))
+    batch = prompts.collate(examples(tok, "llama", []), 0)
     loss = lambda: mezo.objective_loss(ref(batch), batch["labels"], "ce")
     layer2 = cached_layers(model)[2]
     seed, eps = mezo.step_seed(0, 1, 0), 1e-3
@@ -197,8 +202,8 @@ def test_refuses_a_layer_that_moves_with_theta_and_shows_the_bias(folders):
 def test_frozen_weight_change_invalidates(folders):
     kw = dict(top_layers=1, label_words=(" bad", " good"))
     _, model, params, cached, tok = setup(folders["llama"], use_cache=True, **kw)
-    ref = mezo.PromptForward(model, mezo.label_token_ids(tok, (" bad", " good")))
-    batch = mezo.collate(examples(tok, "llama", []), 0)
+    ref = mezo.PromptForward(model, prompts.label_token_ids(tok, (" bad", " good")))
+    batch = prompts.collate(examples(tok, "llama", []), 0)
     cached(batch)
     with torch.no_grad():
         mezo.TorchBackend().perturb(params, 7, 1e-2)  # a trainable tensor changes: still valid
@@ -215,18 +220,18 @@ def test_frozen_weight_change_invalidates(folders):
 def test_lru_eviction_under_a_small_cap(folders):
     _, model, params, cached, tok = setup(folders["roberta"], use_cache=True, top_layers=1,
                                           label_words=(" bad", " good"))
-    ref = mezo.PromptForward(model, mezo.label_token_ids(tok, (" bad", " good")))
+    ref = mezo.PromptForward(model, prompts.label_token_ids(tok, (" bad", " good")))
     rows = examples(tok, "roberta", [])
     per_row = [len(e["ids"]) * model.config.hidden_size * 8 for e in rows]  # float64 (T, H)
     cached.max_bytes = per_row[0] + per_row[1] + per_row[2]
     for e in rows[:3]:
-        cached(mezo.collate([e], 0))
-    cached(mezo.collate([rows[0]], 0))  # touch row 0: row 1 is now the least recently used
-    cached(mezo.collate([rows[3]], 0))  # does not fit beside all three: row 1 goes, then row 2 if needed
+        cached(prompts.collate([e], 0))
+    cached(prompts.collate([rows[0]], 0))  # touch row 0: row 1 is now the least recently used
+    cached(prompts.collate([rows[3]], 0))  # does not fit beside all three: row 1 goes, then row 2 if needed
     s = cached.stats()
     assert s["evictions"] >= 1 and s["bytes"] <= cached.max_bytes
     assert tuple(rows[1]["ids"]) not in cached.store and tuple(rows[0]["ids"]) in cached.store
-    batch = mezo.collate(rows, 0)
+    batch = prompts.collate(rows, 0)
     assert (cached(batch) - ref(batch)).abs().max() <= TOL
     assert cached.stats()["bytes"] <= cached.max_bytes
 
@@ -269,7 +274,7 @@ def test_cli_trajectory_with_cache(model_dir, tmp_path, capsys, flags):
     assert mezo.main(base + ["--out", str(tmp_path / "ref")]) == 0
     assert mezo.main(base + ["--out", str(tmp_path / "cache"), "--cache"]) == 0
     out = capsys.readouterr().out
-    assert "mezo: cache: reusing the input of layer" in out and "shared prefix kept" in out
+    assert "mezo: cache: reusing the input of layer" in out and "shared prefix (3 tokens) kept" in out
     hits = int(out.split("mezo: cache: ")[-1].split("hits ")[1].split(",")[0])
     assert hits > 0
     want, got = records(tmp_path / "ref"), records(tmp_path / "cache")

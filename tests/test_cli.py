@@ -1,5 +1,7 @@
 """The command line as a user runs it: convergence, the log, exact resume, and every bad input's error."""
+import dataclasses
 import json
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -8,7 +10,11 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
+import checkpoints
 import mezo
+import models
+import runs
+from tasks import prompts, synthetic
 
 ROOT = Path(__file__).resolve().parents[1]
 SHARED = ROOT.parent / "shared" / "data"
@@ -73,7 +79,7 @@ def test_resume_continues_the_identical_trajectory(model_dir, tmp_path, capsys, 
     keys = ("step", "seed", "loss_plus", "loss_minus", "projected_grad", "split", "accuracy", "loss")
     strip = lambda log: [{k: r[k] for k in keys if k in r} for r in log]
     assert strip(records(halves)) == strip(records(straight))
-    a, b = load_file(straight / mezo.CHECKPOINT), load_file(halves / mezo.CHECKPOINT)
+    a, b = load_file(straight / checkpoints.CHECKPOINT), load_file(halves / checkpoints.CHECKPOINT)
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
     if mode == "lora":
         assert (halves / "adapter" / "adapter_model.safetensors").exists()
@@ -126,7 +132,7 @@ def test_non_finite_loss_stops_and_keeps_the_last_good_checkpoint(model_dir, tmp
                         r"non-finite loss at step 2 .*last good checkpoint \(step 1\)", code=1)
     assert "--resume" in line
     from safetensors import safe_open
-    with safe_open(str(tmp_path / mezo.CHECKPOINT), "pt") as f:
+    with safe_open(str(tmp_path / checkpoints.CHECKPOINT), "pt") as f:
         assert f.metadata()["step"] == "1"
         assert all(torch.isfinite(f.get_tensor(k)).all() for k in f.keys())
 
@@ -134,10 +140,10 @@ def test_non_finite_loss_stops_and_keeps_the_last_good_checkpoint(model_dir, tmp
 def test_corrupt_or_mismatched_checkpoint_is_refused(model_dir, tmp_path, capsys):
     expect_error(capsys, ["--resume", tmp_path / "empty"], r"no checkpoint.safetensors there")
     assert run(tiny_args(model_dir, tmp_path, steps=1), capsys)[0] == 0
-    good = (tmp_path / mezo.CHECKPOINT).read_bytes()
+    good = (tmp_path / checkpoints.CHECKPOINT).read_bytes()
     expect_error(capsys, ["--resume", tmp_path, "--lora-r", 4], r"lora_A is \(8, 32\) .* but \(4, 32\)")
     expect_error(capsys, ["--resume", tmp_path, "--mode", "full"], r"does not match this model's trainable tensors")
-    (tmp_path / mezo.CHECKPOINT).write_bytes(good[:len(good) // 2])  # truncated, as by a full disk
+    (tmp_path / checkpoints.CHECKPOINT).write_bytes(good[:len(good) // 2])  # truncated, as by a full disk
     expect_error(capsys, ["--resume", tmp_path], r"checkpoint.safetensors is corrupt")
     assert (tmp_path / "log.jsonl").exists()
 
@@ -152,4 +158,79 @@ def test_command_line_runs_sst2_in_a_subprocess(model_dir, tmp_path):
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert "mezo: sst2 train 32, dev 32, test 872" in proc.stdout
     assert "test accuracy" in proc.stdout
-    assert (tmp_path / mezo.CHECKPOINT).exists()
+    assert (tmp_path / checkpoints.CHECKPOINT).exists()
+
+
+def test_a_checkpoint_written_before_the_redesign_resumes(tmp_path, capsys):
+    """tests/data/pre-redesign: 3 steps written by mezo.py at commit 0cce2eb (its README says how). It resumes
+    under today's code, keeps its log, and continues as a hand-driven continuation from its tensors does."""
+    fixture = ROOT / "tests" / "data" / "pre-redesign"
+    run_dir = tmp_path / "run"
+    shutil.copytree(fixture / "run", run_dir)
+    old_log = records(run_dir)
+    code, out, err = run(["--resume", run_dir, "--model", fixture / "model", "--steps", 6, "--eval-every", 0], capsys)
+    assert code == 0 and "at step 3" in out, err
+    log = records(run_dir)
+    assert log[:len(old_log)] == old_log
+    steps = [r for r in log if "seed" in r and r["step"] > 3]
+    assert [r["step"] for r in steps] == [4, 5, 6] and [r["forwards"] for r in steps] == [8, 10, 12]
+    # the continuation by hand: the checkpoint's tensors, the run's batches and seeds, mezo_step
+    cfg = mezo.Config(**{**checkpoints.saved_config(run_dir), "model": str(fixture / "model")})
+    model, tok, *_ = models.load_model(cfg.model)
+    params = mezo.select_trainables(model, cfg)
+    saved = load_file(fixture / "run" / checkpoints.CHECKPOINT)
+    with torch.no_grad():
+        for p in params:
+            p.tensor.copy_(saved[p.name])
+    forward = mezo.PromptForward(model, prompts.label_token_ids(tok, cfg.label_words))
+    data = synthetic.load_synthetic(cfg.k, cfg.data_seed)
+    train = [dict(zip(("ids", "position"), prompts.encode(tok, s, cfg.template, "causal", cfg.max_length)), label=y)
+             for s, y in data["train"]]
+    for r in steps:
+        batch = [train[i] for i in runs.batch_indices(cfg.seed, r["step"], len(train), cfg.batch_size)]
+        loss_fn = lambda: mezo.objective_loss(*prompts.batch_logits(forward, batch, 8, 0, "cpu"), "ce")
+        s = mezo.mezo_step(params, loss_fn, [mezo.step_seed(cfg.seed, r["step"], 0)], cfg.eps, cfg.lr, 0.0)[0]
+        assert (s["loss_plus"], s["loss_minus"], s["seed"]) == (r["loss_plus"], r["loss_minus"], r["seed"])
+    final = load_file(run_dir / checkpoints.CHECKPOINT)
+    assert all(torch.equal(final[p.name], p.tensor) for p in params)
+
+
+def test_an_out_folder_that_cannot_be_made_is_one_line(model_dir, tmp_path, capsys):
+    blocker = tmp_path / "a-file"
+    blocker.write_text("keep me")
+    expect_error(capsys, tiny_args(model_dir, blocker / "run"),
+                 r"--out .*a-file/run: cannot create it \(Not a directory")
+    assert blocker.read_text() == "keep me"
+
+
+def test_resume_with_a_broken_log_is_one_line_and_changes_nothing(model_dir, tmp_path, capsys):
+    assert run(tiny_args(model_dir, tmp_path, steps=3), capsys)[0] == 0
+    lines = (tmp_path / "log.jsonl").read_text().splitlines()
+    broken = lines[:2] + [lines[2][:20]] + lines[3:]  # a record cut in the middle (a crash cuts the last line)
+    (tmp_path / "log.jsonl").write_text("\n".join(broken) + "\n")
+    before = {f: (tmp_path / f).read_bytes() for f in ("log.jsonl", checkpoints.CHECKPOINT)}
+    expect_error(capsys, ["--resume", tmp_path, "--steps", 6], r"log.jsonl: line 3 is not a log record .*fix or delete")
+    assert {f: (tmp_path / f).read_bytes() for f in before} == before
+    # a last line cut short, as a run killed mid-write leaves it: dropped, and the run goes on
+    (tmp_path / "log.jsonl").write_text("\n".join(lines) + '\n{"step": 4, "seed": 12')
+    assert run(["--resume", tmp_path, "--steps", 4], capsys)[0] == 0
+    assert [r["step"] for r in records(tmp_path) if "seed" in r] == [1, 2, 3, 4]
+
+
+@pytest.mark.skipif(not (SHARED / "lm-bff" / "SST-2" / "train.tsv").exists(), reason="no ../shared/data")
+def test_a_k_larger_than_a_class_is_one_line(model_dir, tmp_path, capsys):
+    expect_error(capsys, ["--task", "sst2", "--model", model_dir("llama"), "--k", 5000, "--out", tmp_path / "run"],
+                 r"--k 5000 needs 2k = 10000 examples of every class .*class 1 has 3610.*lower --k")
+
+
+def test_help_explains_every_option_and_lists_the_choices(capsys):
+    with pytest.raises(SystemExit) as exit_:
+        mezo.parse_args(["--help"])
+    assert exit_.value.code == 0
+    text = " ".join(capsys.readouterr().out.split())
+    for flag in ("--task {sst2,synthetic}", "--mode {lora,full,head}", "--head {prompt,cls}",
+                 "--objective {ce,accuracy}", "--dtype {float32,bfloat16,float16}", "--optimizer {mezo,adam}"):
+        assert flag in text, flag
+    assert "learning rate (default: 0.001)" in text and "perturbation scale ε (paper: 1e-3) (default: 0.001)" in text
+    for f in dataclasses.fields(mezo.Config):  # every option has words, not only its default
+        assert f.metadata["help"] and "--" + f.name.replace("_", "-") in text

@@ -9,6 +9,7 @@ import torch
 from hypothesis import given
 from hypothesis import strategies as st
 
+import checkpoints
 import mezo
 
 fast = pytest.importorskip("fast")
@@ -158,7 +159,7 @@ def _run(model_dir, out, flags, **kw):
     assert mezo.main(argv) == 0
     log = [json.loads(line) for line in (out / "log.jsonl").read_text().splitlines()]
     from safetensors.torch import load_file
-    return log, load_file(out / mezo.CHECKPOINT)
+    return log, load_file(out / checkpoints.CHECKPOINT)
 
 
 @pytest.mark.parametrize("device", DEVICES)

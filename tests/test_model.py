@@ -8,16 +8,19 @@ import torch
 import torch.nn.functional as F
 from conftest import load_tiny, make_model
 
+import checkpoints
 import mezo
+import models
+from tasks import prompts, synthetic
 
 SENTS = ["the movie was great .", "a dull film .", "what a superb story !", "the plot is bad and the cast is long ."]
 
 
 def _batch(tok, model, template="{sentence} It was {mask} ."):
-    kind = mezo.model_kind(model)
-    ex = [dict(zip(("ids", "position"), mezo.encode(tok, s, template, kind, 64)), label=i % 2)
+    kind = models.model_kind(model)
+    ex = [dict(zip(("ids", "position"), prompts.encode(tok, s, template, kind, 64)), label=i % 2)
           for i, s in enumerate(SENTS)]
-    return mezo.collate(ex, tok.pad_token_id)
+    return prompts.collate(ex, tok.pad_token_id)
 
 
 @pytest.mark.parametrize("kind", ["roberta", "llama"])
@@ -54,14 +57,14 @@ def test_default_lora_targets_and_names(kind, targets, model_dir):
 @pytest.mark.parametrize("kind", ["roberta", "llama"])
 def test_top_k_trains_only_those_layers(kind, mode, model_dir):
     cfg, model, tok, params, forward = load_tiny(model_dir, kind, mode=mode, top_layers=1)
-    layers = {mezo.layer_index(p.name) for p in params}
+    layers = {models.layer_index(p.name) for p in params}
     assert layers == {1}, layers
     before = {n: t.detach().clone() for n, t in model.named_parameters()}
     batch = _batch(tok, model)
     loss_fn = lambda: F.cross_entropy(forward(batch), batch["labels"]).item()
     mezo.mezo_step(params, loss_fn, [mezo.step_seed(0, 1, 0)], 1e-3, lr=1e-2, weight_decay=0.0)
     changed = {n for n, t in model.named_parameters() if not torch.equal(t, before[n])}
-    assert changed and all(mezo.layer_index(n) == 1 for n in changed), changed
+    assert changed and all(models.layer_index(n) == 1 for n in changed), changed
     assert changed == {p.name for p in params} or mode == "full"
 
 
@@ -110,8 +113,8 @@ def test_model_without_lm_head_is_refused(tmp_path, model_dir):
     for f in ("tokenizer.json", "tokenizer_config.json"):
         shutil.copy(Path(model_dir("llama")) / f, tmp_path / f)
     with pytest.raises(mezo.UsageError, match="no masked- or causal-LM head"):
-        mezo.load_model(mezo.Config(model=str(tmp_path)))
-    model, _, _ = mezo.load_model(mezo.Config(model=str(tmp_path), head="cls"))  # the baseline still works
+        models.load_model(str(tmp_path))
+    model, *_ = models.load_model(str(tmp_path), head="cls")  # the baseline still works
     assert isinstance(model, LlamaModel)
 
 
@@ -123,10 +126,11 @@ def test_peft_loads_the_saved_adapter(kind, model_dir, tmp_path):
     with torch.no_grad():
         for p in params:  # a trained-looking adapter
             p.tensor.normal_(0, 0.05, generator=torch.Generator().manual_seed(len(p.name)))
-    mezo.save_checkpoint(tmp_path, params, 3, cfg, model)
+    checkpoints.save_peft_adapter(tmp_path / "adapter", {p.name: p.tensor for p in params}, cfg.lora_r,
+                                  cfg.lora_alpha, model_dir(kind), causal=kind == "llama")
     config = json.loads((tmp_path / "adapter" / "adapter_config.json").read_text())
     assert config["r"] == cfg.lora_r and config["lora_alpha"] == cfg.lora_alpha
-    base, _, _ = mezo.load_model(mezo.Config(model=model_dir(kind)))
+    base, *_ = models.load_model(model_dir(kind))
     batch = _batch(tok, model)
     inputs = dict(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"])
     with torch.no_grad():
@@ -137,3 +141,28 @@ def test_peft_loads_the_saved_adapter(kind, model_dir, tmp_path):
     assert not torch.allclose(got, plain, atol=1e-3), "the adapter had no effect"
     n_lora = sum("lora_" in n for n, _ in peft_model.named_parameters())
     assert n_lora == len(params)
+
+
+def test_the_runs_adapter_loads_with_peft_alone_and_gives_the_runs_evaluation(model_dir, tmp_path, capsys):
+    """A CLI run's adapter/, loaded by peft from its own config (base_model_name_or_path names a folder
+    transformers can load), scores the test set as the run's last evaluation did."""
+    peft = pytest.importorskip("peft")
+    from test_cli import records, run, tiny_args
+    assert run(tiny_args(model_dir, tmp_path, steps=6, eval_every=0, lr=0.2), capsys)[0] == 0
+    config = json.loads((tmp_path / "adapter" / "adapter_config.json").read_text())
+    assert config["base_model_name_or_path"] == str(Path(model_dir("llama")).resolve())
+    tuned = peft.AutoPeftModelForCausalLM.from_pretrained(str(tmp_path / "adapter")).eval()
+    base, tok, *_ = models.load_model(model_dir("llama"))
+    rows = [dict(zip(("ids", "position"), prompts.encode(tok, s, "{sentence} It was {mask}", "causal", 128)), label=y)
+            for s, y in synthetic.load_synthetic(8, 42)["test"]]
+    label_ids = prompts.label_token_ids(tok, (" bad", " good"))
+    scores = {}
+    with torch.no_grad():
+        for name, model in (("tuned", tuned.get_base_model()), ("base", base)):
+            logits, labels = prompts.batch_logits(mezo.PromptForward(model, label_ids), rows, 8, 0, "cpu")
+            scores[name] = (F.cross_entropy(logits, labels).item(), (logits.argmax(-1) == labels).float().mean().item())
+    final = [r for r in records(tmp_path) if r.get("split") == "test"][-1]
+    assert final["n"] == len(rows) == 256
+    assert scores["tuned"][0] == pytest.approx(final["loss"], rel=1e-6, abs=0)
+    assert scores["tuned"][1] == final["accuracy"]
+    assert abs(scores["base"][0] - final["loss"]) > 1e-4, "the adapter changed nothing: the comparison says nothing"

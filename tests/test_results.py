@@ -12,7 +12,11 @@ from conftest import load_tiny
 from safetensors.torch import load_file
 from test_cli import records, run, tiny_args
 
+import baseline
+import checkpoints
 import mezo
+import runs
+from tasks import prompts, synthetic
 
 ROOT = Path(__file__).resolve().parents[1]
 SHARED = ROOT.parent / "shared" / "data"
@@ -28,16 +32,16 @@ def one_thread():
 
 
 def synthetic_batches(tok, cfg, steps):
-    data = mezo.load_synthetic(cfg)
-    train = [dict(zip(("ids", "position"), mezo.encode(tok, s, cfg.template, "causal", cfg.max_length)), label=y)
+    data = synthetic.load_synthetic(cfg.k, cfg.data_seed)
+    train = [dict(zip(("ids", "position"), prompts.encode(tok, s, cfg.template, "causal", cfg.max_length)), label=y)
              for s, y in data["train"]]
-    return [[train[i] for i in mezo.batch_indices(cfg.seed, step, len(train), cfg.batch_size)]
+    return [[train[i] for i in runs.batch_indices(cfg.seed, step, len(train), cfg.batch_size)]
             for step in range(1, steps + 1)]
 
 
 @pytest.mark.parametrize("mode,weight_decay", [("lora", 0.0), ("full", 0.1)])
 def test_adam_step_equals_a_hand_written_torch_adam_loop(model_dir, mode, weight_decay):
-    """Two models from the same folder: one stepped by mezo.adam_step, one by plain torch.optim on the same tensors
+    """Two models from the same folder: one stepped by baseline.adam_step, one by plain torch.optim on the same tensors
     (Adam when wd = 0; AdamW with decay on 2-D tensors only otherwise). Same batches: identical tensors."""
     kw = dict(task="synthetic", template="{sentence} It was {mask}", label_words=(" bad", " good"), k=8,
               batch_size=8, mode=mode, lr=1e-2, weight_decay=weight_decay, optimizer="adam")
@@ -50,11 +54,11 @@ def test_adam_step_equals_a_hand_written_torch_adam_loop(model_dir, mode, weight
                                 lr=cfg.lr, weight_decay=weight_decay)
     else:
         ref = torch.optim.Adam([p.tensor for p in ref_params], lr=cfg.lr)
-    ours = mezo.adam_optimizer(params, cfg.lr, cfg.weight_decay)
+    ours = baseline.adam_optimizer([(p.tensor, p.decay) for p in params], cfg.lr, cfg.weight_decay)
     for batch in synthetic_batches(tok, cfg, 2):
-        loss = mezo.adam_step(ours, lambda: F.cross_entropy(*mezo.batch_logits(forward, batch, 8, 0, "cpu")))
+        loss = baseline.adam_step(ours, lambda: F.cross_entropy(*prompts.batch_logits(forward, batch, 8, 0, "cpu")))
         ref.zero_grad()
-        ref_loss = F.cross_entropy(*mezo.batch_logits(ref_forward, batch, 8, 0, "cpu"))
+        ref_loss = F.cross_entropy(*prompts.batch_logits(ref_forward, batch, 8, 0, "cpu"))
         ref_loss.backward()
         ref.step()
         assert loss == ref_loss.item()
@@ -99,17 +103,17 @@ def test_adam_resume_continues_the_identical_trajectory(model_dir, tmp_path, cap
     assert code == 0 and "at step 3" in out, err
     strip = lambda log: [dict(r) for r in log]
     assert strip(records(halves)) == strip(records(straight))
-    a, b = load_file(straight / mezo.CHECKPOINT), load_file(halves / mezo.CHECKPOINT)
-    assert any(k.startswith(mezo.ADAM + "exp_avg_sq:") for k in a)
+    a, b = load_file(straight / checkpoints.CHECKPOINT), load_file(halves / checkpoints.CHECKPOINT)
+    assert any(k.startswith(baseline.ADAM + "exp_avg_sq:") for k in a)
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
     # The same resume with the moments dropped from the checkpoint continues differently: the check above has teeth.
     from safetensors import safe_open
     from safetensors.torch import save_file
     fresh = tmp_path / "fresh"
     assert run(tiny_args(model_dir, fresh, optimizer="adam", steps=3), capsys)[0] == 0
-    with safe_open(str(fresh / mezo.CHECKPOINT), "pt") as f:
-        meta, kept = f.metadata(), {k: f.get_tensor(k) for k in f.keys() if not k.startswith(mezo.ADAM)}
-    save_file(kept, str(fresh / mezo.CHECKPOINT), metadata=meta)
+    with safe_open(str(fresh / checkpoints.CHECKPOINT), "pt") as f:
+        meta, kept = f.metadata(), {k: f.get_tensor(k) for k in f.keys() if not k.startswith(baseline.ADAM)}
+    save_file(kept, str(fresh / checkpoints.CHECKPOINT), metadata=meta)
     assert run(["--resume", fresh, "--steps", 6], capsys)[0] == 0
     assert strip(records(fresh))[:4] == strip(records(straight))[:4]  # step 0's evaluations and steps 1..3
     assert strip(records(fresh))[-1] != strip(records(straight))[-1]
@@ -127,8 +131,8 @@ def test_adam_micro_batches_accumulate_the_batch_gradient(model_dir, tmp_path, c
     assert len(a) == len(b) == 4
     for x, y in zip(a, b):
         assert y["loss"] == pytest.approx(x["loss"], rel=1e-5), (x, y)
-    ta, tb = load_file(tmp_path / "whole" / mezo.CHECKPOINT), load_file(tmp_path / "parts" / mezo.CHECKPOINT)
-    moved = max((ta[k] - tb[k]).abs().max().item() for k in ta if not k.startswith(mezo.ADAM))
+    ta, tb = (load_file(tmp_path / name / checkpoints.CHECKPOINT) for name in ("whole", "parts"))
+    moved = max((ta[k] - tb[k]).abs().max().item() for k in ta if not k.startswith(baseline.ADAM))
     assert moved <= 1e-5, moved  # lr 1e-2 a step: a wrong scale of the parts moves tensors by ~1e-2
 
 
@@ -202,7 +206,7 @@ def test_table_means_and_stds_match_a_hand_computation(small_results, tmp_path):
     assert per_seed == "| MeZO full | " + " | ".join(f"{100 * finals[s]:.1f}" for s in (13, 21, 42)) + " | — | — |"
     zero = next(x for x in md.splitlines() if x.startswith("| zero-shot |"))
     assert "(one run)" in zero and "| 79.0 |" in zero
-    assert "Not measured yet" in md and "Not run: no GPU" in md
+    assert "Not measured yet" in md and "Not yet run: these need a GPU" in md
     assert "**MeZO-LoRA** moves" in md and "**First-order (Adam) LoRA** reaches" in md  # the generated sentences
 
 
@@ -211,8 +215,8 @@ def test_plots_exist_open_and_carry_the_runs_labels(small_results, tmp_path):
 
     import plot
     results, root, methods = small_results
-    runs = plot.labelled_runs(plot.find_logs([str(root)]), group=False)
-    fig = plot.plot_runs(runs, tmp_path / "curves.png")
+    labelled = plot.labelled_runs(plot.find_logs([str(root)]), group=False)
+    fig = plot.plot_runs(labelled, tmp_path / "curves.png")
     want = {f"{m.name}/seed{s}" for m in methods for s in m.seeds if m.steps} | {"zero-shot/seed13"}
     assert {t.get_text() for t in fig.legends[0].get_texts()} == want
     image = matplotlib.image.imread(tmp_path / "curves.png")

@@ -10,6 +10,8 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 import mezo
+import models
+from tasks import prompts
 
 UNIT_ROUNDOFF = {torch.float32: 2.0**-24, torch.bfloat16: 2.0**-8, torch.float16: 2.0**-11, torch.float64: 2.0**-53}
 
@@ -93,10 +95,10 @@ def _tiny(kind, mode):
                     if p.name.endswith("lora_B"):
                         p.tensor.normal_(0, 0.1, generator=torch.Generator().manual_seed(3))
         sents = ["the movie was great .", "a dull film .", "what a superb story !", "the plot is bad ."]
-        kind_ = mezo.model_kind(model)
-        ex = [dict(zip(("ids", "position"), mezo.encode(tok, s, cfg.template, kind_, 64)), label=i % 2)
+        kind_ = models.model_kind(model)
+        ex = [dict(zip(("ids", "position"), prompts.encode(tok, s, cfg.template, kind_, 64)), label=i % 2)
               for i, s in enumerate(sents)]
-        batch = mezo.collate(ex, 0)
+        batch = prompts.collate(ex, 0)
         return [(p.name, p.tensor) for p in params], lambda: F.cross_entropy(forward(batch).double(), batch["labels"])
     return build
 
@@ -210,7 +212,7 @@ def test_float32_lora_over_a_bfloat16_model_does_not_drift(model_dir):
             for p in params:  # a trained-looking adapter, so that B is not all zeros
                 p.tensor.copy_(torch.randn(p.tensor.shape, generator=torch.Generator().manual_seed(1)) * 0.02)
         before = [p.tensor.detach().clone() for p in params]
-        batch = mezo.collate([dict(zip(("ids", "position"), mezo.encode(tok, "the movie was great", cfg.template,
+        batch = prompts.collate([dict(zip(("ids", "position"), prompts.encode(tok, "the movie was great", cfg.template,
                                                                         "causal", 64)), label=1)], 0)
         loss_fn = lambda: F.cross_entropy(forward(batch), batch["labels"]).item()
         for t in range(10):

@@ -19,7 +19,9 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
+import checkpoints
 import mezo
+import models
 
 ROOT = Path(__file__).resolve().parents[1]
 ULPS = 16 * 2.0 ** -24  # 16 float32 ulps of a number below 1 (measured: up to 4.5)
@@ -72,7 +74,7 @@ def assert_same_run(ref, par, steps, keep=lambda r: True):
         if "accuracy" in x:  # argmax flips only on a tie within a few ulps: none in these runs
             assert x["accuracy"] == y["accuracy"], where
     assert sum(1 for r in a if "projected_grad" in r) == steps
-    ta, tb = load_file(Path(ref) / mezo.CHECKPOINT), load_file(Path(par) / mezo.CHECKPOINT)
+    ta, tb = load_file(Path(ref) / checkpoints.CHECKPOINT), load_file(Path(par) / checkpoints.CHECKPOINT)
     assert ta.keys() == tb.keys()
     tol = LR * 6 * steps * g_tol + 8 * 2.0 ** -24 * max(t.abs().max().item() for t in ta.values())
     for k in ta:
@@ -175,7 +177,7 @@ def test_sharded_noise_reassembles_to_the_reference(worker):
 
 def setup(kind, path, mode):
     cfg = mezo.Config(model=path, mode=mode, lora_targets=tuple(LORA_TARGETS[kind].split(",")))
-    model, _, _ = mezo.load_model(cfg)
+    model, *_ = models.load_model(cfg.model, cfg.dtype, cfg.head)
     return model, mezo.select_trainables(model, cfg)
 
 

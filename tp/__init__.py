@@ -41,6 +41,7 @@ from torch.distributed.tensor import DTensor, Replicate, Shard, distribute_tenso
 from torch.distributed.tensor.parallel import ColwiseParallel, RowwiseParallel, parallelize_module
 
 import mezo
+from models import layer_index
 
 # Linear layers inside a transformer block, by the end of their qualified name: Llama/SmolLM2, then RoBERTa/BERT.
 COLWISE = ("q_proj", "k_proj", "v_proj", "gate_proj", "up_proj",
@@ -52,7 +53,7 @@ def tp_plan(model: nn.Module) -> dict[str, str]:
     """{qualified name: "colwise" | "rowwise"} for the linear layers of every transformer block."""
     plan = {}
     for name, module in model.named_modules():
-        if isinstance(module, nn.Linear) and mezo.layer_index(name) is not None:
+        if isinstance(module, nn.Linear) and layer_index(name) is not None:
             if name.endswith(COLWISE):
                 plan[name] = "colwise"
             elif name.endswith(ROWWISE):
@@ -121,7 +122,7 @@ def shard_model(model: nn.Module, params: list[mezo.Trainable], mesh) -> list[me
 
 
 class DistributedPlacement(mezo.Placement):
-    """One rank of a (dp, tp) mesh. Made by mezo.make_placement when --tp/--dp ask for it or under torchrun."""
+    """One rank of a (dp, tp) mesh. Made by mezo.variants when --tp/--dp ask for it or under torchrun."""
 
     def __init__(self, cfg: mezo.Config):
         if "WORLD_SIZE" not in os.environ:
@@ -171,6 +172,9 @@ class DistributedPlacement(mezo.Placement):
         return [p if p.tensor.shape == p.full_shape else
                 dataclasses.replace(p, tensor=_full(p, self.tp_mesh), shard_start=(0,) * len(p.full_shape))
                 for p in params]
+
+    def peer_failure(self, error: BaseException) -> str | None:
+        return peer_failure(error)
 
     def close(self) -> None:
         dist.barrier()  # no rank leaves while another still needs it (e.g. rank 0 writing the checkpoint)

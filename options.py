@@ -1,0 +1,50 @@
+"""Command-line options from a config dataclass: each field made by `option()` carries its --help text, its
+choices and its range; `check` enforces them in one error line each, `parser` builds argparse from them."""
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import math
+
+from errors import UsageError
+
+
+def option(default, help: str, choices=None, min=None, above=None):
+    """A config field: its default, what --help says of it, its allowed values, and a bound (>= min, > above)."""
+    return dataclasses.field(default=default, metadata=dict(help=help, choices=choices, min=min, above=above))
+
+
+def check(cfg) -> None:
+    """Every field among its choices and within its bound, or one UsageError naming the flag."""
+    for f in dataclasses.fields(cfg):
+        value, meta, flag = getattr(cfg, f.name), f.metadata, "--" + f.name.replace("_", "-")
+        if meta.get("choices") and value not in meta["choices"]:
+            names = ", ".join(str(c) for c in meta["choices"] if c is not None)
+            raise UsageError(f"unknown {flag} {value!r}; choose one of {names}")
+        bound, strict = (meta.get("min"), False) if meta.get("above") is None else (meta["above"], True)
+        if bound is None or isinstance(value, bool):
+            continue
+        if isinstance(value, int) and value < bound:
+            raise UsageError(f"{flag} {value} is out of range: it must be >= {bound}")
+        if isinstance(value, float) and not (math.isfinite(value) and (value > bound if strict else value >= bound)):
+            raise UsageError(f"{flag} must be a finite number {'>' if strict else '>='} {bound}, got {value}")
+
+
+def parser(config_class, prog: str, description: str) -> argparse.ArgumentParser:
+    """--flag-name for every field (tuples comma-separated, booleans as switches); unset flags stay absent."""
+    p = argparse.ArgumentParser(prog=prog, description=description)
+    comma = lambda s: tuple(w for w in s.split(",") if w) if s else None
+    for f in dataclasses.fields(config_class):
+        meta, default = f.metadata, f.default
+        shown = ",".join(default) if isinstance(default, tuple) else repr(default) if isinstance(default, str) \
+            else default
+        kw = dict(default=argparse.SUPPRESS, help=f"{meta.get('help', '')} (default: {shown})".replace("%", "%%"))
+        if meta.get("choices"):
+            kw["metavar"] = "{" + ",".join(str(c) for c in meta["choices"] if c is not None) + "}"
+        kind = str(f.type)  # a string under `from __future__ import annotations`
+        if kind == "bool":
+            kw["action"] = "store_true"
+        else:
+            kw["type"] = comma if "tuple" in kind else {"int": int, "float": float}.get(kind.split(" ")[0], str)
+        p.add_argument("--" + f.name.replace("_", "-"), **kw)
+    return p

@@ -1,0 +1,324 @@
+"""A training run's set-up and bookkeeping, around the loop in mezo.train: the data, the model and its tokenised
+splits; which examples each step sees; evaluation; checkpoints, resume and the stop on a non-finite loss;
+log.jsonl, the progress bar, timing, peak memory and summary.json.
+
+mezo.train hands `Run` its config and seams as plain objects: the trainable tensors come from a function it
+passes in (`trainables(model)`), and they are read by attribute only (name, tensor, offset, decay, full_shape,
+shard_start), so nothing here imports mezo.
+"""
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import json
+import math
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from tqdm import tqdm
+
+import checkpoints
+import models
+import tasks
+from baseline import adam_optimizer, adam_state, restore_adam_state
+from errors import NonFiniteLoss, UsageError
+from tasks.prompts import batch_logits, encode_splits, label_token_ids, micro_batches
+
+
+class Run:
+    """Everything a run keeps besides θ's trajectory. Made by mezo.train; see its loop for the order of calls."""
+
+    def __init__(self, cfg, placement, trainables, forward):
+        self.cfg, self.placement = cfg, placement
+        self.out = Path(cfg.out) if cfg.out else None
+        if self.out and placement.is_main:
+            try:
+                self.out.mkdir(parents=True, exist_ok=True)
+            except OSError as e:  # before anything is loaded or written
+                raise UsageError(f"--out {cfg.out}: cannot create it ({e.strerror}); "
+                                 "pick a folder you can write to") from None
+        if cfg.threads:
+            torch.set_num_threads(cfg.threads)
+        torch.manual_seed(cfg.seed)
+        data = tasks.load(cfg.task, cfg.k, cfg.data_seed, cfg.data_dir)
+        if data["root"] is not None:
+            print(f"mezo: data from {data['root']}")
+        auto = "cuda" if torch.cuda.is_available() else "cpu"
+        self.device = placement.device or torch.device(auto if cfg.device == "auto" else cfg.device)
+        self.model, tokenizer, source, self.model_path = models.load_model(cfg.model, cfg.dtype, cfg.head)
+        self.model.to(self.device)
+        kind = models.model_kind(self.model)
+        print(f"mezo: model {source}: {type(self.model).__name__}, "
+              f"{sum(p.numel() for p in self.model.parameters()) / 1e6:.1f}M parameters, {cfg.dtype}, {self.device}")
+        if cfg.head == "prompt" and kind == "mlm" and "{mask}" not in cfg.template:
+            raise UsageError(f"a masked LM needs {{mask}} in --template, got {cfg.template!r}")
+        if cfg.head == "cls":
+            models.add_cls_head(self.model, len(cfg.label_words), cfg.seed)
+        label_ids = label_token_ids(tokenizer, cfg.label_words) if cfg.head == "prompt" else []
+        self.params = trainables(self.model)
+        print(f"mezo: training {sum(math.prod(p.full_shape) for p in self.params):,} values in {len(self.params)} "
+              f"tensors ({cfg.mode}{f', top {cfg.top_layers} layers' if cfg.top_layers else ''}, head {cfg.head})")
+        self.forward = forward(self.model, label_ids, self.params)
+        # Tokenise once. The prompt is scored at the mask (masked LMs) or after its last token (causal LMs).
+        self.pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
+        self.splits = encode_splits(tokenizer, data, cfg.template, kind if kind != "none" else "causal",
+                                    cfg.max_length, len(cfg.label_words))
+        print(f"mezo: {cfg.task} " + ", ".join(f"{name} {len(rows)}" for name, rows in self.splits.items()))
+        batch_size = min(cfg.batch_size, len(self.splits["train"]))  # what batch_indices gives a step
+        if batch_size < placement.dp:  # decided alike on every rank
+            raise UsageError(f"a step's batch has {batch_size} examples (--batch-size {cfg.batch_size}, "
+                             f"{len(self.splits['train'])} training examples), fewer than --dp {placement.dp}: every "
+                             "data-parallel rank needs one; lower --dp, or raise --batch-size or --k")
+        if hasattr(self.forward, "prepare"):  # e.g. cache/ keeps the prompts' shared prefix
+            print(f"mezo: {self.forward.prepare([e['ids'] for rows in self.splits.values() for e in rows])}")
+        self.optimizer = adam_optimizer([(p.tensor, p.decay) for p in self.params], cfg.lr, cfg.weight_decay) \
+            if cfg.optimizer == "adam" else None
+        self.per_step = dict(forwards=1, backwards=1) if self.optimizer else dict(forwards=2 * cfg.n_samples,
+                                                                                  backwards=0)
+        self.step_times, self.forward_times, self.last_saved, self.evals = [], [], None, {}
+        self.start, self.log, self.counts = 0, None, {}
+
+    # --- the data of a step ---------------------------------------------------------------------------
+
+    def batch(self, step: int) -> list[dict]:
+        """This process's examples of a step: a pure function of (seed, step), so a resume sees the same."""
+        rows = batch_indices(self.cfg.seed, step, len(self.splits["train"]), self.cfg.batch_size)
+        return self.placement.local([self.splits["train"][i] for i in rows])
+
+    def logits(self, examples: list[dict]) -> tuple[torch.Tensor, torch.Tensor]:
+        """Label-word logits (N, C) and labels (N,), run as micro-batches; the forward time is kept."""
+        t = time.perf_counter()
+        out = batch_logits(self.forward, examples, self.cfg.micro_batch, self.pad_id, self.device)
+        self.forward_times.append(time.perf_counter() - t)
+        return out
+
+    def loss_parts(self, batch: list[dict]):
+        """--optimizer adam: the batch's cross-entropy as one part per micro-batch (the part's sum / batch size),
+        each made after the last one's backward; only the forwards' time is kept."""
+        spent = 0.0
+        for part in micro_batches(batch, self.cfg.micro_batch, self.pad_id, self.device):
+            t = time.perf_counter()
+            loss = F.cross_entropy(self.forward(part), part["labels"], reduction="sum") / len(batch)
+            spent += time.perf_counter() - t
+            yield loss
+        self.forward_times.append(spent)
+
+    # --- the schedule: progress, logging, evaluation, checkpoints -------------------------------------
+
+    def evaluates_at(self, step: int) -> bool:
+        return step == self.cfg.steps or bool(self.cfg.eval_every and step % self.cfg.eval_every == 0)
+
+    def saves_at(self, step: int) -> bool:
+        """θ itself is needed after this step (an evaluation or a checkpoint): no perturbation may carry over."""
+        return self.evaluates_at(step) or bool(self.cfg.save_every and step % self.cfg.save_every == 0)
+
+    def steps(self, resume: str | None):
+        """The steps still to run, behind a progress bar: after the resume, the log and the first evaluation."""
+        self.start = self.resume(resume) if resume else 0
+        self.log = Log(self.out if self.placement.is_main else None, self.start if resume else None)
+        self.counts = {k: self.log.last_step.get(k, n * self.start) for k, n in self.per_step.items()}
+        self.t0 = time.time()
+        peak_memory_mb(self.device, reset=True)  # from here on: evaluations and steps, not loading
+        if self.start == 0:
+            self.evals[0] = self.evaluate(0)
+        self.bar = tqdm(range(self.start + 1, self.cfg.steps + 1), initial=self.start, total=self.cfg.steps,
+                        desc="mezo", dynamic_ncols=True, disable=not self.placement.is_main)
+        return self.bar
+
+    @contextlib.contextmanager
+    def timed_step(self, step: int):
+        """Times the step. A non-finite loss stops the run: θ_{step-1} (the tensors are back there) is kept as
+        the last good checkpoint, and the error says where it is."""
+        t = time.perf_counter()
+        try:
+            yield
+        except NonFiniteLoss as e:
+            self.bar.close()
+            if self.out and all(torch.isfinite(p.tensor).all() for p in self.params) and self.last_saved != step - 1:
+                self.checkpoint(step - 1)
+            where = f"; last good checkpoint (step {self.last_saved}) in {self.out}" if self.last_saved is not None \
+                else ""
+            raise NonFiniteLoss(f"non-finite loss at step {step} ({e}){where}. Lower --lr or --eps, then --resume") \
+                from None
+        self.step_times.append(time.perf_counter() - t)
+
+    def record(self, step: int, record: dict) -> None:
+        """Log the step (with the passes over a training batch so far), then evaluate and save when due."""
+        self.counts = {k: self.counts[k] + n for k, n in self.per_step.items()}
+        samples = record.pop("samples", None)  # n > 1 directions: each sample's numbers go last
+        self.log.write(dict(step=step, **record, **self.counts) | (dict(samples=samples) if samples else {}))
+        shown = self.evals[max(self.evals)] if self.evals else {}
+        self.bar.set_postfix(loss=f"{record['loss']:.4f}", acc=f"{shown.get('test', float('nan')):.3f}")
+        if self.evaluates_at(step):
+            self.evals[step] = self.evaluate(step)
+        if self.saves_at(step):
+            self.checkpoint(step)
+
+    @torch.no_grad()
+    def evaluate(self, step: int) -> dict:
+        """Dev and test accuracy; test is cut to --eval-max rows between the first and the last evaluation."""
+        results, final = {}, step == self.cfg.steps
+        for split in ("dev", "test"):
+            rows, limit = self.splits[split], self.cfg.eval_max if step else self.cfg.eval_max_start
+            rows = rows[:limit] if split == "test" and limit and not final else rows
+            mine = self.placement.local(rows)
+            acc = loss = 0.0
+            if mine:
+                logits, labels = batch_logits(self.forward, mine, self.cfg.micro_batch, self.pad_id, self.device)
+                acc, loss = (logits.argmax(-1) == labels).float().mean().item(), F.cross_entropy(logits, labels).item()
+            acc, loss = self.placement.mean(acc, len(mine)), self.placement.mean(loss, len(mine))
+            self.log.write(dict(step=step, split=split, accuracy=acc, loss=loss, n=len(rows)))
+            results[split] = acc
+            tqdm.write(f"step {step:6d} | {split:4s} accuracy {acc:.4f} loss {loss:.4f} ({len(rows)} examples)")
+        return results
+
+    def checkpoint(self, step: int) -> None:
+        """Full tensors (gathered from shards by every rank), written by one; LoRA also as a PEFT adapter."""
+        if not self.out:
+            return
+        full = {p.name: p.tensor for p in self.placement.gather(self.params)}
+        if self.placement.is_main:
+            extra = adam_state(self.optimizer, {p.name: p.tensor for p in self.params}) if self.optimizer else {}
+            checkpoints.save_checkpoint(self.out, full | extra, step, dataclasses.asdict(self.cfg),
+                                        [[p.name, p.offset] for p in self.params])
+            if self.cfg.mode == "lora":
+                lora = {n: t for n, t in full.items() if n.endswith((".lora_A", ".lora_B"))}
+                checkpoints.save_peft_adapter(self.out / "adapter", lora, self.cfg.lora_r, self.cfg.lora_alpha,
+                                              self.model_path, models.model_kind(self.model) == "causal")
+        self.last_saved = step
+
+    def resume(self, folder: str) -> int:
+        """Load a checkpoint's tensors (and AdamW's state) into this run; return the step it was taken at."""
+        tensors, start, saved = checkpoints.read_checkpoint(Path(folder))
+        if saved.get("optimizer", "mezo") != self.cfg.optimizer:
+            raise UsageError(f"--resume {folder}: the run was trained with --optimizer {saved.get('optimizer', 'mezo')}"
+                             f"; resume it with the same optimizer (drop --optimizer {self.cfg.optimizer})")
+        adam = {k: tensors.pop(k) for k in list(tensors) if k.startswith("adam:")}
+        checkpoints.check_match(Path(folder), tensors, {p.name: (p.full_shape, p.tensor.dtype) for p in self.params})
+        with torch.no_grad():
+            for p in self.params:  # a shard takes its slice of the full tensor: any world size resumes
+                p.tensor.copy_(tensors[p.name][tuple(slice(s, s + n) for s, n in zip(p.shard_start, p.tensor.shape))])
+        if self.optimizer:
+            restore_adam_state(self.optimizer, {p.name: p.tensor for p in self.params}, adam)
+        print(f"mezo: resumed from {folder} at step {start}")
+        self.last_saved = start
+        return start
+
+    def finish(self) -> dict:
+        """The last checkpoint, then summary.json: wall time, passes, peak memory, median step and forward time."""
+        self.bar.close()
+        if self.last_saved != self.cfg.steps:
+            self.checkpoint(self.cfg.steps)
+        wall_time, per_step = time.time() - self.t0, self.per_step["forwards"]
+        summary = dict(optimizer=self.cfg.optimizer, steps=self.cfg.steps, wall_time=wall_time, evals=self.evals,
+                       **self.counts, peak_memory_mb=peak_memory_mb(self.device))
+        if self.step_times:
+            s, f = float(np.median(self.step_times)), float(np.median(self.forward_times))
+            summary.update(step_time=s, forward_time=f, ratio=s / (per_step * f))
+            print(f"mezo: {len(self.step_times)} steps, median {s:.3f} s/step, forward {f:.3f} s, "
+                  f"step / ({per_step} x forward) = {summary['ratio']:.3f}")
+        if hasattr(self.forward, "stats"):
+            summary["cache"] = self.forward.stats()
+            print("mezo: cache: " + ", ".join(f"{k} {v}" for k, v in summary["cache"].items()))
+        last = self.evals[max(self.evals)] if self.evals else {}
+        print(f"mezo: done in {wall_time:.0f} s; " + ", ".join(f"{k} accuracy {v:.4f}" for k, v in last.items()))
+        if self.out and self.placement.is_main:  # this process's part of the run (a resumed run writes its own)
+            write = lambda tmp: tmp.write_text(json.dumps(summary, indent=1))
+            checkpoints.atomic_write(self.out / "summary.json", write)
+        self.placement.close()
+        return summary
+
+
+def check_combinations(cfg) -> None:
+    """Options that cannot go together, each refused in one line that says what to change."""
+    if "{sentence}" not in cfg.template:
+        raise UsageError(f"--template must contain {{sentence}}, got {cfg.template!r}")
+    if len(cfg.label_words) < 2:
+        raise UsageError("--label-words needs one word per class, at least two (e.g. ' terrible,great')")
+    if cfg.mode == "head" and cfg.head != "cls":
+        raise UsageError("--mode head trains the fresh classification head alone; it needs --head cls")
+    if cfg.cache and cfg.tp > 1:
+        raise UsageError("--cache runs the model's layers itself and does not take tensor-parallel shards: "
+                         "drop --cache, or use --dp alone")
+    if cfg.optimizer == "adam" and (cfg.objective != "ce" or cfg.fast):
+        raise UsageError("--optimizer adam backpropagates the cross-entropy: drop --objective accuracy and --fast")
+    if cfg.optimizer == "adam" and (cfg.tp > 1 or cfg.dp > 1 or cfg.cache):
+        raise UsageError("--optimizer adam is the single-process baseline: drop --tp, --dp and --cache")
+
+
+def step_record(samples: list[dict], lr: float) -> dict:
+    """What the log keeps of a step: means over the samples, and the loss at θ, (L+ + L−)/2 (up to O(ε²))."""
+    mean = lambda key: sum(s[key] for s in samples) / len(samples)
+    return dict(seed=samples[0]["seed"], loss_plus=mean("loss_plus"), loss_minus=mean("loss_minus"),
+                projected_grad=mean("projected_grad"), lr=lr, loss=(mean("loss_plus") + mean("loss_minus")) / 2,
+                **(dict(samples=samples) if len(samples) > 1 else {}))
+
+
+def batch_indices(run_seed: int, step: int, n: int, batch_size: int) -> list[int]:
+    """Examples of a step: epochs of a seeded permutation, a pure function of (seed, step) for exact resume."""
+    if batch_size >= n:
+        return list(range(n))
+    out = []
+    for pos in range((step - 1) * batch_size, step * batch_size):
+        epoch, i = divmod(pos, n)
+        out.append(int(np.random.default_rng([run_seed, epoch]).permutation(n)[i]))
+    return out
+
+
+class Log:
+    """log.jsonl: one JSON object per step and per evaluation. resume_step: keep the records up to it (a crash
+    may have left later ones); else start afresh."""
+
+    def __init__(self, out: Path | None, resume_step: int | None = None):
+        self.path = out / "log.jsonl" if out else None
+        self.last_step = {}  # on resume, the kept log's last step record (its cumulative pass counts go on)
+        if self.path and resume_step is not None and self.path.exists():
+            keep = [r for r in read_log(self.path) if r["step"] <= resume_step]
+            checkpoints.atomic_write(self.path, lambda tmp: tmp.write_text("".join(json.dumps(r) + "\n" for r in keep)))
+            self.last_step = next((r for r in reversed(keep) if "forwards" in r), {})
+        elif self.path:
+            self.path.write_text("")
+
+    def write(self, record: dict) -> None:
+        if self.path:
+            with open(self.path, "a") as f:
+                f.write(json.dumps(record) + "\n")
+
+
+def read_log(path: Path) -> list[dict]:
+    """The records of a log.jsonl. A last line cut short (a crash mid-write) is dropped; any other line that is
+    not a JSON record is refused in one line, before anything is written."""
+    lines = path.read_text().splitlines()
+    records = []
+    for i, line in enumerate(lines, 1):
+        try:
+            record = json.loads(line)
+            if not isinstance(record, dict) or not isinstance(record.get("step"), int):
+                raise ValueError("not an object with an integer step")
+        except ValueError as e:
+            if i == len(lines) and not line.rstrip().endswith("}"):
+                break  # the partial last write of a run that was killed
+            raise UsageError(f"{path}: line {i} is not a log record ({e}); fix or delete that line, then "
+                             "run again (nothing was changed)") from None
+        records.append(record)
+    return records
+
+
+def peak_memory_mb(device: torch.device, reset: bool = False) -> float | None:
+    """Peak memory since the last reset, in MiB: torch's allocator on a GPU; on a Linux CPU the process's peak
+    resident set (VmHWM), reset through /proc/self/clear_refs. None elsewhere."""
+    if device.type == "cuda":
+        if reset:
+            torch.cuda.reset_peak_memory_stats(device)
+        return torch.cuda.max_memory_allocated(device) / 2**20
+    try:
+        if reset:
+            with open("/proc/self/clear_refs", "w") as f:
+                f.write("5")  # the peak resident set starts again from the current one
+        with open("/proc/self/status") as f:
+            return next(int(line.split()[1]) / 1024 for line in f if line.startswith("VmHWM:"))
+    except (OSError, StopIteration):
+        return None

@@ -1,0 +1,173 @@
+"""mezo.MeZO, the step as a torch.optim.Optimizer, against mezo_step (the reference) and against hand computations:
+the same losses and tensors over K steps, param groups and lr schedulers, state_dict resume, learning on a plain
+nn.Module that no transformers code touches, and a NaN loss."""
+import math
+
+import pytest
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from hypothesis import given
+from hypothesis import strategies as st
+
+import mezo
+import runs
+
+
+def mlp(widths, dtype, seed=0):
+    torch.manual_seed(seed)
+    layers = [nn.Linear(a, b) for a, b in zip(widths, widths[1:])]
+    return nn.Sequential(*[m for layer in layers for m in (layer, nn.Tanh())][:-1]).to(dtype)
+
+
+def regression_loss(model, seed=1):
+    """A fixed batch and target: the closure a user would write (a forward, a float back)."""
+    g = torch.Generator().manual_seed(seed)
+    width_in = model[0].in_features
+    x = torch.randn(16, width_in, generator=g).to(next(model.parameters()).dtype)
+    y = torch.randn(16, model[-1].out_features, generator=g).to(x.dtype)
+    return lambda: F.mse_loss(model(x).float(), y.float())  # a 0-d tensor, as most loss functions return
+
+
+@given(widths=st.lists(st.integers(1, 9), min_size=2, max_size=4), dtype=st.sampled_from([torch.float32, torch.bfloat16,
+       torch.float16, torch.float64]), seed=st.integers(0, 2**63 - 1), n_samples=st.integers(1, 3),
+       weight_decay=st.sampled_from([0.0, 0.1]), lr=st.floats(1e-4, 1e-1), steps=st.integers(1, 4))
+def test_optimizer_equals_mezo_step(widths, dtype, seed, n_samples, weight_decay, lr, steps):
+    """Two copies of one model: one stepped by MeZO, one by mezo_step with the seeds (seed, t, k). Bit for bit."""
+    ours, ref = mlp(widths, dtype), mlp(widths, dtype)
+    opt = mezo.MeZO(ours.named_parameters(), lr=lr, eps=1e-3, weight_decay=weight_decay, n_samples=n_samples,
+                    seed=seed)
+    params = mezo.make_trainables(list(ref.named_parameters()))
+    loss_ours, loss_ref = regression_loss(ours), regression_loss(ref)
+    for t in range(1, steps + 1):
+        got = opt.step(loss_ours)
+        seeds = [mezo.step_seed(seed, t, k) for k in range(n_samples)]
+        samples = mezo.mezo_step(params, lambda: loss_ref().item(), seeds, 1e-3, lr, weight_decay)
+        want = runs.step_record(samples, lr)
+        assert got == want["loss"] and opt.last == dict(step=t, **want), (opt.last, want)
+        for (name, a), b in zip(ours.named_parameters(), ref.parameters()):
+            assert torch.equal(a, b), f"step {t}, {name}: max diff {(a.double() - b.double()).abs().max():.3g}"
+    assert opt.steps == steps
+
+
+def test_closure_runs_without_autograd_and_returns_the_loss_at_theta():
+    model = mlp([3, 4, 2], torch.float64)
+    loss = regression_loss(model)
+    grad_modes = []
+    opt = mezo.MeZO(model.parameters(), lr=0.0, eps=1e-4)
+    got = opt.step(lambda: (grad_modes.append(torch.is_grad_enabled()), loss())[1])
+    assert grad_modes == [False, False]  # two forwards, neither recording a graph
+    assert got == pytest.approx(loss().item(), rel=1e-6)  # (L+ + L−)/2 = L(θ) + O(ε²)
+
+
+def test_param_groups_and_lr_scheduler_take_effect():
+    """Per-group lr, moved by a StepLR schedule: each tensor moves by −lr_group·g·z (float64, by hand)."""
+    model = mlp([4, 3, 2], torch.float64)
+    first, second = model[0], model[2]
+    groups = [dict(params=first.parameters(), lr=0.05), dict(params=second.parameters(), lr=0.2, weight_decay=0.5)]
+    opt = mezo.MeZO(groups, eps=1e-6, seed=11)
+    sched = torch.optim.lr_scheduler.StepLR(opt, step_size=1, gamma=0.5)
+    loss = regression_loss(model)
+    params = opt.trainables
+    for t in range(1, 4):
+        before = [p.tensor.detach().clone() for p in params]
+        lrs = [g["lr"] for g in opt.param_groups]
+        assert lrs == [0.05 * 0.5 ** (t - 1), 0.2 * 0.5 ** (t - 1)]
+        opt.step(loss)
+        g = opt.last["projected_grad"]
+        for p, b in zip(params, before):
+            lr, wd = (lrs[0], 0.0) if p.name.startswith("0.") else (lrs[1], 0.5 if p.decay else 0.0)
+            want = b - lr * (g * p.z(opt.last["seed"]).double() + wd * b)
+            assert torch.allclose(p.tensor, want, rtol=0, atol=1e-12), (t, p.name)
+        sched.step()
+    assert [p.name for p in params] == ["0.0", "0.1", "1.0", "1.1"]  # names made for unnamed parameters
+
+
+def test_named_parameters_keep_their_names_and_order():
+    model = mlp([3, 3, 2], torch.float32)
+    opt = mezo.MeZO(model.named_parameters())
+    assert [p.name for p in opt.trainables] == [n for n, _ in model.named_parameters()]
+    assert [p.offset for p in opt.trainables] == [0, 9, 12, 18]
+
+
+def test_state_dict_resume_continues_the_identical_trajectory():
+    """8 steps straight == 4 steps, state_dict of model and optimizer saved and loaded into fresh objects, 4 more."""
+    def fresh():
+        model = mlp([5, 6, 3], torch.float32)
+        return model, mezo.MeZO(model.parameters(), lr=0.05, eps=1e-3, weight_decay=0.1, n_samples=2, seed=7)
+    straight, opt = fresh()
+    losses = [opt.step(regression_loss(straight)) for _ in range(8)]
+    first, opt1 = fresh()
+    resumed = [opt1.step(regression_loss(first)) for _ in range(4)]
+    saved_model, saved_opt = first.state_dict(), opt1.state_dict()
+    second, opt2 = fresh()
+    opt2.seed = 0  # the state_dict carries the seed: a different one here must not matter
+    second.load_state_dict(saved_model)
+    opt2.load_state_dict(saved_opt)
+    resumed += [opt2.step(regression_loss(second)) for _ in range(4)]
+    assert resumed == losses and opt2.steps == 8
+    assert all(torch.equal(a, b) for a, b in zip(straight.parameters(), second.parameters()))
+    with pytest.raises(ValueError, match="not a MeZO state_dict"):
+        opt2.load_state_dict(torch.optim.SGD(second.parameters(), lr=0.1).state_dict())
+
+
+def test_it_learns_a_plain_regression():
+    """A linear regression in a plain nn.Module: MeZO alone takes the loss to a tenth of where it started."""
+    torch.manual_seed(0)
+    x = torch.randn(64, 6)
+    y = x @ torch.randn(6, 1) + 0.5
+    model = nn.Linear(6, 1)
+    opt = mezo.MeZO(model.parameters(), lr=0.05, eps=1e-3, seed=3)
+    start = F.mse_loss(model(x), y).item()
+    for _ in range(600):
+        opt.step(lambda: F.mse_loss(model(x), y))
+    assert F.mse_loss(model(x), y).item() < 0.1 * start
+
+
+@pytest.mark.parametrize("exact", [False, True])
+def test_a_nan_loss_raises_the_command_lines_error_and_keeps_theta(exact):
+    """The closure returns NaN: NonFiniteLoss with the CLI's wording; θ as the last good step left it (within the
+    rounding of +ε, −2ε, +ε in place; bit for bit with ExactRestore), and the step count unchanged."""
+    model = mlp([4, 5, 2], torch.float32)
+    backend = mezo.ExactRestore(mezo.TorchBackend()) if exact else None
+    opt = mezo.MeZO(model.parameters(), lr=0.1, eps=1e-3, backend=backend)
+    loss = regression_loss(model)
+    opt.step(loss)
+    before = [p.detach().clone() for p in model.parameters()]
+    with pytest.raises(mezo.NonFiniteLoss, match=r"^non-finite loss at step 2 \(loss_plus=nan, loss_minus=nan\); "
+                                                 r"the parameters are as step 1 left them"):
+        opt.step(lambda: float("nan"))
+    assert opt.steps == 1
+    for p, b, t in zip(model.parameters(), before, opt.trainables):
+        bound = 3 * 2.0**-24 * (b.abs() + 2e-3 * t.z(mezo.step_seed(0, 2, 0)).abs())
+        assert torch.equal(p, b) if exact else bool(((p - b).abs() <= bound).all())
+    opt.step(loss)  # and training goes on from there
+    assert opt.steps == 2 and math.isfinite(opt.last["loss"])
+
+
+def test_bad_arguments_are_refused():
+    model = nn.Linear(2, 2)
+    for kw in (dict(lr=-1.0), dict(eps=0.0), dict(n_samples=0), dict(seed=-1), dict(eps=float("nan"))):
+        with pytest.raises(ValueError, match="MeZO needs"):
+            mezo.MeZO(model.parameters(), **kw)
+    with pytest.raises(ValueError, match="only lr and weight_decay can differ between groups, not \\['eps'\\]"):
+        mezo.MeZO([dict(params=model.parameters(), eps=1e-2)])
+    with pytest.raises(ValueError, match="needs a closure"):
+        mezo.MeZO(model.parameters()).step(None)
+
+
+@pytest.mark.parametrize("groups", [1, 2])
+def test_fast_backend_in_the_optimizer_equals_mezo_step_with_it(groups):
+    """backend= takes fast/'s Triton backend (interpreter on a CPU); the numbers are mezo_step's with that backend."""
+    fast = pytest.importorskip("fast")
+    ours, ref = mlp([7, 33, 5], torch.float32), mlp([7, 33, 5], torch.float32)
+    two = [dict(params=ours[0].parameters()), dict(params=ours[2].parameters(), lr=0.02)]
+    opt = mezo.MeZO(two if groups == 2 else ours.parameters(), lr=0.05, seed=5, backend=fast.TritonBackend())
+    lrs = [0.05] * 2 + [0.02] * 2 if groups == 2 else 0.05
+    params, backend = mezo.make_trainables([(f"{i}", p) for i, p in enumerate(ref.parameters())]), fast.TritonBackend()
+    loss_ours, loss_ref = regression_loss(ours), regression_loss(ref)
+    for t in range(1, 4):
+        got = opt.step(loss_ours)
+        samples = mezo.mezo_step(params, lambda: loss_ref().item(), [mezo.step_seed(5, t, 0)], 1e-3, lrs, 0.0, backend)
+        assert got == runs.step_record(samples, 0.05)["loss"]
+        assert all(torch.equal(a, b) for a, b in zip(ours.parameters(), ref.parameters()))
