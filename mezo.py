@@ -67,7 +67,7 @@ class Config:
     lora_dtype: str | None = option(None, "LoRA's dtype (default the model's)", choices=(None, *DTYPES))
     top_layers: int = option(0, "train only the top K transformer layers (0 = all)", min=0)
     # MeZO
-    steps: int = option(400, "optimisation steps (the default run takes about 13 minutes on 2 CPU cores)", min=0)
+    steps: int = option(400, "optimisation steps (the default run takes about 15 minutes on 2 CPU cores)", min=0)
     batch_size: int = option(8, "examples per step (paper: 16 for OPT, 64 for RoBERTa)", min=1)
     lr: float = option(1e-3, "learning rate", min=0)
     eps: float = option(1e-3, "perturbation scale ε (paper: 1e-3)", above=0)
