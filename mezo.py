@@ -47,12 +47,12 @@ from options import option
 @dataclass
 class Config:
     # task and data
-    task: str = option("sst2", "the task to train on", choices=tasks.NAMES)
+    task: str = option("sst2", tasks.describe(), choices=tasks.NAMES, parse=tasks.canonical)
     data_dir: str | None = option(None, "folder holding sst2/ and lm-bff/ (else $MEZO_DATA, ../shared/data, the cache)")
     k: int = option(16, "training examples per class, sampled as LM-BFF does; 0 = the whole GLUE train set", min=0)
     data_seed: int = option(42, "LM-BFF split seed (the paper: 13, 21, 42, 87, 100)", min=0)
-    template: str = option("Review: {sentence}\nOverall, the movie was {mask}.", "prompt (README: why not LM-BFF's)")
-    label_words: tuple[str, ...] = option((" terrible", " great"), "one single-token word per class, class 0 first")
+    template: str | None = option(None, "{sentence} (or {sentence1}, {sentence2}) and {mask}; default: the task's")
+    label_words: tuple[str, ...] | None = option(None, "one word per class, class 0 first; default: the task's")
     max_length: int = option(128, "tokens per example; a longer sentence is cut, the prompt never is", min=8)
     # model
     model: str = option("smollm2-135m", "a local folder, a hub name, or the offline alias smollm2-135m")
@@ -219,10 +219,6 @@ class Trainable:
             coord = (local // math.prod(self.tensor.shape[dim + 1:])) % size + self.shard_start[dim]
             flat += coord * math.prod(self.full_shape[dim + 1:])
         return self.offset + flat
-
-    def z(self, seed: int) -> torch.Tensor:
-        """The whole z of this tensor (tests and small tensors only: the algorithm never materialises it)."""
-        return noise(seed, self.global_index(0, self.tensor.numel())).view(self.tensor.shape)
 
 
 def noise_chunks(params: list[Trainable], seed: int):
@@ -400,14 +396,11 @@ class ExactRestore:
 
 
 class MeZO(torch.optim.Optimizer):
-    """    opt = mezo.MeZO(model.parameters(), lr=1e-3, eps=1e-3)
-        loss = opt.step(lambda: loss_fn(model, batch))  # a forward; returns a float or a 0-d tensor
-
-    params: parameters, (name, parameter) pairs, or param groups with their own lr and weight_decay (so
-    torch.optim.lr_scheduler works unchanged). step(closure) calls the closure twice per sample under
-    torch.no_grad() and returns the loss at θ, (L+ + L−)/2; `last` holds the step's record. Weight decay, as
-    in mezo_step, never applies to 1-D tensors (biases, norm weights). state_dict() holds the step count and
-    the seed, so a reloaded optimizer continues the identical trajectory. backend= takes fast/'s backends."""
+    """opt = MeZO(model.parameters(), lr=1e-3, eps=1e-3); loss = opt.step(lambda: loss_fn(model, batch)).
+    params: parameters, (name, parameter) pairs, or groups with their own lr and weight_decay (lr schedulers work).
+    step(closure) runs the closure (a forward: a float or 0-d tensor) twice per sample without autograd and returns
+    the loss at θ, (L+ + L−)/2; `last` holds the step's record. Weight decay skips 1-D tensors, as in mezo_step.
+    state_dict() holds the step count and seed: a reloaded optimizer goes on identically. backend= takes fast/'s."""
 
     def __init__(self, params, lr: float = 1e-3, eps: float = 1e-3, weight_decay: float = 0.0,
                  n_samples: int = 1, seed: int = 0, backend=None):
@@ -461,8 +454,9 @@ class MeZO(torch.optim.Optimizer):
 
 
 class PromptForward:
-    """(batch) -> label-word logits (B, C). The model's body runs once; its head only at batch['position'].
-    A forward may also offer prepare(token id lists) -> a line to print, and stats() -> dict (cache/ does)."""
+    """(batch) -> label-word logits (B, C). The body runs once, the head only where read: each row's position, or
+    every token of several-token words, whose log-probabilities sum to the class's score (MeZO's OPT code).
+    A forward may also offer prepare(token id lists) and stats() (cache/ does)."""
 
     def __init__(self, model: nn.Module, label_ids: list[int], params: list[Trainable] | None = None):
         self.model, self.label_ids = model, torch.tensor(label_ids)
@@ -471,11 +465,18 @@ class PromptForward:
         self.lm_head = heads[0] if len(heads) == 1 else None  # e.g. lm_head (Llama, RoBERTa), cls (BERT)
 
     def __call__(self, batch: dict) -> torch.Tensor:
-        hidden = self.body(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).last_hidden_state
-        h = hidden[torch.arange(hidden.size(0)), batch["position"]]  # (B, H) at the mask / last token
+        return self.head(self.body(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"])
+                         .last_hidden_state, batch)  # (B, T, H) -> (B, C)
+
+    def head(self, hidden: torch.Tensor, batch: dict) -> torch.Tensor:
+        rows = batch.get("row", torch.arange(hidden.size(0)))  # several-token words: a row per (example, class)
+        h = hidden[rows, batch["position"]]  # (N, H) at the mask / last token / each word token
         if hasattr(self.model, "cls_head"):
             return _compute(self.model.cls_head(h))  # (B, C)
-        return _compute(self.lm_head(h)[:, self.label_ids.to(h.device)])  # (B, V) -> (B, C)
+        if "target" not in batch:
+            return _compute(self.lm_head(h)[:, self.label_ids.to(h.device)])  # (B, V) -> (B, C)
+        logp = _compute(self.lm_head(h)).log_softmax(-1).gather(1, batch["target"][:, None])[:, 0]  # (N,)
+        return logp.new_zeros(hidden.size(0)).index_add_(0, rows, logp).view(len(batch["labels"]), -1)  # (B, C)
 
 
 def objective_loss(logits: torch.Tensor, labels: torch.Tensor, objective: str) -> float:
@@ -587,8 +588,7 @@ def main(argv=None) -> int:
         print(f"mezo: error: {e}", file=sys.stderr)
         return 2 if isinstance(e, UsageError) else 1
     except RuntimeError as e:  # under torchrun: a collective that failed because another rank died or hung
-        line = getattr(seams.get("placement"), "peer_failure", lambda e: None)(e)  # tp/: a lost rank, in one line
-        if line is None:
+        if (line := getattr(seams.get("placement"), "peer_failure", lambda e: None)(e)) is None:  # tp/ knows them
             raise
         print(f"mezo: error: {line}", file=sys.stderr)
         return 1

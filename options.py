@@ -9,9 +9,11 @@ import math
 from errors import UsageError
 
 
-def option(default, help: str, choices=None, min=None, above=None):
-    """A config field: its default, what --help says of it, its allowed values, and a bound (>= min, > above)."""
-    return dataclasses.field(default=default, metadata=dict(help=help, choices=choices, min=min, above=above))
+def option(default, help: str, choices=None, min=None, above=None, parse=None):
+    """A config field: its default, what --help says of it, its allowed values, a bound (>= min, > above), and
+    how the command line reads it (parse: e.g. a spelling to its canonical name)."""
+    return dataclasses.field(default=default, metadata=dict(help=help, choices=choices, min=min, above=above,
+                                                            parse=parse))
 
 
 def check(cfg) -> None:
@@ -44,6 +46,8 @@ def parser(config_class, prog: str, description: str) -> argparse.ArgumentParser
         kind = str(f.type)  # a string under `from __future__ import annotations`
         if kind == "bool":
             kw["action"] = "store_true"
+        elif meta.get("parse"):
+            kw["type"] = meta["parse"]
         else:
             kw["type"] = comma if "tuple" in kind else {"int": int, "float": float}.get(kind.split(" ")[0], str)
         p.add_argument("--" + f.name.replace("_", "-"), **kw)

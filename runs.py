@@ -25,7 +25,7 @@ import models
 import tasks
 from baseline import adam_optimizer, adam_state, restore_adam_state
 from errors import NonFiniteLoss, UsageError
-from tasks.prompts import batch_logits, encode_splits, label_token_ids, micro_batches
+from tasks.prompts import batch_logits, check_template, encode_splits, label_tokens, micro_batches
 
 
 class Run:
@@ -53,19 +53,22 @@ class Run:
         kind = models.model_kind(self.model)
         print(f"mezo: model {source}: {type(self.model).__name__}, "
               f"{sum(p.numel() for p in self.model.parameters()) / 1e6:.1f}M parameters, {cfg.dtype}, {self.device}")
-        if cfg.head == "prompt" and kind == "mlm" and "{mask}" not in cfg.template:
-            raise UsageError(f"a masked LM needs {{mask}} in --template, got {cfg.template!r}")
+        kind = "mlm" if kind == "mlm" else "causal"  # a body without an LM head (--head cls) reads its last token
+        template, words = tasks.prompt(cfg.task, kind)  # the task's, unless --template / --label-words say
+        template, words = cfg.template or template, cfg.label_words or words
+        if cfg.head == "prompt" and kind == "mlm" and "{mask}" not in template:
+            raise UsageError(f"a masked LM needs {{mask}} in --template, got {template!r}")
         if cfg.head == "cls":
-            models.add_cls_head(self.model, len(cfg.label_words), cfg.seed)
-        label_ids = label_token_ids(tokenizer, cfg.label_words) if cfg.head == "prompt" else []
+            models.add_cls_head(self.model, len(words), cfg.seed)
+        candidates = label_tokens(tokenizer, words, kind) if cfg.head == "prompt" else None
+        label_ids = [c[0] for c in candidates] if candidates and all(len(c) == 1 for c in candidates) else []
         self.params = trainables(self.model)
         print(f"mezo: training {sum(math.prod(p.full_shape) for p in self.params):,} values in {len(self.params)} "
               f"tensors ({cfg.mode}{f', top {cfg.top_layers} layers' if cfg.top_layers else ''}, head {cfg.head})")
         self.forward = forward(self.model, label_ids, self.params)
         # Tokenise once. The prompt is scored at the mask (masked LMs) or after its last token (causal LMs).
         self.pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
-        self.splits = encode_splits(tokenizer, data, cfg.template, kind if kind != "none" else "causal",
-                                    cfg.max_length, len(cfg.label_words))
+        self.splits = encode_splits(tokenizer, data, template, kind, cfg.max_length, len(words), candidates)
         print(f"mezo: {cfg.task} " + ", ".join(f"{name} {len(rows)}" for name, rows in self.splits.items()))
         batch_size = min(cfg.batch_size, len(self.splits["train"]))  # what batch_indices gives a step
         if batch_size < placement.dp:  # decided alike on every rank
@@ -234,9 +237,10 @@ class Run:
 
 def check_combinations(cfg) -> None:
     """Options that cannot go together, each refused in one line that says what to change."""
-    if "{sentence}" not in cfg.template:
-        raise UsageError(f"--template must contain {{sentence}}, got {cfg.template!r}")
-    if len(cfg.label_words) < 2:
+    task = tasks.TASKS.get(tasks.canonical(cfg.task))
+    if cfg.template is not None:
+        check_template(cfg.template, pair=bool(task and task.pair))
+    if cfg.label_words is not None and len(cfg.label_words) < 2:
         raise UsageError("--label-words needs one word per class, at least two (e.g. ' terrible,great')")
     if cfg.mode == "head" and cfg.head != "cls":
         raise UsageError("--mode head trains the fresh classification head alone; it needs --head cls")

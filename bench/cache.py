@@ -25,25 +25,24 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import mezo  # noqa: E402
 import models  # noqa: E402
 import runs  # noqa: E402
+import tasks  # noqa: E402
 from cache import CachedForward  # noqa: E402
-from tasks import (
-    lmbff,  # noqa: E402
-    prompts,  # noqa: E402
-)
+from tasks import prompts  # noqa: E402
 
 
 class Run:
     """One training run set up as mezo.train sets it up; step() makes one MeZO step and returns its time."""
 
     def __init__(self, cfg: mezo.Config, use_cache: bool, test_rows: int):
-        data = lmbff.load_sst2(cfg.k, cfg.data_seed, cfg.data_dir)
+        data = tasks.load(cfg.task, cfg.k, cfg.data_seed, cfg.data_dir)
         model, tok, *_ = models.load_model(cfg.model, cfg.dtype, cfg.head)
-        label_ids = prompts.label_token_ids(tok, cfg.label_words)
+        template, words = tasks.prompt(cfg.task, "causal")  # the task's prompt for a causal LM, as mezo.train
+        label_ids = prompts.label_token_ids(tok, words)
         self.cfg, self.layers, self.params = cfg, models.num_layers(model), mezo.select_trainables(model, cfg)
         self.forward = CachedForward(model, label_ids, self.params) if use_cache else \
             mezo.PromptForward(model, label_ids)
-        encode = lambda s: prompts.encode(tok, s, cfg.template, "causal", cfg.max_length)
-        self.splits = {name: [dict(zip(("ids", "position"), encode(s)), label=y) for s, y in rows]
+        encode = lambda s: prompts.encode(tok, s, template, "causal", cfg.max_length)
+        self.splits = {name: [dict(zip(("ids", "position"), encode(s)), label=y) for s, _, y in rows]
                        for name, rows in data.items() if name != "root"}
         self.splits["test"] = self.splits["test"][:test_rows]
         self.pad = tok.pad_token_id if tok.pad_token_id is not None else 0

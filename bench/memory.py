@@ -30,7 +30,8 @@ def measure(case: str, args) -> dict:
     import mezo
     import models
     import runs
-    from tasks import lmbff, prompts
+    import tasks
+    from tasks import prompts
 
     torch.set_num_threads(args.threads)
     mode = "full" if case.endswith("-full") else "lora"
@@ -39,11 +40,12 @@ def measure(case: str, args) -> dict:
     model, tok, *_ = models.load_model(cfg.model, cfg.dtype, cfg.head)
     model.to(device)
     params = mezo.select_trainables(model, cfg)
-    forward = mezo.PromptForward(model, prompts.label_token_ids(tok, cfg.label_words))
-    data = lmbff.load_sst2(cfg.k, cfg.data_seed, cfg.data_dir)
     kind = models.model_kind(model)
-    ex = [dict(zip(("ids", "position"), prompts.encode(tok, s, cfg.template, kind, cfg.max_length)), label=y)
-          for s, y in data["train"][:args.batch_size]]
+    template, words = tasks.prompt(cfg.task, kind)  # the task's prompt, as mezo.train takes it
+    forward = mezo.PromptForward(model, prompts.label_token_ids(tok, words))
+    data = tasks.load(cfg.task, cfg.k, cfg.data_seed, cfg.data_dir)
+    ex = [dict(zip(("ids", "position"), prompts.encode(tok, s, template, kind, cfg.max_length)), label=y)
+          for s, _, y in data["train"][:args.batch_size]]
     loss_fn = lambda: mezo.objective_loss(*prompts.batch_logits(forward, ex, args.batch_size, 0, device), "ce")
     with torch.no_grad():
         loss_fn()  # warm-up: allocator pools and lazy initialisation are not the case's cost

@@ -28,7 +28,7 @@ from collections import OrderedDict
 import torch
 import torch.nn as nn
 
-from mezo import Trainable, UsageError, _compute
+from mezo import PromptForward, Trainable, UsageError
 
 __all__ = ["CachedForward", "UnsafeCache", "first_trainable_layer"]
 
@@ -60,15 +60,13 @@ def first_trainable_layer(model: nn.Module, params: list[Trainable]) -> int:
     return len(layers)
 
 
-class CachedForward:
-    """Drop-in for `mezo.PromptForward`: (batch) -> label-word logits (B, C), reusing the frozen trunk."""
+class CachedForward(PromptForward):
+    """Drop-in for `mezo.PromptForward`: (batch) -> label-word logits (B, C), reusing the frozen trunk; the head
+    (one position a row, or every token of several-token label words) is the reference's own."""
 
     def __init__(self, model: nn.Module, label_ids: list[int], params: list[Trainable],
                  max_bytes: int = 1 << 30, layer: int | None = None):
-        self.model, self.label_ids = model, torch.tensor(label_ids)
-        self.body = model.base_model
-        heads = [m for m in model.children() if m is not self.body]
-        self.lm_head = heads[0] if len(heads) == 1 else None
+        super().__init__(model, label_ids)
         self.arch, self.embeddings, self.layers = _body_parts(self.body)
         if self.arch is None:
             raise UsageError(f"--cache supports Llama-style decoders and BERT/RoBERTa encoders, not "
@@ -165,11 +163,7 @@ class CachedForward:
         hidden = torch.zeros(len(keys), ids.size(1), found[0].size(-1), dtype=found[0].dtype, device=ids.device)
         for i, n in enumerate(lengths):
             hidden[i, :n] = found[i]  # (B, T, H): re-padded; pad rows are masked out of every real token
-        hidden = self.upper(hidden, mask)
-        h = hidden[torch.arange(hidden.size(0)), batch["position"]]  # (B, H) at the mask / last token
-        if hasattr(self.model, "cls_head"):
-            return _compute(self.model.cls_head(h))  # (B, C)
-        return _compute(self.lm_head(h)[:, self.label_ids.to(h.device)])  # (B, V) -> (B, C)
+        return self.head(self.upper(hidden, mask), batch)  # (B, C)
 
     def _put(self, key: tuple[int, ...], h: torch.Tensor) -> None:
         size = h.numel() * h.element_size()

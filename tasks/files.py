@@ -26,8 +26,9 @@ def cache_dir() -> Path:
     return Path(os.environ.get("MEZO_CACHE") or Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "mezo")
 
 
-def find_data(needed: list[str], data_dir: str | None = None, what: str = "SST-2") -> Path:
-    """The first folder holding every needed file (paths relative to it), downloading when none does."""
+def find_data(needed: list[str], data_dir: str | None = None, what: str = "SST-2", folders=("SST-2",)) -> Path:
+    """The first folder holding every needed file (paths relative to it), downloading when none does (folders:
+    the tasks' folders in LM-BFF's archive)."""
     if data_dir:
         candidates = [Path(data_dir)]
     else:
@@ -38,17 +39,21 @@ def find_data(needed: list[str], data_dir: str | None = None, what: str = "SST-2
             return c
     if not data_dir:
         try:
-            return download_data(cache_dir() / "data", needed)
+            root = download_data(cache_dir() / "data", needed, folders)
+            if all((root / f).is_file() for f in needed):
+                return root
+            reason = f"downloaded, but {', '.join(f for f in needed if not (root / f).is_file())} not in it"
         except OSError as e:
             reason = f"download failed: {e}"
     else:
         reason = "--data-dir was given, so nothing else was tried"
     raise UsageError(f"{what} data not found: looked for {', '.join(needed)} in {', '.join(map(str, candidates))} "
-                     f"({reason}). Pass --data-dir DIR (or set MEZO_DATA) pointing at a folder with those files")
+                     f"({reason}). Pass --data-dir DIR (or set MEZO_DATA) pointing at a folder with those files "
+                     f"(LM-BFF's {DATA_URLS['lm-bff']} holds lm-bff/'s as original/; GLUE's SST-2 zip sst2/'s)")
 
 
-def download_data(target: Path, needed: list[str]) -> Path:
-    """GLUE's SST-2 zip into target/sst2 and LM-BFF's archive (SST-2 only, for now) into target/lm-bff."""
+def download_data(target: Path, needed: list[str], folders=("SST-2",)) -> Path:
+    """GLUE's SST-2 zip into target/sst2, and the given task folders of LM-BFF's archive into target/lm-bff."""
     target.mkdir(parents=True, exist_ok=True)
     if any(f.startswith("sst2/") for f in needed) and not (target / "sst2" / "dev.tsv").exists():
         print(f"mezo: downloading GLUE SST-2 to {target}/sst2", file=sys.stderr)
@@ -56,12 +61,14 @@ def download_data(target: Path, needed: list[str]) -> Path:
             (target / "sst2").mkdir(exist_ok=True)
             for split in ("train", "dev"):
                 (target / "sst2" / f"{split}.tsv").write_bytes(z.read(f"SST-2/{split}.tsv"))
-    if any(f.startswith("lm-bff/") for f in needed) and not (target / "lm-bff" / "SST-2" / "train.tsv").exists():
-        print(f"mezo: downloading LM-BFF's SST-2 to {target}/lm-bff", file=sys.stderr)
+    missing = [f for f in needed if f.startswith("lm-bff/") and not (target / f).exists()]
+    if missing:
+        print(f"mezo: downloading LM-BFF's {', '.join(folders)} to {target}/lm-bff", file=sys.stderr)
         with urllib.request.urlopen(DATA_URLS["lm-bff"], timeout=60) as r, tarfile.open(fileobj=r, mode="r|") as t:
             for member in t:
-                if member.name.startswith("original/SST-2/") and member.isfile():
-                    out = target / "lm-bff" / "SST-2" / Path(member.name).name
+                parts = Path(member.name).parts  # original/<folder>/<file>
+                if len(parts) == 3 and parts[0] == "original" and parts[1] in folders and member.isfile():
+                    out = target / "lm-bff" / parts[1] / parts[2]
                     out.parent.mkdir(parents=True, exist_ok=True)
                     with t.extractfile(member) as src, open(out, "wb") as dst:
                         shutil.copyfileobj(src, dst)

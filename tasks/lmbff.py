@@ -1,12 +1,17 @@
-"""SST-2 as the MeZO paper uses it: LM-BFF's few-shot splits of the sentence-level train set.
+"""The paper's tasks as LM-BFF keeps them (data/original), and LM-BFF's few-shot splits of them.
 
-LM-BFF's generate_k_shot_data.py (Gao et al., 2021), for GLUE's tsv layout: np.random.seed(seed), shuffle the
-train rows, take the first k of each label as train and the next k as dev. Done the same way here, the splits
-reproduce LM-BFF's published md5s (../shared/data/lm-bff/k-shot-checksum; tests/test_data.py). Test is GLUE's
-dev set (872 sentences). k = 0 trains on the whole phrase-level GLUE train set (67,349 rows).
+LM-BFF's tools/generate_k_shot_data.py (Gao et al., 2021), for a seed: np.random.seed(seed), shuffle the training
+rows (GLUE tsv: the raw lines after the header; csv: the parsed rows), group them by label in shuffled order,
+take the first k of each label as train and the next k as dev; test is the task's evaluation file unchanged.
+`kshot` does the same and `kshot_files` writes what LM-BFF writes, byte for byte: the md5s match LM-BFF's published
+k-shot-checksum for every task and seed (tests/test_data.py). k = 0 trains on the whole training file (for SST-2:
+GLUE's 67,349 phrases), with the evaluation file as dev and test.
 """
 from __future__ import annotations
 
+import csv
+import io
+import string
 from pathlib import Path
 
 import numpy as np
@@ -15,37 +20,82 @@ from errors import UsageError
 from tasks.files import find_data
 
 
-def read_tsv(path: Path) -> list[tuple[str, int]]:
-    """(sentence, label) rows of a GLUE-style tsv whose last column is the label; the header is skipped."""
-    lines = path.read_text(encoding="utf-8").splitlines()[1:]
-    return [(s.strip(), int(label)) for s, label in (line.rsplit("\t", 1) for line in lines)]
+def read_rows(task, path: Path) -> list:
+    """A training or evaluation file's rows as LM-BFF holds them: raw lines after the header (GLUE tsv), or
+    [label, sentence, ...] lists with an int label (csv, read as pandas.read_csv(header=None) reads them)."""
+    if task.layout == "glue":
+        return path.read_text(encoding="utf-8").splitlines(keepends=True)[1:]
+    with open(path, newline="", encoding="utf-8") as f:
+        return [[int(row[0]), *row[1:]] for row in csv.reader(f)]
 
 
-def lmbff_split(train_lines: list[str], k: int, seed: int) -> tuple[list[str], list[str]]:
-    """LM-BFF's k-shot sampler for GLUE tsv: raw lines (after the header) in, k-shot train and dev lines out."""
-    lines = list(train_lines)
+def label_of(task, row):
+    return row.strip().split("\t")[-1] if task.layout == "glue" else row[0]
+
+
+def kshot(task, rows: list, k: int, seed: int) -> tuple[list, list]:
+    """LM-BFF's k-shot sampler: (train, dev) rows, k of each label each, in LM-BFF's order."""
+    rows = list(rows)
     np.random.seed(seed)
-    np.random.shuffle(lines)
-    by_label: dict[str, list[str]] = {}
-    for line in lines:  # labels in order of first appearance, as LM-BFF's dict does
-        by_label.setdefault(line.strip().split("\t")[-1], []).append(line)
+    np.random.shuffle(rows)
+    by_label: dict = {}
+    for row in rows:  # labels in order of first appearance, as LM-BFF's dict does
+        by_label.setdefault(label_of(task, row), []).append(row)
     short = {label: len(rows) for label, rows in by_label.items() if len(rows) < 2 * k}
     if short:  # LM-BFF would return fewer rows than asked for, silently
         raise UsageError(f"--k {k} needs 2k = {2 * k} examples of every class (k for train, k for dev), but "
                          + ", ".join(f"class {label} has {n}" for label, n in short.items()) + "; lower --k")
-    train = [line for rows in by_label.values() for line in rows[:k]]
-    dev = [line for rows in by_label.values() for line in rows[k:2 * k]]
-    return train, dev
+    return [r for rows in by_label.values() for r in rows[:k]], [r for rows in by_label.values() for r in rows[k:2 * k]]
 
 
-def load_sst2(k: int, data_seed: int, data_dir: str | None = None) -> dict:
-    """{train, dev, test: [(sentence, label)], root: the data folder used}."""
-    if k == 0:  # the whole phrase-level GLUE train set; GLUE dev serves as dev and test
-        root = find_data(["sst2/train.tsv", "sst2/dev.tsv"], data_dir)
-        test = read_tsv(root / "sst2" / "dev.tsv")
-        return dict(train=read_tsv(root / "sst2" / "train.tsv"), dev=test, test=test, root=root)
-    root = find_data(["lm-bff/SST-2/train.tsv", "sst2/dev.tsv"], data_dir)
-    lines = (root / "lm-bff" / "SST-2" / "train.tsv").read_text(encoding="utf-8").splitlines(keepends=True)
-    train, dev = lmbff_split(lines[1:], k, data_seed)
-    parse = lambda rows: [(s.strip(), int(label)) for s, label in (r.rstrip("\n").rsplit("\t", 1) for r in rows)]
-    return dict(train=parse(train), dev=parse(dev), test=read_tsv(root / "sst2" / "dev.tsv"), root=root)
+def kshot_files(task, root: Path, k: int, seed: int) -> dict[str, str]:
+    """{file name: text} of LM-BFF's k-shot folder <task>/<k>-<seed>: train, dev and test, as LM-BFF writes them."""
+    folder, ext = root / task.folder, "tsv" if task.layout == "glue" else "csv"
+    train, dev = kshot(task, read_rows(task, folder / f"train.{ext}"), k, seed)
+    if task.layout == "glue":
+        header = (folder / f"train.{ext}").read_text(encoding="utf-8").splitlines(keepends=True)[0]
+        return {"train.tsv": header + "".join(train), "dev.tsv": header + "".join(dev),
+                task.test.replace("dev", "test"): (folder / task.test).read_text(encoding="utf-8")}
+    return {"train.csv": _csv(train), "dev.csv": _csv(dev), "test.csv": _csv(read_rows(task, folder / task.test))}
+
+
+def _csv(rows: list) -> str:
+    out = io.StringIO()  # pandas' DataFrame.to_csv(header=False, index=False): minimal quoting, "\n"
+    csv.writer(out, lineterminator="\n").writerows(rows)
+    return out.getvalue()
+
+
+def examples(task, rows: list) -> list[tuple[str, str | None, int]]:
+    """(sentence, second sentence or None, class) of each row."""
+    out = []
+    for row in rows:
+        fields = row.rstrip("\n").split("\t") if task.layout == "glue" else row
+        texts = [fields[c].strip() for c in task.columns]
+        out.append((texts[0], texts[1] if task.pair else None, task.labels.index(label_of(task, row))))
+    return out
+
+
+def load_lmbff(task, k: int, data_seed: int, data_dir: str | None = None) -> dict:
+    """{train, dev, test: [(sentence, second or None, class)], root}. SST-2 is tested on GLUE's own dev file (the
+    872 sentences LM-BFF's test.tsv holds, in GLUE's order and spelling), as this project always has."""
+    ext = "tsv" if task.layout == "glue" else "csv"
+    files = [f"lm-bff/{task.folder}/train.{ext}", f"lm-bff/{task.folder}/{task.test}"]
+    if task.name == "sst2":
+        files = ["sst2/train.tsv", "sst2/dev.tsv"] if k == 0 else [files[0], "sst2/dev.tsv"]
+    root = find_data(files, data_dir, what=f"{task.name} ({task.folder})", folders=[task.folder])
+    if task.name == "sst2":
+        test = examples(task, read_rows(task, root / "sst2" / "dev.tsv"))
+        train = read_rows(task, root / "sst2" / "train.tsv") if k == 0 else None
+    else:
+        test = examples(task, read_rows(task, root / "lm-bff" / task.folder / task.test))
+        train = None
+    rows = read_rows(task, root / "lm-bff" / task.folder / f"train.{ext}") if train is None else train
+    if k == 0:
+        return dict(train=examples(task, rows), dev=test, test=test, root=root)
+    train, dev = kshot(task, rows, k, data_seed)
+    return dict(train=examples(task, train), dev=examples(task, dev), test=test, root=root)
+
+
+def drop_final_punctuation(text: str) -> str:
+    """LM-BFF's `sent-` field: the sentence without its last character, which is meant to be its punctuation."""
+    return text[:-1] if text and text[-1] in string.punctuation else text

@@ -1,45 +1,76 @@
-"""Prompts: a sentence becomes token ids in a template, read at one position by the model's LM head.
+"""Prompts: an example's sentences become token ids in a template, read at one position by the model's LM head.
 
-Masked LMs read the label words at <mask>; causal LMs read them as the next token after the text before
-{mask} (the label word would come where {mask} stands). Examples are dicts {ids, position, label}; a batch
-is right-padded, and `position` indexes each row's own scoring token.
+Masked LMs read the label words at <mask>; causal LMs read them as the next token after the text before {mask}
+(the label word would come where {mask} stands). A label word of several tokens (causal LMs only) is scored by
+the summed log-probability of its tokens after the prompt, as the MeZO paper's OPT code scores its candidates:
+the batch then holds one row per (example, class), prompt + the word's tokens, and the positions to read.
+Examples are dicts {ids, position, label} (and `candidates`, the label words' token ids, when one has several).
 """
 from __future__ import annotations
+
+import re
+import string
 
 import torch
 
 from errors import UsageError
 
+FIELD = re.compile(r"\{(sentence[12]?)(?::([-l]*))?\}")  # {sentence}, {sentence1:-}, {sentence2:l}, ...
 
-def label_token_ids(tokenizer, words) -> list[int]:
-    """One token id per label word, class 0 first; words that are not one token are refused in one line."""
-    ids, bad = [], []
-    for w in words:
-        toks = tokenizer(w, add_special_tokens=False)["input_ids"]
-        if len(toks) != 1:
-            bad.append(f"{w!r} -> {tokenizer.convert_ids_to_tokens(toks)}")
-        ids.extend(toks[:1])
-    if bad:
-        raise UsageError(f"label words must be single tokens for this tokenizer; not single: {'; '.join(bad)}. "
-                         "Pick other --label-words (a leading space often helps BPE tokenizers)")
-    if len(set(ids)) != len(ids):
-        raise UsageError(f"label words {list(words)} map to the same token; pick distinct --label-words")
+
+def check_template(template: str, pair: bool) -> None:
+    """The fields a task needs are in its template, or one line that says which are missing."""
+    fields = {"sentence1" if name == "sentence" else name for name, _ in FIELD.findall(template)}
+    want = {"sentence1", "sentence2"} if pair else {"sentence1"}
+    if want - fields or (not pair and "sentence2" in fields):
+        need = "{sentence1} and {sentence2}" if pair else "{sentence} (or {sentence1}) and no {sentence2}"
+        raise UsageError(f"--template {template!r}: this task's examples are {'pairs' if pair else 'single sentences'}"
+                         f", so the template needs {need}")
+
+
+def fill(template: str, texts: tuple[str, ...], mask: str) -> str:
+    """The template with the sentences and the mask token in it; `:-` drops a final punctuation mark (LM-BFF's
+    `sent-`), `:l` lower-cases the first letter (LM-BFF's `sentl`)."""
+    def field(m: re.Match) -> str:
+        text = texts[1] if m.group(1) == "sentence2" else texts[0]
+        edits = m.group(2) or ""
+        if "-" in edits and text and text[-1] in string.punctuation:
+            text = text[:-1]
+        return text[:1].lower() + text[1:] if "l" in edits else text
+    return FIELD.sub(field, template).replace("{mask}", mask)
+
+
+def label_tokens(tokenizer, words, kind: str) -> list[list[int]]:
+    """Each label word's token ids, class 0 first. Masked LMs read one token at <mask>, so a word of several
+    is refused in one line; causal LMs score several. Two classes with the same tokens are refused."""
+    ids = [tokenizer(w, add_special_tokens=False)["input_ids"] for w in words]
+    several = [f"{w!r} -> {tokenizer.convert_ids_to_tokens(t)}" for w, t in zip(words, ids) if len(t) != 1]
+    if several and (kind == "mlm" or any(not t for t in ids)):
+        raise UsageError(f"label words must be single tokens for a masked LM's <mask>; not single: "
+                         f"{'; '.join(several)}. Pick other --label-words (a leading space often helps BPE tokenizers)")
+    if len({tuple(t) for t in ids}) != len(ids):
+        raise UsageError(f"label words {list(words)} map to the same tokens; pick distinct --label-words")
     return ids
 
 
-def encode(tokenizer, sentence: str, template: str, kind: str, max_length: int) -> tuple[list[int], int]:
-    """Token ids of the prompt filled with the sentence, and the position whose logits are read.
-    kind: "mlm" (read at the mask) or "causal" (read after the last token)."""
-    text = template
+def label_token_ids(tokenizer, words) -> list[int]:
+    """One token id per label word (masked LMs, and the one-position path of causal LMs)."""
+    return [t[0] for t in label_tokens(tokenizer, words, "mlm")]
+
+
+def encode(tokenizer, texts, template: str, kind: str, max_length: int) -> tuple[list[int], int]:
+    """Token ids of the prompt filled with the sentence(s) (a string, or a tuple for a pair), and the position
+    whose logits are read. kind: "mlm" (read at the mask) or "causal" (read after the last token)."""
+    words = [t.split() for t in ([texts] if isinstance(texts, str) else [t for t in texts if t is not None])]
     if kind == "causal":  # next-token prediction: the label word would come where {mask} stands
-        text = template.split("{mask}")[0].rstrip()
-    words = sentence.split()
+        template = template.split("{mask}")[0].rstrip(" ")
     while True:
-        filled = text.replace("{sentence}", " ".join(words)).replace("{mask}", tokenizer.mask_token or "")
+        filled = fill(template, tuple(" ".join(w) for w in words), tokenizer.mask_token or "")
         ids = tokenizer(filled)["input_ids"]
-        if len(ids) <= max_length or not words:
+        longest = max(words, key=len)
+        if len(ids) <= max_length or not longest:
             break
-        words = words[:-max(1, len(ids) - max_length)]  # cut the sentence, never the prompt
+        del longest[-max(1, len(ids) - max_length):]  # cut the longest sentence, never the prompt
     if len(ids) > max_length:
         raise UsageError(f"--max-length {max_length} is shorter than the prompt itself ({len(ids)} tokens)")
     if kind == "mlm" and tokenizer.mask_token_id in ids:
@@ -47,28 +78,41 @@ def encode(tokenizer, sentence: str, template: str, kind: str, max_length: int) 
     return ids, len(ids) - 1  # the last token (a --head cls template may have no {mask})
 
 
-def encode_splits(tokenizer, data: dict, template: str, kind: str, max_length: int, num_classes: int) -> dict:
-    """{split: [example]} for train, dev and test, tokenised once; a label with no label word is refused."""
+def encode_splits(tokenizer, data: dict, template: str, kind: str, max_length: int, n_classes: int,
+                  candidates=None) -> dict:
+    """{split: [example]} for train, dev and test, tokenised once. candidates: the label words' token ids, kept
+    with each example when one has several tokens (a causal LM then scores whole words)."""
+    several = candidates if candidates and any(len(c) > 1 for c in candidates) else None
     splits = {}
     for name in ("train", "dev", "test"):
-        splits[name] = [dict(zip(("ids", "position"), encode(tokenizer, s, template, kind, max_length)), label=y)
-                        for s, y in data[name]]
-        if any(not 0 <= e["label"] < num_classes for e in splits[name]):
-            raise UsageError(f"{name} has labels beyond the {num_classes} --label-words; give one word per class")
+        splits[name] = [dict(zip(("ids", "position"), encode(tokenizer, row[:-1], template, kind, max_length)),
+                             label=row[-1], **(dict(candidates=several) if several else {})) for row in data[name]]
+        if any(not 0 <= e["label"] < n_classes for e in splits[name]):
+            raise UsageError(f"{name} has labels beyond the {n_classes} --label-words; give one word per class")
     return splits
 
 
 def collate(examples: list[dict], pad_id: int) -> dict:
-    """Right-pad to the longest example; position indexes each row's own scoring token."""
-    T = max(len(e["ids"]) for e in examples)
-    input_ids = torch.full((len(examples), T), pad_id, dtype=torch.long)  # (B, T)
-    attention_mask = torch.zeros((len(examples), T), dtype=torch.long)  # (B, T)
+    """Right-pad to the longest row; `position` indexes each row's scoring token. With several-token label words,
+    one row per (example, class): the prompt and the word but its last token; `row`, `position`, `target` and
+    `group` (example·C + class) name every token to score."""
+    candidates = examples[0].get("candidates") or [[]]
+    rows, scored = [], []  # token ids of each row; (row, position, target, group) of each scored token
     for i, e in enumerate(examples):
-        input_ids[i, :len(e["ids"])] = torch.tensor(e["ids"])
-        attention_mask[i, :len(e["ids"])] = 1
-    return dict(input_ids=input_ids, attention_mask=attention_mask,
-                position=torch.tensor([e["position"] for e in examples]),
-                labels=torch.tensor([e["label"] for e in examples]))
+        for c, word in enumerate(candidates):
+            rows.append(e["ids"] + word[:-1])
+            scored += [(len(rows) - 1, e["position"] + j, t, i * len(candidates) + c) for j, t in enumerate(word)]
+    T = max(len(r) for r in rows)
+    input_ids = torch.full((len(rows), T), pad_id, dtype=torch.long)  # (R, T)
+    attention_mask = torch.zeros((len(rows), T), dtype=torch.long)  # (R, T)
+    for i, r in enumerate(rows):
+        input_ids[i, :len(r)] = torch.tensor(r)
+        attention_mask[i, :len(r)] = 1
+    labels = torch.tensor([e["label"] for e in examples])
+    batch = dict(input_ids=input_ids, attention_mask=attention_mask, labels=labels)
+    if not scored:
+        return batch | dict(position=torch.tensor([e["position"] for e in examples]))
+    return batch | {k: torch.tensor(v) for k, v in zip(("row", "position", "target", "group"), zip(*scored))}
 
 
 def micro_batches(examples: list[dict], micro_batch: int, pad_id: int, device):

@@ -12,7 +12,8 @@ FORMS = ["the {n} was {a}", "i thought the {n} was {a}", "this {n} is {a}", "the
 
 
 def load_synthetic(k: int, data_seed: int) -> dict:
-    """{train: 2k rows, dev: 2k rows, test: 256 rows, root: None}, alternating labels; k = 0 means 256."""
+    """{train: 2k rows, dev: 2k rows, test: 256 rows of (sentence, None, label), root: None}, alternating labels;
+    k = 0 means 256."""
     rng = np.random.default_rng(data_seed)
 
     def sample(n):
@@ -21,7 +22,7 @@ def load_synthetic(k: int, data_seed: int) -> dict:
             label = i % 2
             form = FORMS[rng.integers(len(FORMS))]
             n1, n2 = rng.choice(NOUNS, 2, replace=False)
-            rows.append((form.format(n=n1, m=n2, a=rng.choice(WORDS[label])), label))
+            rows.append((form.format(n=n1, m=n2, a=rng.choice(WORDS[label])), None, label))
         return rows
     k = k or 256
     return dict(train=sample(2 * k), dev=sample(2 * k), test=sample(256), root=None)

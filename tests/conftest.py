@@ -1,5 +1,6 @@
 """Shared fixtures: tiny real transformers models (built from configs, random weights, fixed seed) with a
 real word-level tokenizer, saved to disk so the CLI loads them exactly as it loads a pretrained folder."""
+import dataclasses
 import os
 
 os.environ.setdefault("TRITON_INTERPRET", "1")  # before anything imports triton (transformers does)
@@ -16,6 +17,7 @@ from hypothesis import settings
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import mezo  # noqa: E402
 import models  # noqa: E402
+import tasks  # noqa: E402
 from tasks import prompts, synthetic  # noqa: E402
 
 torch.set_num_threads(min(2, os.cpu_count() or 1))
@@ -28,14 +30,18 @@ SPECIALS = ["<pad>", "<s>", "</s>", "<unk>", "<mask>"]
 WORDS = sorted({w for ws in synthetic.WORDS.values() for w in ws} | set(synthetic.NOUNS)
                | set("the a i was is and long thought what it review overall movie . , : ! ?".split())
                | set("not very funny film bad good story".split()))
+# The "+tasks" models add every task's label words and prompt words (tasks/__init__.py), so each task runs with its
+# own prompt; the plain ones keep the vocabulary (and so the random weights) that the other tests were sized on.
+TASK_WORDS = sorted(set("okay subjective objective description entity expression human location number yes no maybe"
+                        " this does mean that true or question type of answer \"".split()) - set(WORDS))
 
 
-def make_tokenizer(causal: bool):
+def make_tokenizer(causal: bool, tasks_vocab: bool = False):
     from tokenizers import Tokenizer, normalizers, pre_tokenizers, processors
     from tokenizers.models import WordLevel
     from transformers import PreTrainedTokenizerFast
 
-    vocab = {t: i for i, t in enumerate(SPECIALS + WORDS)}
+    vocab = {t: i for i, t in enumerate(SPECIALS + WORDS + (TASK_WORDS if tasks_vocab else []))}
     tok = Tokenizer(WordLevel(vocab, unk_token="<unk>"))
     tok.normalizer = normalizers.Lowercase()
     tok.pre_tokenizer = pre_tokenizers.Whitespace()
@@ -46,10 +52,12 @@ def make_tokenizer(causal: bool):
 
 
 def make_model(kind: str, dtype=torch.float32, seed: int = 0, layers: int = 2):
+    """A tiny model: kind "llama" or "roberta", with "+tasks" for the larger vocabulary."""
     from transformers import LlamaConfig, LlamaForCausalLM, RobertaConfig, RobertaForMaskedLM
 
     torch.manual_seed(seed)
-    n = len(SPECIALS) + len(WORDS)
+    n = len(SPECIALS) + len(WORDS) + (len(TASK_WORDS) if kind.endswith("+tasks") else 0)
+    kind = kind.removesuffix("+tasks")
     if kind == "roberta":
         cfg = RobertaConfig(vocab_size=n, hidden_size=32, num_hidden_layers=layers, num_attention_heads=2,
                             intermediate_size=64, max_position_embeddings=140, pad_token_id=0, bos_token_id=1,
@@ -70,9 +78,9 @@ def model_dir(tmp_path_factory):
 
     def get(kind: str) -> str:
         if kind not in made:
-            path = tmp_path_factory.mktemp(f"tiny-{kind}")
+            path = tmp_path_factory.mktemp(f"tiny-{kind.replace('+', '-')}")
             make_model(kind).save_pretrained(path)
-            make_tokenizer(causal=kind == "llama").save_pretrained(path)
+            make_tokenizer(causal=kind.startswith("llama"), tasks_vocab=kind.endswith("+tasks")).save_pretrained(path)
             made[kind] = str(path)
         return made[kind]
     return get
@@ -82,8 +90,15 @@ def load_tiny(model_dir, kind: str, **overrides):
     """(model, tokenizer, params, forward) for a tiny model, set up exactly as mezo.train sets it up."""
     cfg = mezo.Config(model=model_dir(kind), **overrides)
     model, tok, _, _ = models.load_model(cfg.model, cfg.dtype, cfg.head)
+    template, words = tasks.prompt(cfg.task, "mlm" if models.model_kind(model) == "mlm" else "causal")
+    cfg = dataclasses.replace(cfg, template=cfg.template or template, label_words=cfg.label_words or words)
     if cfg.head == "cls":
         models.add_cls_head(model, len(cfg.label_words), cfg.seed)
     label_ids = prompts.label_token_ids(tok, cfg.label_words) if cfg.head == "prompt" else []
     params = mezo.select_trainables(model, cfg)
     return cfg, model, tok, params, mezo.PromptForward(model, label_ids)
+
+
+def z_of(p, seed: int) -> torch.Tensor:
+    """The whole z of a trainable tensor or shard (tests only: the algorithm never materialises it)."""
+    return mezo.noise(seed, p.global_index(0, p.tensor.numel())).view(p.tensor.shape)

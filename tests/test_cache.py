@@ -10,6 +10,7 @@ stored keys/values), so matrix products sum in another order. In float64 that mo
 thousand-fold margin that still catches any real difference (a stale activation moves L− by ~1e-4, below).
 In float32 (the CLI) the same reordering costs ~1e-7 relative; see test_cli_trajectory_with_cache.
 """
+import dataclasses
 import json
 from pathlib import Path
 
@@ -22,6 +23,7 @@ from hypothesis import strategies as st
 import mezo
 import models
 import runs
+import tasks
 from cache import CachedForward, UnsafeCache
 from tasks import prompts
 
@@ -47,6 +49,8 @@ def setup(folder, dtype=torch.float64, use_cache=False, **overrides):
     cfg = mezo.Config(model=folder, **overrides)
     model, tok, _, _ = models.load_model(cfg.model, cfg.dtype, cfg.head)
     model.to(dtype)
+    template, words = tasks.prompt(cfg.task, "mlm" if models.model_kind(model) == "mlm" else "causal")
+    cfg = dataclasses.replace(cfg, template=cfg.template or template, label_words=cfg.label_words or words)
     if cfg.head == "cls":
         models.add_cls_head(model, len(cfg.label_words), cfg.seed)
     label_ids = prompts.label_token_ids(tok, cfg.label_words) if cfg.head == "prompt" else []

@@ -1,17 +1,21 @@
-"""Data: LM-BFF's few-shot splits reproduced byte for byte, data discovery, the synthetic task."""
+"""Data: LM-BFF's few-shot splits of every task reproduced byte for byte, the tasks' rows, data discovery, the
+synthetic task."""
 import hashlib
 import re
+from collections import Counter
 from pathlib import Path
 
 import pytest
 
-import mezo
 import runs
+import tasks
+from errors import UsageError
 from tasks import files, lmbff, synthetic
 
 SHARED = Path(__file__).resolve().parents[2] / "shared" / "data"
 needs_data = pytest.mark.skipif(not (SHARED / "lm-bff" / "SST-2" / "train.tsv").exists(),
-                                reason="real SST-2 data not beside the checkout (../shared/data)")
+                                reason="real task data not beside the checkout (../shared/data)")
+HERE = ["sst2", "sst5", "mr", "cr", "mpqa", "subj", "trec", "rte"]  # the tasks whose data ../shared/data holds
 
 
 def _published_md5s() -> dict[str, str]:
@@ -20,31 +24,82 @@ def _published_md5s() -> dict[str, str]:
 
 
 @needs_data
-@pytest.mark.parametrize("seed", [13, 21, 42, 87, 100])
-def test_sst2_splits_match_lmbff_published_md5(seed):
-    """Our sampler writes LM-BFF's exact files: the md5 of train.tsv and dev.tsv equal LM-BFF's checksums."""
-    lines = (SHARED / "lm-bff" / "SST-2" / "train.tsv").read_text(encoding="utf-8").splitlines(keepends=True)
-    train, dev = lmbff.lmbff_split(lines[1:], k=16, seed=seed)
-    md5 = _published_md5s()
-    for name, rows in (("train", train), ("dev", dev)):
-        got = hashlib.md5((lines[0] + "".join(rows)).encode("utf-8")).hexdigest()
-        assert got == md5[f"SST-2/16-{seed}/{name}.tsv"], f"seed {seed} {name}: {got}"
-    assert len(train) == len(dev) == 32
+@pytest.mark.parametrize("name", HERE)
+def test_kshot_files_match_lmbff_published_md5(name):
+    """Our sampler writes LM-BFF's exact files: train, dev and test of every seed hash to LM-BFF's checksums
+    (15 files per task, 120 in all)."""
+    task, md5 = tasks.TASKS[name], _published_md5s()
+    checked = 0
+    for seed in (13, 21, 42, 87, 100):
+        written = lmbff.kshot_files(task, SHARED / "lm-bff", 16, seed)
+        assert len(written) == 3
+        for file, text in written.items():
+            got = hashlib.md5(text.encode("utf-8")).hexdigest()
+            assert got == md5[f"{task.folder}/16-{seed}/{file}"], f"{task.folder} seed {seed} {file}: {got}"
+            checked += 1
+    assert checked == 15
 
 
 @needs_data
-def test_load_sst2_few_shot_and_full():
-    data = lmbff.load_sst2(16, 42, str(SHARED))
-    assert len(data["train"]) == len(data["dev"]) == 32 and len(data["test"]) == 872
-    assert sorted(y for _, y in data["train"]) == [0] * 16 + [1] * 16
-    assert not {s for s, _ in data["train"]} & {s for s, _ in data["dev"]}
+@pytest.mark.parametrize("name", HERE)
+def test_every_task_loads_balanced_disjoint_splits(name):
+    task = tasks.TASKS[name]
+    data = tasks.load(task.folder, 16, 42, str(SHARED))  # LM-BFF's spelling of the name works too
+    n = len(task.labels)
+    assert len(data["train"]) == len(data["dev"]) == 16 * n
+    assert sorted(y for *_, y in data["train"]) == sorted(list(range(n)) * 16)
+    # distinct rows of the training file (mpqa and cr repeat some phrases, so texts may repeat)
+    everything = Counter(tasks.load(task.folder, 0, 42, str(SHARED))["train"]) if name != "sst2" else None
+    assert everything is None or not Counter(data["train"] + data["dev"]) - everything
+    assert all((b is not None) == task.pair and isinstance(a, str) for a, b, _ in data["train"] + data["dev"])
+    sizes = dict(sst2=872, sst5=2210, mr=2000, cr=2000, mpqa=2000, subj=2000, trec=500, rte=277)
+    assert len(data["test"]) == sizes[name] and {y for *_, y in data["test"]} == set(range(n))
+
+
+@needs_data
+def test_sst2_test_set_is_lmbffs_and_k0_is_the_whole_glue_train_set():
+    data = tasks.load("sst2", 16, 42, str(SHARED))
     # the test set is LM-BFF's test set: the GLUE dev sentences, tokenised and escaped a little differently
-    # ("(a)" vs "( a )", "\\/")
-    lmbff_test = lmbff.read_tsv(SHARED / "lm-bff" / "SST-2" / "dev.tsv")
-    norm = lambda rows: sorted((re.sub(r"[^a-z0-9]", "", s.lower()), y) for s, y in rows)
+    lmbff_test = lmbff.examples(tasks.TASKS["sst2"], lmbff.read_rows(tasks.TASKS["sst2"], SHARED / "lm-bff" /
+                                                                     "SST-2" / "dev.tsv"))
+    norm = lambda rows: sorted((re.sub(r"[^a-z0-9]", "", s.lower()), y) for s, _, y in rows)
     assert norm(lmbff_test) == norm(data["test"])
-    full = lmbff.load_sst2(0, 42, str(SHARED))
-    assert len(full["train"]) == 67349
+    full = tasks.load("sst2", 0, 42, str(SHARED))
+    assert len(full["train"]) == 67349 and full["dev"] == full["test"] == data["test"]
+
+
+@needs_data
+def test_rte_rows_are_premise_hypothesis_and_the_glue_label():
+    data = tasks.load("RTE", 16, 13, str(SHARED))
+    first = (SHARED / "lm-bff" / "RTE" / "dev.tsv").read_text().splitlines()[1].split("\t")
+    assert data["test"][0] == (first[1], first[2], ["entailment", "not_entailment"].index(first[3]))
+
+
+def test_mnli_layout_reads_its_columns(tmp_path):
+    """MNLI is not in ../shared/data: a file in GLUE's MNLI layout (sentence1/2 in columns 8/9, gold label last;
+    dev_matched has five annotator labels before it) reads as pairs with the right classes."""
+    folder = tmp_path / "lm-bff" / "MNLI"
+    folder.mkdir(parents=True)
+    head = ["index", "promptID", "pairID", "genre", "s1_bin", "s2_bin", "s1_parse", "s2_parse", "sentence1",
+            "sentence2"]
+    rows = [[str(i), "0", "0", "g", "x", "x", "x", "x", f"premise {i}", f"hypothesis {i}", label]
+            for i, label in enumerate(["neutral", "entailment", "contradiction"] * 4)]
+    (folder / "train.tsv").write_text("\t".join(head + ["label1", "gold_label"]) + "\n" +
+                                      "".join("\t".join(r[:10] + [r[10], r[10]]) + "\n" for r in rows))
+    (folder / "dev_matched.tsv").write_text("\t".join(head + [f"label{i}" for i in range(1, 6)] + ["gold_label"])
+                                            + "\n" + "".join("\t".join(r[:10] + [r[10]] * 6) + "\n" for r in rows))
+    data = tasks.load("MNLI", 2, 13, str(tmp_path))
+    assert len(data["train"]) == 6 and len(data["test"]) == 12
+    assert data["test"][0] == ("premise 0", "hypothesis 0", 2)  # classes: contradiction, entailment, neutral
+    assert all(a.replace("premise", "hypothesis") == b for a, b, _ in data["train"] + data["test"])
+
+
+@pytest.mark.parametrize("name", ["mnli", "snli", "qnli"])
+def test_tasks_without_data_here_say_where_to_get_it(name, tmp_path):
+    with pytest.raises(UsageError,
+                       match=rf"{name} \(\w+\) data not found: looked for lm-bff/\w+/train.tsv.*--data-dir.*"
+                             r"lm-bff/datasets.tar holds lm-bff/'s as original/"):
+        tasks.load(name, 16, 13, str(tmp_path / "nowhere"))
 
 
 @needs_data
@@ -54,25 +109,29 @@ def test_data_is_found_through_the_environment(monkeypatch, tmp_path):
 
 
 def test_missing_data_says_where_it_looked_and_what_to_do(monkeypatch, tmp_path):
-    with pytest.raises(mezo.UsageError, match=r"SST-2 data not found: looked for sst2/dev.tsv in .*nowhere.*--data"):
+    with pytest.raises(UsageError, match=r"SST-2 data not found: looked for sst2/dev.tsv in .*nowhere"):
         files.find_data(["sst2/dev.tsv"], str(tmp_path / "nowhere"))
     # nothing anywhere, and no network: the download fails and the message says so
     monkeypatch.setattr(files, "ROOT", tmp_path / "x")
     monkeypatch.setenv("MEZO_CACHE", str(tmp_path / "cache"))
     monkeypatch.delenv("MEZO_DATA", raising=False)
     monkeypatch.setitem(files.DATA_URLS, "sst2", "http://127.0.0.1:9/SST-2.zip")  # a closed port
-    with pytest.raises(mezo.UsageError, match="download failed"):
+    with pytest.raises(UsageError, match="download failed"):
         files.find_data(["sst2/dev.tsv"])
 
 
 def test_synthetic_task_is_deterministic_and_balanced():
-    a = synthetic.load_synthetic(16, 3)
-    b = synthetic.load_synthetic(16, 3)
-    c = synthetic.load_synthetic(16, 4)
+    a, b, c = synthetic.load_synthetic(16, 3), synthetic.load_synthetic(16, 3), synthetic.load_synthetic(16, 4)
     assert a["train"] == b["train"] and a["train"] != c["train"]
-    assert sum(y for _, y in a["train"]) == 16 and len(a["train"]) == 32
-    for s, y in a["train"] + a["test"]:
-        assert s.split()[-1] in synthetic.WORDS[y]
+    assert sum(y for *_, y in a["train"]) == 16 and len(a["train"]) == 32
+    for s, second, y in a["train"] + a["test"]:
+        assert s.split()[-1] in synthetic.WORDS[y] and second is None
+
+
+def test_task_names_accept_lmbff_spellings():
+    assert [tasks.canonical(n) for n in ("SST-2", "sst-5", "RTE", "TREC", "Subj", "mr")] == \
+        ["sst2", "sst5", "rte", "trec", "subj", "mr"]
+    assert set(tasks.NAMES) == {*HERE, "mnli", "snli", "qnli", "synthetic"}
 
 
 def test_batches_cycle_through_epochs_deterministically():

@@ -6,6 +6,7 @@ import os
 
 import pytest
 import torch
+from conftest import z_of
 from hypothesis import given
 from hypothesis import strategies as st
 
@@ -285,4 +286,4 @@ def test_tensor_parallel_shards_match_reference(device, specs, dtype, seed, next
                             p.full_shape, p.shard_start) for p in got]
     fast.TritonBackend().perturb(zeros, seed, 1.0)
     for p in zeros:
-        assert (p.tensor - p.z(seed)).abs().max() <= 1e-6, p.name
+        assert (p.tensor - z_of(p, seed)).abs().max() <= 1e-6, p.name

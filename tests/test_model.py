@@ -154,7 +154,7 @@ def test_the_runs_adapter_loads_with_peft_alone_and_gives_the_runs_evaluation(mo
     tuned = peft.AutoPeftModelForCausalLM.from_pretrained(str(tmp_path / "adapter")).eval()
     base, tok, *_ = models.load_model(model_dir("llama"))
     rows = [dict(zip(("ids", "position"), prompts.encode(tok, s, "{sentence} It was {mask}", "causal", 128)), label=y)
-            for s, y in synthetic.load_synthetic(8, 42)["test"]]
+            for s, _, y in synthetic.load_synthetic(8, 42)["test"]]
     label_ids = prompts.label_token_ids(tok, (" bad", " good"))
     scores = {}
     with torch.no_grad():

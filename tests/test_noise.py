@@ -4,6 +4,7 @@ import math
 import numpy as np
 import pytest
 import torch
+from conftest import z_of
 from hypothesis import given
 from hypothesis import strategies as st
 
@@ -120,7 +121,7 @@ def test_independent_of_tensor_order_and_target_dtype(dtype):
         whole = mezo.noise(99, torch.arange(p.offset, p.offset + p.tensor.numel()))
         assert torch.equal(torch.cat(seen[p.name]), whole), p.name
         assert torch.equal(torch.cat(seen2[p.name]), whole), p.name
-        assert torch.equal(p.z(99).flatten(), whole)
+        assert torch.equal(z_of(p, 99).flatten(), whole)
 
 
 @given(full=st.lists(st.integers(1, 7), min_size=1, max_size=3), data=st.data())
@@ -132,7 +133,7 @@ def test_shard_global_index_is_its_slice_of_the_full_tensor(full, data):
     shard = torch.zeros([b - a for a, b in zip(start, stop)])
     p = mezo.Trainable("w", shard, offset=100, decay=True, full_shape=tuple(full), shard_start=tuple(start))
     want = full_z[tuple(slice(a, b) for a, b in zip(start, stop))]
-    assert torch.equal(p.z(5), want)
+    assert torch.equal(z_of(p, 5), want)
 
 
 def test_step_seed_is_deterministic_distinct_and_in_range():

@@ -34,7 +34,7 @@ def one_thread():
 def synthetic_batches(tok, cfg, steps):
     data = synthetic.load_synthetic(cfg.k, cfg.data_seed)
     train = [dict(zip(("ids", "position"), prompts.encode(tok, s, cfg.template, "causal", cfg.max_length)), label=y)
-             for s, y in data["train"]]
+             for s, _, y in data["train"]]
     return [[train[i] for i in runs.batch_indices(cfg.seed, step, len(train), cfg.batch_size)]
             for step in range(1, steps + 1)]
 
@@ -168,22 +168,25 @@ def small_results(model_dir, tmp_path_factory):
         results.Method("adam-lora", "Adam LoRA", [*model, "--optimizer", "adam", "--lr", "3e-2", "--eval-every", "2"],
                        4, 0.0, "91.9", seeds=(13, 21)),
     ]
+    tiny_tasks = ["--model", model_dir("llama+tasks"), "--max-length", "48"]  # every task's words in its vocabulary
+    task_methods = [m for task in ("rte", "trec")
+                    for m in results.task_methods(task, seeds=(13, 21), lrs=("3e-2", "1e-2"), extra=tiny_tasks)]
     root = tmp_path_factory.mktemp("results")
-    assert results.run_all(root, 1, methods, runner=in_process, memory=False) == 0
-    return results, root, methods
+    assert results.run_all(root, 1, methods + task_methods, runner=in_process, memory=False) == 0
+    return results, root, methods, task_methods
 
 
 def test_results_run_skips_finished_runs_and_resumes_stopped_ones(small_results, capsys):
-    results, root, methods = small_results
+    results, root, methods, task_methods = small_results
     before = {p: p.stat().st_mtime_ns for p in root.rglob("log.jsonl")}
-    assert results.run_all(root, 1, methods, runner=in_process, memory=False) == 0
+    assert results.run_all(root, 1, methods + task_methods, runner=in_process, memory=False) == 0
     assert {p: p.stat().st_mtime_ns for p in root.rglob("log.jsonl")} == before  # nothing ran again
-    assert capsys.readouterr().out.count("done, skipped") == 8
+    assert capsys.readouterr().out.count("done, skipped") == 8 + 2 * 7
 
 
 def test_table_means_and_stds_match_a_hand_computation(small_results, tmp_path):
-    results, root, methods = small_results
-    md = results.write_table(root, tmp_path / "RESULTS.md", None, methods)
+    results, root, methods, task_methods = small_results
+    md = results.write_table(root, tmp_path / "RESULTS.md", None, methods, task_methods)
     for m in methods[1:]:
         finals = []
         for seed in m.seeds:
@@ -210,14 +213,40 @@ def test_table_means_and_stds_match_a_hand_computation(small_results, tmp_path):
     assert "**MeZO-LoRA** moves" in md and "**First-order (Adam) LoRA** reaches" in md  # the generated sentences
 
 
+def test_every_task_row_keeps_the_lr_with_the_better_dev_and_its_test_mean(small_results, tmp_path):
+    """Each task's row: the MeZO-LoRA candidate whose mean dev accuracy is higher (never test), and the mean ± std
+    of its test accuracies; zero-shot and Adam beside it; the gaps; all against a hand computation from the logs."""
+    results, root, methods, task_methods = small_results
+    md = results.write_table(root, tmp_path / "RESULTS.md", None, methods, task_methods)
+    final = lambda name, seed, split: [r["accuracy"] for r in
+                                       map(json.loads, (root / name / f"seed{seed}" / "log.jsonl").read_text()
+                                           .splitlines()) if r.get("split") == split][-1]
+    stats = lambda values: (np.mean(values), np.std(values))
+    for task, n_classes, test_n in (("rte", 2, 277), ("trec", 6, 500)):
+        dev = {lr: np.mean([final(f"{task}/mezo-lora-lr{lr}", s, "dev") for s in (13, 21)]) for lr in ("3e-2", "1e-2")}
+        lr = max(dev, key=lambda x: (dev[x], -float(x)))
+        mezo, adam = (stats([final(name, s, "test") for s in (13, 21)]) for name in
+                      (f"{task}/mezo-lora-lr{lr}", f"{task}/adam-lora"))
+        zero = final(f"{task}/zero-shot", 13, "test")
+        row = next(x for x in md.splitlines() if x.startswith(f"| {task} | {n_classes} | {test_n} |"))
+        cells = [c.strip() for c in row.strip("|").split("|")]
+        assert cells[3] == f"{100 * zero:.1f} (one run)"
+        assert cells[4] == f"{100 * mezo[0]:.1f} ± {100 * mezo[1]:.1f} (n = 2)" and cells[5] == lr
+        assert cells[6] == f"{100 * adam[0]:.1f} ± {100 * adam[1]:.1f} (n = 2)"
+        assert cells[7] == f"{100 * (mezo[0] - zero):+.1f}" and cells[8] == f"{100 * (adam[0] - mezo[0]):+.1f}"
+        assert f"| {task} | {lr} |" in md and "**kept**" in md
+    assert "| rte | `" in md and "Does this mean that" in md  # the prompts each task used
+    assert "What each task's runs cost" in md
+
+
 def test_plots_exist_open_and_carry_the_runs_labels(small_results, tmp_path):
     import matplotlib.image
 
     import plot
-    results, root, methods = small_results
+    results, root, methods, task_methods = small_results
     labelled = plot.labelled_runs(plot.find_logs([str(root)]), group=False)
     fig = plot.plot_runs(labelled, tmp_path / "curves.png")
-    want = {f"{m.name}/seed{s}" for m in methods for s in m.seeds if m.steps} | {"zero-shot/seed13"}
+    want = {f"{m.name}/seed{s}" for m in methods + task_methods for s in m.seeds}
     assert {t.get_text() for t in fig.legends[0].get_texts()} == want
     image = matplotlib.image.imread(tmp_path / "curves.png")
     assert image.ndim == 3 and image.shape[0] > 400 and image.shape[1] > 800 and image.std() > 0

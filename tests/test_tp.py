@@ -17,6 +17,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from conftest import z_of
 from safetensors.torch import load_file
 
 import checkpoints
@@ -160,7 +161,7 @@ def test_sharded_noise_reassembles_to_the_reference(worker):
             _, params = setup(kind, path, mode)
             shards = [torch.load(root / f"noise-{kind}-{mode}-{r}.pt") for r in range(2)]
             for p in params:
-                full = p.z(SEED)
+                full = z_of(p, SEED)
                 got, covered = torch.full_like(full, float("nan")), torch.zeros(full.shape, dtype=torch.int)
                 for rank in range(2):
                     start, z = shards[rank][p.name]
@@ -231,6 +232,6 @@ if __name__ == "__main__":  # the worker: python -m torch.distributed.run ... te
         for mode in ("lora", "full"):
             model, params = setup(kind, path, mode)
             shards = DistributedPlacement(mezo.Config(model=path, tp=2)).shard(model, params)
-            torch.save({p.name: (p.shard_start, p.z(SEED)) for p in shards},
+            torch.save({p.name: (p.shard_start, z_of(p, SEED)) for p in shards},
                        out / f"noise-{kind}-{mode}-{os.environ['RANK']}.pt")
     dist.destroy_process_group()
