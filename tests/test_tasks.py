@@ -25,8 +25,8 @@ SINGLE, PAIR = ("the movie was great .",), ("The movie was great.", "It was good
 EXPECTED = {
     ("sst2", "mlm"): "<s> the movie was great . it was <mask> . </s>",
     ("sst2", "causal"): "<s> review : the movie was great . overall , the movie was",
-    ("sst5", "mlm"): "<s> the movie was great . it was <mask> . </s>",
-    ("mr", "causal"): "<s> the movie was great . it was",
+    **{(name, "mlm"): "<s> the movie was great . it was <mask> . </s>" for name in ("sst5", "mr", "cr", "mpqa")},
+    **{(name, "causal"): "<s> the movie was great . it was" for name in ("sst5", "mr", "cr", "mpqa")},
     ("subj", "mlm"): "<s> the movie was great . this is <mask> . </s>",
     ("subj", "causal"): "<s> the movie was great . this is",
     ("trec", "mlm"): "<s> <mask> : the movie was great . </s>",
