@@ -75,7 +75,7 @@ class Config:
     n_samples: int = option(1, "directions z per step, averaged (the paper's Algorithm 2)", min=1)
     objective: str = option("ce", "cross-entropy over the label words, or 1 − accuracy", choices=("ce", "accuracy"))
     optimizer: str = option("mezo", "or adam: the first-order baseline, backprop + AdamW", choices=("mezo", "adam"))
-    fast: bool = option(False, "fast/'s Triton noise/update backend (same numbers; CPUs need TRITON_INTERPRET=1)")
+    fast: bool = option(False, "fast/'s backend, same numbers: compiled on CPUs, Triton kernels on GPUs")
     exact_restore: bool = option(False, "keep a copy of θ during a step so ±ε never drifts (low-precision full)")
     cache: bool = option(False, "cache/: reuse the frozen layers' states per example (pays with --top-layers)")
     cache_mb: int = option(1024, "--cache memory cap in MiB (least recently used examples go first)", min=1)
@@ -562,13 +562,10 @@ def variants(cfg: Config) -> dict:
     """The seams a config asks for, as train's keyword arguments: backend, forward and placement."""
     check_config(cfg)  # before anything starts (tp/ joins a process group)
     seams = dict(backend=ExactRestore(TorchBackend()) if cfg.exact_restore else TorchBackend(), forward=PromptForward)
-    if cfg.fast:
+    if cfg.fast:  # the compiled reference on CPUs, Triton kernels on GPUs (fast/__init__.py)
+        from fast import choose
         device = cfg.device if cfg.device != "auto" else "cuda" if torch.cuda.is_available() else "cpu"
-        if device.startswith("cpu") and os.environ.get("TRITON_INTERPRET") != "1":
-            raise UsageError("--fast on a CPU runs Triton's interpreter: start with TRITON_INTERPRET=1 set "
-                             "(before anything imports triton), or drop --fast")
-        from fast import TritonBackend
-        seams["backend"] = TritonBackend(exact=cfg.exact_restore)  # ExactRestore's numbers, in fewer passes
+        seams["backend"] = choose(device, cfg.exact_restore)
     if cfg.cache:
         from cache import CachedForward
         seams["forward"] = functools.partial(CachedForward, max_bytes=cfg.cache_mb << 20)

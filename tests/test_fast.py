@@ -1,6 +1,6 @@
-"""fast/ (Triton kernels) against the reference backend: the primitives on odd shapes, one step and a
-K-step trajectory. On a CPU the kernels run in Triton's interpreter; with CUDA and TRITON_INTERPRET=0 they
-are compiled and run on the GPU."""
+"""fast/'s Triton kernels against the reference backend: the primitives on odd shapes, one step and a
+K-step trajectory. On a CPU the kernels run in Triton's interpreter (MEZO_FAST=triton: `--fast` on a CPU is the
+compiled backend otherwise, tests/test_compiled.py); with CUDA and TRITON_INTERPRET=0 they are compiled for the GPU."""
 import json
 import os
 
@@ -19,6 +19,12 @@ DEVICES = [pytest.param("cpu", marks=pytest.mark.skipif(not INTERPRET, reason="C
            pytest.param("cuda", marks=pytest.mark.skipif(INTERPRET or not torch.cuda.is_available(),
                                                          reason="no CUDA GPU (or TRITON_INTERPRET=1)"))]
 UNIT_ROUNDOFF = {torch.float32: 2.0**-24, torch.bfloat16: 2.0**-8, torch.float16: 2.0**-11}
+
+
+@pytest.fixture(autouse=True)
+def triton_backend(monkeypatch):
+    """`--fast` in this file means the Triton kernels, on a CPU too (the interpreter)."""
+    monkeypatch.setenv("MEZO_FAST", "triton")
 
 
 def _pair(shapes, dtype, device, offset0, seed=0):
@@ -182,11 +188,13 @@ def test_fast_trajectory_equals_the_reference(model_dir, tmp_path, device, mode,
         assert torch.allclose(ref_t[name].float(), fast_t[name].float(), rtol=tol, atol=tol), name
 
 
-def test_fast_on_cpu_without_the_interpreter_is_refused(model_dir, tmp_path, capsys, monkeypatch):
+def test_triton_on_cpu_without_the_interpreter_is_refused(model_dir, tmp_path, capsys, monkeypatch):
     monkeypatch.setenv("TRITON_INTERPRET", "0")
-    code = mezo.main(["--task", "synthetic", "--model", model_dir("llama"), "--fast", "--device", "cpu",
-                      "--steps", "1", "--template", "{sentence} It was {mask}", "--label-words", " bad, good"])
-    assert code == 2 and "TRITON_INTERPRET=1" in capsys.readouterr().err
+    argv = ["--task", "synthetic", "--model", model_dir("llama"), "--fast", "--device", "cpu", "--steps", "1",
+            "--template", "{sentence} It was {mask}", "--label-words", " bad, good"]
+    assert mezo.main(argv) == 2 and "MEZO_FAST=triton on a CPU runs Triton's interpreter" in capsys.readouterr().err
+    monkeypatch.setenv("MEZO_FAST", "quick")
+    assert mezo.main(argv) == 2 and "MEZO_FAST='quick': set it to compiled or triton" in capsys.readouterr().err
 
 
 @pytest.mark.parametrize("device", DEVICES)

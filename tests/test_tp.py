@@ -31,7 +31,7 @@ EPS, LR = 1e-3, 1e-2
 
 def env():
     return {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false",
-            "MASTER_ADDR": "127.0.0.1", "PYTHONPATH": str(ROOT)}
+            "MASTER_ADDR": "127.0.0.1", "PYTHONPATH": str(ROOT), "MEZO_FAST": "triton"}  # --fast: the kernels
 
 
 def torchrun(nproc, *argv, **kw):

@@ -1,0 +1,292 @@
+"""fast/kernels.py: Triton kernels behind mezo.py's noise/update backend seam (GPUs; Triton's interpreter on CPUs).
+
+How this differs from the reference (`mezo.TorchBackend`): z is made inside the kernel by Triton's own
+`tl.randn4x`, the function that `mezo.noise` reimplements in torch, so only θ crosses memory (one read and
+one write per element per pass) instead of index, counter, word and z temporaries. One Philox call serves
+four consecutive elements (`tl.interleave` puts them in place). Arithmetic is float32 with one rounding to
+the storage dtype, as in the reference; bfloat16 rounds to nearest even by hand, because Triton's
+interpreter truncates float32 -> bfloat16 casts.
+
+Same numbers as the reference: the integer stream and uniforms are bit-identical, z agrees within ~1e-6
+(Triton's log/cos versus correctly rounded ones), tensors within a rounding of their dtype (tests/test_fast.py).
+Two things the reference does not do: many small tensors (LoRA's) are moved once into one buffer so that a
+pass over them is one launch, and the restore after L− is fused with the update and with the next step's
++εz (one pass instead of three: a step makes two passes over θ, not four).
+
+TritonBackend(exact=True) is --exact-restore's drift-free mode with its copy of θ read and written inside
+the same passes. Tensor-parallel shards (tp/) work too: a shard is cut into stretches of consecutive global
+indices (one per row of a rowwise weight's shard), each a row of the launch's table.
+
+Use: `python mezo.py ... --fast` on a GPU, or `mezo.mezo_step(..., backend=fast.TritonBackend())`. On a CPU the
+kernels run in Triton's interpreter (`MEZO_FAST=triton`, and TRITON_INTERPRET=1 set before anything imports triton).
+"""
+import torch
+import triton
+import triton.language as tl
+
+from fast import stretches
+
+BLOCK4 = 1024  # Philox counters per program: 4096 elements (the interpreter costs ~9 ms per program)
+
+
+@triton.jit
+def _block(offset, n, block, BLOCK4: tl.constexpr):
+    """The 4·BLOCK4 elements of a run's block number `block`: its first Philox counter, their local positions,
+    and which lie in [0, n). Blocks are aligned to Philox counters: element i has global index offset + i."""
+    first = offset // 4 + block * BLOCK4
+    local = first * 4 + tl.arange(0, 4 * BLOCK4) - offset
+    return first, local, (local >= 0) & (local < n)
+
+
+@triton.jit
+def _z_block(seed, offset, n, block, BLOCK4: tl.constexpr):
+    """z of the block's elements (see _block), with their local positions and mask."""
+    first, local, mask = _block(offset, n, block, BLOCK4)
+    n0, n1, n2, n3 = tl.randn4x(seed, first + tl.arange(0, BLOCK4))
+    z = tl.interleave(tl.interleave(n0, n2), tl.interleave(n1, n3))  # n0 n1 n2 n3 of counter 0, then 1, ...
+    return z, local, mask
+
+
+@triton.jit
+def _pointer(address, KIND: tl.constexpr):
+    if KIND == 1:
+        return address.to(tl.pointer_type(tl.bfloat16))
+    elif KIND == 2:
+        return address.to(tl.pointer_type(tl.float16))
+    else:
+        return address.to(tl.pointer_type(tl.float32))
+
+
+@triton.jit
+def _my_tensor(tensors, programs, KIND: tl.constexpr):
+    """One launch covers many tensors: row p of `programs` names the tensor and block of program p, row t of
+    `tensors` holds tensor t's address, numel, global offset, weight-decay flag and the address of its saved
+    copy (exact mode; else its own address again), all int64."""
+    pid = tl.program_id(0).to(tl.int64)
+    t, block = tl.load(programs + 2 * pid), tl.load(programs + 2 * pid + 1)
+    row = tensors + 5 * t
+    return (_pointer(tl.load(row), KIND), _pointer(tl.load(row + 4), KIND), tl.load(row + 1), tl.load(row + 2),
+            tl.load(row + 3), block)
+
+
+@triton.jit
+def _round(t, KIND: tl.constexpr):
+    """t (float32) rounded to the storage dtype, as float32: 0 float32, 1 bfloat16, 2 float16."""
+    if KIND == 1:  # bfloat16, to nearest even by hand: the interpreter's cast truncates
+        bits = t.to(tl.uint32, bitcast=True)
+        rounded = ((bits + 0x7FFF + ((bits >> 16) & 1)) >> 16) << 16
+        return tl.where(t == t, rounded.to(tl.float32, bitcast=True), t)  # NaN stays NaN
+    elif KIND == 2:
+        return t.to(tl.float16).to(tl.float32)
+    else:
+        return t
+
+
+@triton.jit
+def _store(ptr, local, mask, t, KIND: tl.constexpr):
+    tl.store(ptr + local, _round(t, KIND).to(ptr.dtype.element_ty), mask=mask)  # exact: already rounded
+
+
+# seed is never specialised: Triton would turn a value of 1 into a compile-time constant.
+@triton.jit(do_not_specialize=["seed"])
+def _perturb_kernel(tensors, programs, seed, scale, BLOCK4: tl.constexpr, KIND: tl.constexpr,
+                    SOURCE: tl.constexpr):
+    """θ ← θ + scale·z (SOURCE 0); θ ← saved + scale·z (1: exact mode, from the step's copy of θ);
+    saved ← θ, then θ ← θ + scale·z (2: exact mode, the step's first perturbation keeps its copy);
+    θ ← saved (3: exact mode's restore; no noise)."""
+    theta_ptr, saved_ptr, n, offset, _, block = _my_tensor(tensors, programs, KIND)
+    if SOURCE == 3:
+        _, local, mask = _block(offset, n, block, BLOCK4)
+        tl.store(theta_ptr + local, tl.load(saved_ptr + local, mask=mask), mask=mask)
+    else:
+        z, local, mask = _z_block(seed, offset, n, block, BLOCK4)
+        if SOURCE == 1:
+            t = tl.load(saved_ptr + local, mask=mask, other=0.0)
+        else:
+            t = tl.load(theta_ptr + local, mask=mask, other=0.0)
+        if SOURCE == 2:
+            tl.store(saved_ptr + local, t, mask=mask)
+        _store(theta_ptr, local, mask, t.to(tl.float32) + scale * z, KIND)
+
+
+@triton.jit(do_not_specialize=["seed"])
+def _update_kernel(tensors, programs, seed, projected_grad, lr, wd, BLOCK4: tl.constexpr, KIND: tl.constexpr):
+    """θ ← θ − lr·(projected_grad·z + wd·θ); wd only where the tensor's decay flag is set."""
+    theta_ptr, _, n, offset, decay, block = _my_tensor(tensors, programs, KIND)
+    z, local, mask = _z_block(seed, offset, n, block, BLOCK4)
+    t = tl.load(theta_ptr + local, mask=mask, other=0.0).to(tl.float32)
+    _store(theta_ptr, local, mask, t - lr * (projected_grad * z + wd * decay.to(tl.float32) * t), KIND)
+
+
+@triton.jit(do_not_specialize=["seed", "next_seed"])
+def _restore_update_kernel(tensors, programs, seed, eps, projected_grad, lr, wd, next_seed, BLOCK4: tl.constexpr,
+                           KIND: tl.constexpr, NEXT: tl.constexpr, EXACT: tl.constexpr):
+    """The restore (θ + εz, rounded as the reference stores it; in exact mode the saved copy itself) and the
+    update, in one pass over θ; with NEXT, also the next step's θ + εz', rounded once more: the reference's
+    three roundings, one pass. Exact mode with NEXT keeps the updated θ as the next step's saved copy."""
+    theta_ptr, saved_ptr, n, offset, decay, block = _my_tensor(tensors, programs, KIND)
+    z, local, mask = _z_block(seed, offset, n, block, BLOCK4)
+    if EXACT:
+        t = tl.load(saved_ptr + local, mask=mask, other=0.0).to(tl.float32)
+    else:
+        t = _round(tl.load(theta_ptr + local, mask=mask, other=0.0).to(tl.float32) + eps * z, KIND)
+    t = t - lr * (projected_grad * z + wd * decay.to(tl.float32) * t)
+    if NEXT:
+        z_next, _, _ = _z_block(next_seed, offset, n, block, BLOCK4)
+        t = _round(t, KIND)
+        if EXACT:
+            _store(saved_ptr, local, mask, t, KIND)
+        t = t + eps * z_next
+    _store(theta_ptr, local, mask, t, KIND)
+
+
+KINDS = {torch.float32: 0, torch.bfloat16: 1, torch.float16: 2}
+COALESCE_MAX_NUMEL = 1 << 26  # up to this many values in tensors of 1M on average (LoRA's) share one buffer
+
+
+def _launches(runs, saved=None):
+    """Group the runs by dtype, device and block size: one launch each, whatever the number of runs. A launch
+    is (tensors table, programs table, number of programs, KIND, BLOCK4); see _my_tensor. A stretch of a
+    shard (e.g. a row: many, all short) gets the smallest block that holds it, other runs BLOCK4, so an
+    unsharded model makes one launch per dtype. saved: a buffer per run (exact mode's copy of θ)."""
+    groups = {}
+    for i, (theta, offset, decay, stretch) in enumerate(runs):
+        counters = (offset + theta.numel() - 1) // 4 - offset // 4 + 1  # Philox counters its indices touch
+        block4 = min(BLOCK4, max(16, triton.next_power_of_2(counters))) if stretch else BLOCK4
+        copy = theta if saved is None else saved[i]
+        groups.setdefault((theta.dtype, theta.device, block4), []).append((theta, offset, decay, copy, counters))
+    launches = []
+    for (dtype, device, block4), group in groups.items():
+        rows, programs = [], []
+        for t, (theta, offset, decay, copy, counters) in enumerate(group):
+            rows.append([theta.data_ptr(), theta.numel(), offset, int(decay), copy.data_ptr()])
+            programs.append(torch.stack([torch.full((triton.cdiv(counters, block4),), t),
+                                         torch.arange(triton.cdiv(counters, block4))], 1))
+        programs = torch.cat(programs).to(device=device, dtype=torch.int64).contiguous()
+        launches.append((torch.tensor(rows, dtype=torch.int64, device=device), programs, programs.shape[0],
+                         KINDS[dtype], block4))
+    return launches
+
+
+def _launch(kernel, launch, *args, **constexprs):
+    tensors, programs, count, kind, block4 = launch
+    kernel[(count,)](tensors, programs, *args, BLOCK4=block4, KIND=kind, **constexprs)
+
+
+def _runs(params):
+    """(flat tensor, global offset of its element 0, decay, stretch) for each run: memory whose global
+    indices are consecutive. Many small whole tensors (LoRA) are moved once into one buffer, in global-index
+    order, each parameter becoming a view of it: then a run of them with the same weight-decay rule is one
+    row of a launch's table (and one contiguous stretch of memory). Large tensors keep their own storage and
+    row; tensor-parallel shards keep theirs (a shard's storage belongs to its DTensor) and give a row per
+    stretch (see fast.stretches; `stretch` says the run is one)."""
+    for p in params:
+        if not p.tensor.is_contiguous() or p.tensor.dtype not in KINDS:
+            raise ValueError(f"{p.name}: the Triton backend takes contiguous float32/bfloat16/float16 tensors "
+                             f"(got {p.tensor.dtype}{'' if p.tensor.is_contiguous() else ', not contiguous'}); "
+                             "use mezo.TorchBackend for others")
+    whole = all(tuple(p.tensor.shape) == tuple(p.full_shape) for p in params)
+    adjacent = all(q.offset == p.offset + p.tensor.numel() for p, q in zip(params, params[1:]))
+    uniform = len({(p.tensor.dtype, p.tensor.device) for p in params}) == 1
+    total = sum(p.tensor.numel() for p in params)
+    small = total <= COALESCE_MAX_NUMEL and total < (1 << 20) * max(1, len(params))  # moving them costs a copy
+    if not (params and whole and adjacent and uniform and small):
+        return [(p.tensor.data.view(-1)[start:start + n], offset, p.decay, n != p.tensor.numel())
+                for p in params for start, n, offset in stretches(p)]
+    flat = torch.cat([p.tensor.data.reshape(-1) for p in params])
+    runs, start = [], 0
+    for p in params:
+        n = p.tensor.numel()
+        p.tensor.data = flat[start:start + n].view(p.tensor.shape)  # the Parameter stays; its storage moves
+        if runs and runs[-1][2] == p.decay:
+            runs[-1][0] += n
+        else:
+            runs.append([n, p.offset, p.decay])
+        start += n
+    out, start = [], 0
+    for n, offset, decay in runs:
+        out.append((flat[start:start + n], offset, decay, False))
+        start += n
+    return out
+
+
+def _saved_buffers(runs):
+    """Exact mode's copy of θ: one buffer per dtype and device, a slice of it per run."""
+    sizes = {}
+    for theta, *_ in runs:
+        sizes[theta.dtype, theta.device] = sizes.get((theta.dtype, theta.device), 0) + theta.numel()
+    buffers = {key: torch.empty(n, dtype=key[0], device=key[1]) for key, n in sizes.items()}
+    used, saved = dict.fromkeys(sizes, 0), []
+    for theta, *_ in runs:
+        key = theta.dtype, theta.device
+        saved.append(buffers[key][used[key]:used[key] + theta.numel()])
+        used[key] += theta.numel()
+    return saved
+
+
+class TritonBackend:
+    """The noise/update backend of mezo.py, in Triton, plus the fused restore-and-update that mezo_step uses
+    when a backend offers it. Each pass is one kernel launch per dtype, over every trainable tensor (under
+    tensor parallelism, one more per length of a shard's row).
+
+    exact=True is mezo.ExactRestore's drift-free mode (--fast --exact-restore), the same numbers in fewer
+    passes: the copy of θ is written by the step's first perturbation, θ − εz is made from it, and the
+    restore is fused with the update (and the next step's +εz', which also writes the next copy). A step
+    then moves 10 bytes per bfloat16 value, not the 24 of ExactRestore(TritonBackend()): copy, +ε, copy
+    back, −ε, copy back, update. The copy lives as long as the backend (ExactRestore frees it after each
+    step): one copy of the trainable tensors either way."""
+
+    name = "triton"
+
+    def __init__(self, exact: bool = False):
+        self.exact = exact
+        self._cache = (None, None, None, None)  # (params and where they live, runs, launches, saved copies)
+        self._scale = None  # exact mode: θ = saved + _scale·z for the current seed; None: θ is itself
+
+    def _layout(self, params):
+        where = lambda: (id(params), tuple(p.tensor.data_ptr() for p in params))
+        if self._cache[0] != where():  # new tensors, or storage moved since: lay out the runs again
+            runs = _runs(params)  # may move the tensors into one buffer: key the cache by where they are now
+            saved = _saved_buffers(runs) if self.exact else None
+            self._cache = (where(), runs, _launches(runs, saved), saved)
+            self._scale = None
+        return self._cache
+
+    def runs(self, params):
+        """(flat tensor, global offset, decay, stretch) for each run of tensors (see _runs)."""
+        return self._layout(params)[1]
+
+    def launches(self, params):
+        return self._layout(params)[2]
+
+    @torch.no_grad()
+    def perturb(self, params, seed: int, scale: float) -> None:
+        launches = self.launches(params)
+        source = 0
+        if self.exact:  # the calls of a step: +ε (keep θ), −2ε (θ − εz from the copy), +ε (θ is the copy)
+            source, self._scale = (2, scale) if self._scale is None else (1, self._scale + scale)
+            if self._scale == 0.0:  # θ ← its copy: a copy kernel (3), one launch for any number of runs
+                source, self._scale = 3, None
+            scale = self._scale or 0.0
+        for launch in launches:
+            _launch(_perturb_kernel, launch, seed, float(scale), SOURCE=source)
+
+    @torch.no_grad()
+    def update(self, params, seed: int, projected_grad: float, lr: float, weight_decay: float) -> None:
+        for launch in self.launches(params):
+            _launch(_update_kernel, launch, seed, float(projected_grad), float(lr), float(weight_decay))
+
+    @torch.no_grad()
+    def restore_and_update(self, params, seed: int, eps: float, projected_grad: float, lr: float,
+                           weight_decay: float, next_seed: int | None = None) -> None:
+        """perturb(+eps), update(...) and, given next_seed, perturb(+eps) with it, in one pass over θ: the
+        same roundings as the three calls, a third (or half) of the traffic."""
+        launches = self.launches(params)
+        if self.exact and self._scale != -eps:  # mezo_step calls it after perturb(+ε), perturb(−2ε)
+            raise RuntimeError(f"restore_and_update in exact mode expects θ − εz, not {self._scale}·z (ε = {eps})")
+        for launch in launches:
+            _launch(_restore_update_kernel, launch, seed, float(eps), float(projected_grad), float(lr),
+                    float(weight_decay), 0 if next_seed is None else next_seed, NEXT=next_seed is not None,
+                    EXACT=self.exact)
+        if self.exact:
+            self._scale = None if next_seed is None else eps
