@@ -21,6 +21,7 @@ test-long:
 
 bench:
 	$(PY) bench/memory.py
+	for dtype in float32 bfloat16; do $(PY) bench/step.py --device cpu --sizes 135m --dtype $$dtype || exit 1; done
 
 # On a machine with a CUDA GPU: the compiled-kernel tests, then fast/'s tables (issue 3): the perturbation's
 # bandwidth, and R at the default and at the paper's batch, float32 and bfloat16

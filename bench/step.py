@@ -1,20 +1,22 @@
-"""Step time against forward time: R = step / (2 x forward), for three noise/update backends in one run.
+"""Step time against forward time: R = step / (2 x forward), for the noise/update backends in one run.
 
-    python bench/step.py                                  # CPU: two small Llama shapes; fast rows not timed
+    python bench/step.py --sizes 135m --dtype float32     # CPU: the compiled backend against the reference
     python bench/step.py --device cuda --sizes 135m,1b    # GPU: compiled Triton kernels
 
 (a) original: the original MeZO code's semantics (per tensor torch.manual_seed + torch.normal, out-of-place
     update), written as a backend object for mezo_step; (b) reference: mezo.TorchBackend; (c) fast:
     fast.TritonBackend, two passes over θ a step (−2εz; restore + update + the next step's +εz); "+exact"
     rows are --exact-restore (a copy of θ per step, no drift): mezo.ExactRestore around (b), and
-    fast.TritonBackend(exact=True), which writes the copy and reads it in its fused passes.
+    fast.TritonBackend(exact=True), which writes the copy and reads it in its fused passes; on a CPU, (d)
+    compiled: fast.compiled (`--fast` there), the reference's numbers, two passes a step, and "+exact" around it.
 Models are Llama shapes with random weights (speed does not depend on the weights);
     LoRA r=8 on q/v of every layer, or every parameter. Medians over --repeat steps after warm-up.
 R near 1 means the step costs its two forwards and nothing else. Memory: peak of a step / peak of a forward
 (GPU only; on a CPU see bench/memory.py). Perturbation: one θ += εz pass over the trainable tensors, as GB/s
 (a read and a write of θ) and as a share of the device's memory bandwidth (--peak-gbs; known for H100 and
 H200). The forwards at the default batch are launch-bound on a GPU: for realistic R also run, e.g.,
---batch-size 16 --seq-len 256 (the paper's batch of 16).
+--batch-size 16 --seq-len 256 (the paper's batch of 16). Noise: elements of z a second for each backend's way of
+making it, against torch.randn's (which makes other numbers: the yardstick, not a candidate).
 """
 import argparse
 import os
@@ -69,8 +71,10 @@ class OriginalBackend:
 def build(size, mode, device, dtype):
     from transformers import LlamaConfig, LlamaForCausalLM
     h, layers, heads, kv, inter = SIZES[size]
-    cfg = LlamaConfig(vocab_size=32000, hidden_size=h, num_hidden_layers=layers, num_attention_heads=heads,
-                      num_key_value_heads=kv, intermediate_size=inter, tie_word_embeddings=False)
+    smol = size == "135m"  # SmolLM2-135M itself: its vocabulary and tied embeddings, 134.5M values
+    cfg = LlamaConfig(vocab_size=49152 if smol else 32000, hidden_size=h, num_hidden_layers=layers,
+                      num_attention_heads=heads, num_key_value_heads=kv, intermediate_size=inter,
+                      tie_word_embeddings=smol)
     with torch.device(device):
         model = LlamaForCausalLM(cfg).to(dtype).eval()
     model.config.architectures = ["LlamaForCausalLM"]
@@ -95,6 +99,19 @@ def median_time(fn, device, repeat):
     return statistics.median(times)
 
 
+def noise_rates(repeat: int, window_noise, n: int = 1 << 22) -> None:
+    """Elements of z a second: the reference's torch integer ops, the compiled window, the original code's
+    torch.normal, and torch.randn, over n values in the reference's chunks."""
+    chunk = mezo.NOISE_CHUNK
+    ways = {"reference (mezo.noise)": lambda i: [mezo.noise(i, torch.arange(s, s + chunk)) for s in range(0, n, chunk)],
+            "compiled (fast.compiled)": lambda i: [window_noise(i, s, chunk) for s in range(0, n, chunk)],
+            "original (torch.normal)": lambda i: torch.normal(0, 1, size=(n,)),
+            "torch.randn": lambda i: torch.randn(n)}
+    rates = {name: n / median_time(fn, torch.device("cpu"), repeat) for name, fn in ways.items()}
+    print(f"noise, {n:,} values, {torch.get_num_threads()} threads: " + "; ".join(
+        f"{name} {rate / 1e6:.0f} M/s ({rate / rates['torch.randn']:.2f}x randn)" for name, rate in rates.items()))
+
+
 def main():
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--device", default="cpu")
@@ -117,6 +134,14 @@ def main():
         backends["fast+exact"] = fast.TritonBackend(exact=True)  # ExactRestore's numbers, fused passes
     except ImportError as e:
         print(f"fast/ unavailable: {e}")
+    if device.type == "cpu":
+        from fast.compiled import CompiledBackend, compiled_backend, window_noise
+        t = time.perf_counter()
+        backends["compiled"] = compiled_backend()
+        print(f"compiled backend: ready in {time.perf_counter() - t:.1f} s (compile, or inductor's disk cache)")
+        if isinstance(backends["compiled"], CompiledBackend):
+            backends["compiled+exact"] = mezo.ExactRestore(backends["compiled"])
+        noise_rates(args.repeat, window_noise)
     gen = torch.Generator().manual_seed(0)
     name = torch.cuda.get_device_name() if device.type == "cuda" else ""
     peak = args.peak_gbs or peak_gbs(name)
