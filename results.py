@@ -150,7 +150,7 @@ def read_log(out: Path) -> list[dict]:
     return [json.loads(line) for line in (out / "log.jsonl").read_text().splitlines()]
 
 
-def plan(root: Path, threads: int, methods=METHODS + TASK_METHODS) -> list[tuple[Method, int, Path]]:
+def plan(root: Path, threads: int, methods=METHODS + TASK_METHODS + FULL_PROBES) -> list[tuple[Method, int, Path]]:
     todo = [(m, s, run_dir(root, m, s)) for m in methods for s in m.seeds]
     memory = 0.0 if (root / "memory.json").exists() else MEMORY_S
     left = sum(expected_s(m) for m, _, out in todo if not finished(out, m)) + memory
