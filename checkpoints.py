@@ -83,7 +83,7 @@ def save_peft_adapter(folder: Path, lora: dict, r: int, alpha: float, base: str,
 
 
 def saved_config(folder: Path) -> dict:
-    """A checkpoint's config for --resume: lists back to tuples, and no world size (tp, dp), since a checkpoint
-    holds full tensors and resumes at any."""
+    """A checkpoint's config for --resume and --replay: lists back to tuples, no world size (tp, dp: a checkpoint
+    holds full tensors and resumes at any), and no replay (a replayed run's folder resumes as a run)."""
     _, _, config = read_checkpoint(folder)
-    return {k: tuple(v) if isinstance(v, list) else v for k, v in config.items() if k not in ("tp", "dp")}
+    return {k: tuple(v) if isinstance(v, list) else v for k, v in config.items() if k not in ("tp", "dp", "replay")}

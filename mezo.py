@@ -86,6 +86,7 @@ class Config:
     eval_max_start: int = option(0, "test rows evaluated at step 0 (0 = all)", min=0)
     out: str | None = option(None, "folder for log.jsonl, checkpoint.safetensors, summary.json and the adapter")
     save_every: int = option(0, "also checkpoint every N steps (0 = at each evaluation and at the end)", min=0)
+    replay: str | None = option(None, "rebuild this run folder's tensors after --steps from its log alone, into --out")
     threads: int = option(0, "torch CPU threads (0 = torch's default)", min=0)
     # parallel (tp/): launch with `torchrun --nproc-per-node N mezo.py ...`
     tp: int = option(1, "tensor-parallel ranks: each holds a slice of every attention and MLP weight", min=1)
@@ -536,8 +537,8 @@ def train(cfg: Config, resume: str | None = None, *, backend=None, forward=Promp
                 record = dict(loss=adam_step(run.optimizer, lambda: run.loss_parts(batch)), lr=cfg.lr)
             else:
                 seeds = [step_seed(cfg.seed, step, k) for k in range(cfg.n_samples)]
-                samples = mezo_step(run.params, loss_fn, seeds, cfg.eps, cfg.lr, cfg.weight_decay, backend,
-                                    perturbed=perturbed, next_seed=next_seed)
+                samples = mezo_step(run.params, run.replayed(step) or loss_fn, seeds, cfg.eps, cfg.lr,  # --replay:
+                                    cfg.weight_decay, backend, perturbed=perturbed, next_seed=next_seed)  # logged L±
                 record, perturbed = runs.step_record(samples, cfg.lr), next_seed is not None
         run.record(step, record)  # log.jsonl, the progress bar; evaluate and checkpoint when due
     return run.finish()
@@ -552,8 +553,8 @@ def parse_args(argv=None) -> tuple[Config, str | None]:
     p.add_argument("--resume", default=None, help="continue the run whose --out folder this is")
     args = vars(p.parse_args(argv))
     resume = args.pop("resume")
-    if resume:
-        saved = checkpoints.saved_config(Path(resume))  # the run's own config, but not its world size
+    if resume or args.get("replay"):
+        saved = checkpoints.saved_config(Path(resume or args["replay"]))  # the run's config, not its world size
         args = {**{k: v for k, v in saved.items() if k in Config.__dataclass_fields__}, "out": resume, **args}
     return Config(**args), resume
 

@@ -28,7 +28,57 @@ from errors import NonFiniteLoss, UsageError
 from tasks.prompts import batch_logits, check_template, encode_splits, label_tokens, micro_batches
 
 
-class Run:
+class ReplayMixin:
+    """--replay RUN_DIR --out NEW_DIR [--steps T]: the run's trainable tensors after step T rebuilt from its start
+    (the model, the run seed) and its log alone. mezo_step runs as in training, on the logged losses instead of
+    forwards, so it takes the run's projected gradients, perturbations and roundings: bit for bit the tensors the run
+    had, on the same backend. A few dozen bytes of log a step stand in for a checkpoint of the whole model."""
+
+    def _read_replay(self) -> dict:
+        cfg, folder = self.cfg, Path(self.cfg.replay)
+        if not self.out or self.out.resolve() == folder.resolve():
+            raise UsageError(f"--replay {folder} needs --out NEW_DIR, another folder: the run's own files are kept")
+        if cfg.optimizer != "mezo":
+            raise UsageError(f"--replay {folder}: a first-order run's steps need its gradients, which its log does "
+                             "not keep; only MeZO runs replay")
+        if not (folder / "log.jsonl").is_file():
+            raise UsageError(f"--replay {folder}: no log.jsonl there; point --replay at a run's --out folder")
+        records = {r["step"]: r for r in read_log(folder / "log.jsonl") if "projected_grad" in r}
+        missing = next((t for t in range(1, cfg.steps + 1) if t not in records), None)
+        if missing is not None:
+            raise UsageError(f"--replay {folder}: log.jsonl has no record of step {missing} (it holds steps up to "
+                             f"{max(records, default=0)}); replay to --steps {missing - 1} at most")
+        return {t: records[t] for t in range(1, cfg.steps + 1)}
+
+    def replayed(self, step: int):
+        """The logged losses of a step, in the order mezo_step asks for them (L+, L− of each sample); None: train."""
+        if self.replay is None:
+            return None
+        record = self.replay[step]
+        losses = iter([v for s in record.get("samples") or [record] for v in (s["loss_plus"], s["loss_minus"])])
+        return lambda: next(losses)
+
+    def _check_replayed(self, step: int, record: dict) -> None:
+        logged = self.replay[step]
+        keys = ("seed", "projected_grad", "lr")
+        if any(logged.get(k) != record.get(k) for k in keys):
+            got = {k: (logged.get(k), record.get(k)) for k in keys if logged.get(k) != record.get(k)}
+            raise UsageError(f"--replay {self.cfg.replay}: step {step}'s record does not match its own replay "
+                             f"({got}, logged vs replayed): the log was edited, or the run had another --seed, --eps "
+                             "or --lr")
+
+    def _check_against_the_runs_checkpoint(self) -> None:
+        """Where the run saved a checkpoint at the step replayed to, the replay must equal it bit for bit."""
+        folder = Path(self.cfg.replay)
+        tensors, step, _ = checkpoints.read_checkpoint(folder)
+        if step == self.cfg.steps and any(not torch.equal(tensors[p.name], p.tensor.detach().cpu())
+                                          for p in self.placement.gather(self.params)):
+            raise UsageError(f"--replay {folder}: the rebuilt tensors differ from the run's own checkpoint at step "
+                             f"{step}: another model or backend than the run's (--fast on a GPU is Triton's numbers), "
+                             "or an edited log")
+
+
+class Run(ReplayMixin):
     """Everything a run keeps besides θ's trajectory. Made by mezo.train; see its loop for the order of calls."""
 
     def __init__(self, cfg, placement, trainables, forward):
@@ -83,6 +133,7 @@ class Run:
                                                                                   backwards=0)
         self.step_times, self.forward_times, self.last_saved, self.evals = [], [], None, {}
         self.start, self.log, self.counts = 0, None, {}
+        self.replay = self._read_replay() if cfg.replay else None
 
     # --- the data of a step ---------------------------------------------------------------------------
 
@@ -112,6 +163,8 @@ class Run:
     # --- the schedule: progress, logging, evaluation, checkpoints -------------------------------------
 
     def evaluates_at(self, step: int) -> bool:
+        if self.replay is not None:
+            return False  # a replay runs no forward: its checkpoint is the point
         return step == self.cfg.steps or bool(self.cfg.eval_every and step % self.cfg.eval_every == 0)
 
     def saves_at(self, step: int) -> bool:
@@ -125,7 +178,7 @@ class Run:
         self.counts = {k: self.log.last_step.get(k, n * self.start) for k, n in self.per_step.items()}
         self.t0 = time.time()
         peak_memory_mb(self.device, reset=True)  # from here on: evaluations and steps, not loading
-        if self.start == 0:
+        if self.start == 0 and self.replay is None:
             self.evals[0] = self.evaluate(0)
         self.bar = tqdm(range(self.start + 1, self.cfg.steps + 1), initial=self.start, total=self.cfg.steps,
                         desc="mezo", dynamic_ncols=True, disable=not self.placement.is_main)
@@ -151,6 +204,8 @@ class Run:
     def record(self, step: int, record: dict) -> None:
         """Log the step (with the passes over a training batch so far), then evaluate and save when due."""
         self.counts = {k: self.counts[k] + n for k, n in self.per_step.items()}
+        if self.replay is not None:
+            self._check_replayed(step, record)
         samples = record.pop("samples", None)  # n > 1 directions: each sample's numbers go last
         self.log.write(dict(step=step, **record, **self.counts) | (dict(samples=samples) if samples else {}))
         shown = self.evals[max(self.evals)] if self.evals else {}
@@ -213,12 +268,14 @@ class Run:
     def finish(self) -> dict:
         """The last checkpoint, then summary.json: wall time, passes, peak memory, median step and forward time."""
         self.bar.close()
+        if self.replay is not None:
+            self._check_against_the_runs_checkpoint()
         if self.last_saved != self.cfg.steps:
             self.checkpoint(self.cfg.steps)
         wall_time, per_step = time.time() - self.t0, self.per_step["forwards"]
         summary = dict(optimizer=self.cfg.optimizer, steps=self.cfg.steps, wall_time=wall_time, evals=self.evals,
                        **self.counts, peak_memory_mb=peak_memory_mb(self.device))
-        if self.step_times:
+        if self.step_times and self.forward_times:  # (a replay runs no forward)
             s, f = float(np.median(self.step_times)), float(np.median(self.forward_times))
             summary.update(step_time=s, forward_time=f, ratio=s / (per_step * f))
             print(f"mezo: {len(self.step_times)} steps, median {s:.3f} s/step, forward {f:.3f} s, "
