@@ -97,24 +97,53 @@ def full_method(root: Path) -> Method | None:
                                       + ", ".join(FULL_LRS) + " by the probes' dev accuracy (sizing section)"])
 
 
-# The other tasks: MeZO-LoRA at the two learning rates below (the per-task choice is made on dev, never on test:
-# the table keeps the one whose mean dev accuracy over the seeds is higher), Adam-LoRA at SST-2's probed 1e-3.
+# The other tasks: each task's MeZO-LoRA learning rate by a probe on dev, never on test. Every candidate runs on the
+# first data seed; the one with the higher dev accuracy at its last step (the smaller on a tie) runs the other seeds.
+# Adam-LoRA at SST-2's probed 1e-3.
 TASKS_HERE = ("sst5", "mr", "cr", "mpqa", "subj", "trec", "rte")
 TASK_SEEDS, MEZO_LRS = (13, 21), ("1e-3", "2e-3")
 PAPER_LORA = dict(sst2="91.4", sst5="43.0", rte="64.9", trec="73.1")  # MeZO-LoRA, RoBERTa-large, Table 18, k = 16
 
 
-def task_methods(task: str, seeds=TASK_SEEDS, lrs=MEZO_LRS, extra=()) -> list[Method]:
-    """zero-shot, MeZO-LoRA at each candidate lr, Adam-LoRA: folders <task>/<method> under the results root."""
+def task_methods(task: str, seeds=TASK_SEEDS, lrs=MEZO_LRS, extra=(), lr: str | None = None) -> list[Method]:
+    """zero-shot, MeZO-LoRA at each candidate lr (the probe: the first seed; the chosen `lr`: every seed), Adam-LoRA:
+    folders <task>/<method> under the results root."""
     return [Method(f"{task}/zero-shot", "zero-shot", [*extra, "--eval-every", "0"], 0, 0.0, "", seeds=seeds[:1],
                    task=task),
-            *[Method(f"{task}/mezo-lora-lr{lr}", f"MeZO-LoRA, lr {lr}", [*extra, "--mode", "lora", "--lr", lr,
-                     "--eval-every", "25"], 100, 1.7, PAPER_LORA.get(task, "—"), seeds=seeds, task=task) for lr in lrs],
+            *[Method(f"{task}/mezo-lora-lr{x}", f"MeZO-LoRA, lr {x}", [*extra, "--mode", "lora", "--lr", x,
+                     "--eval-every", "25"], 100, 1.7, PAPER_LORA.get(task, "—"),
+                     seeds=seeds if x == lr else seeds[:1], task=task) for x in lrs],
             Method(f"{task}/adam-lora", "Adam-LoRA", [*extra, "--optimizer", "adam", "--mode", "lora", "--lr", "1e-3",
                    "--eval-every", "8"], 32, 2.2, "", seeds=seeds, task=task)]
 
 
-TASK_METHODS = [m for task in TASKS_HERE for m in task_methods(task)]
+def task_lr(root: Path, task: str, seeds=TASK_SEEDS, lrs=MEZO_LRS, extra=()) -> str | None:
+    """The task's MeZO-LoRA lr: the candidate whose probe (first seed) ends with the higher dev accuracy, the smaller
+    on a tie; None until every probe has finished."""
+    probes = [m for m in task_methods(task, seeds, lrs, extra) if "mezo-lora" in m.name]
+    if not all(finished(run_dir(root, m, seeds[0]), m) for m in probes):
+        return None
+    dev = {flag(m, "--lr"): run_stats(run_dir(root, m, seeds[0]))["dev"] for m in probes}
+    return max(dev, key=lambda x: (dev[x], -float(x)))
+
+
+def task_plan(root: Path, tasks_=TASKS_HERE, seeds=TASK_SEEDS, lrs=MEZO_LRS, extra=()) -> list[Method]:
+    """Every task's methods as far as the probes have decided them."""
+    return [m for t in tasks_ for m in task_methods(t, seeds, lrs, extra, task_lr(root, t, seeds, lrs, extra))]
+
+
+def run_tasks(root: Path, threads: int, tasks_=TASKS_HERE, seeds=TASK_SEEDS, lrs=MEZO_LRS, extra=(),
+              runner=None) -> int:
+    """Task by task: zero-shot, the lr probes and Adam-LoRA, then the chosen lr on the other seeds."""
+    for t in tasks_:
+        for stage in ("probes", "chosen lr"):
+            lr = task_lr(root, t, seeds, lrs, extra) if stage == "chosen lr" else None
+            code = run_all(root, threads, task_methods(t, seeds, lrs, extra, lr), runner=runner or subprocess_runner,
+                           memory=False)
+            if code:
+                return code
+    return 0
+
 LOAD_S, ROW_S = 15.0, 0.05  # process start + model load; forward seconds per evaluated row (batch 8, 2 cores)
 MEMORY_S = 120.0  # bench/memory.py's five cases, each in a fresh process (the full-parameter MeZO step is slow)
 PAPER_SOURCE = ("Malladi et al., *Fine-Tuning Language Models with Just Forward Passes*, NeurIPS 2023 "
@@ -150,7 +179,8 @@ def read_log(out: Path) -> list[dict]:
     return [json.loads(line) for line in (out / "log.jsonl").read_text().splitlines()]
 
 
-def plan(root: Path, threads: int, methods=METHODS + TASK_METHODS + FULL_PROBES) -> list[tuple[Method, int, Path]]:
+def plan(root: Path, threads: int, methods=None) -> list[tuple[Method, int, Path]]:
+    methods = METHODS + task_plan(root) + FULL_PROBES if methods is None else methods
     todo = [(m, s, run_dir(root, m, s)) for m in methods for s in m.seeds]
     memory = 0.0 if (root / "memory.json").exists() else MEMORY_S
     left = sum(expected_s(m) for m, _, out in todo if not finished(out, m)) + memory
@@ -165,6 +195,8 @@ def cmd_plan(args) -> int:
         state = "done" if finished(out, m) else f"~{expected_s(m) / 60:.1f} min"
         print(f"  [{state:>9s}] python {' '.join(m.command(s, out, args.threads))}")
     print(f"  [~{MEMORY_S / 60:.1f} min] {' '.join(memory_command(Path(args.root), args.threads))}")
+    print("  (then each task's chosen lr on its other seeds, once its probes are done, and the full-parameter run "
+          "at the lr its probes pick)")
     return 0
 
 
@@ -181,12 +213,13 @@ def subprocess_runner(cmd: list[str], threads: int) -> int:
 
 def cmd_run(args) -> int:
     root = Path(args.root)
-    code = run_all(root, args.threads, METHODS + TASK_METHODS + FULL_PROBES)
+    code = (run_all(root, args.threads, METHODS, memory=False) or run_tasks(root, args.threads)
+            or run_all(root, args.threads, FULL_PROBES))
     full = full_method(root) if code == 0 else None
     return run_all(root, args.threads, [full], memory=False) if full else code
 
 
-def run_all(root: Path, threads: int, methods=METHODS + TASK_METHODS, runner=subprocess_runner,
+def run_all(root: Path, threads: int, methods=METHODS, runner=subprocess_runner,
             memory: bool = True) -> int:
     todo = plan(root, threads, methods)
     t_all = time.time()
@@ -289,8 +322,8 @@ def fmt_time(seconds: list[float]) -> str:
     return f"{mean:.0f} s" + (f" ({lo:.0f}–{hi:.0f})" if len(seconds) > 1 else "")
 
 
-def write_table(root: Path, path: Path, figures: Path | None = None, methods=METHODS,
-                task_methods=TASK_METHODS) -> str:
+def write_table(root: Path, path: Path, figures: Path | None = None, methods=METHODS, task_methods=None) -> str:
+    task_methods = task_plan(root) if task_methods is None else task_methods
     runs = collect(root, methods)
     if not runs:
         raise UsageError(f"no finished runs under {root}; run `python results.py run` first")
@@ -440,13 +473,14 @@ def task_section(runs: dict, rows: dict, task_runs: dict, task_methods) -> list[
         candidates = [stats[m.name] for m in ms if "mezo-lora" in m.name and m.name in stats]
         if not candidates and zs is None:
             continue
-        best = max(candidates, key=lambda r: (r["dev"][0], -float(flag(r["method"], "--lr")))) if candidates else None
+        probe_dev = lambda r: task_runs[r["method"].name].get(r["method"].seeds[0], {}).get("dev", -1.0)
+        best = max(candidates, key=lambda r: (probe_dev(r), -float(flag(r["method"], "--lr")))) if candidates else None
         some = next(iter(task_runs[next(m.name for m in ms if m.name in task_runs)].values()))
         n_classes = len(tasks.TASKS[task].labels)
         table.append(_task_row(task, n_classes, some["test_n"], zs, best, flag(best["method"], "--lr") if best else "—",
                                adam, fmt, PAPER_LORA.get(task, "—")))
         for r in candidates:
-            detail.append(f"| {task} | {flag(r['method'], '--lr')} | {pct(*r['dev'])} | {fmt(r)} | "
+            detail.append(f"| {task} | {flag(r['method'], '--lr')} | {pct(probe_dev(r))} | {fmt(r)} | "
                           f"{'**kept**' if r is best else ''} |")
         template, words = run_prompt(some["config"])
         prompts_used.append(f"| {task} | `{json.dumps(template)}` | {', '.join(repr(w) for w in words)} |")
@@ -460,7 +494,8 @@ def task_section(runs: dict, rows: dict, task_runs: dict, task_methods) -> list[
     out = ["Each task with its own prompt and label words (below), 16 examples per class for train and for dev "
            "(LM-BFF's splits of data seeds " + ", ".join(map(str, TASK_SEEDS)) + "), the whole test set at the end; "
            "test accuracy in %, mean ± std over the seeds. MeZO-LoRA: 100 steps; each task's learning rate is the "
-           "candidate (" + ", ".join(MEZO_LRS) + ") with the higher mean dev accuracy, never chosen on test. "
+           "candidate (" + ", ".join(MEZO_LRS) + ") with the higher dev accuracy in a probe run on data seed " +
+           str(TASK_SEEDS[0]) + " (never chosen on test); only the kept one runs the other seeds. "
            "Adam-LoRA: 32 steps at lr 1e-3 (SST-2's probe). Paper column: Malladi et al. 2023, Table 18 "
            "(RoBERTa-large, k = 16), where it has the task.", ""] + head + table
     if verdicts:
@@ -468,7 +503,8 @@ def task_section(runs: dict, rows: dict, task_runs: dict, task_methods) -> list[
                 "; ".join(verdicts) + "."]
     if detail:
         out += ["", "Learning rates: every candidate's dev and test accuracy (%).", "",
-                "| task | MeZO-LoRA lr | dev accuracy | test accuracy | |", "|---|---|---|---|---|"] + detail
+                f"| task | MeZO-LoRA lr | dev accuracy, seed {TASK_SEEDS[0]} | test accuracy | |",
+                "|---|---|---|---|---|"] + detail
     if prompts_used:
         out += ["", "Prompts (the text before {mask} is read by the causal model; tasks/__init__.py):", "",
                 "| task | template | label words |", "|---|---|---|"] + prompts_used

@@ -169,10 +169,11 @@ def small_results(model_dir, tmp_path_factory):
                        4, 0.0, "91.9", seeds=(13, 21)),
     ]
     tiny_tasks = ["--model", model_dir("llama+tasks"), "--max-length", "48"]  # every task's words in its vocabulary
-    task_methods = [m for task in ("rte", "trec")
-                    for m in results.task_methods(task, seeds=(13, 21), lrs=("3e-2", "1e-2"), extra=tiny_tasks)]
+    tasks_, task_args = ("rte", "trec"), dict(seeds=(13, 21), lrs=("3e-2", "1e-2"), extra=tiny_tasks)
     root = tmp_path_factory.mktemp("results")
-    assert results.run_all(root, 1, methods + task_methods, runner=in_process, memory=False) == 0
+    assert results.run_all(root, 1, methods, runner=in_process, memory=False) == 0
+    assert results.run_tasks(root, 1, tasks_, **task_args, runner=in_process) == 0
+    task_methods = results.task_plan(root, tasks_, **task_args)
     return results, root, methods, task_methods
 
 
@@ -181,7 +182,7 @@ def test_results_run_skips_finished_runs_and_resumes_stopped_ones(small_results,
     before = {p: p.stat().st_mtime_ns for p in root.rglob("log.jsonl")}
     assert results.run_all(root, 1, methods + task_methods, runner=in_process, memory=False) == 0
     assert {p: p.stat().st_mtime_ns for p in root.rglob("log.jsonl")} == before  # nothing ran again
-    assert capsys.readouterr().out.count("done, skipped") == 8 + 2 * 7
+    assert capsys.readouterr().out.count("done, skipped") == 8 + 2 * 6  # per task: 1 + 2 probes + 1 + 2 Adam
 
 
 def test_table_means_and_stds_match_a_hand_computation(small_results, tmp_path):
@@ -214,8 +215,9 @@ def test_table_means_and_stds_match_a_hand_computation(small_results, tmp_path):
 
 
 def test_every_task_row_keeps_the_lr_with_the_better_dev_and_its_test_mean(small_results, tmp_path):
-    """Each task's row: the MeZO-LoRA candidate whose mean dev accuracy is higher (never test), and the mean ± std
-    of its test accuracies; zero-shot and Adam beside it; the gaps; all against a hand computation from the logs."""
+    """Each task's row: the MeZO-LoRA candidate whose probe (seed 13) ends with the higher dev accuracy (never
+    test), which alone ran seed 21 too, and the mean ± std of its test accuracies; zero-shot and Adam beside it; the
+    gaps; all against a hand computation from the logs."""
     results, root, methods, task_methods = small_results
     md = results.write_table(root, tmp_path / "RESULTS.md", None, methods, task_methods)
     final = lambda name, seed, split: [r["accuracy"] for r in
@@ -223,8 +225,11 @@ def test_every_task_row_keeps_the_lr_with_the_better_dev_and_its_test_mean(small
                                            .splitlines()) if r.get("split") == split][-1]
     stats = lambda values: (np.mean(values), np.std(values))
     for task, n_classes, test_n in (("rte", 2, 277), ("trec", 6, 500)):
-        dev = {lr: np.mean([final(f"{task}/mezo-lora-lr{lr}", s, "dev") for s in (13, 21)]) for lr in ("3e-2", "1e-2")}
+        dev = {lr: final(f"{task}/mezo-lora-lr{lr}", 13, "dev") for lr in ("3e-2", "1e-2")}
         lr = max(dev, key=lambda x: (dev[x], -float(x)))
+        other = next(x for x in dev if x != lr)
+        assert (root / f"{task}/mezo-lora-lr{lr}/seed21/log.jsonl").exists()
+        assert not (root / f"{task}/mezo-lora-lr{other}/seed21").exists()  # the probe that lost ran one seed
         mezo, adam = (stats([final(name, s, "test") for s in (13, 21)]) for name in
                       (f"{task}/mezo-lora-lr{lr}", f"{task}/adam-lora"))
         zero = final(f"{task}/zero-shot", 13, "test")
