@@ -9,13 +9,11 @@ L(θ − εz): projected_grad = (L+ − L−) / 2ε ≈ ∇L·z, then steps θ �
 z (it is regenerated from a seed) and never runs backward, so it trains with the memory of inference.
 
 The reference, top to bottom: the config, the noise, the trainable tensors, perturb and update, one step, the
-step as a torch.optim.Optimizer (`MeZO`), the loop, the command line. Variants plug into three seams and are
-tested against it: the noise/update backend (fast/), the forward (cache/), the placement of tensors and losses
+step as a torch.optim.Optimizer (`MeZO`), the loop, the command line. Variants plug into its seams and are tested
+against it: the noise/update backend (fast/), the update rule (rules.py), the forward (cache/), the placement
 (tp/); only `variants()` picks them. The rest of a run lives in modules beside this one (README: reading order).
 
-    python mezo.py --task sst2                 # offline SmolLM2-135M, LoRA, 16-shot SST-2
-    python mezo.py --task synthetic --steps 100
-    python mezo.py --help
+    python mezo.py --task sst2 [--help]        # offline SmolLM2-135M, LoRA, 16-shot SST-2
 """
 from __future__ import annotations
 
@@ -73,6 +71,8 @@ class Config:
     eps: float = option(1e-3, "perturbation scale ε (paper: 1e-3)", above=0)
     weight_decay: float = option(0.0, "weight decay; never on biases and norm weights", min=0)
     n_samples: int = option(1, "directions z per step, averaged (the paper's Algorithm 2)", min=1)
+    rule: str = option("sgd", "ZO-SGD or rules.py's", choices=("sgd", "momentum", "adam", "sign", "conservative"))
+    beta: float = option(0.9, "--rule momentum's β, --rule adam's β1 (its β2 is 0.999)", min=0)
     objective: str = option("ce", "cross-entropy over the label words, or 1 − accuracy", choices=("ce", "accuracy"))
     optimizer: str = option("mezo", "or adam: the first-order baseline, backprop + AdamW", choices=("mezo", "adam"))
     fast: bool = option(False, "fast/'s backend, same numbers: compiled on CPUs, Triton kernels on GPUs")
@@ -92,12 +92,6 @@ class Config:
     tp: int = option(1, "tensor-parallel ranks: each holds a slice of every attention and MLP weight", min=1)
     dp: int = option(0, "data-parallel ranks: each runs a slice of the batch (0 = processes / tp)", min=0)
     dist_timeout: float = option(300.0, "seconds a collective waits for a silent rank before the job fails", above=0)
-
-
-def check_config(cfg: Config) -> None:
-    """Each option among its choices and in its range, and no two that cannot go together: else one line."""
-    options.check(cfg)
-    runs.check_combinations(cfg)
 
 # -----------------------------------------------------------------------------
 # The noise. z for element i of the run's trainable vector is a pure function of (seed, i): output i % 4 of
@@ -323,8 +317,8 @@ class TorchBackend:
 
 
 @torch.no_grad()
-def mezo_step(params: list[Trainable], loss_fn, seeds: list[int], eps: float, lr, weight_decay,
-              backend=None, perturbed: bool = False, next_seed: int | None = None) -> list[dict]:
+def mezo_step(params: list[Trainable], loss_fn, seeds: list[int], eps: float, lr, weight_decay, backend=None,
+              perturbed: bool = False, next_seed: int | None = None, rule=None) -> list[dict]:
     """One step. lr and weight_decay: one value, or one per tensor (MeZO's param groups). perturbed: θ + εz
     for seeds[0] is already there (the last step's next_seed). next_seed: end at θ_next + εz for that seed,
     which a backend may fuse with the update (fast/ does: 2 passes over θ a step, not 3). Same roundings."""
@@ -340,7 +334,7 @@ def mezo_step(params: list[Trainable], loss_fn, seeds: list[int], eps: float, lr
         projected_grad = (loss_plus - loss_minus) / (2 * eps)  # ≈ ∇L·z
         samples.append(dict(seed=seed, loss_plus=loss_plus, loss_minus=loss_minus, projected_grad=projected_grad))
         finite = math.isfinite(loss_plus) and math.isfinite(loss_minus)
-        if finite and len(seeds) == 1 and len(groups) == 1 and hasattr(backend, "restore_and_update"):
+        if finite and len(seeds) == 1 and len(groups) == 1 and hasattr(backend, "restore_and_update") and not rule:
             # A backend may fuse the restore below with the update and the next +εz: one pass over θ.
             _, group_lr, group_wd = groups[0]
             backend.restore_and_update(params, seed, eps, projected_grad, group_lr, group_wd, next_seed)
@@ -348,13 +342,16 @@ def mezo_step(params: list[Trainable], loss_fn, seeds: list[int], eps: float, lr
         backend.perturb(params, seed, +eps)  # back to θ (up to rounding; see the tests)
         if not finite:
             raise NonFiniteLoss(f"loss_plus={loss_plus}, loss_minus={loss_minus}")
-    # θ ← θ − lr·(mean_k g_k·z_k + wd·θ): weight decay once, with θ as the step found it.
-    for k, s in enumerate(samples):
-        for group, group_lr, group_wd in groups:
-            backend.update(group, s["seed"], s["projected_grad"] / len(samples), group_lr, group_wd if k == 0 else 0.0)
+    sgd_update(backend, samples, groups) if rule is None else rule.update(params, samples, groups, backend, loss_fn)
     if next_seed is not None:
         backend.perturb(params, next_seed, +eps)
     return samples
+
+
+def sgd_update(backend, samples: list[dict], groups) -> None:  # θ ← θ − lr·(mean_k g_k·z_k + wd·θ), wd once
+    for k, s in enumerate(samples):
+        for group, group_lr, group_wd in groups:
+            backend.update(group, s["seed"], s["projected_grad"] / len(samples), group_lr, group_wd if k == 0 else 0.0)
 
 
 def _rate_groups(params: list[Trainable], lr, weight_decay) -> list[tuple[list[Trainable], float, float]]:
@@ -388,8 +385,8 @@ class ExactRestore:
         else:
             self.saved = None
 
-    def update(self, *args) -> None:  # the update starts from θ, which the last perturb restored exactly
-        self.backend.update(*args)
+    def update(self, *args) -> None:
+        self.backend.update(*args)  # from θ, which the last perturb restored exactly
 
 # -----------------------------------------------------------------------------
 # MeZO as a torch.optim.Optimizer, for your own model and loop. The step is mezo_step itself, on the
@@ -401,15 +398,15 @@ class MeZO(torch.optim.Optimizer):
     params: parameters, (name, parameter) pairs, or groups with their own lr and weight_decay (lr schedulers work).
     step(closure) runs the closure (a forward: a float or 0-d tensor) twice per sample without autograd and returns
     the loss at θ, (L+ + L−)/2; `last` holds the step's record. Weight decay skips 1-D tensors, as in mezo_step.
-    state_dict() holds the step count and seed: a reloaded optimizer goes on identically. backend= takes fast/'s."""
+    state_dict(): step count, seed, the rule's buffers. backend= takes fast/'s; rule= rules.py's (rules.make)."""
 
     def __init__(self, params, lr: float = 1e-3, eps: float = 1e-3, weight_decay: float = 0.0,
-                 n_samples: int = 1, seed: int = 0, backend=None):
+                 n_samples: int = 1, seed: int = 0, backend=None, rule=None):
         if not (lr >= 0 and eps > 0 and weight_decay >= 0 and n_samples >= 1 and 0 <= seed < 1 << 63):
             raise ValueError(f"MeZO needs lr >= 0, eps > 0, weight_decay >= 0, n_samples >= 1, 0 <= seed < 2^63; "
                              f"got {lr=}, {eps=}, {weight_decay=}, {n_samples=}, {seed=}")
         self.eps, self.n_samples, self.seed, self.steps, self.last = eps, n_samples, seed, 0, None
-        self.backend = backend or TorchBackend()
+        self.backend, self.rule = backend or TorchBackend(), rule
         super().__init__(params, dict(lr=lr, weight_decay=weight_decay))
 
     def add_param_group(self, group: dict) -> None:
@@ -421,8 +418,7 @@ class MeZO(torch.optim.Optimizer):
         tensors = [group["params"]] if torch.is_tensor(group["params"]) else group["params"]
         named = [p if isinstance(p, tuple) else (f"{len(self.param_groups)}.{j}", p) for j, p in enumerate(tensors)]
         super().add_param_group(dict(group, params=[p for _, p in named], param_names=[n for n, _ in named]))
-        self.trainables = make_trainables([(n, p) for g in self.param_groups
-                                           for n, p in zip(g["param_names"], g["params"])])
+        self.trainables = make_trainables([x for g in self.param_groups for x in zip(g["param_names"], g["params"])])
 
     @torch.no_grad()
     def step(self, closure) -> float:
@@ -432,7 +428,7 @@ class MeZO(torch.optim.Optimizer):
         seeds = [step_seed(self.seed, self.steps + 1, k) for k in range(self.n_samples)]
         try:
             samples = mezo_step(self.trainables, lambda: float(closure()), seeds, self.eps, per_tensor("lr"),
-                                per_tensor("weight_decay"), self.backend)
+                                per_tensor("weight_decay"), self.backend, rule=self.rule)
         except NonFiniteLoss as e:
             raise NonFiniteLoss(f"non-finite loss at step {self.steps + 1} ({e}); the parameters are as step "
                                 f"{self.steps} left them. Lower lr or eps") from None
@@ -441,13 +437,16 @@ class MeZO(torch.optim.Optimizer):
         return self.last["loss"]
 
     def state_dict(self) -> dict:
-        return super().state_dict() | dict(mezo=dict(steps=self.steps, seed=self.seed))
+        rule = self.rule.state(self.trainables) if self.rule else {}
+        return super().state_dict() | dict(mezo=dict(steps=self.steps, seed=self.seed, rule=rule))
 
     def load_state_dict(self, state_dict: dict) -> None:
         if "mezo" not in state_dict:
             raise ValueError("not a MeZO state_dict: it has no 'mezo' entry (step count and seed)")
         super().load_state_dict({k: v for k, v in state_dict.items() if k != "mezo"})
         self.steps, self.seed = state_dict["mezo"]["steps"], state_dict["mezo"]["seed"]
+        if self.rule:
+            self.rule.load(state_dict["mezo"].get("rule", {}), self.trainables)
 
 # -----------------------------------------------------------------------------
 # The forward (seam 2): a batch becomes label-word logits, read by the model's own LM head at one position (the
@@ -516,15 +515,15 @@ class Placement:
 
 
 def train(cfg: Config, resume: str | None = None, *, backend=None, forward=PromptForward,
-          placement: Placement | None = None) -> dict:
+          placement: Placement | None = None, rule=None) -> dict:
     """Train as the command line does and return the run's summary. The seams default to the reference's;
     `variants(cfg)` makes the ones a config asks for (the command line passes them in)."""
-    check_config(cfg)
+    runs.check_config(cfg)  # each option in its range, and no two that cannot go together: else one line
     placement, backend = placement or Placement(), backend or TorchBackend()
-    run = runs.Run(cfg, placement, lambda model: placement.shard(model, select_trainables(model, cfg)), forward)
-    # A fused backend also makes the next step's +εz in the update's pass, unless θ itself is needed
-    # between the steps (an evaluation or a checkpoint; the last step evaluates).
-    fuse, perturbed = hasattr(backend, "restore_and_update") and cfg.n_samples == 1 and not run.optimizer, False
+    run = runs.Run(cfg, placement, lambda model: placement.shard(model, select_trainables(model, cfg)), forward, rule)
+    # A fused backend also makes the next step's +εz in the update's pass (ZO-SGD, one sample), unless θ itself
+    # is needed between the steps (an evaluation or a checkpoint; the last step evaluates).
+    fuse, perturbed = hasattr(backend, "restore_and_update") and cfg.n_samples < 2 and not (rule or run.optimizer), 0
     for step in run.steps(resume):
         batch = run.batch(step)  # this process's examples of the step
 
@@ -538,7 +537,7 @@ def train(cfg: Config, resume: str | None = None, *, backend=None, forward=Promp
             else:
                 seeds = [step_seed(cfg.seed, step, k) for k in range(cfg.n_samples)]
                 samples = mezo_step(run.params, run.replayed(step) or loss_fn, seeds, cfg.eps, cfg.lr,  # --replay:
-                                    cfg.weight_decay, backend, perturbed=perturbed, next_seed=next_seed)  # logged L±
+                                    cfg.weight_decay, backend, perturbed, next_seed, rule)  # logged L±
                 record, perturbed = runs.step_record(samples, cfg.lr), next_seed is not None
         run.record(step, record)  # log.jsonl, the progress bar; evaluate and checkpoint when due
     return run.finish()
@@ -561,12 +560,15 @@ def parse_args(argv=None) -> tuple[Config, str | None]:
 
 def variants(cfg: Config) -> dict:
     """The seams a config asks for, as train's keyword arguments: backend, forward and placement."""
-    check_config(cfg)  # before anything starts (tp/ joins a process group)
+    runs.check_config(cfg)  # before anything starts (tp/ joins a process group)
     seams = dict(backend=ExactRestore(TorchBackend()) if cfg.exact_restore else TorchBackend(), forward=PromptForward)
     if cfg.fast:  # the compiled reference on CPUs, Triton kernels on GPUs (fast/__init__.py)
         from fast import choose
         device = cfg.device if cfg.device != "auto" else "cuda" if torch.cuda.is_available() else "cpu"
         seams["backend"] = choose(device, cfg.exact_restore)
+    if cfg.rule != "sgd":  # momentum, Adam, sign, conservative (rules.py)
+        from rules import make
+        seams["rule"] = make(cfg.rule, cfg.beta)
     if cfg.cache:
         from cache import CachedForward
         seams["forward"] = functools.partial(CachedForward, max_bytes=cfg.cache_mb << 20)

@@ -35,6 +35,7 @@ sys.path.insert(0, str(ROOT))
 import baseline  # noqa: E402
 import checkpoints  # noqa: E402
 import models  # noqa: E402
+import rules  # noqa: E402
 import tasks  # noqa: E402
 from errors import UsageError  # noqa: E402
 
@@ -145,7 +146,8 @@ def run_tasks(root: Path, threads: int, tasks_=TASKS_HERE, seeds=TASK_SEEDS, lrs
     return 0
 
 LOAD_S, ROW_S = 15.0, 0.05  # process start + model load; forward seconds per evaluated row (batch 8, 2 cores)
-MEMORY_S = 120.0  # bench/memory.py's five cases, each in a fresh process (the full-parameter MeZO step is slow)
+MEMORY_S = 480.0  # bench/memory.py's 13 cases, each in a fresh process (the full-parameter MeZO step is slow)
+RULE_CASES = [f"mezo-{mode}-{rule}" for mode in ("lora", "full") for rule in rules.RULES]  # --rule's memory
 PAPER_SOURCE = ("Malladi et al., *Fine-Tuning Language Models with Just Forward Passes*, NeurIPS 2023 "
                 "(arXiv:2305.17333), RoBERTa-large, SST-2, k = 16, mean of the same five data seeds")
 
@@ -201,8 +203,9 @@ def cmd_plan(args) -> int:
 
 
 def memory_command(root: Path, threads: int) -> list[str]:
-    return ["python", "bench/memory.py", "--cases", "inference,mezo-lora,mezo-full,adam-lora,adam-full",
-            "--threads", str(threads), "--json", str(root / "memory.json")]
+    cases = ["inference", "mezo-lora", "mezo-full", "adam-lora", "adam-full", *RULE_CASES]
+    return ["python", "bench/memory.py", "--cases", ",".join(cases), "--threads", str(threads), "--json",
+            str(root / "memory.json")]
 
 
 def subprocess_runner(cmd: list[str], threads: int) -> int:
@@ -429,7 +432,10 @@ def render(root: Path, runs: dict, rows: dict, memory, curves, here: Path, metho
         lines[-1] = "|---|---|---|---|---|"
         for r in memory["rows"]:
             values = f"{r['trainable']:,}" if r["case"] != "inference" and "trainable" in r else "—"
-            lines.append(f"| {names.get(r['case'], r['case'])} | {values} | {r['peak_mb']:.0f} | "
+            rule = r["case"].split("-")[2] if r["case"] in RULE_CASES else None  # MeZO with --rule: its buffers
+            name = f"MeZO step, {'LoRA' if '-lora-' in r['case'] else 'full-parameter'}, --rule {rule}" if rule else \
+                names.get(r["case"], r["case"])
+            lines.append(f"| {name} | {values} | {r['peak_mb']:.0f} | "
                          f"{r['above_model_mb']:.0f} | {r['peak_mb'] / ref['peak_mb']:.3f} |")
     else:
         lines.append(f"Not measured yet: `{' '.join(memory_command(root, 2))}`.")

@@ -22,6 +22,7 @@ from tqdm import tqdm
 
 import checkpoints
 import models
+import options
 import tasks
 from baseline import adam_optimizer, adam_state, restore_adam_state
 from errors import NonFiniteLoss, UsageError
@@ -55,7 +56,8 @@ class ReplayMixin:
         if self.replay is None:
             return None
         record = self.replay[step]
-        losses = iter([v for s in record.get("samples") or [record] for v in (s["loss_plus"], s["loss_minus"])])
+        losses = iter([v for s in record.get("samples") or [record] for v in (s["loss_plus"], s["loss_minus"])]
+                      + record.get("candidate_losses", []))  # --rule conservative's three more
         return lambda: next(losses)
 
     def _check_replayed(self, step: int, record: dict) -> None:
@@ -71,8 +73,9 @@ class ReplayMixin:
         """Where the run saved a checkpoint at the step replayed to, the replay must equal it bit for bit."""
         folder = Path(self.cfg.replay)
         tensors, step, _ = checkpoints.read_checkpoint(folder)
-        if step == self.cfg.steps and any(not torch.equal(tensors[p.name], p.tensor.detach().cpu())
-                                          for p in self.placement.gather(self.params)):
+        mine = {p.name: p.tensor for p in self.placement.gather(self.params)} | self._rule_state()  # and buffers
+        if step == self.cfg.steps and any(k not in tensors or not torch.equal(tensors[k], t.detach().cpu())
+                                          for k, t in mine.items()):
             raise UsageError(f"--replay {folder}: the rebuilt tensors differ from the run's own checkpoint at step "
                              f"{step}: another model or backend than the run's (--fast on a GPU is Triton's numbers), "
                              "or an edited log")
@@ -81,8 +84,8 @@ class ReplayMixin:
 class Run(ReplayMixin):
     """Everything a run keeps besides θ's trajectory. Made by mezo.train; see its loop for the order of calls."""
 
-    def __init__(self, cfg, placement, trainables, forward):
-        self.cfg, self.placement = cfg, placement
+    def __init__(self, cfg, placement, trainables, forward, rule=None):
+        self.cfg, self.placement, self.rule = cfg, placement, rule
         self.out = Path(cfg.out) if cfg.out else None
         if self.out and placement.is_main:
             try:
@@ -129,8 +132,8 @@ class Run(ReplayMixin):
             print(f"mezo: {self.forward.prepare([e['ids'] for rows in self.splits.values() for e in rows])}")
         self.optimizer = adam_optimizer([(p.tensor, p.decay) for p in self.params], cfg.lr, cfg.weight_decay) \
             if cfg.optimizer == "adam" else None
-        self.per_step = dict(forwards=1, backwards=1) if self.optimizer else dict(forwards=2 * cfg.n_samples,
-                                                                                  backwards=0)
+        self.per_step = dict(forwards=1, backwards=1) if self.optimizer else dict(
+            forwards=2 * cfg.n_samples + getattr(rule, "extra_forwards", 0), backwards=0)
         self.step_times, self.forward_times, self.last_saved, self.evals = [], [], None, {}
         self.start, self.log, self.counts = 0, None, {}
         self.replay = self._read_replay() if cfg.replay else None
@@ -238,9 +241,10 @@ class Run(ReplayMixin):
         if not self.out:
             return
         full = {p.name: p.tensor for p in self.placement.gather(self.params)}
+        rule = self._rule_state()  # (gathered by every rank, as θ is)
         if self.placement.is_main:
             extra = adam_state(self.optimizer, {p.name: p.tensor for p in self.params}) if self.optimizer else {}
-            checkpoints.save_checkpoint(self.out, full | extra, step, dataclasses.asdict(self.cfg),
+            checkpoints.save_checkpoint(self.out, full | extra | rule, step, dataclasses.asdict(self.cfg),
                                         [[p.name, p.offset] for p in self.params])
             if self.cfg.mode == "lora":
                 lora = {n: t for n, t in full.items() if n.endswith((".lora_A", ".lora_B"))}
@@ -248,19 +252,37 @@ class Run(ReplayMixin):
                                               self.model_path, models.model_kind(self.model) == "causal")
         self.last_saved = step
 
+    def _rule_state(self) -> dict:
+        """--rule's buffers as full tensors named 'rule.<buffer>:<tensor>', and its step count as 'rule.t'."""
+        if self.rule is None or not self.rule.buffer_names:
+            return {}
+        state = self.rule.state(self.params)
+        pieces = [dataclasses.replace(p, name=f"rule.{b}:{p.name}", tensor=state[f"{b}:{p.name}"])
+                  for b in self.rule.buffer_names for p in self.params]
+        return {p.name: p.tensor for p in self.placement.gather(pieces)} | {"rule.t": state["t"]}
+
     def resume(self, folder: str) -> int:
         """Load a checkpoint's tensors (and AdamW's state) into this run; return the step it was taken at."""
         tensors, start, saved = checkpoints.read_checkpoint(Path(folder))
         if saved.get("optimizer", "mezo") != self.cfg.optimizer:
             raise UsageError(f"--resume {folder}: the run was trained with --optimizer {saved.get('optimizer', 'mezo')}"
                              f"; resume it with the same optimizer (drop --optimizer {self.cfg.optimizer})")
+        if saved.get("rule", "sgd") != self.cfg.rule:
+            raise UsageError(f"--resume {folder}: the run was trained with --rule {saved.get('rule', 'sgd')}; resume "
+                             f"it with the same rule (drop --rule {self.cfg.rule})")
         adam = {k: tensors.pop(k) for k in list(tensors) if k.startswith("adam:")}
+        rule = {k[len("rule."):]: tensors.pop(k) for k in list(tensors) if k.startswith("rule.")}
         checkpoints.check_match(Path(folder), tensors, {p.name: (p.full_shape, p.tensor.dtype) for p in self.params})
         with torch.no_grad():
             for p in self.params:  # a shard takes its slice of the full tensor: any world size resumes
                 p.tensor.copy_(tensors[p.name][tuple(slice(s, s + n) for s, n in zip(p.shard_start, p.tensor.shape))])
         if self.optimizer:
             restore_adam_state(self.optimizer, {p.name: p.tensor for p in self.params}, adam)
+        if self.rule is not None:
+            try:
+                self.rule.load(rule, self.params)
+            except ValueError as e:
+                raise UsageError(f"--resume {folder}: {e}") from None
         print(f"mezo: resumed from {folder} at step {start}")
         self.last_saved = start
         return start
@@ -292,8 +314,10 @@ class Run(ReplayMixin):
         return summary
 
 
-def check_combinations(cfg) -> None:
-    """Options that cannot go together, each refused in one line that says what to change."""
+def check_config(cfg) -> None:
+    """Each option among its choices and in its range (options.check), and no two that cannot go together: any
+    refusal is one line that says what to change."""
+    options.check(cfg)
     task = tasks.TASKS.get(tasks.canonical(cfg.task))
     if cfg.template is not None:
         check_template(cfg.template, pair=bool(task and task.pair))
@@ -306,6 +330,9 @@ def check_combinations(cfg) -> None:
                          "drop --cache, or use --dp alone")
     if cfg.optimizer == "adam" and (cfg.objective != "ce" or cfg.fast):
         raise UsageError("--optimizer adam backpropagates the cross-entropy: drop --objective accuracy and --fast")
+    if cfg.optimizer == "adam" and cfg.rule != "sgd":
+        raise UsageError(f"--rule {cfg.rule} is a zeroth-order update rule; --optimizer adam is the first-order "
+                         "baseline: drop one of them (MeZO-Adam is --rule adam)")
     if cfg.optimizer == "adam" and (cfg.tp > 1 or cfg.dp > 1 or cfg.cache):
         raise UsageError("--optimizer adam is the single-process baseline: drop --tp, --dp and --cache")
 
@@ -315,7 +342,8 @@ def step_record(samples: list[dict], lr: float) -> dict:
     mean = lambda key: sum(s[key] for s in samples) / len(samples)
     return dict(seed=samples[0]["seed"], loss_plus=mean("loss_plus"), loss_minus=mean("loss_minus"),
                 projected_grad=mean("projected_grad"), lr=lr, loss=(mean("loss_plus") + mean("loss_minus")) / 2,
-                **(dict(samples=samples) if len(samples) > 1 else {}))
+                **(dict(samples=samples) if len(samples) > 1 else {}),
+                **{k: samples[0][k] for k in ("kept", "candidate_losses") if k in samples[0]})  # --rule conservative
 
 
 def batch_indices(run_seed: int, step: int, n: int, batch_size: int) -> list[int]:

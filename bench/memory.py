@@ -4,6 +4,7 @@ and one first-order step: backward + AdamW, as `mezo.py --optimizer adam` takes)
     python bench/memory.py                          # default model and batch, LoRA and full-parameter
     python bench/memory.py --model DIR --batch-size 16 --device cuda
     python bench/memory.py --cases inference,mezo-lora,adam-lora --json memory.json
+    python bench/memory.py --cases inference,mezo-full,mezo-full-momentum,mezo-full-adam   # --rule's buffers
 
 Each case runs in a fresh process: load the model, warm up, reset the peak, run the case, read the peak.
 CPU: the process's peak resident set (VmHWM, reset through /proc/self/clear_refs). GPU: torch's
@@ -19,7 +20,9 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-CASES = ["inference", "mezo-lora", "mezo-full", "backward-lora", "adam-lora", "adam-full"]
+RULES = ("momentum", "adam", "sign", "conservative")  # rules.py: --rule, a MeZO step with each
+CASES = ["inference", "mezo-lora", "mezo-full", "backward-lora", "adam-lora", "adam-full",
+         *[f"mezo-{mode}-{rule}" for mode in ("lora", "full") for rule in RULES]]
 
 
 def measure(case: str, args) -> dict:
@@ -29,12 +32,13 @@ def measure(case: str, args) -> dict:
     import baseline
     import mezo
     import models
+    import rules
     import runs
     import tasks
     from tasks import prompts
 
     torch.set_num_threads(args.threads)
-    mode = "full" if case.endswith("-full") else "lora"
+    mode = "full" if case.endswith("-full") or "-full-" in case else "lora"
     cfg = mezo.Config(model=args.model, mode=mode, device=args.device)
     device = torch.device(args.device)
     model, tok, *_ = models.load_model(cfg.model, cfg.dtype, cfg.head)
@@ -57,8 +61,9 @@ def measure(case: str, args) -> dict:
     if case == "inference":
         with torch.no_grad():
             loss_fn()
-    elif case.startswith("mezo"):
-        mezo.mezo_step(params, loss_fn, [mezo.step_seed(0, 1, 0)], 1e-3, 1e-3, 0.0)
+    elif case.startswith("mezo"):  # with --rule, its buffers are made in the step: the memory a run then holds
+        rule = rules.make(case.split("-")[2]) if case.count("-") == 2 else None
+        mezo.mezo_step(params, loss_fn, [mezo.step_seed(0, 1, 0)], 1e-3, 1e-3, 0.0, rule=rule)
     elif case.startswith("adam"):  # a first-order step: activations, gradients and AdamW's two moments
         # one part per micro-batch, as mezo.train makes them
         optimizer = baseline.adam_optimizer([(p.tensor, p.decay) for p in params], 1e-4, 0.0)
@@ -105,10 +110,10 @@ def main():
     ref = rows[0]
     print(f"model {args.model}, batch {args.batch_size}" + (f", adam micro-batch {args.micro_batch}" if args.micro_batch
                                                              else "") + f", {args.device}")
-    print(f"{'case':15s} {'peak MB':>10s} {'above model MB':>15s} {'peak / inference':>17s} {'above / inference':>18s}")
+    print(f"{'case':22s} {'peak MB':>10s} {'above model MB':>15s} {'peak / inference':>17s} {'above / inference':>18s}")
     for r in rows:  # on a CPU, inference may add almost nothing above the model: no ratio to a near-zero
         above = f"{r['above_model_mb'] / ref['above_model_mb']:18.2f}" if ref["above_model_mb"] >= 1 else f"{'-':>18s}"
-        print(f"{r['case']:15s} {r['peak_mb']:10.1f} {r['above_model_mb']:15.1f} {r['peak_mb'] / ref['peak_mb']:17.3f} "
+        print(f"{r['case']:22s} {r['peak_mb']:10.1f} {r['above_model_mb']:15.1f} {r['peak_mb'] / ref['peak_mb']:17.3f} "
               f"{above}")
     if args.json:
         Path(args.json).write_text(json.dumps(dict(model=args.model, batch_size=args.batch_size, device=args.device,

@@ -1,0 +1,178 @@
+"""Update rules beside ZO-SGD (mezo.py's): `--rule`, and `mezo.MeZO(..., rule=rules.make(name))`.
+
+Every rule starts from MeZO's estimate of the step's gradient, made again from the samples' seeds:
+
+    ĝ = mean_k g_k·z_k + wd·θ        (g_k: sample k's projected gradient; wd only on tensors of ≥ 2 dims)
+
+ZO-SGD moves θ ← θ − lr·ĝ. The rules here (ZO-Bench, Zhang et al. 2024, arXiv:2402.11592, compares them on LLMs;
+MeZO-Adam is in the MeZO paper's Table 18):
+
+    momentum      m ← β·m + ĝ;  θ ← θ − lr·m                          one buffer the size of θ (float32)
+    adam          m ← β1·m + (1−β1)·ĝ;  v ← β2·v + (1−β2)·ĝ²;          two buffers (float32)
+                  θ ← θ − lr·m̂ / (√v̂ + δ),  m̂ = m / (1−β1^t), v̂ = v / (1−β2^t)
+    sign          θ ← θ − lr·(mean_k sign(g_k)·z_k + wd·θ)             none
+    conservative  θ ← the lowest-loss of θ, θ − lr·ĝ, θ + lr·ĝ        a copy of θ during the step; 3 more forwards
+
+z stays a function of (seed, index): a rule walks θ chunk by chunk as the reference backend does (mezo.noise_chunks,
+float32 math, float64 kept, one rounding into θ's dtype), so z is never whole and any shard makes its own slice.
+sign and conservative move θ with the backend's own update (fast/'s too); momentum and Adam make z with the
+reference's noise. The compiled CPU backend makes that z bit for bit, so --fast on a CPU changes no number;
+Triton's kernels make it within 1e-6 (docs/fast.md), the bound their ±εz already has. Buffers are float32
+whatever θ's dtype (float64 for float64 tensors) and are checkpointed with θ.
+"""
+from __future__ import annotations
+
+import math
+
+import torch
+
+import mezo
+
+RULES = ("momentum", "adam", "sign", "conservative")
+BETA2, DELTA = 0.999, 1e-8  # Adam's second-moment decay and its denominator's guard (torch's defaults)
+
+
+def make(name: str, beta: float = 0.9):
+    """The rule called name; beta is momentum's β or Adam's β1."""
+    if name not in RULES:
+        raise ValueError(f"unknown update rule {name!r}; the rules are sgd (mezo.py's) and {', '.join(RULES)}")
+    if name in ("momentum", "adam") and not 0 <= beta < 1:
+        raise ValueError(f"--rule {name} needs 0 <= beta < 1, got {beta}")
+    return {"momentum": lambda: Momentum(beta), "adam": lambda: Adam(beta), "sign": Sign,
+            "conservative": Conservative}[name]()
+
+
+def estimate(params: list[mezo.Trainable], samples: list[dict], weight_decay: float):
+    """(trainable, flat piece of θ, θ's piece in compute precision, ĝ's piece) chunk by chunk."""
+    n = len(samples)
+    for pieces in zip(*(mezo.noise_chunks(params, s["seed"]) for s in samples)):
+        p, theta, _ = pieces[0]
+        t = mezo._compute(theta)
+        g = torch.zeros_like(t)
+        for s, (_, _, z) in zip(samples, pieces):
+            g += (s["projected_grad"] / n) * z.to(t.dtype)
+        yield p, theta, t, g + (weight_decay if p.decay else 0.0) * t
+
+
+class Stateful:
+    """Buffers per trainable tensor (a shard's own slice under tp/), named '<buffer>:<tensor name>' in state()."""
+
+    buffer_names: tuple[str, ...] = ()
+    extra_forwards = 0
+
+    def __init__(self):
+        self.buffers: dict[str, torch.Tensor] = {}
+        self.t = 0  # steps taken
+
+    def piece(self, name: str, p: mezo.Trainable, theta: torch.Tensor) -> torch.Tensor:
+        """The buffer's piece that matches θ's piece (a view into p's flat tensor)."""
+        key = f"{name}:{p.name}"
+        if key not in self.buffers:
+            dtype = torch.promote_types(p.tensor.dtype, torch.float32)
+            self.buffers[key] = torch.zeros(p.tensor.numel(), dtype=dtype, device=p.tensor.device)
+        start = theta.storage_offset() - p.tensor.storage_offset()
+        return self.buffers[key][start:start + theta.numel()]
+
+    def state(self, params: list[mezo.Trainable]) -> dict[str, torch.Tensor]:
+        """The buffers in each tensor's (local) shape, and the step count: what a checkpoint keeps."""
+        out = {f"{name}:{p.name}": self.buffers.get(f"{name}:{p.name}", torch.zeros(
+            p.tensor.numel(), dtype=torch.promote_types(p.tensor.dtype, torch.float32))).view(p.tensor.shape)
+            for name in self.buffer_names for p in params}
+        return out | {"t": torch.tensor(self.t, dtype=torch.int64)} if self.buffer_names else out
+
+    def load(self, state: dict[str, torch.Tensor], params: list[mezo.Trainable]) -> None:
+        """Take state()'s tensors back (full tensors are cut to this shard's slice)."""
+        if not self.buffer_names:
+            return
+        missing = [f"{name}:{p.name}" for name in self.buffer_names for p in params
+                   if f"{name}:{p.name}" not in state]
+        if missing or "t" not in state:
+            raise ValueError(f"the saved state has no {type(self).__name__.lower()} buffers ({', '.join(missing[:2])}"
+                             f"{'...' if len(missing) > 2 else ''}): it was saved with another --rule")
+        for name in self.buffer_names:
+            for p in params:
+                full = state[f"{name}:{p.name}"]
+                local = full[tuple(slice(s, s + n) for s, n in zip(p.shard_start, p.tensor.shape))] \
+                    if tuple(full.shape) != tuple(p.tensor.shape) else full
+                dtype = torch.promote_types(p.tensor.dtype, torch.float32)
+                self.buffers[f"{name}:{p.name}"] = local.to(p.tensor.device, dtype).reshape(-1).clone()
+        self.t = int(state["t"])
+
+
+class Momentum(Stateful):
+    """m ← β·m + ĝ;  θ ← θ − lr·m (torch.optim.SGD's momentum, on MeZO's estimate)."""
+
+    buffer_names = ("m",)
+
+    def __init__(self, beta: float = 0.9):
+        super().__init__()
+        self.beta = beta
+
+    @torch.no_grad()
+    def update(self, params, samples, groups, backend, loss_fn) -> None:
+        self.t += 1
+        for group, lr, wd in groups:
+            for p, theta, t, g in estimate(group, samples, wd):
+                m = self.piece("m", p, theta)
+                m.mul_(self.beta).add_(g)
+                theta.copy_(t - lr * m)
+
+
+class Adam(Stateful):
+    """MeZO-Adam: Adam with bias correction on MeZO's estimate ĝ (weight decay inside ĝ, as MeZO-SGD has it)."""
+
+    buffer_names = ("m", "v")
+
+    def __init__(self, beta1: float = 0.9, beta2: float = BETA2, delta: float = DELTA):
+        super().__init__()
+        self.beta1, self.beta2, self.delta = beta1, beta2, delta
+
+    @torch.no_grad()
+    def update(self, params, samples, groups, backend, loss_fn) -> None:
+        self.t += 1
+        c1, c2 = 1 - self.beta1 ** self.t, 1 - self.beta2 ** self.t  # bias corrections
+        for group, lr, wd in groups:
+            for p, theta, t, g in estimate(group, samples, wd):
+                m, v = self.piece("m", p, theta), self.piece("v", p, theta)
+                m.mul_(self.beta1).add_((1 - self.beta1) * g)
+                v.mul_(self.beta2).add_((1 - self.beta2) * g * g)
+                theta.copy_(t - lr * (m / c1) / ((v / c2).sqrt() + self.delta))
+
+
+class Sign(Stateful):
+    """θ ← θ − lr·(mean_k sign(g_k)·z_k + wd·θ): ZO-SGD on the signs of the projected gradients."""
+
+    @torch.no_grad()
+    def update(self, params, samples, groups, backend, loss_fn) -> None:
+        signs = [dict(s, projected_grad=math.copysign(1.0, s["projected_grad"]) if s["projected_grad"] else 0.0)
+                 for s in samples]
+        mezo.sgd_update(backend, signs, groups)
+
+
+class Conservative(Stateful):
+    """ZO-Bench's ZO-SGD-Cons: the loss at θ, θ − lr·ĝ and θ + lr·ĝ, and θ moves to the lowest (θ on a tie
+    first, then θ − lr·ĝ). Three forwards more a step; the candidates start from a copy of θ, so no drift."""
+
+    extra_forwards = 3
+    CANDIDATES = ("stay", "minus", "plus")
+
+    @torch.no_grad()
+    def update(self, params, samples, groups, backend, loss_fn) -> None:
+        saved = [p.tensor.detach().clone() for p in params]
+
+        def restore():
+            for p, theta in zip(params, saved):
+                p.tensor.copy_(theta)
+
+        losses = [loss_fn()]  # θ
+        mezo.sgd_update(backend, samples, groups)  # θ − lr·ĝ
+        losses.append(loss_fn())
+        restore()
+        mezo.sgd_update(backend, samples, [(g, -lr, wd) for g, lr, wd in groups])  # θ + lr·ĝ
+        losses.append(loss_fn())
+        best = min(range(3), key=lambda i: (losses[i], i))
+        if best != 2:
+            restore()
+            if best == 1:
+                mezo.sgd_update(backend, samples, groups)
+        samples[0].update(kept=self.CANDIDATES[best], candidate_losses=losses)
