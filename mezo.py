@@ -17,7 +17,6 @@ against it: the noise/update backend (fast/), the update rule (rules.py), the fo
 """
 from __future__ import annotations
 
-import functools
 import math
 import os
 import sys
@@ -31,6 +30,7 @@ import torch.nn.functional as F
 import checkpoints
 import models
 import options
+import prefix
 import runs
 import tasks
 from baseline import adam_step
@@ -58,12 +58,13 @@ class Config:
     device: str = option("auto", "cpu, cuda, cuda:1, ...; auto = cuda when there is one")
     micro_batch: int = option(8, "examples per forward: length-sorted pieces of a batch (less padding)", min=1)
     head: str = option("prompt", "LM head on the label words, or a fresh linear head", choices=("prompt", "cls"))
-    mode: str = option("lora", "LoRA, every parameter, or the --head cls layer", choices=("lora", "full", "head"))
+    mode: str = option("lora", "LoRA, all of θ, a prefix, or the cls head", choices=("lora", "full", "prefix", "head"))
     lora_r: int = option(8, "LoRA rank (paper: 8)", min=1)
     lora_alpha: float = option(16.0, "LoRA alpha; the update is scaled by alpha / r (paper: 16)", min=0)
     lora_targets: tuple[str, ...] | None = option(None, "linear layers to adapt (default query,value or q_proj,v_proj)")
     lora_dtype: str | None = option(None, "LoRA's dtype (default the model's)", choices=(None, *DTYPES))
     top_layers: int = option(0, "train only the top K transformer layers (0 = all)", min=0)
+    num_prefix: int = option(5, "--mode prefix: virtual tokens on every attention layer (paper: 5)", min=1)
     # MeZO
     steps: int = option(400, "optimisation steps (the default run takes about 15 minutes on 2 CPU cores)", min=0)
     batch_size: int = option(8, "examples per step (paper: 16 for OPT, 64 for RoBERTa)", min=1)
@@ -261,8 +262,7 @@ def add_lora(model: nn.Module, names: list[str], r: int, alpha: float, seed: int
     gen = torch.Generator().manual_seed(seed)
     for name in names:
         layer = model.get_submodule(name)
-        w = layer.weight
-        dtype_ = dtype or w.dtype
+        w, dtype_ = layer.weight, dtype or layer.weight.dtype
         bound = 1 / math.sqrt(layer.in_features)  # kaiming_uniform_(a=sqrt(5)), written out to take a generator
         a = (torch.rand(r, layer.in_features, generator=gen) * 2 - 1) * bound
         layer.lora_A = nn.Parameter(a.to(w.device, dtype_))
@@ -272,15 +272,16 @@ def add_lora(model: nn.Module, names: list[str], r: int, alpha: float, seed: int
 
 
 def select_trainables(model: nn.Module, cfg: Config) -> list[Trainable]:
-    """Freeze everything, add LoRA if asked, and return the trainable tensors in canonical order."""
-    for p in model.parameters():
-        p.requires_grad_(False)
+    """Freeze everything, add LoRA or a prefix if asked, and return the trainable tensors in canonical order."""
+    model.requires_grad_(False)
     if cfg.mode == "lora":  # which layers: by name, within the top layers (models.py knows the architectures)
         names = models.lora_target_names(model, cfg.lora_targets, cfg.top_layers)
         add_lora(model, names, cfg.lora_r, cfg.lora_alpha, cfg.seed, DTYPES[cfg.lora_dtype] if cfg.lora_dtype else None)
+    elif cfg.mode == "prefix":  # MeZO-prefix: virtual tokens' keys and values on every attention layer (prefix.py)
+        prefix.add_prefix(model, cfg.num_prefix, cfg.seed)
     chosen = [(name, p) for name, p in model.named_parameters()
               if name.startswith("cls_head.")  # a fresh classification head is always trained
-              or (cfg.mode == "lora" and name.endswith((".lora_A", ".lora_B")))
+              or name.endswith({"lora": (".lora_A", ".lora_B"), "prefix": prefix.SUFFIXES}.get(cfg.mode, ()))
               or (cfg.mode == "full" and models.in_top_layers(name, model, cfg.top_layers))]
     for _, p in chosen:
         p.requires_grad_(True)  # marks them; the algorithm itself never calls backward
@@ -355,8 +356,7 @@ def sgd_update(backend, samples: list[dict], groups) -> None:  # θ ← θ − l
 
 
 def _rate_groups(params: list[Trainable], lr, weight_decay) -> list[tuple[list[Trainable], float, float]]:
-    """(tensors, lr, weight decay) for runs of consecutive tensors that share them. A single run keeps the
-    list itself, on which a backend may key what it prepared (fast/ does)."""
+    """(tensors, lr, weight decay) for runs of tensors that share them; one run keeps the list (fast/ keys on it)."""
     per = lambda v: list(v) if isinstance(v, (list, tuple)) else [v] * len(params)
     groups = []
     for p, rates in zip(params, zip(per(lr), per(weight_decay))):
@@ -571,7 +571,7 @@ def variants(cfg: Config) -> dict:
         seams["rule"] = make(cfg.rule, cfg.beta)
     if cfg.cache:
         from cache import CachedForward
-        seams["forward"] = functools.partial(CachedForward, max_bytes=cfg.cache_mb << 20)
+        seams["forward"] = lambda *args: CachedForward(*args, max_bytes=cfg.cache_mb << 20)
     if cfg.tp > 1 or cfg.dp > 1 or int(os.environ.get("WORLD_SIZE", "1")) > 1:
         from tp import DistributedPlacement
         seams["placement"] = DistributedPlacement(cfg)

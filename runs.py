@@ -325,6 +325,10 @@ def check_config(cfg) -> None:
         raise UsageError("--label-words needs one word per class, at least two (e.g. ' terrible,great')")
     if cfg.mode == "head" and cfg.head != "cls":
         raise UsageError("--mode head trains the fresh classification head alone; it needs --head cls")
+    if cfg.mode == "prefix" and (cfg.cache or cfg.tp > 1 or cfg.top_layers):
+        raise UsageError("--mode prefix puts virtual tokens on every attention layer: drop " + (
+            "--cache (it reuses frozen layers' states, and the prefix changes every layer's attention)" if cfg.cache
+            else "--tp (the prefix is not sharded across ranks; --dp works)" if cfg.tp > 1 else "--top-layers"))
     if cfg.cache and cfg.tp > 1:
         raise UsageError("--cache runs the model's layers itself and does not take tensor-parallel shards: "
                          "drop --cache, or use --dp alone")

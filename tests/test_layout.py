@@ -8,7 +8,7 @@ import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
 HARNESS = ["tasks/__init__.py", "tasks/files.py", "tasks/lmbff.py", "tasks/prompts.py", "tasks/synthetic.py",
-           "models.py", "checkpoints.py", "runs.py", "baseline.py", "options.py", "errors.py"]
+           "models.py", "checkpoints.py", "runs.py", "baseline.py", "options.py", "errors.py", "prefix.py"]
 VARIANTS = {"fast", "tp", "cache", "rules"}
 
 
