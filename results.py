@@ -111,21 +111,56 @@ def task_methods(task: str, seeds=TASK_SEEDS, lrs=MEZO_LRS, extra=(), lr: str | 
     folders <task>/<method> under the results root."""
     return [Method(f"{task}/zero-shot", "zero-shot", [*extra, "--eval-every", "0"], 0, 0.0, "", seeds=seeds[:1],
                    task=task),
-            *[Method(f"{task}/mezo-lora-lr{x}", f"MeZO-LoRA, lr {x}", [*extra, "--mode", "lora", "--lr", x,
-                     "--eval-every", "25"], 100, 1.7, PAPER_LORA.get(task, "—"),
-                     seeds=seeds if x == lr else seeds[:1], task=task) for x in lrs],
+            *probed(f"{task}/mezo-lora", "MeZO-LoRA", [*extra, "--mode", "lora"], lrs, seeds, lr, task,
+                    PAPER_LORA.get(task, "—")),
             Method(f"{task}/adam-lora", "Adam-LoRA", [*extra, "--optimizer", "adam", "--mode", "lora", "--lr", "1e-3",
                    "--eval-every", "8"], 32, 2.2, "", seeds=seeds, task=task)]
 
 
-def task_lr(root: Path, task: str, seeds=TASK_SEEDS, lrs=MEZO_LRS, extra=()) -> str | None:
-    """The task's MeZO-LoRA lr: the candidate whose probe (first seed) ends with the higher dev accuracy, the smaller
-    on a tie; None until every probe has finished."""
-    probes = [m for m in task_methods(task, seeds, lrs, extra) if "mezo-lora" in m.name]
-    if not all(finished(run_dir(root, m, seeds[0]), m) for m in probes):
+def probed(name: str, title: str, flags: list[str], lrs, seeds=TASK_SEEDS, lr: str | None = None, task="sst2",
+           paper="—") -> list[Method]:
+    """A 100-step MeZO method whose lr is probed: each candidate runs the first seed; the chosen `lr`, every seed."""
+    return [Method(f"{name}-lr{x}", f"{title}, lr {x}", [*flags, "--lr", x, "--eval-every", "25"], 100, 1.7, paper,
+                   seeds=seeds if x == lr else seeds[:1], task=task) for x in lrs]
+
+
+def pick_lr(root: Path, candidates: list[Method]) -> str | None:
+    """The candidate whose probe (first seed) ends with the higher dev accuracy, the smaller lr on a tie; None until
+    every probe has finished."""
+    if not all(finished(run_dir(root, m, m.seeds[0]), m) for m in candidates):
         return None
-    dev = {flag(m, "--lr"): run_stats(run_dir(root, m, seeds[0]))["dev"] for m in probes}
+    dev = {flag(m, "--lr"): run_stats(run_dir(root, m, m.seeds[0]))["dev"] for m in candidates}
     return max(dev, key=lambda x: (dev[x], -float(x)))
+
+
+def task_lr(root: Path, task: str, seeds=TASK_SEEDS, lrs=MEZO_LRS, extra=()) -> str | None:
+    """The task's MeZO-LoRA lr, by its probes."""
+    return pick_lr(root, [m for m in task_methods(task, seeds, lrs, extra) if "mezo-lora" in m.name])
+
+
+# Issue 15's SST-2 rows: MeZO-LoRA under each update rule (rules.py), and MeZO-prefix, 100 steps on data seeds 13
+# and 21 like the tasks, each lr by the same probe. Candidates: momentum at SGD's 2e-3 x (1 − β) (the same
+# long-run step) and above; the others around SGD's 2e-3; the prefix at the paper's eps 1e-1 and lr 1e-2 and below.
+VARIANT_FAMILIES = {  # folder: (title, flags, candidate lrs, the paper's figure beside it)
+    "rules/momentum": ("MeZO-LoRA, --rule momentum (β 0.9)", ["--mode", "lora", "--rule", "momentum"],
+                       ("2e-4", "5e-4"), "—"),
+    "rules/adam": ("MeZO-LoRA, --rule adam", ["--mode", "lora", "--rule", "adam"], ("1e-4", "1e-3"),
+                   "90.4 (MeZO-Adam)"),
+    "rules/sign": ("MeZO-LoRA, --rule sign", ["--mode", "lora", "--rule", "sign"], ("1e-3", "3e-3"), "—"),
+    "rules/conservative": ("MeZO-LoRA, --rule conservative", ["--mode", "lora", "--rule", "conservative"],
+                           ("2e-3", "5e-3"), "—"),
+    "prefix/mezo-prefix": ("MeZO-prefix (5 tokens, eps 1e-1)", ["--mode", "prefix", "--eps", "1e-1"],
+                           ("1e-3", "1e-2"), "90.8"),
+}
+
+
+def variant_methods(root: Path | None, families=None, extra=()) -> list[Method]:
+    """Every family's methods as far as its probes have decided them."""
+    out = []
+    for name, (title, flags, lrs, paper) in (families or VARIANT_FAMILIES).items():
+        candidates = probed(name, title, [*extra, *flags], lrs, paper=paper)
+        out += probed(name, title, [*extra, *flags], lrs, lr=pick_lr(root, candidates) if root else None, paper=paper)
+    return out
 
 
 def task_plan(root: Path, tasks_=TASKS_HERE, seeds=TASK_SEEDS, lrs=MEZO_LRS, extra=()) -> list[Method]:
@@ -144,6 +179,18 @@ def run_tasks(root: Path, threads: int, tasks_=TASKS_HERE, seeds=TASK_SEEDS, lrs
             if code:
                 return code
     return 0
+
+
+def run_variants(root: Path, threads: int, families=None, extra=(), runner=None) -> int:
+    """Family by family (update rules, prefix): the lr probes, then the chosen lr on the other seeds."""
+    for name, spec in (families or VARIANT_FAMILIES).items():
+        for stage in ("probes", "chosen lr"):
+            methods = variant_methods(root if stage == "chosen lr" else None, {name: spec}, extra)
+            code = run_all(root, threads, methods, runner=runner or subprocess_runner, memory=False)
+            if code:
+                return code
+    return 0
+
 
 LOAD_S, ROW_S = 15.0, 0.05  # process start + model load; forward seconds per evaluated row (batch 8, 2 cores)
 MEMORY_S = 480.0  # bench/memory.py's 13 cases, each in a fresh process (the full-parameter MeZO step is slow)
@@ -182,7 +229,7 @@ def read_log(out: Path) -> list[dict]:
 
 
 def plan(root: Path, threads: int, methods=None) -> list[tuple[Method, int, Path]]:
-    methods = METHODS + task_plan(root) + FULL_PROBES if methods is None else methods
+    methods = METHODS + task_plan(root) + variant_methods(root) + FULL_PROBES if methods is None else methods
     todo = [(m, s, run_dir(root, m, s)) for m in methods for s in m.seeds]
     memory = 0.0 if (root / "memory.json").exists() else MEMORY_S
     left = sum(expected_s(m) for m, _, out in todo if not finished(out, m)) + memory
@@ -217,7 +264,7 @@ def subprocess_runner(cmd: list[str], threads: int) -> int:
 def cmd_run(args) -> int:
     root = Path(args.root)
     code = (run_all(root, args.threads, METHODS, memory=False) or run_tasks(root, args.threads)
-            or run_all(root, args.threads, FULL_PROBES))
+            or run_variants(root, args.threads) or run_all(root, args.threads, FULL_PROBES))
     full = full_method(root) if code == 0 else None
     return run_all(root, args.threads, [full], memory=False) if full else code
 
@@ -325,8 +372,11 @@ def fmt_time(seconds: list[float]) -> str:
     return f"{mean:.0f} s" + (f" ({lo:.0f}–{hi:.0f})" if len(seconds) > 1 else "")
 
 
-def write_table(root: Path, path: Path, figures: Path | None = None, methods=METHODS, task_methods=None) -> str:
+def write_table(root: Path, path: Path, figures: Path | None = None, methods=METHODS, task_methods=None,
+                families=None) -> str:
     task_methods = task_plan(root) if task_methods is None else task_methods
+    families = VARIANT_FAMILIES if families is None else families
+    vmethods = variant_methods(root, families)
     runs = collect(root, methods)
     if not runs:
         raise UsageError(f"no finished runs under {root}; run `python results.py run` first")
@@ -337,6 +387,7 @@ def write_table(root: Path, path: Path, figures: Path | None = None, methods=MET
     if figures is not None:
         curves = make_figure(root, figures, methods, runs)
     md = render(root, runs, rows, memory, curves, path.parent, methods, task_runs, task_methods)
+    md = md.replace(VARIANTS_MARK, "\n".join(variant_section(runs, collect(root, vmethods), vmethods, families)))
     path.write_text(md)
     return md
 
@@ -418,6 +469,7 @@ def render(root: Path, runs: dict, rows: dict, memory, curves, here: Path, metho
                   " --group -o " + os.path.relpath(curves.parent, here) + "`."]
     if task_runs:
         lines += ["", "## Every task, k = 16", ""] + task_section(runs, rows, task_runs, task_methods)
+    lines += ["", "## Update rules and MeZO-prefix, SST-2", "", VARIANTS_MARK]
     lines += ["", "## Peak memory", ""]
     if memory:
         ref = memory["rows"][0]
@@ -449,6 +501,47 @@ def render(root: Path, runs: dict, rows: dict, memory, curves, here: Path, metho
     lines += [" ".join(memory_command(root, 2)), "python plot.py " + str(root) + " --group -o figures", "```"]
     lines += ["", "## The paper's recipe: RoBERTa-large on a GPU", ""] + gpu_section(root)
     return "\n".join(lines) + "\n"
+
+
+VARIANTS_MARK = "<!-- update rules and prefix -->"
+
+
+def variant_section(runs: dict, variant_runs: dict, vmethods: list[Method], families: dict) -> list[str]:
+    """One row per update rule and for the prefix at its lr picked on dev, beside ZO-SGD on the same two seeds; then
+    every candidate's probe."""
+    out = ["MeZO-LoRA under each update rule of `rules.py` (`--rule`), and MeZO-prefix (`--mode prefix`): 16-shot "
+           "SST-2, 100 steps at batch 8 like MeZO-LoRA above, data seeds " + ", ".join(map(str, TASK_SEEDS)) +
+           ", test accuracy on all 872 rows at the end (%, mean ± std). Each learning rate is the candidate with "
+           f"the higher dev accuracy in a probe run on data seed {TASK_SEEDS[0]} (never chosen on test); only the "
+           "kept one runs the other seed. ZO-SGD's row is the MeZO-LoRA runs above on the same seeds. Paper column: "
+           "Malladi et al. 2023, RoBERTa-large, SST-2, k = 16 (MeZO-Adam and MeZO-prefix there train other "
+           "tensors than LoRA's).", "",
+           "| method | lr (picked on dev) | test accuracy | forwards a step | wall per run | paper, RoBERTa-large |",
+           "|---|---|---|---|---|---|"]
+    sgd = [runs.get("mezo-lora", {})[x] for x in TASK_SEEDS if x in runs.get("mezo-lora", {})]
+    if sgd:
+        out.append(f"| MeZO-LoRA, ZO-SGD | {flag(METHODS[1], '--lr')} | {pct(*mean_std([r['test'] for r in sgd]))} "
+                   f"(n = {len(sgd)}) | 2 | {fmt_time([r['wall_s'] for r in sgd if r['wall_s']])} | 91.4 |")
+    detail, ran = [], False
+    for name, (title, _, _, paper) in families.items():
+        candidates = [m for m in vmethods if m.name.startswith(name + "-lr")]
+        stats = summarise(variant_runs, candidates)
+        probe = {m.name: variant_runs.get(m.name, {}).get(m.seeds[0]) for m in candidates}
+        for m in candidates:
+            if probe[m.name]:
+                ran = True
+                detail.append(f"| {title} | {flag(m, '--lr')} | {pct(probe[m.name]['dev'])} | "
+                              f"{pct(probe[m.name]['test'])} |")
+        kept = next((m for m in candidates if len(m.seeds) > 1), None)  # decided once every probe has run
+        r = stats.get(kept.name) if kept else None
+        if r:
+            out.append(f"| {title} | {flag(kept, '--lr')} | {pct(*r['test'])} (n = {r['n']}) | "
+                       f"{r['forwards'] / r['steps']:g} | {fmt_time(r['wall'])} | {paper} |")
+    if not ran:
+        return out[:1] + ["", "Not yet run: `python results.py run` makes these runs after the tasks' (`python "
+                          "results.py plan` lists them)."]
+    return out + ["", f"Probes (data seed {TASK_SEEDS[0]}, 100 steps): dev accuracy (32 rows) and test accuracy "
+                  "(872 rows), %.", "", "| method | lr | dev | test |", "|---|---|---|---|"] + detail
 
 
 def run_prompt(cfg: dict) -> tuple[str, tuple[str, ...]]:

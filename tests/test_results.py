@@ -261,3 +261,30 @@ def test_plots_exist_open_and_carry_the_runs_labels(small_results, tmp_path):
     assert plot.main([str(root / "adam-lora"), "-o", str(tmp_path / "cli")]) == 0
     assert matplotlib.image.imread(tmp_path / "cli" / "curves.png").shape[2] in (3, 4)
     assert plot.main([str(tmp_path / "nothing-here"), "-o", str(tmp_path)]) == 2
+
+
+def test_update_rules_and_prefix_rows_keep_the_lr_their_probe_picks(small_results, model_dir, tmp_path):
+    """results.run_variants on tiny models: each family's probes on seed 13, the kept lr (higher dev) on seed 21
+    too; the section's row is that lr's test mean ± std and its forwards a step, against the logs."""
+    results, root, methods, task_methods = small_results
+    model = ["--model", model_dir("llama"), "--max-length", "48"]
+    families = {"rules/conservative": ("MeZO-LoRA, conservative", [*model, "--rule", "conservative"],
+                                       ("3e-2", "1e-2"), "—"),
+                "prefix/mezo-prefix": ("MeZO-prefix", [*model, "--mode", "prefix", "--eps", "1e-1"], ("3e-2", "1e-2"),
+                                       "90.8")}
+    assert results.run_variants(root, 1, families, runner=in_process) == 0
+    md = results.write_table(root, tmp_path / "RESULTS.md", None, methods, task_methods, families)
+    final = lambda name, seed, split: [r["accuracy"] for r in
+                                       map(json.loads, (root / name / f"seed{seed}" / "log.jsonl").read_text()
+                                           .splitlines()) if r.get("split") == split][-1]
+    for name, (title, _, lrs, paper) in families.items():
+        dev = {lr: final(f"{name}-lr{lr}", 13, "dev") for lr in lrs}
+        lr = max(dev, key=lambda x: (dev[x], -float(x)))
+        assert (root / f"{name}-lr{lr}/seed21").is_dir()
+        assert not (root / f"{name}-lr{next(x for x in lrs if x != lr)}/seed21").exists()
+        tests = [final(f"{name}-lr{lr}", s, "test") for s in (13, 21)]
+        row = next(x for x in md.splitlines() if x.startswith(f"| {title} | {lr} |"))
+        cells = [c.strip() for c in row.strip("|").split("|")]
+        assert cells[2] == f"{100 * np.mean(tests):.1f} ± {100 * np.std(tests):.1f} (n = 2)"
+        assert cells[3] == ("5" if "conservative" in name else "2") and cells[5] == paper
+    assert "| MeZO-LoRA, ZO-SGD |" in md and "Not yet run: `python results.py run` makes these" not in md
