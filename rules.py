@@ -16,7 +16,7 @@ MeZO-Adam is in the MeZO paper's Table 18):
 z stays a function of (seed, index): a rule walks θ chunk by chunk as the reference backend does (mezo.noise_chunks,
 float32 math, float64 kept, one rounding into θ's dtype), so z is never whole and any shard makes its own slice.
 sign and conservative move θ with the backend's own update (fast/'s too); momentum and Adam make z with the
-reference's noise. The compiled CPU backend makes that z bit for bit, so --fast on a CPU changes no number;
+reference's noise, or the compiled CPU backend's (the same bits, faster), so --fast on a CPU changes no number;
 Triton's kernels make it within 1e-6 (docs/fast.md), the bound their ±εz already has. Buffers are float32
 whatever θ's dtype (float64 for float64 tensors) and are checkpointed with θ.
 """
@@ -42,14 +42,24 @@ def make(name: str, beta: float = 0.9):
             "conservative": Conservative}[name]()
 
 
-def estimate(params: list[mezo.Trainable], samples: list[dict], weight_decay: float):
+def noise_pieces(params: list[mezo.Trainable], seeds: list[int], backend=None):
+    """(trainable, flat piece of θ, [its z for each seed]): from the backend where it makes z faster (fast/'s
+    compiled CPU backend: the same bits), else from the reference's noise_chunks."""
+    inner = getattr(backend, "backend", backend)  # under ExactRestore
+    if hasattr(inner, "noise_pieces"):
+        yield from inner.noise_pieces(params, seeds)
+        return
+    for pieces in zip(*(mezo.noise_chunks(params, seed) for seed in seeds)):
+        yield pieces[0][0], pieces[0][1], [z for _, _, z in pieces]
+
+
+def estimate(params: list[mezo.Trainable], samples: list[dict], weight_decay: float, backend=None):
     """(trainable, flat piece of θ, θ's piece in compute precision, ĝ's piece) chunk by chunk."""
     n = len(samples)
-    for pieces in zip(*(mezo.noise_chunks(params, s["seed"]) for s in samples)):
-        p, theta, _ = pieces[0]
+    for p, theta, zs in noise_pieces(params, [s["seed"] for s in samples], backend):
         t = mezo._compute(theta)
         g = torch.zeros_like(t)
-        for s, (_, _, z) in zip(samples, pieces):
+        for s, z in zip(samples, zs):
             g += (s["projected_grad"] / n) * z.to(t.dtype)
         yield p, theta, t, g + (weight_decay if p.decay else 0.0) * t
 
@@ -112,7 +122,7 @@ class Momentum(Stateful):
     def update(self, params, samples, groups, backend, loss_fn) -> None:
         self.t += 1
         for group, lr, wd in groups:
-            for p, theta, t, g in estimate(group, samples, wd):
+            for p, theta, t, g in estimate(group, samples, wd, backend):
                 m = self.piece("m", p, theta)
                 m.mul_(self.beta).add_(g)
                 theta.copy_(t - lr * m)
@@ -132,7 +142,7 @@ class Adam(Stateful):
         self.t += 1
         c1, c2 = 1 - self.beta1 ** self.t, 1 - self.beta2 ** self.t  # bias corrections
         for group, lr, wd in groups:
-            for p, theta, t, g in estimate(group, samples, wd):
+            for p, theta, t, g in estimate(group, samples, wd, backend):
                 m, v = self.piece("m", p, theta), self.piece("v", p, theta)
                 m.mul_(self.beta1).add_((1 - self.beta1) * g)
                 v.mul_(self.beta2).add_((1 - self.beta2) * g * g)

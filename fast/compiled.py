@@ -77,6 +77,13 @@ class CompiledBackend:
         sizes = [theta.numel() for _, theta in pieces]
         return pieces, [window_noise(seed, first, size).split(sizes) for seed in seeds]
 
+    def noise_pieces(self, params, seeds: list[int]):
+        """(trainable, flat piece of θ, [its z for each seed]) window by window: mezo.noise's z, made compiled, for
+        the update rules (rules.py), which walk θ with several seeds' z at once."""
+        for pieces, zs in self._windows(params, seeds):
+            for (p, theta), *z in zip(pieces, *zs):
+                yield p, theta, z
+
     @torch.no_grad()
     def perturb(self, params, seed: int, scale: float) -> None:
         """θ ← θ + scale·z, as TorchBackend.perturb."""
