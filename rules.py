@@ -64,6 +64,10 @@ def estimate(params: list[mezo.Trainable], samples: list[dict], weight_decay: fl
         yield p, theta, t, g + (weight_decay if p.decay else 0.0) * t
 
 
+def buffer_dtype(p: mezo.Trainable) -> torch.dtype:
+    return torch.promote_types(p.tensor.dtype, torch.float32)  # float32, or float64 for float64 tensors
+
+
 class Stateful:
     """Buffers per trainable tensor (a shard's own slice under tp/), named '<buffer>:<tensor name>' in state()."""
 
@@ -71,24 +75,28 @@ class Stateful:
     extra_forwards = 0
 
     def __init__(self):
-        self.buffers: dict[str, torch.Tensor] = {}
+        self.buffers: dict[str, torch.Tensor] = {}  # flat, made at the first step
         self.t = 0  # steps taken
 
     def piece(self, name: str, p: mezo.Trainable, theta: torch.Tensor) -> torch.Tensor:
         """The buffer's piece that matches θ's piece (a view into p's flat tensor)."""
         key = f"{name}:{p.name}"
         if key not in self.buffers:
-            dtype = torch.promote_types(p.tensor.dtype, torch.float32)
-            self.buffers[key] = torch.zeros(p.tensor.numel(), dtype=dtype, device=p.tensor.device)
+            self.buffers[key] = torch.zeros(p.tensor.numel(), dtype=buffer_dtype(p), device=p.tensor.device)
         start = theta.storage_offset() - p.tensor.storage_offset()
         return self.buffers[key][start:start + theta.numel()]
 
     def state(self, params: list[mezo.Trainable]) -> dict[str, torch.Tensor]:
-        """The buffers in each tensor's (local) shape, and the step count: what a checkpoint keeps."""
-        out = {f"{name}:{p.name}": self.buffers.get(f"{name}:{p.name}", torch.zeros(
-            p.tensor.numel(), dtype=torch.promote_types(p.tensor.dtype, torch.float32))).view(p.tensor.shape)
-            for name in self.buffer_names for p in params}
-        return out | {"t": torch.tensor(self.t, dtype=torch.int64)} if self.buffer_names else out
+        """The buffers in each tensor's (local) shape, and the step count 't': what a checkpoint keeps."""
+        if not self.buffer_names:
+            return {}
+        out = {}
+        for name in self.buffer_names:
+            for p in params:
+                buf = self.buffers.get(f"{name}:{p.name}")
+                buf = torch.zeros(p.tensor.numel(), dtype=buffer_dtype(p)) if buf is None else buf
+                out[f"{name}:{p.name}"] = buf.view(p.tensor.shape)
+        return out | {"t": torch.tensor(self.t, dtype=torch.int64)}
 
     def load(self, state: dict[str, torch.Tensor], params: list[mezo.Trainable]) -> None:
         """Take state()'s tensors back (full tensors are cut to this shard's slice)."""
@@ -102,10 +110,9 @@ class Stateful:
         for name in self.buffer_names:
             for p in params:
                 full = state[f"{name}:{p.name}"]
-                local = full[tuple(slice(s, s + n) for s, n in zip(p.shard_start, p.tensor.shape))] \
-                    if tuple(full.shape) != tuple(p.tensor.shape) else full
-                dtype = torch.promote_types(p.tensor.dtype, torch.float32)
-                self.buffers[f"{name}:{p.name}"] = local.to(p.tensor.device, dtype).reshape(-1).clone()
+                local = full if tuple(full.shape) == tuple(p.tensor.shape) else \
+                    full[tuple(slice(s, s + n) for s, n in zip(p.shard_start, p.tensor.shape))]
+                self.buffers[f"{name}:{p.name}"] = local.to(p.tensor.device, buffer_dtype(p)).reshape(-1).clone()
         self.t = int(state["t"])
 
 
@@ -180,7 +187,7 @@ class Conservative(Stateful):
         restore()
         mezo.sgd_update(backend, samples, [(g, -lr, wd) for g, lr, wd in groups])  # θ + lr·ĝ
         losses.append(loss_fn())
-        best = min(range(3), key=lambda i: (losses[i], i))
+        best = min(range(3), key=lambda i: (losses[i] if math.isfinite(losses[i]) else math.inf, i))
         if best != 2:
             restore()
             if best == 1:
