@@ -368,8 +368,8 @@ def summarise(runs: dict, methods=METHODS) -> dict:
 def fmt_time(seconds: list[float]) -> str:
     if not seconds:
         return "—"
-    lo, hi, mean = min(seconds), max(seconds), sum(seconds) / len(seconds)
-    return f"{mean:.0f} s" + (f" ({lo:.0f}–{hi:.0f})" if len(seconds) > 1 else "")
+    return f"{float(np.median(seconds)):.0f} s" + (f" ({min(seconds):.0f}–{max(seconds):.0f})" if len(seconds) > 1
+                                                    else "")
 
 
 def write_table(root: Path, path: Path, figures: Path | None = None, methods=METHODS, task_methods=None,
@@ -444,7 +444,7 @@ def render(root: Path, runs: dict, rows: dict, memory, curves, here: Path, metho
     lines += ["", "Accuracies in %, mean ± standard deviation over data seeds (numpy's std, ddof = 0). "
               f"Forwards and backwards: passes over a training batch of {cfg['batch_size']} (evaluations not counted). "
               "Wall time: the "
-              "whole `python mezo.py` process (loading, every evaluation, training), mean (min–max) over seeds, "
+              "whole `python mezo.py` process (loading, every evaluation, training), median (min–max) over seeds, "
               f"with {'/'.join(str(t) for t in sorted({t for r in rows.values() for t in r['threads']})) or '?'} "
               "torch threads. "
               "Peak RSS: the process's peak resident set from step 0 to the end (evaluations and checkpoint writes "
@@ -454,6 +454,12 @@ def render(root: Path, runs: dict, rows: dict, memory, curves, here: Path, metho
     for m in methods:
         for note in m.notes:
             lines.append(f"- {m.title}: {note}.")
+    for row in rows.values():  # a run that shared the cores with other work took longer: say so, from the numbers
+        walls = row["wall"]
+        if len(walls) > 1 and max(walls) > 1.5 * min(walls):
+            lines.append(f"- {row['method'].title}: wall times range {min(walls):.0f}–{max(walls):.0f} s over the "
+                         "seeds (the same work each): the longer runs shared the 2 cores with other work; the "
+                         "shortest is the closest to the method's cost alone.")
     lines += ["", "Per seed (test accuracy, %):", "",
               "| method | " + " | ".join(f"seed {s}" for s in SEEDS) + " |", "|---|" + "---|" * len(SEEDS)]
     for name, per_seed in runs.items():
@@ -584,8 +590,10 @@ def task_section(runs: dict, rows: dict, task_runs: dict, task_methods) -> list[
         template, words = run_prompt(some["config"])
         prompts_used.append(f"| {task} | `{json.dumps(template)}` | {', '.join(repr(w) for w in words)} |")
         walls = [w for r in stats.values() for w in r["wall"]]
+        threads = sorted({t for r in stats.values() for t in r["threads"]})
         if walls:
-            costs.append(f"{task} {sum(walls) / 60:.0f} min ({len(walls)} runs)")
+            costs.append(f"{task} {sum(walls) / 60:.0f} min ({len(walls)} runs, "
+                         f"{'/'.join(map(str, threads)) or '?'} torch threads)")
         if best and zs:
             gap = 100 * (best["test"][0] - zs["test"][0])
             verdicts.append(f"{task} {gap:+.1f}" + (f", {100 * (adam['test'][0] - best['test'][0]):+.1f} to Adam"
@@ -608,7 +616,8 @@ def task_section(runs: dict, rows: dict, task_runs: dict, task_methods) -> list[
         out += ["", "Prompts (the text before {mask} is read by the causal model; tasks/__init__.py):", "",
                 "| task | template | label words |", "|---|---|---|"] + prompts_used
     if costs:
-        out += ["", "What each task's runs cost (wall time, all its runs): " + "; ".join(costs) + "."]
+        out += ["", "What each task's runs cost (wall time, all its runs; where a task ran with 1 torch thread, two "
+                "such runs shared the 2 cores at a time): " + "; ".join(costs) + "."]
     return out
 
 
