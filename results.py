@@ -25,7 +25,7 @@ import platform
 import subprocess
 import sys
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import numpy as np
@@ -382,11 +382,14 @@ def write_table(root: Path, path: Path, figures: Path | None = None, methods=MET
         raise UsageError(f"no finished runs under {root}; run `python results.py run` first")
     rows = summarise(runs, methods)
     task_runs = collect(root, task_methods)
+    spare = {name: {seed: r for seed, r in got.items() if seed not in task_runs.get(name, {})}  # outside the plan
+             for name, got in collect(root, [replace(m, seeds=TASK_SEEDS) for m in task_methods
+                                             if "mezo-lora" in m.name]).items()}
     memory = json.loads((root / "memory.json").read_text()) if (root / "memory.json").exists() else None
     curves = None
     if figures is not None:
         curves = make_figure(root, figures, methods, runs)
-    md = render(root, runs, rows, memory, curves, path.parent, methods, task_runs, task_methods)
+    md = render(root, runs, rows, memory, curves, path.parent, methods, task_runs, task_methods, spare)
     md = md.replace(VARIANTS_MARK, "\n".join(variant_section(runs, collect(root, vmethods), vmethods, families)))
     path.write_text(md)
     return md
@@ -408,7 +411,7 @@ def make_figure(root: Path, figures: Path, methods, runs) -> Path | None:
 
 
 def render(root: Path, runs: dict, rows: dict, memory, curves, here: Path, methods, task_runs=None,
-           task_methods=()) -> str:
+           task_methods=(), spare=None) -> str:
     import torch
     first = next(iter(next(iter(runs.values())).values()))
     cfg = first["config"]
@@ -474,7 +477,7 @@ def render(root: Path, runs: dict, rows: dict, memory, curves, here: Path, metho
                   "method's mean over its seeds with a min–max band. Made by `python plot.py " + str(root) +
                   " --group -o " + os.path.relpath(curves.parent, here) + "`."]
     if task_runs:
-        lines += ["", "## Every task, k = 16", ""] + task_section(runs, rows, task_runs, task_methods)
+        lines += ["", "## Every task, k = 16", ""] + task_section(runs, rows, task_runs, task_methods, spare)
     lines += ["", "## Update rules and MeZO-prefix, SST-2", "", VARIANTS_MARK]
     lines += ["", "## Peak memory", ""]
     if memory:
@@ -556,16 +559,18 @@ def run_prompt(cfg: dict) -> tuple[str, tuple[str, ...]]:
     return cfg.get("template") or template, tuple(cfg.get("label_words") or words)
 
 
-def task_section(runs: dict, rows: dict, task_runs: dict, task_methods) -> list[str]:
+def task_section(runs: dict, rows: dict, task_runs: dict, task_methods, spare=None) -> list[str]:
     """One row per task: zero-shot, MeZO-LoRA at the candidate lr with the better mean dev accuracy, Adam-LoRA, and
-    the gaps; then every candidate's dev and test accuracy, the prompts, and what each task's runs cost."""
+    the gaps; then every candidate's dev and test accuracy, the prompts, and what each task's runs cost. `spare`:
+    finished runs in the candidates' folders that the protocol did not ask for (method name -> {seed: stats}),
+    listed so that no run is left out of the page."""
     by_task: dict[str, list[Method]] = {}
     for m in task_methods:
         by_task.setdefault(m.task, []).append(m)
     head = ["| task | classes | test rows | zero-shot | MeZO-LoRA | its lr (picked on dev) | Adam-LoRA | "
             "MeZO − zero-shot | Adam − MeZO | paper: MeZO-LoRA, RoBERTa-large | wall per run (median): MeZO / Adam |",
             "|---|---|---|---|---|---|---|---|---|---|---|"]
-    table, detail, prompts_used, costs, verdicts = [], [], [], [], []
+    table, detail, prompts_used, costs, verdicts, others = [], [], [], [], [], []
     fmt = lambda r: "—" if r is None else (pct(r["test"][0]) + " (one run)" if r["n"] == 1 else
                                             pct(*r["test"]) + f" (n = {r['n']})")
     if all(name in rows for name in ("zero-shot", "mezo-lora", "adam-lora")):  # SST-2, from the section above
@@ -587,6 +592,8 @@ def task_section(runs: dict, rows: dict, task_runs: dict, task_methods) -> list[
         for r in candidates:
             detail.append(f"| {task} | {flag(r['method'], '--lr')} | {pct(probe_dev(r))} | {fmt(r)} | "
                           f"{'**kept**' if r is best else ''} |")
+            others += [f"{task} lr {flag(r['method'], '--lr')} seed {seed}: dev {pct(x['dev'])}, test {pct(x['test'])}"
+                       for seed, x in sorted((spare or {}).get(r["method"].name, {}).items())]
         template, words = run_prompt(some["config"])
         prompts_used.append(f"| {task} | `{json.dumps(template)}` | {', '.join(repr(w) for w in words)} |")
         walls = [w for r in stats.values() for w in r["wall"]]
@@ -612,6 +619,9 @@ def task_section(runs: dict, rows: dict, task_runs: dict, task_methods) -> list[
         out += ["", "Learning rates: every candidate's dev and test accuracy (%).", "",
                 f"| task | MeZO-LoRA lr | dev accuracy, seed {TASK_SEEDS[0]} | test accuracy | |",
                 "|---|---|---|---|---|"] + detail
+    if others:
+        out += ["", "Runs outside this protocol, also finished (made under an earlier one that ran every candidate on "
+                "every seed; not used for the rows above): " + "; ".join(others) + "."]
     if prompts_used:
         out += ["", "Prompts (the text before {mask} is read by the causal model; tasks/__init__.py):", "",
                 "| task | template | label words |", "|---|---|---|"] + prompts_used

@@ -2,6 +2,7 @@
 plots made from logs of real short runs (tiny models, real SST-2 data)."""
 import json
 import math
+import shutil
 from pathlib import Path
 
 import numpy as np
@@ -288,3 +289,23 @@ def test_update_rules_and_prefix_rows_keep_the_lr_their_probe_picks(small_result
         assert cells[2] == f"{100 * np.mean(tests):.1f} ± {100 * np.std(tests):.1f} (n = 2)"
         assert cells[3] == ("5" if "conservative" in name else "2") and cells[5] == paper
     assert "| MeZO-LoRA, ZO-SGD |" in md and "Not yet run: `python results.py run` makes these" not in md
+
+
+def test_a_run_outside_the_protocol_is_listed_and_changes_no_row(small_results, tmp_path):
+    """A finished run of the losing lr on the other seed (the earlier protocol made such runs) is named on the page
+    with its dev and test accuracy, and the task's row is what it was without it."""
+    results, root, methods, task_methods = small_results
+    copy = tmp_path / "results"
+    shutil.copytree(root, copy)
+    before = results.write_table(copy, tmp_path / "before.md", None, methods, task_methods)
+    kept = next(m for m in task_methods if m.task == "rte" and "mezo-lora" in m.name and len(m.seeds) > 1)
+    lost = next(m for m in task_methods if m.task == "rte" and "mezo-lora" in m.name and m is not kept)
+    out = results.run_dir(copy, lost, 21)
+    assert in_process(lost.command(21, out, 1), 1) == 0
+    after = results.write_table(copy, tmp_path / "after.md", None, methods, task_methods)
+    row = lambda md: next(x for x in md.splitlines() if x.startswith("| rte | 2 |"))
+    assert row(after) == row(before)
+    stats = results.run_stats(out)
+    assert "Runs outside this protocol" not in before
+    assert (f"rte lr {results.flag(lost, '--lr')} seed 21: dev {results.pct(stats['dev'])}, test "
+            f"{results.pct(stats['test'])}") in after
