@@ -227,7 +227,8 @@ def test_help_explains_every_option_and_lists_the_choices(capsys):
         mezo.parse_args(["--help"])
     assert exit_.value.code == 0
     text = " ".join(capsys.readouterr().out.split())
-    for flag in ("--task {sst2,sst5,mr,cr,mpqa,subj,trec,rte,mnli,snli,qnli,synthetic}", "--mode {lora,full,prefix,head}",
+    for flag in ("--task {sst2,sst5,mr,cr,mpqa,subj,trec,rte,mnli,snli,qnli,synthetic}",
+                 "--mode {lora,full,prefix,head}",
                  "--rule {sgd,momentum,adam,sign,conservative}",
                  "--head {prompt,cls}",
                  "--objective {ce,accuracy}", "--dtype {float32,bfloat16,float16}", "--optimizer {mezo,adam}"):
