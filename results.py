@@ -672,8 +672,12 @@ def differences(rows: dict, memory) -> list[str]:
                        "compiled, two passes over θ a step), which is what makes this many steps possible here.")
         if lora is not None:
             order = "above" if full > lora else "below"
-            out.append(f"  Here full-parameter ends {order} LoRA ({full:.1f} vs {lora:.1f}); in the paper LoRA is "
-                       "0.9 points above full-parameter MeZO.")
+            lr_row = rows["mezo-lora"]
+            same_seed = "".join(f"; seed {s} alone: {pct(lr_row['seed42'])}" for s in (42,) if "seed42" in lr_row)
+            out.append(f"  Here full-parameter ends {order} LoRA ({full:.1f} after {r['steps']} steps, {r['n']} "
+                       f"run{'s' if r['n'] > 1 else ''}, against {lora:.1f}, LoRA's mean over {lr_row['n']} seeds "
+                       f"after {lr_row['steps']} steps{same_seed}): not at the same number of steps, so this does not "
+                       "rank the two. In the paper LoRA is 0.9 points above full-parameter MeZO.")
     if adam is not None and lora is not None:
         a, r = rows["adam-lora"], rows["mezo-lora"]
         ratio = r["forwards"] / a["forwards"]
@@ -731,12 +735,12 @@ def sizing(rows: dict, root: Path | None = None) -> list[str]:
         lines.append(f"- MeZO full-parameter: {r['steps']} steps with `--fast` (the compiled CPU backend, the "
                      f"reference's numbers), {fmt_time(r['wall'])} for the run, {r.get('step_time', 0):.2f} s a step "
                      f"(median; {r.get('ratio', 0):.2f}x its two forwards).")
-    probes = {m: run_stats(run_dir(root, m, 42)) for m in FULL_PROBES
-              if root is not None and finished(run_dir(root, m, 42), m)}
+    probes = [(m, run_stats(run_dir(root, m, 42))) for m in FULL_PROBES
+              if root is not None and finished(run_dir(root, m, 42), m)]
     if probes:
         lines.append("- Its learning rate, from 100-step probes on data seed 42 (dev accuracy at step 100, test "
-                     "not looked at): " + ", ".join(f"lr {flag(m, '--lr')} {pct(s['dev'])}" for m, s in probes.items())
-                     + f"; wall time {sum(s['wall_s'] or 0 for s in probes.values()) / 60:.0f} min for the probes.")
+                     "not looked at): " + ", ".join(f"lr {flag(m, '--lr')} {pct(s['dev'])}" for m, s in probes)
+                     + f"; wall time {sum(s['wall_s'] or 0 for _, s in probes) / 60:.0f} min for the probes.")
     lines += ["- Test accuracy during training is taken on a 32-row slice (`--eval-max 32 --eval-max-start 32`): "
               "the 872-row evaluation costs over a minute on 2 cores, so each run takes it once, at the end.",
               "- Zero-shot is one run: the model and the test set do not depend on the data seed."]
