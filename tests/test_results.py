@@ -309,3 +309,21 @@ def test_a_run_outside_the_protocol_is_listed_and_changes_no_row(small_results, 
     assert "Runs outside this protocol" not in before
     assert (f"rte lr {results.flag(lost, '--lr')} seed 21: dev {results.pct(stats['dev'])}, test "
             f"{results.pct(stats['test'])}") in after
+
+
+def test_the_full_parameter_probes_are_named_in_the_sizing_section(small_results, tmp_path, monkeypatch):
+    """The full-parameter lr probes (data seed 42) appear with each one's final dev accuracy."""
+    results, root, methods, task_methods = small_results
+    copy = tmp_path / "results"
+    shutil.copytree(root, copy)
+    model = [x for m in methods[:1] for x in m.flags[:4]]  # --model DIR --max-length 48
+    probes = [results.Method(f"probe/mezo-full-lr{lr}", f"probe {lr}", [*model, "--mode", "full", "--lr", lr,
+                                                                         "--eval-every", "2"], 4, 0.0, "", seeds=(42,))
+              for lr in ("3e-2", "1e-2")]
+    monkeypatch.setattr(results, "FULL_PROBES", probes)
+    assert results.run_all(copy, 1, probes, runner=in_process, memory=False) == 0
+    md = results.write_table(copy, tmp_path / "RESULTS.md", None, methods, task_methods)
+    line = next(x for x in md.splitlines() if x.startswith("- Its learning rate, from 100-step probes"))
+    for m in probes:
+        assert f"lr {results.flag(m, '--lr')} {results.pct(results.run_stats(results.run_dir(copy, m, 42))['dev'])}" \
+            in line, line
