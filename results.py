@@ -382,9 +382,8 @@ def write_table(root: Path, path: Path, figures: Path | None = None, methods=MET
         raise UsageError(f"no finished runs under {root}; run `python results.py run` first")
     rows = summarise(runs, methods)
     task_runs = collect(root, task_methods)
-    spare = {name: {seed: r for seed, r in got.items() if seed not in task_runs.get(name, {})}  # outside the plan
-             for name, got in collect(root, [replace(m, seeds=TASK_SEEDS) for m in task_methods
-                                             if "mezo-lora" in m.name]).items()}
+    spare = collect(root, [replace(m, seeds=tuple(s for s in TASK_SEEDS if s not in m.seeds))  # outside the plan
+                           for m in task_methods if "mezo-lora" in m.name])
     memory = json.loads((root / "memory.json").read_text()) if (root / "memory.json").exists() else None
     curves = None
     if figures is not None:
@@ -620,8 +619,9 @@ def task_section(runs: dict, rows: dict, task_runs: dict, task_methods, spare=No
                 f"| task | MeZO-LoRA lr | dev accuracy, seed {TASK_SEEDS[0]} | test accuracy | |",
                 "|---|---|---|---|---|"] + detail
     if others:
-        out += ["", "Runs outside this protocol, also finished (made under an earlier one that ran every candidate on "
-                "every seed; not used for the rows above): " + "; ".join(others) + "."]
+        out += ["", "Runs outside this protocol, also finished (in the candidates' folders but not asked for here, "
+                "e.g. made under an earlier protocol that ran every candidate on every seed; not used for the rows "
+                "above): " + "; ".join(others) + "."]
     if prompts_used:
         out += ["", "Prompts (the text before {mask} is read by the causal model; tasks/__init__.py):", "",
                 "| task | template | label words |", "|---|---|---|"] + prompts_used
@@ -673,7 +673,7 @@ def differences(rows: dict, memory) -> list[str]:
         if lora is not None:
             order = "above" if full > lora else "below"
             lr_row = rows["mezo-lora"]
-            same_seed = "".join(f"; seed {s} alone: {pct(lr_row['seed42'])}" for s in (42,) if "seed42" in lr_row)
+            same_seed = f"; seed 42 alone: {pct(lr_row['seed42'])}" if "seed42" in lr_row else ""
             out.append(f"  Here full-parameter ends {order} LoRA ({full:.1f} after {r['steps']} steps, {r['n']} "
                        f"run{'s' if r['n'] > 1 else ''}, against {lora:.1f}, LoRA's mean over {lr_row['n']} seeds "
                        f"after {lr_row['steps']} steps{same_seed}): not at the same number of steps, so this does not "

@@ -316,7 +316,7 @@ def test_the_full_parameter_probes_are_named_in_the_sizing_section(small_results
     results, root, methods, task_methods = small_results
     copy = tmp_path / "results"
     shutil.copytree(root, copy)
-    model = [x for m in methods[:1] for x in m.flags[:4]]  # --model DIR --max-length 48
+    model = methods[0].flags[:4]  # --model DIR --max-length 48
     probes = [results.Method(f"probe/mezo-full-lr{lr}", f"probe {lr}", [*model, "--mode", "full", "--lr", lr,
                                                                          "--eval-every", "2"], 4, 0.0, "", seeds=(42,))
               for lr in ("3e-2", "1e-2")]
