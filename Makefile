@@ -26,7 +26,7 @@ bench:
 # On a machine with a CUDA GPU: the compiled-kernel tests, then fast/'s tables (issue 3): the perturbation's
 # bandwidth, and R at the default and at the paper's batch, float32 and bfloat16
 gpu:
-	TRITON_INTERPRET=0 $(PY) -m pytest -q tests/test_fast.py -k cuda
+	TRITON_INTERPRET=0 $(PY) -m pytest -q tests/test_fast.py tests/test_rules.py -k cuda
 	TRITON_INTERPRET=0 $(PY) bench/perturb.py --skip-reference
 	for dtype in float32 bfloat16; do \
 	  TRITON_INTERPRET=0 $(PY) bench/step.py --device cuda --sizes 135m,1b --dtype $$dtype && \

@@ -15,9 +15,10 @@ MeZO-Adam is in the MeZO paper's Table 18):
 
 z stays a function of (seed, index): a rule walks θ chunk by chunk as the reference backend does (mezo.noise_chunks,
 float32 math, float64 kept, one rounding into θ's dtype), so z is never whole and any shard makes its own slice.
-sign and conservative move θ with the backend's own update (fast/'s too); momentum and Adam make z with the
+sign and conservative move θ with the backend's own update (fast/'s too). Momentum and Adam make z with the
 reference's noise, or the compiled CPU backend's (the same bits, faster), so --fast on a CPU changes no number;
-Triton's kernels make it within 1e-6 (docs/fast.md), the bound their ±εz already has. Buffers are float32
+on fast/'s Triton kernels they are one pass over θ and the buffers with z made inside (TritonBackend.rule_update),
+within 1e-6 of the reference's z (docs/fast.md), the bound the kernels' ±εz already has. Buffers are float32
 whatever θ's dtype (float64 for float64 tensors) and are checkpointed with θ.
 """
 from __future__ import annotations
@@ -51,6 +52,13 @@ def noise_pieces(params: list[mezo.Trainable], seeds: list[int], backend=None):
         return
     for pieces in zip(*(mezo.noise_chunks(params, seed) for seed in seeds)):
         yield pieces[0][0], pieces[0][1], [z for _, _, z in pieces]
+
+
+def fused_backend(backend):
+    """The backend (under ExactRestore, its inner one) if it does momentum's and Adam's step in one pass of its
+    own (fast/'s Triton kernels: rule_update), else None."""
+    inner = getattr(backend, "backend", backend)
+    return inner if hasattr(inner, "rule_update") else None
 
 
 def estimate(params: list[mezo.Trainable], samples: list[dict], weight_decay: float, backend=None):
@@ -125,10 +133,17 @@ class Momentum(Stateful):
         super().__init__()
         self.beta = beta
 
+    def fused(self) -> tuple:
+        """What fast/'s one-pass kernel needs: (Adam?, β1, β2, bias corrections c1 and c2, δ)."""
+        return False, self.beta, 0.0, 1.0, 1.0, 0.0
+
     @torch.no_grad()
     def update(self, params, samples, groups, backend, loss_fn) -> None:
         self.t += 1
         for group, lr, wd in groups:
+            if fused_backend(backend):
+                fused_backend(backend).rule_update(self, group, samples, lr, wd)
+                continue
             for p, theta, t, g in estimate(group, samples, wd, backend):
                 m = self.piece("m", p, theta)
                 m.mul_(self.beta).add_(g)
@@ -144,11 +159,17 @@ class Adam(Stateful):
         super().__init__()
         self.beta1, self.beta2, self.delta = beta1, beta2, delta
 
+    def fused(self) -> tuple:
+        return True, self.beta1, self.beta2, 1 - self.beta1 ** self.t, 1 - self.beta2 ** self.t, self.delta
+
     @torch.no_grad()
     def update(self, params, samples, groups, backend, loss_fn) -> None:
         self.t += 1
         c1, c2 = 1 - self.beta1 ** self.t, 1 - self.beta2 ** self.t  # bias corrections
         for group, lr, wd in groups:
+            if fused_backend(backend):
+                fused_backend(backend).rule_update(self, group, samples, lr, wd)
+                continue
             for p, theta, t, g in estimate(group, samples, wd, backend):
                 m, v = self.piece("m", p, theta), self.piece("v", p, theta)
                 m.mul_(self.beta1).add_((1 - self.beta1) * g)

@@ -13,6 +13,9 @@ Two things the reference does not do: many small tensors (LoRA's) are moved once
 pass over them is one launch, and the restore after L− is fused with the update and with the next step's
 +εz (one pass instead of three: a step makes two passes over θ, not four).
 
+rules.py's momentum and Adam take one pass too (`rule_update`): z of every sample made in the kernel, the buffers
+(float32, each run's side by side) and θ updated in the same pass, instead of z made chunk by chunk in torch.
+
 TritonBackend(exact=True) is --exact-restore's drift-free mode with its copy of θ read and written inside
 the same passes. Tensor-parallel shards (tp/) work too: a shard is cut into stretches of consecutive global
 indices (one per row of a rowwise weight's shard), each a row of the launch's table.
@@ -140,6 +143,37 @@ def _restore_update_kernel(tensors, programs, seed, eps, projected_grad, lr, wd,
     _store(theta_ptr, local, mask, t, KIND)
 
 
+@triton.jit(do_not_specialize=["n_samples"])
+def _rule_kernel(tensors, programs, second, seeds, coefs, n_samples, lr, wd, beta1, beta2, c1, c2, delta,
+                 BLOCK4: tl.constexpr, KIND: tl.constexpr, ADAM: tl.constexpr):
+    """rules.py's momentum (ADAM 0) and Adam (1), buffers and θ in one pass, z made here for every sample:
+    ĝ = Σ_k coefs[k]·z(seeds[k]) + wd·θ;  momentum: m ← β1·m + ĝ, θ ← θ − lr·m;  Adam: m ← β1·m + (1−β1)·ĝ,
+    v ← β2·v + (1−β2)·ĝ², θ ← θ − lr·(m/c1) / (√(v/c2) + δ). The table's saved-copy column holds m's address
+    (float32) and `second` row t the address of v."""
+    theta_ptr, _, n, offset, decay, block = _my_tensor(tensors, programs, KIND)
+    row = tl.load(programs + 2 * tl.program_id(0).to(tl.int64))
+    m_ptr = tl.load(tensors + 5 * row + 4).to(tl.pointer_type(tl.float32))
+    _, local, mask = _block(offset, n, block, BLOCK4)
+    t = tl.load(theta_ptr + local, mask=mask, other=0.0).to(tl.float32)
+    g = tl.zeros_like(t)
+    for k in range(n_samples):
+        z, _, _ = _z_block(tl.load(seeds + k), offset, n, block, BLOCK4)
+        g += tl.load(coefs + k) * z
+    g = g + wd * decay.to(tl.float32) * t
+    m = tl.load(m_ptr + local, mask=mask, other=0.0)
+    if ADAM:
+        v_ptr = tl.load(second + row).to(tl.pointer_type(tl.float32))
+        m = beta1 * m + (1 - beta1) * g
+        v = beta2 * tl.load(v_ptr + local, mask=mask, other=0.0) + (1 - beta2) * g * g
+        tl.store(v_ptr + local, v, mask=mask)
+        move = (m / c1) / (tl.sqrt(v / c2) + delta)
+    else:
+        m = beta1 * m + g
+        move = m
+    tl.store(m_ptr + local, m, mask=mask)
+    _store(theta_ptr, local, mask, t - lr * move, KIND)
+
+
 KINDS = {torch.float32: 0, torch.bfloat16: 1, torch.float16: 2}
 COALESCE_MAX_NUMEL = 1 << 26  # up to this many values in tensors of 1M on average (LoRA's) share one buffer
 
@@ -242,6 +276,7 @@ class TritonBackend:
         self.exact = exact
         self._cache = (None, None, None, None)  # (params and where they live, runs, launches, saved copies)
         self._scale = None  # exact mode: θ = saved + _scale·z for the current seed; None: θ is itself
+        self._rule_cache = (None, None)  # (where θ and a rule's buffers are, their launches): rule_update's
 
     def _layout(self, params):
         where = lambda: (id(params), tuple(p.tensor.data_ptr() for p in params))
@@ -275,6 +310,56 @@ class TritonBackend:
     def update(self, params, seed: int, projected_grad: float, lr: float, weight_decay: float) -> None:
         for launch in self.launches(params):
             _launch(_update_kernel, launch, seed, float(projected_grad), float(lr), float(weight_decay))
+
+    def _rule_buffers(self, rule, name: str, params, runs) -> list[torch.Tensor]:
+        """The rule's buffer `name` as one flat tensor per run (see _runs), each tensor's own buffer
+        (rule.buffers, what its checkpoint keeps) a view of it: LoRA's many tensors share a run, so their
+        buffers must lie side by side as θ does. Buffers made elsewhere (a resumed run's) are copied in once."""
+        out = []
+        for theta, *_ in runs:
+            lo, size = theta.data_ptr(), theta.element_size()
+            inside = [p for p in params if lo <= p.tensor.data_ptr() < lo + theta.numel() * size]
+            if len(inside) == 1 or not inside:  # the run is one tensor, or a stretch of one (a tp/ shard's row)
+                p = inside[0] if inside else next(p for p in params if p.tensor.data_ptr() <= lo <
+                                                   p.tensor.data_ptr() + p.tensor.numel() * size)
+                out.append(rule.piece(name, p, theta))
+                continue
+            where = [(p, (p.tensor.data_ptr() - lo) // size) for p in inside]
+            keys = [f"{name}:{p.name}" for p in inside]
+            first = rule.buffers.get(keys[0])
+            if first is None or not all(k in rule.buffers and rule.buffers[k].data_ptr() == first.data_ptr() + 4 * at
+                                        for k, (_, at) in zip(keys, where)):
+                whole = torch.zeros(theta.numel(), dtype=torch.float32, device=theta.device)
+                for k, (p, at) in zip(keys, where):
+                    if k in rule.buffers:
+                        whole[at:at + p.tensor.numel()].copy_(rule.buffers[k])
+                    rule.buffers[k] = whole[at:at + p.tensor.numel()]
+                first = rule.buffers[keys[0]]
+            out.append(first.as_strided((theta.numel(),), (1,)))
+        return out
+
+    @torch.no_grad()
+    def rule_update(self, rule, params, samples: list[dict], lr: float, weight_decay: float) -> None:
+        """rules.py's momentum or Adam step (rule.fused(): its constants) in one pass over θ and the buffers, z
+        made in the kernel for every sample: no z in memory, one launch per dtype. θ is the step's θ (restored)."""
+        adam, beta1, beta2, c1, c2, delta = rule.fused()
+        runs = self.runs(params)
+        for t in params:
+            if t.tensor.dtype not in KINDS:
+                raise ValueError(f"{t.name}: the Triton backend's rules take float32/bfloat16/float16 tensors")
+        names = rule.buffer_names
+        firsts, seconds = (self._rule_buffers(rule, name, params, runs) for name in (names[0], names[-1]))
+        device = runs[0][0].device
+        seeds = torch.tensor([s["seed"] for s in samples], dtype=torch.int64, device=device)
+        coefs = torch.tensor([s["projected_grad"] / len(samples) for s in samples], dtype=torch.float32,
+                             device=device)
+        key = (self._cache[0], [b.data_ptr() for b in firsts + seconds])
+        if self._rule_cache[0] != key:  # the tables, as long as θ and the buffers stay where they are
+            self._rule_cache = (key, [(launch, other[0][:, 4].contiguous()) for launch, other in
+                                      zip(_launches(runs, firsts), _launches(runs, seconds))])
+        for launch, second in self._rule_cache[1]:
+            _launch(_rule_kernel, launch, second, seeds, coefs, len(samples), float(lr), float(weight_decay),
+                    beta1, beta2, c1, c2, delta, ADAM=adam)
 
     @torch.no_grad()
     def restore_and_update(self, params, seed: int, eps: float, projected_grad: float, lr: float,

@@ -2,6 +2,7 @@
 z; the same rules through mezo_step on fast/'s backends and in mezo.MeZO; resumed and replayed runs bit for bit;
 and the refusals."""
 import math
+import os
 
 import pytest
 import torch
@@ -157,6 +158,55 @@ def test_each_rule_on_the_triton_kernels_follows_the_reference(name):
             assert [x["loss_plus"] for x in g] == pytest.approx([x["loss_plus"] for x in r], rel=tol)
         start = make_params([(64, 8), (8,), (3, 5)], dtype, 0)
         assert any(not torch.equal(a, p.tensor) for a, p in zip(ref[0], start)) or name == "conservative"
+
+
+def _lora_like_and_shards(dtype, device):
+    """Tensors that share one of the Triton backend's runs (consecutive, same weight-decay rule: LoRA's A and B),
+    then two tp/ shards: a rowwise weight's columns 5..9 (one stretch per row) and a colwise weight's rows 3..5."""
+    gen = torch.Generator().manual_seed(7)
+    rand = lambda *shape: torch.randn(shape, generator=gen).to(dtype).to(device)
+    lora = mezo.make_trainables([("a", rand(4, 8)), ("b", rand(8, 3)), ("norm", rand(5)), ("c", rand(2, 7))])
+    return [lora, [mezo.Trainable("row", rand(6, 5), 1000, True, (6, 10), (0, 5)),
+                   mezo.Trainable("col", rand(3, 4), 1067, True, (6, 4), (3, 0))]]
+
+
+INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
+
+
+@pytest.mark.parametrize("device", [
+    pytest.param("cpu", marks=pytest.mark.skipif(not INTERPRET, reason="CPU kernels need TRITON_INTERPRET=1")),
+    pytest.param("cuda", marks=pytest.mark.skipif(INTERPRET or not torch.cuda.is_available(),
+                                                  reason="no CUDA GPU (or TRITON_INTERPRET=1)"))])
+@pytest.mark.parametrize("name", ["momentum", "adam"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_triton_rule_update_is_one_pass_and_follows_the_reference(name, dtype, device, monkeypatch):
+    """TritonBackend.rule_update, the buffer and θ update in one kernel with z made inside it (the reference's
+    noise is never called): 2 samples, weight decay, over tensors that share a run (their buffers must lie side
+    by side, each tensor's a view that its checkpoint reads), over tp/ shards, and across a state saved after step 2
+    and loaded into a fresh rule. Against the reference rule over 3 steps: tensors and buffers to 1e-4 (float32),
+    2 % (bfloat16)."""
+    pytest.importorskip("triton")
+    import fast
+    tol = 1e-4 if dtype == torch.float32 else 2e-2
+    for ref_params, got_params in zip(_lora_like_and_shards(dtype, device), _lora_like_and_shards(dtype, device)):
+        ref, got, backend = rules.make(name, 0.8), rules.make(name, 0.8), fast.TritonBackend()
+        for step in range(1, 4):
+            samples = [dict(seed=mezo.step_seed(3, step, k), projected_grad=(-1.5) ** (step + k)) for k in range(2)]
+            ref.update(ref_params, samples, mezo._rate_groups(ref_params, 0.02, 0.1), mezo.TorchBackend(), None)
+            if step == 3:  # a resumed run: the buffers come back as separate tensors and are laid side by side again
+                state, got = got.state(got_params), rules.make(name, 0.8)
+                got.load(state, got_params)
+            with monkeypatch.context() as patch:
+                patch.setattr(mezo, "noise_chunks", lambda *a: pytest.fail("z made outside the kernel"))
+                got.update(got_params, samples, mezo._rate_groups(got_params, 0.02, 0.1), backend, None)
+            for a, b in zip(ref_params, got_params):
+                torch.testing.assert_close(b.tensor.double(), a.tensor.double(), rtol=tol,
+                                           atol=tol * float(a.tensor.abs().max()))
+            want, have = ref.state(ref_params), got.state(got_params)
+            assert want.keys() == have.keys() and int(have["t"]) == step
+            for k in want:
+                torch.testing.assert_close(have[k].double(), want[k].double(), rtol=tol,
+                                           atol=tol * max(1.0, float(want[k].double().abs().max())))
 
 
 @pytest.mark.parametrize("name", rules.RULES)
