@@ -389,7 +389,8 @@ def write_table(root: Path, path: Path, figures: Path | None = None, methods=MET
     if figures is not None:
         curves = make_figure(root, figures, methods, runs)
     md = render(root, runs, rows, memory, curves, path.parent, methods, task_runs, task_methods, spare)
-    md = md.replace(VARIANTS_MARK, "\n".join(variant_section(runs, collect(root, vmethods), vmethods, families)))
+    md = md.replace(VARIANTS_MARK, "\n".join(variant_section(runs, collect(root, vmethods), vmethods, families,
+                                                             memory)))
     path.write_text(md)
     return md
 
@@ -514,9 +515,10 @@ def render(root: Path, runs: dict, rows: dict, memory, curves, here: Path, metho
 VARIANTS_MARK = "<!-- update rules and prefix -->"
 
 
-def variant_section(runs: dict, variant_runs: dict, vmethods: list[Method], families: dict) -> list[str]:
-    """One row per update rule and for the prefix at its lr picked on dev, beside ZO-SGD on the same two seeds; then
-    every candidate's probe."""
+def variant_section(runs: dict, variant_runs: dict, vmethods: list[Method], families: dict,
+                    memory: dict | None = None) -> list[str]:
+    """One row per update rule and for the prefix at its lr picked on dev, beside ZO-SGD on the same two seeds; what
+    each row is against ZO-SGD, the probes that tied, and each rule's extra memory; then every candidate's probe."""
     out = ["MeZO-LoRA under each update rule of `rules.py` (`--rule`), and MeZO-prefix (`--mode prefix`): 16-shot "
            "SST-2, 100 steps at batch 8 like MeZO-LoRA above, data seeds " + ", ".join(map(str, TASK_SEEDS)) +
            ", test accuracy on all 872 rows at the end (%, mean ± std). Each learning rate is the candidate with "
@@ -530,7 +532,8 @@ def variant_section(runs: dict, variant_runs: dict, vmethods: list[Method], fami
     if sgd:
         out.append(f"| MeZO-LoRA, ZO-SGD | {flag(METHODS[1], '--lr')} | {pct(*mean_std([r['test'] for r in sgd]))} "
                    f"(n = {len(sgd)}) | 2 | {fmt_time([r['wall_s'] for r in sgd if r['wall_s']])} | 91.4 |")
-    detail, ran = [], False
+    detail, ran, reading = [], False, []
+    base = mean_std([r["test"] for r in sgd]) if sgd else None
     for name, (title, _, _, paper) in families.items():
         candidates = [m for m in vmethods if m.name.startswith(name + "-lr")]
         stats = summarise(variant_runs, candidates)
@@ -545,11 +548,50 @@ def variant_section(runs: dict, variant_runs: dict, vmethods: list[Method], fami
         if r:
             out.append(f"| {title} | {flag(kept, '--lr')} | {pct(*r['test'])} (n = {r['n']}) | "
                        f"{r['forwards'] / r['steps']:g} | {fmt_time(r['wall'])} | {paper} |")
+            if base:
+                diff = 100 * (r["test"][0] - base[0])
+                within = abs(diff) <= 100 * max(r["test"][1], base[1])
+                reading.append(f"{title}: {diff:+.1f}" + (" (within the spread of the two seeds)" if within else ""))
+        devs = {flag(m, "--lr"): probe[m.name]["dev"] for m in candidates if probe[m.name]}
+        if kept and len(devs) > 1 and len(set(devs.values())) == 1:
+            reading.append(f"{title}: its probes tied on dev ({pct(next(iter(devs.values())))} at "
+                           f"{' and '.join(devs)}), so the smaller lr was kept, as the rule fixed before the runs says")
     if not ran:
         return out[:1] + ["", "Not yet run: `python results.py run` makes these runs after the tasks' (`python "
                           "results.py plan` lists them)."]
+    if reading:
+        out += ["", f"Test accuracy against ZO-SGD on the same seeds ({pct(base[0])}), points: " + "; ".join(
+            x for x in reading if ": +" in x or ": -" in x) + "."] if base else []
+        out += [f"- {x}." for x in reading if "tied" in x]
+    threads = sorted({r["threads"] for seeds in variant_runs.values() for r in seeds.values() if r.get("threads")})
+    if threads:
+        used = "1 torch thread each, two runs side by side on the 2 cores" if threads == [1] else \
+            f"{' or '.join(map(str, threads))} torch threads each"
+        out.append(f"- Wall per run: these runs used {used}; ZO-SGD's row comes from the SST-2 table's runs, under "
+                   "other load, so the column compares the rules among themselves (the conservative rule's 5 forwards "
+                   "a step show), not with ZO-SGD.")
+    out += rule_memory(memory)
     return out + ["", f"Probes (data seed {TASK_SEEDS[0]}, 100 steps): dev accuracy (32 rows) and test accuracy "
                   "(872 rows), %.", "", "| method | lr | dev | test |", "|---|---|---|---|"] + detail
+
+
+def rule_memory(memory: dict | None) -> list[str]:
+    """Each rule's peak above plain MeZO in the memory table, against the size of its buffers."""
+    by = {r["case"]: r for r in memory["rows"]} if memory else {}
+    full = by.get("mezo-full")
+    cases = [c for c in RULE_CASES if c in by and "-full-" in c]
+    if not (full and cases):
+        return []
+    one = full.get("trainable", 0) * 4 / 2**20  # one float32 buffer of every trainable value, MB
+    lora = by.get("mezo-lora", {}).get("trainable", 0) * 4 / 2**20
+    return ["", "Extra memory of each rule, full-parameter (the peak-memory table below; peak above plain MeZO's "
+            "full-parameter step): " + ", ".join(f"{c.split('-')[2]} {by[c]['peak_mb'] - full['peak_mb']:+.0f} MB"
+                                                   for c in cases) +
+            f". One float32 buffer of the {full.get('trainable', 0):,} values is {one:.0f} MB: momentum keeps one, "
+            "Adam two, the conservative rule a copy of θ during its step, sign none. The peaks are resident sets, "
+            "so a buffer may partly land in memory the process had freed but kept, and read below its size."
+            + (f" LoRA's buffers ({lora:.1f} MB each) are below the run-to-run noise of the resident set: the "
+               "LoRA rule rows differ from plain MeZO-LoRA by a few tens of MB either way." if lora else "")]
 
 
 def run_prompt(cfg: dict) -> tuple[str, tuple[str, ...]]:

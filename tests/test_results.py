@@ -289,6 +289,26 @@ def test_update_rules_and_prefix_rows_keep_the_lr_their_probe_picks(small_result
         assert cells[2] == f"{100 * np.mean(tests):.1f} ± {100 * np.std(tests):.1f} (n = 2)"
         assert cells[3] == ("5" if "conservative" in name else "2") and cells[5] == paper
     assert "| MeZO-LoRA, ZO-SGD |" in md and "Not yet run: `python results.py run` makes these" not in md
+    sgd = np.mean([final("mezo-lora", s, "test") for s in (13, 21)])  # the reading line: each row against ZO-SGD
+    reading = next(x for x in md.splitlines() if x.startswith("Test accuracy against ZO-SGD on the same seeds"))
+    assert f"({100 * sgd:.1f})" in reading
+    for name, (title, _, lrs, _) in families.items():
+        dev = {lr: final(f"{name}-lr{lr}", 13, "dev") for lr in lrs}
+        lr = max(dev, key=lambda x: (dev[x], -float(x)))
+        diff = 100 * (np.mean([final(f"{name}-lr{lr}", s, "test") for s in (13, 21)]) - sgd)
+        assert f"{title}: {diff:+.1f}" in reading
+        assert (f"- {title}: its probes tied on dev" in md) == (len(set(dev.values())) == 1)
+
+
+def test_each_rules_extra_memory_is_read_against_plain_mezo():
+    import results
+    rows = [dict(case="inference", peak_mb=900.0), dict(case="mezo-full", peak_mb=1000.0, trainable=3 * 2**20),
+            dict(case="mezo-lora", peak_mb=990.0, trainable=2**18), dict(case="mezo-full-momentum", peak_mb=1011.5),
+            dict(case="mezo-full-adam", peak_mb=1023.0), dict(case="mezo-lora-adam", peak_mb=995.0)]
+    line = results.rule_memory(dict(rows=rows))[-1]
+    assert "momentum +12 MB, adam +23 MB." in line and "of the 3,145,728 values is 12 MB" in line
+    assert "LoRA's buffers (1.0 MB each)" in line
+    assert results.rule_memory(dict(rows=rows[:3])) == [] and results.rule_memory(None) == []
 
 
 def test_a_run_outside_the_protocol_is_listed_and_changes_no_row(small_results, tmp_path):
