@@ -171,8 +171,10 @@ class Run(ReplayMixin):
         return step == self.cfg.steps or bool(self.cfg.eval_every and step % self.cfg.eval_every == 0)
 
     def saves_at(self, step: int) -> bool:
-        """θ itself is needed after this step (an evaluation or a checkpoint): no perturbation may carry over."""
-        return self.evaluates_at(step) or bool(self.cfg.save_every and step % self.cfg.save_every == 0)
+        """θ itself is needed after this step (an evaluation or a checkpoint, the last step's included, which a
+        replay writes without evaluating): no perturbation may carry over."""
+        return (self.evaluates_at(step) or step == self.cfg.steps
+                or bool(self.cfg.save_every and step % self.cfg.save_every == 0))
 
     def steps(self, resume: str | None):
         """The steps still to run, behind a progress bar: after the resume, the log and the first evaluation."""

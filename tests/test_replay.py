@@ -16,7 +16,7 @@ def _tensors(folder):
 
 
 @pytest.mark.parametrize("extra", [[], ["--n-samples", "2", "--weight-decay", "0.1"],
-                                   ["--mode", "full", "--dtype", "bfloat16"]])
+                                   ["--mode", "full", "--dtype", "bfloat16"], ["--mode", "full", "--fast"]])
 def test_replay_equals_the_runs_checkpoints_bit_for_bit(model_dir, tmp_path, capsys, extra):
     """A 20-step run (its checkpoint at 20) and the same run stopped at 10 (its checkpoint at 10); the 20-step run's
     log replayed to step 10 and to step 20 gives each checkpoint exactly, and its adapter too."""
