@@ -343,10 +343,7 @@ class TritonBackend:
         """rules.py's momentum or Adam step (rule.fused(): its constants) in one pass over θ and the buffers, z
         made in the kernel for every sample: no z in memory, one launch per dtype. θ is the step's θ (restored)."""
         adam, beta1, beta2, c1, c2, delta = rule.fused()
-        runs = self.runs(params)
-        for t in params:
-            if t.tensor.dtype not in KINDS:
-                raise ValueError(f"{t.name}: the Triton backend's rules take float32/bfloat16/float16 tensors")
+        runs = self.runs(params)  # refuses dtypes the kernels do not take, in one line
         names = rule.buffer_names
         firsts, seconds = (self._rule_buffers(rule, name, params, runs) for name in (names[0], names[-1]))
         device = runs[0][0].device
