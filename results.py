@@ -529,11 +529,11 @@ def variant_section(runs: dict, variant_runs: dict, vmethods: list[Method], fami
            "| method | lr (picked on dev) | test accuracy | forwards a step | wall per run | paper, RoBERTa-large |",
            "|---|---|---|---|---|---|"]
     sgd = [runs.get("mezo-lora", {})[x] for x in TASK_SEEDS if x in runs.get("mezo-lora", {})]
-    if sgd:
-        out.append(f"| MeZO-LoRA, ZO-SGD | {flag(METHODS[1], '--lr')} | {pct(*mean_std([r['test'] for r in sgd]))} "
-                   f"(n = {len(sgd)}) | 2 | {fmt_time([r['wall_s'] for r in sgd if r['wall_s']])} | 91.4 |")
-    detail, ran, reading = [], False, []
     base = mean_std([r["test"] for r in sgd]) if sgd else None
+    if sgd:
+        out.append(f"| MeZO-LoRA, ZO-SGD | {flag(METHODS[1], '--lr')} | {pct(*base)} "
+                   f"(n = {len(sgd)}) | 2 | {fmt_time([r['wall_s'] for r in sgd if r['wall_s']])} | 91.4 |")
+    detail, ran, against, ties = [], False, [], []
     for name, (title, _, _, paper) in families.items():
         candidates = [m for m in vmethods if m.name.startswith(name + "-lr")]
         stats = summarise(variant_runs, candidates)
@@ -551,18 +551,19 @@ def variant_section(runs: dict, variant_runs: dict, vmethods: list[Method], fami
             if base:
                 diff = 100 * (r["test"][0] - base[0])
                 within = abs(diff) <= 100 * max(r["test"][1], base[1])
-                reading.append(f"{title}: {diff:+.1f}" + (" (within the spread of the two seeds)" if within else ""))
+                against.append(f"{title}: {diff:+.1f}" + (" (within the spread of the two seeds)" if within else ""))
         devs = {flag(m, "--lr"): probe[m.name]["dev"] for m in candidates if probe[m.name]}
         if kept and len(devs) > 1 and len(set(devs.values())) == 1:
-            reading.append(f"{title}: its probes tied on dev ({pct(next(iter(devs.values())))} at "
-                           f"{' and '.join(devs)}), so the smaller lr was kept, as the rule fixed before the runs says")
+            ties.append(f"- {title}: its probes tied on dev ({pct(next(iter(devs.values())))} at "
+                        f"{' and '.join(devs)}), so the smaller lr was kept, as the rule fixed before the runs "
+                        "says.")
     if not ran:
         return out[:1] + ["", "Not yet run: `python results.py run` makes these runs after the tasks' (`python "
                           "results.py plan` lists them)."]
-    if reading:
-        out += ["", f"Test accuracy against ZO-SGD on the same seeds ({pct(base[0])}), points: " + "; ".join(
-            x for x in reading if ": +" in x or ": -" in x) + "."] if base else []
-        out += [f"- {x}." for x in reading if "tied" in x]
+    if against:
+        out += ["", f"Test accuracy against ZO-SGD on the same seeds ({pct(base[0])}), points: "
+                + "; ".join(against) + "."]
+    out += ties
     threads = sorted({r["threads"] for seeds in variant_runs.values() for r in seeds.values() if r.get("threads")})
     if threads:
         used = "1 torch thread each, two runs side by side on the 2 cores" if threads == [1] else \

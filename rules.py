@@ -140,9 +140,10 @@ class Momentum(Stateful):
     @torch.no_grad()
     def update(self, params, samples, groups, backend, loss_fn) -> None:
         self.t += 1
+        fused = fused_backend(backend)
         for group, lr, wd in groups:
-            if fused_backend(backend):
-                fused_backend(backend).rule_update(self, group, samples, lr, wd)
+            if fused:
+                fused.rule_update(self, group, samples, lr, wd)
                 continue
             for p, theta, t, g in estimate(group, samples, wd, backend):
                 m = self.piece("m", p, theta)
@@ -166,9 +167,10 @@ class Adam(Stateful):
     def update(self, params, samples, groups, backend, loss_fn) -> None:
         self.t += 1
         c1, c2 = 1 - self.beta1 ** self.t, 1 - self.beta2 ** self.t  # bias corrections
+        fused = fused_backend(backend)
         for group, lr, wd in groups:
-            if fused_backend(backend):
-                fused_backend(backend).rule_update(self, group, samples, lr, wd)
+            if fused:
+                fused.rule_update(self, group, samples, lr, wd)
                 continue
             for p, theta, t, g in estimate(group, samples, wd, backend):
                 m, v = self.piece("m", p, theta), self.piece("v", p, theta)

@@ -39,12 +39,8 @@ def main():
     if args.threads:
         torch.set_num_threads(args.threads)
     device = torch.device(args.device)
-    if device.type == "cuda":
-        import fast
-        fast_backend = fast.TritonBackend()
-    else:
-        from fast.compiled import compiled_backend
-        fast_backend = compiled_backend()
+    import fast
+    fast_backend = fast.choose(args.device)  # what --fast runs there: compiled on a CPU, Triton on a GPU
     each = args.numel // args.tensors
     params = mezo.make_trainables([(f"w{i}", torch.randn(each // 64, 64, device=device)) for i in range(args.tensors)])
     values = sum(t.tensor.numel() for t in params)
