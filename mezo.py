@@ -27,16 +27,18 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-import checkpoints
-import models
-import options
-import prefix
-import runs
-import tasks
-from baseline import adam_step
-from errors import NonFiniteLoss, UsageError
-from models import DTYPES
-from options import option
+# `mezo` is this module and also the package of the files beside it, so the rest of a run is imported as
+# `mezo.runs`, `mezo.tasks`, `mezo.fast`, ...: never another project's `runs` or `tasks`, and nothing of ours at the
+# top level. In a checkout they sit next to this file; installed, in the folder mezo/ next to it (pyproject.toml).
+_HERE = Path(__file__).resolve().parent
+__path__ = [str(_HERE / "mezo")] if (_HERE / "mezo" / "runs.py").is_file() else [str(_HERE)]
+
+from mezo.baseline import adam_step  # noqa: E402
+from mezo.errors import NonFiniteLoss, UsageError  # noqa: E402
+from mezo.models import DTYPES  # noqa: E402
+from mezo.options import option  # noqa: E402
+
+from mezo import checkpoints, models, options, prefix, runs, tasks  # noqa: E402
 
 # -----------------------------------------------------------------------------
 # Config: one dataclass; each option says what it does (--help shows it). Flags map 1:1 onto it.
@@ -563,17 +565,17 @@ def variants(cfg: Config) -> dict:
     runs.check_config(cfg)  # before anything starts (tp/ joins a process group)
     seams = dict(backend=ExactRestore(TorchBackend()) if cfg.exact_restore else TorchBackend(), forward=PromptForward)
     if cfg.fast:  # the compiled reference on CPUs, Triton kernels on GPUs (fast/__init__.py)
-        from fast import choose
+        from mezo.fast import choose
         device = cfg.device if cfg.device != "auto" else "cuda" if torch.cuda.is_available() else "cpu"
         seams["backend"] = choose(device, cfg.exact_restore)
     if cfg.rule != "sgd":  # momentum, Adam, sign, conservative (rules.py)
-        from rules import make
+        from mezo.rules import make
         seams["rule"] = make(cfg.rule, cfg.beta)
     if cfg.cache:
-        from cache import CachedForward
+        from mezo.cache import CachedForward
         seams["forward"] = lambda *args: CachedForward(*args, max_bytes=cfg.cache_mb << 20)
     if cfg.tp > 1 or cfg.dp > 1 or int(os.environ.get("WORLD_SIZE", "1")) > 1:
-        from tp import DistributedPlacement
+        from mezo.tp import DistributedPlacement
         seams["placement"] = DistributedPlacement(cfg)
     return seams
 
@@ -596,5 +598,6 @@ def main(argv=None) -> int:
 
 
 if __name__ == "__main__":
-    sys.modules.setdefault("mezo", sys.modules[__name__])  # variants' `import mezo` gets this module, not a copy
-    sys.exit(main())
+    # Run as a script, this file is `__main__`; the imports above loaded it once more as `mezo`, the module that the
+    # variants import. Hand over to that one, so one copy of every class is in play.
+    sys.exit(sys.modules["mezo"].main())

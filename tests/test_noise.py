@@ -16,7 +16,7 @@ import triton.language as tl  # noqa: E402
 
 @triton.jit
 def _triton_randn4x(z_ptr, word_ptr, u_ptr, seed, base, n, BLOCK: tl.constexpr):
-    # Triton's own generator, element i taking output i % 4 of randn4x(seed, i // 4) as DESIGN.md specifies.
+    # Triton's own generator, element i taking output i % 4 of randn4x(seed, i // 4) as docs/design.md specifies.
     offs = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
     i = base + offs
     lane = i % 4
