@@ -48,7 +48,8 @@ class Config:
     task: str = option("sst2", tasks.describe(), choices=tasks.NAMES, parse=tasks.canonical)
     data_dir: str | None = option(None, "folder holding sst2/ and lm-bff/ (else $MEZO_DATA, ../shared/data, the cache)")
     k: int = option(16, "training examples per class, sampled as LM-BFF does; 0 = the whole GLUE train set", min=0)
-    data_seed: int = option(42, "LM-BFF split seed (the paper: 13, 21, 42, 87, 100)", min=0)
+    data_seed: int = option(42, "LM-BFF split seed (paper: 13, 21, 42, 87, 100)", min=0,
+                            below=1 << 32)
     template: str | None = option(None, "{sentence} (or {sentence1}, {sentence2}) and {mask}; default: the task's")
     label_words: tuple[str, ...] | None = option(None, "one word per class, class 0 first; default: the task's")
     max_length: int = option(128, "tokens per example; a longer sentence is cut, the prompt never is", min=8)
@@ -73,14 +74,15 @@ class Config:
     weight_decay: float = option(0.0, "weight decay; never on biases and norm weights", min=0)
     n_samples: int = option(1, "directions z per step, averaged (the paper's Algorithm 2)", min=1)
     rule: str = option("sgd", "ZO-SGD or rules.py's", choices=("sgd", "momentum", "adam", "sign", "conservative"))
-    beta: float = option(0.9, "--rule momentum's β, --rule adam's β1 (its β2 is 0.999)", min=0)
+    beta: float = option(0.9, "--rule momentum's β, --rule adam's β1 (β2: 0.999)", min=0, below=1)
     objective: str = option("ce", "cross-entropy over the label words, or 1 − accuracy", choices=("ce", "accuracy"))
     optimizer: str = option("mezo", "or adam: the first-order baseline, backprop + AdamW", choices=("mezo", "adam"))
     fast: bool = option(False, "fast/'s backend, same numbers: compiled on CPUs, Triton kernels on GPUs")
     exact_restore: bool = option(False, "keep a copy of θ during a step so ±ε never drifts (low-precision full)")
     cache: bool = option(False, "cache/: reuse the frozen layers' states per example (pays with --top-layers)")
     cache_mb: int = option(1024, "--cache memory cap in MiB (least recently used examples go first)", min=1)
-    seed: int = option(0, "run seed: LoRA init, batch order and every z derive from it", min=0)
+    seed: int = option(0, "run seed: LoRA init, batch order and every z derive from it", min=0,
+                       below=1 << 63)
     # evaluation, logging, checkpoints
     eval_every: int = option(100, "evaluate every N steps (0 = only at the start and the end)", min=0)
     eval_max: int = option(200, "test rows evaluated during training (0 = all); the start and the end use all", min=0)
