@@ -14,7 +14,7 @@ import torch
 import torch.nn as nn
 
 import mezo
-import rules
+from mezo import rules
 
 ROOT = Path(__file__).resolve().parents[1]
 
