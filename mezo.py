@@ -50,7 +50,8 @@ class Config:
     task: str = option("sst2", tasks.describe(), choices=tasks.NAMES, parse=tasks.canonical)
     data_dir: str | None = option(None, "folder holding sst2/ and lm-bff/ (else $MEZO_DATA, ../shared/data, the cache)")
     k: int = option(16, "training examples per class, sampled as LM-BFF does; 0 = the whole GLUE train set", min=0)
-    data_seed: int = option(42, "LM-BFF split seed (the paper: 13, 21, 42, 87, 100)", min=0)
+    data_seed: int = option(42, "LM-BFF split seed (paper: 13, 21, 42, 87, 100)", min=0,
+                            below=1 << 32)
     template: str | None = option(None, "{sentence} (or {sentence1}, {sentence2}) and {mask}; default: the task's")
     label_words: tuple[str, ...] | None = option(None, "one word per class, class 0 first; default: the task's")
     max_length: int = option(128, "tokens per example; a longer sentence is cut, the prompt never is", min=8)
@@ -75,14 +76,15 @@ class Config:
     weight_decay: float = option(0.0, "weight decay; never on biases and norm weights", min=0)
     n_samples: int = option(1, "directions z per step, averaged (the paper's Algorithm 2)", min=1)
     rule: str = option("sgd", "ZO-SGD or rules.py's", choices=("sgd", "momentum", "adam", "sign", "conservative"))
-    beta: float = option(0.9, "--rule momentum's β, --rule adam's β1 (its β2 is 0.999)", min=0)
+    beta: float = option(0.9, "--rule momentum's β, --rule adam's β1 (β2: 0.999)", min=0, below=1)
     objective: str = option("ce", "cross-entropy over the label words, or 1 − accuracy", choices=("ce", "accuracy"))
     optimizer: str = option("mezo", "or adam: the first-order baseline, backprop + AdamW", choices=("mezo", "adam"))
     fast: bool = option(False, "fast/'s backend, same numbers: compiled on CPUs, Triton kernels on GPUs")
     exact_restore: bool = option(False, "keep a copy of θ during a step so ±ε never drifts (low-precision full)")
     cache: bool = option(False, "cache/: reuse the frozen layers' states per example (pays with --top-layers)")
     cache_mb: int = option(1024, "--cache memory cap in MiB (least recently used examples go first)", min=1)
-    seed: int = option(0, "run seed: LoRA init, batch order and every z derive from it", min=0)
+    seed: int = option(0, "run seed: LoRA init, batch order and every z derive from it", min=0,
+                       below=1 << 63)
     # evaluation, logging, checkpoints
     eval_every: int = option(100, "evaluate every N steps (0 = only at the start and the end)", min=0)
     eval_max: int = option(200, "test rows evaluated during training (0 = all); the start and the end use all", min=0)
@@ -400,7 +402,10 @@ class MeZO(torch.optim.Optimizer):
     params: parameters, (name, parameter) pairs, or groups with their own lr and weight_decay (lr schedulers work).
     step(closure) runs the closure (a forward: a float or 0-d tensor) twice per sample without autograd and returns
     the loss at θ, (L+ + L−)/2; `last` holds the step's record. Weight decay skips 1-D tensors, as in mezo_step.
-    state_dict(): step count, seed, the rule's buffers. backend= takes fast/'s; rule= rules.py's (rules.make)."""
+    Parameters with requires_grad=False are skipped, as torch's optimizers skip those without a
+    gradient: z is laid out over the others, at each step. state_dict(): step count, seed, the
+    rule's name and buffers.
+    backend= takes fast/'s; rule= rules.py's (rules.make)."""
 
     def __init__(self, params, lr: float = 1e-3, eps: float = 1e-3, weight_decay: float = 0.0,
                  n_samples: int = 1, seed: int = 0, backend=None, rule=None):
@@ -417,19 +422,37 @@ class MeZO(torch.optim.Optimizer):
         if set(group) - {"params", "lr", "weight_decay"}:
             raise ValueError(f"MeZO param group {len(self.param_groups)}: only lr and weight_decay can differ "
                              f"between groups, not {sorted(set(group) - {'params', 'lr', 'weight_decay'})}")
+        rates = {key: group.get(key, self.defaults[key]) for key in ("lr", "weight_decay")}
+        if not (rates["lr"] >= 0 and rates["weight_decay"] >= 0):  # as the constructor; NaN too
+            raise ValueError(f"MeZO param group {len(self.param_groups)} needs lr >= 0 and "
+                             f"weight_decay >= 0; got lr={rates['lr']}, "
+                             f"weight_decay={rates['weight_decay']}")
         tensors = [group["params"]] if torch.is_tensor(group["params"]) else group["params"]
         named = [p if isinstance(p, tuple) else (f"{len(self.param_groups)}.{j}", p) for j, p in enumerate(tensors)]
         super().add_param_group(dict(group, params=[p for _, p in named], param_names=[n for n, _ in named]))
-        self.trainables = make_trainables([x for g in self.param_groups for x in zip(g["param_names"], g["params"])])
+        self.frozen = None  # lay the trainables out again
+        self.layout()
+
+    def layout(self) -> list[Trainable]:
+        """The trainables: the parameters that require grad, in group order (laid out again when
+        that changes)."""
+        frozen = tuple(not p.requires_grad for g in self.param_groups for p in g["params"])
+        if frozen != self.frozen:
+            self.frozen = frozen
+            named = [x for g in self.param_groups for x in zip(g["param_names"], g["params"])]
+            self.trainables = make_trainables([(name, p) for name, p in named if p.requires_grad])
+        return self.trainables
 
     @torch.no_grad()
     def step(self, closure) -> float:
         if closure is None:
             raise ValueError("MeZO.step needs a closure that runs a forward and returns the loss")
-        per_tensor = lambda key: [g[key] for g in self.param_groups for _ in g["params"]]
+        params = self.layout()
+        per_tensor = lambda key: [g[key] for g in self.param_groups  # the trainables' rates
+                                  for p in g["params"] if p.requires_grad]
         seeds = [step_seed(self.seed, self.steps + 1, k) for k in range(self.n_samples)]
         try:
-            samples = mezo_step(self.trainables, lambda: float(closure()), seeds, self.eps, per_tensor("lr"),
+            samples = mezo_step(params, lambda: float(closure()), seeds, self.eps, per_tensor("lr"),
                                 per_tensor("weight_decay"), self.backend, rule=self.rule)
         except NonFiniteLoss as e:
             raise NonFiniteLoss(f"non-finite loss at step {self.steps + 1} ({e}); the parameters are as step "
@@ -438,17 +461,29 @@ class MeZO(torch.optim.Optimizer):
         self.last = dict(step=self.steps, **runs.step_record(samples, self.param_groups[0]["lr"]))
         return self.last["loss"]
 
+    def rule_name(self) -> str:
+        return type(self.rule).__name__.lower() if self.rule else "sgd"
+
     def state_dict(self) -> dict:
-        rule = self.rule.state(self.trainables) if self.rule else {}
-        return super().state_dict() | dict(mezo=dict(steps=self.steps, seed=self.seed, rule=rule))
+        rule = self.rule.state(self.layout()) if self.rule else {}
+        return super().state_dict() | dict(mezo=dict(steps=self.steps, seed=self.seed, rule=rule,
+                                                     rule_name=self.rule_name()))
 
     def load_state_dict(self, state_dict: dict) -> None:
         if "mezo" not in state_dict:
             raise ValueError("not a MeZO state_dict: it has no 'mezo' entry (step count and seed)")
+        # Before anything is loaded: a rule's buffers mean nothing to another rule. (A state_dict
+        # older than rule_name has none; then the rule's own load checks its buffers.)
+        saved, rule = state_dict["mezo"].get("rule_name", self.rule_name()), self.rule_name()
+        if saved != rule:
+            make = "rule=None" if saved == "sgd" else f"rule=rules.make({saved!r})"
+            raise ValueError(f"the state_dict was saved with another --rule ({saved}), and this "
+                             f"MeZO's rule is {rule}: make the MeZO with the rule it was saved "
+                             f"with ({make})")
         super().load_state_dict({k: v for k, v in state_dict.items() if k != "mezo"})
         self.steps, self.seed = state_dict["mezo"]["steps"], state_dict["mezo"]["seed"]
         if self.rule:
-            self.rule.load(state_dict["mezo"].get("rule", {}), self.trainables)
+            self.rule.load(state_dict["mezo"].get("rule", {}), self.layout())
 
 # -----------------------------------------------------------------------------
 # The forward (seam 2): a batch becomes label-word logits, read by the model's own LM head at one position (the

@@ -118,7 +118,14 @@ class Run(ReplayMixin):
         self.forward = forward(self.model, label_ids, self.params)
         # Tokenise once. The prompt is scored at the mask (masked LMs) or after its last token (causal LMs).
         self.pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
-        self.splits = encode_splits(tokenizer, data, template, kind, cfg.max_length, len(words), candidates)
+        max_length = cfg.max_length
+        positions = models.max_tokens(self.model) or max_length
+        if max_length > positions:  # past the model's positions: cut there
+            max_length = positions
+            print(f"mezo: --max-length {cfg.max_length} is past the model's {positions} positions; "
+                  f"inputs are cut to {positions} tokens")
+        self.splits = encode_splits(tokenizer, data, template, kind, max_length, len(words),
+                                    candidates)
         print(f"mezo: {cfg.task} " + ", ".join(f"{name} {len(rows)}" for name, rows in self.splits.items()))
         batch_size = min(cfg.batch_size, len(self.splits["train"]))  # what batch_indices gives a step
         if batch_size < placement.dp:  # decided alike on every rank
@@ -320,8 +327,13 @@ def check_config(cfg) -> None:
     task = tasks.TASKS.get(tasks.canonical(cfg.task))
     if cfg.template is not None:
         check_template(cfg.template, pair=bool(task and task.pair))
-    if cfg.label_words is not None and len(cfg.label_words) < 2:
-        raise UsageError("--label-words needs one word per class, at least two (e.g. ' terrible,great')")
+    if cfg.label_words is not None and len(cfg.label_words) != tasks.num_classes(cfg.task):
+        words = "1 word" if len(cfg.label_words) == 1 else f"{len(cfg.label_words)} words"
+        raise UsageError(f"--label-words gives {words}, but {cfg.task} has "
+                         f"{tasks.num_classes(cfg.task)} classes: give one word per class, "
+                         f"class 0 first (the task's: "
+                         f"'{','.join(tasks.prompt(cfg.task, 'mlm')[1])}')")
+    models.check_device(cfg.device)
     if cfg.mode == "head" and cfg.head != "cls":
         raise UsageError("--mode head trains the fresh classification head alone; it needs --head cls")
     if cfg.mode == "prefix" and (cfg.cache or cfg.tp > 1 or cfg.top_layers):
@@ -390,6 +402,7 @@ def read_log(path: Path) -> list[dict]:
             record = json.loads(line)
             if not isinstance(record, dict) or not isinstance(record.get("step"), int):
                 raise ValueError("not an object with an integer step")
+            check_step_record(record)
         except ValueError as e:
             if i == len(lines) and not line.rstrip().endswith("}"):
                 break  # the partial last write of a run that was killed
@@ -397,6 +410,20 @@ def read_log(path: Path) -> list[dict]:
                              "run again (nothing was changed)") from None
         records.append(record)
     return records
+
+
+def check_step_record(record: dict) -> None:
+    """A MeZO step's record holds what a replay reads, its seeds and losses, as numbers; else
+    ValueError."""
+    keys = ("seed", "loss_plus", "loss_minus", "projected_grad")
+    if not set(keys) & set(record):
+        return  # an evaluation, or a step of the first-order baseline
+    parts = [(key, part.get(key)) for part in record.get("samples") or [record] for key in keys]
+    parts += [("candidate_losses", v) for v in record.get("candidate_losses", [])]  # conservative
+    for key, value in parts:
+        if isinstance(value, bool) or not isinstance(value, int if key == "seed" else (int, float)):
+            what = "missing" if value is None else repr(value)
+            raise ValueError(f"step {record['step']}'s {key} is {what}")
 
 
 def peak_memory_mb(device: torch.device, reset: bool = False) -> float | None:

@@ -259,7 +259,7 @@ def test_the_optimizer_takes_a_rule_and_its_state_resumes_the_same_trajectory():
         opt.step(lambda: loss(model))
         resumed.step(lambda: loss(other))
     assert all(torch.equal(a, b) for a, b in zip(model.parameters(), other.parameters()))
-    with pytest.raises(ValueError, match="no momentum buffers .* another --rule"):
+    with pytest.raises(ValueError, match="another --rule"):
         mezo.MeZO(other.parameters(), rule=rules.make("momentum")).load_state_dict(
             mezo.MeZO(other.parameters()).state_dict())
 

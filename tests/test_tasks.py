@@ -160,7 +160,7 @@ def test_the_tasks_bad_inputs_are_one_line(model_dir, tmp_path, capsys):
     line = expect_error(capsys, ["--task", "imdb"] + base, r"unknown --task 'imdb'; choose one of sst2, sst5")
     assert all(name in line for name in tasks.NAMES)
     expect_error(capsys, ["--task", "trec", "--label-words", " bad, good"] + base,
-                 r"train has labels beyond the 2 --label-words; give one word per class")
+                 r"--label-words gives 2 words, but trec has 6 classes: give one word per class")
     expect_error(capsys, ["--task", "rte", "--template", "{sentence} It was{mask}"] + base,
                  r"this task's examples are pairs, so the template needs \{sentence1\} and \{sentence2\}")
     expect_error(capsys, ["--task", "sst2", "--template", "{sentence1} and {sentence2} ?{mask}"] + base,
