@@ -448,13 +448,24 @@ def check_same_run(cfg, saved: dict, flag: str, folder) -> None:
     for name in SAME_RUN + (SAME_STEPS if flag == "--replay" else ()):
         was, now = saved.get(name, defaults[name]), getattr(cfg, name)
         was = tuple(was) if isinstance(was, list) else was
-        if name == "model" and "/" in str(was) and not Path(was).exists():
-            continue  # the model's folder moved: --model says where; check_match compares its tensors
+        if name == "model" and same_model_folder(str(was), str(now)):
+            continue  # the model's folder moved or was copied: --model says where; check_match compares tensors
         if was != now:
             show = lambda v: ",".join(v) if isinstance(v, tuple) else v
             option = "--" + name.replace("_", "-")
             raise UsageError(f"{flag} {folder}: the run was trained with {option} {show(was)}; {flag[2:]} it with "
                              f"the same {name.replace('_', ' ')} (drop {option} {show(now)})")
+
+
+def same_model_folder(was: str, now: str) -> bool:
+    """A run's model given by another path: its old folder is gone, or both hold the same config.json."""
+    if "/" not in was or was == now:
+        return was == now
+    old, new = Path(was), Path(now)
+    if not old.exists():
+        return True
+    read = lambda folder: (folder / "config.json").read_bytes() if (folder / "config.json").is_file() else None
+    return read(old) is not None and read(old) == read(new)
 
 
 def keep_last_good(error: NonFiniteLoss, cfg, train) -> str:
