@@ -15,7 +15,7 @@ from safetensors import safe_open
 from safetensors.torch import load_file
 from test_cli import expect_error, run
 
-import checkpoints
+from mezo import checkpoints
 
 ROOT = Path(__file__).resolve().parents[1]
 
