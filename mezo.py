@@ -92,6 +92,7 @@ class Config:
     out: str | None = option(None, "folder for log.jsonl, checkpoint.safetensors, summary.json and the adapter")
     save_every: int = option(0, "also checkpoint every N steps (0 = at each evaluation and at the end)", min=0)
     replay: str | None = option(None, "rebuild this run folder's tensors after --steps from its log alone, into --out")
+    overwrite: bool = option(False, "let a fresh run or a replay replace the run already in --out")
     threads: int = option(0, "torch CPU threads (0 = torch's default)", min=0)
     # parallel (tp/): launch with `torchrun --nproc-per-node N mezo.py ...`
     tp: int = option(1, "tensor-parallel ranks: each holds a slice of every attention and MLP weight", min=1)
@@ -557,27 +558,32 @@ def train(cfg: Config, resume: str | None = None, *, backend=None, forward=Promp
     `variants(cfg)` makes the ones a config asks for (the command line passes them in)."""
     runs.check_config(cfg)  # each option in its range, and no two that cannot go together: else one line
     placement, backend = placement or Placement(), backend or TorchBackend()
-    run = runs.Run(cfg, placement, lambda model: placement.shard(model, select_trainables(model, cfg)), forward, rule)
-    # A fused backend also makes the next step's +εz in the update's pass (ZO-SGD, one sample), unless θ itself
-    # is needed between the steps (an evaluation or a checkpoint; the last step evaluates).
-    fuse, perturbed = hasattr(backend, "restore_and_update") and cfg.n_samples < 2 and not (rule or run.optimizer), 0
-    for step in run.steps(resume):
-        batch = run.batch(step)  # this process's examples of the step
+    def trainables(model: nn.Module) -> list[Trainable]:  # this process's (tp/ shards them)
+        return placement.shard(model, select_trainables(model, cfg))
 
-        def loss_fn() -> float:  # one forward at the current θ; data-parallel ranks average, so all see one loss
-            return placement.mean(objective_loss(*run.logits(batch), cfg.objective), len(batch))
+    with runs.Run(cfg, placement, trainables, forward, rule) as run:  # --out is this run's alone till the end
+        # A fused backend also makes the next step's +εz in the update's pass (ZO-SGD, one sample), unless θ
+        # itself is needed between the steps (an evaluation or a checkpoint; the last step evaluates).
+        fuse = hasattr(backend, "restore_and_update") and cfg.n_samples < 2 and not (rule or run.optimizer)
+        perturbed = False
+        for step in run.steps(resume):
+            batch = run.batch(step)  # this process's examples of the step
 
-        next_seed = step_seed(cfg.seed, step + 1, 0) if fuse and not run.saves_at(step) else None
-        with run.timed_step(step):  # a non-finite loss stops the run, keeping the last good checkpoint
-            if run.optimizer:  # the first-order baseline (baseline.py), on the same tensors and batches
-                record = dict(loss=adam_step(run.optimizer, lambda: run.loss_parts(batch)), lr=cfg.lr)
-            else:
-                seeds = [step_seed(cfg.seed, step, k) for k in range(cfg.n_samples)]
-                samples = mezo_step(run.params, run.replayed(step) or loss_fn, seeds, cfg.eps, cfg.lr,  # --replay:
-                                    cfg.weight_decay, backend, perturbed, next_seed, rule)  # logged L±
-                record, perturbed = runs.step_record(samples, cfg.lr), next_seed is not None
-        run.record(step, record)  # log.jsonl, the progress bar; evaluate and checkpoint when due
-    return run.finish()
+            def loss_fn() -> float:  # one forward at θ; data-parallel ranks average, so all see one loss
+                return placement.mean(objective_loss(*run.logits(batch), cfg.objective), len(batch))
+
+            next_seed = step_seed(cfg.seed, step + 1, 0) if fuse and not run.saves_at(step) else None
+            with run.timed_step(step):  # a non-finite loss stops the run (main keeps the last good step)
+                if run.optimizer:  # the first-order baseline (baseline.py), on the same tensors and batches
+                    record = dict(loss=adam_step(run.optimizer, lambda: run.loss_parts(batch)), lr=cfg.lr)
+                else:
+                    seeds = [step_seed(cfg.seed, step, k) for k in range(cfg.n_samples)]
+                    losses = run.replayed(step) or loss_fn  # --replay: the logged L±
+                    samples = mezo_step(run.params, losses, seeds, cfg.eps, cfg.lr, cfg.weight_decay, backend,
+                                        perturbed, next_seed, rule)
+                    record, perturbed = runs.step_record(samples, cfg.lr), next_seed is not None
+            run.record(step, record)  # log.jsonl, the progress bar; evaluate and checkpoint when due
+        return run.finish()
 
 # -----------------------------------------------------------------------------
 # Command line: flags map 1:1 onto Config, and `variants` picks the seams (the one place that imports fast/,
@@ -590,7 +596,8 @@ def parse_args(argv=None) -> tuple[Config, str | None]:
     args = vars(p.parse_args(argv))
     resume = args.pop("resume")
     if resume or args.get("replay"):
-        saved = checkpoints.saved_config(Path(resume or args["replay"]))  # the run's config, not its world size
+        flag = "--resume" if resume else "--replay"  # the run's config, not its world size:
+        saved = checkpoints.saved_config(Path(resume or args["replay"]), flag)
         args = {**{k: v for k, v in saved.items() if k in Config.__dataclass_fields__}, "out": resume, **args}
     return Config(**args), resume
 
@@ -621,9 +628,14 @@ def main(argv=None) -> int:
         cfg, resume = parse_args(argv)
         seams = variants(cfg)
         train(cfg, resume, **seams)
-    except (UsageError, NonFiniteLoss) as e:
+    except NonFiniteLoss as e:  # the last good step's exact tensors are kept (rebuilt by a replay of the log)
+        e.__traceback__ = None  # (the failed run's model goes before the replay's comes)
+        print(f"mezo: error: {runs.keep_last_good(e, cfg, lambda c, r: train(c, r, **variants(c)))}",
+              file=sys.stderr)
+        return 1
+    except UsageError as e:
         print(f"mezo: error: {e}", file=sys.stderr)
-        return 2 if isinstance(e, UsageError) else 1
+        return 2
     except RuntimeError as e:  # under torchrun: a collective that failed because another rank died or hung
         if (line := getattr(seams.get("placement"), "peer_failure", lambda e: None)(e)) is None:  # tp/ knows them
             raise
