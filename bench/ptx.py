@@ -9,6 +9,7 @@ the PTX instructions of one thread (directives, labels and braces left out), div
 handles (4·BLOCK4 over the program's threads). _rule_kernel's loop body counts once (one sample). It also
 counts global loads and stores of θ's width and whether they are vector ones (ld.global.v*).
 """
+
 import argparse
 import os
 import re
@@ -27,7 +28,9 @@ MEMORY = re.compile(r"\b(ld|st)\.global(\.nc)?(\.v\d)?\.b(16|32)\b")
 
 def instructions(ptx: str) -> int:
     """Instruction lines of a PTX listing: not directives (.reg, .param), labels, braces or comments."""
-    return sum(1 for line in ptx.splitlines() if INSTRUCTION.match(line) and line.rstrip().endswith(";"))
+    return sum(
+        1 for line in ptx.splitlines() if INSTRUCTION.match(line) and line.rstrip().endswith(";")
+    )
 
 
 def main() -> None:
@@ -35,7 +38,9 @@ def main() -> None:
     ap.add_argument("--target", default="sm_90", choices=sorted(gpu_compile.TARGETS))
     args = ap.parse_args()
     target = gpu_compile.TARGETS[args.target]
-    print(f"{'kernel':24s} {'dtype':9s} {'bf16 rounding':14s} {'instr/elem':>10s} {'ld/st':>6s} vector")
+    print(
+        f"{'kernel':24s} {'dtype':9s} {'bf16 rounding':14s} {'instr/elem':>10s} {'ld/st':>6s} vector"
+    )
     seen = set()
     for hand in (True, False):
         for kernel, signature, constexprs in kernels.compile_cases(hand_round=hand):
@@ -51,8 +56,11 @@ def main() -> None:
             vector = sum(1 for m in memory if m[2])
             dtype = "float32" if kind == 0 else "bfloat16"
             rounding = "-" if kind == 0 else ("by hand" if hand else "native cast")
-            print(f"{kernel.__name__:24s} {dtype:9s} {rounding:14s} {instructions(ptx) / per_thread:10.1f} "
-                  f"{len(memory):6d} {vector}", flush=True)
+            print(
+                f"{kernel.__name__:24s} {dtype:9s} {rounding:14s} {instructions(ptx) / per_thread:10.1f} "
+                f"{len(memory):6d} {vector}",
+                flush=True,
+            )
 
 
 if __name__ == "__main__":

@@ -11,6 +11,7 @@ each target, without launching anything.
 It must run with TRITON_INTERPRET unset or 0 (under the interpreter `triton.jit` gives interpreted functions,
 which do not compile): tests/test_kernels.py runs it in a subprocess.
 """
+
 import argparse
 import json
 import os
@@ -44,10 +45,15 @@ def results(targets=tuple(TARGETS), hand_round=False, block4s=(kernels.BLOCK4,))
     """A dict per specialisation and target: kernel, constexprs, target, seconds, ptx and cubin sizes, error."""
     for kernel, signature, constexprs in kernels.compile_cases(hand_round, block4s):
         for name in targets:
-            start, out = time.perf_counter(), {"kernel": kernel.__name__, "constexprs": constexprs, "target": name}
+            start, out = (
+                time.perf_counter(),
+                {"kernel": kernel.__name__, "constexprs": constexprs, "target": name},
+            )
             try:
                 asm = compile_case(kernel, signature, constexprs, TARGETS[name]).asm
-                out.update(ptx=len(asm.get("ptx", "")), cubin=len(asm.get("cubin", b"")), error=None)
+                out.update(
+                    ptx=len(asm.get("ptx", "")), cubin=len(asm.get("cubin", b"")), error=None
+                )
             except Exception as e:  # reported per case: one failing kernel must not hide the others
                 out.update(ptx=0, cubin=0, error=f"{type(e).__name__}: {e}".splitlines()[0][:300])
             out["seconds"] = round(time.perf_counter() - start, 2)
@@ -56,8 +62,12 @@ def results(targets=tuple(TARGETS), hand_round=False, block4s=(kernels.BLOCK4,))
 
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--json", action="store_true", help="one JSON object per specialisation and target")
-    ap.add_argument("--targets", default=",".join(TARGETS), help="comma-separated, from " + ", ".join(TARGETS))
+    ap.add_argument(
+        "--json", action="store_true", help="one JSON object per specialisation and target"
+    )
+    ap.add_argument(
+        "--targets", default=",".join(TARGETS), help="comma-separated, from " + ", ".join(TARGETS)
+    )
     args = ap.parse_args(argv)
     summary, failed = {}, 0
     for r in results(tuple(args.targets.split(","))):
@@ -67,7 +77,11 @@ def main(argv=None) -> int:
             continue
         key = r["kernel"], r["target"]
         n, bad, seconds = summary.get(key, (0, [], 0.0))
-        summary[key] = n + 1, bad + ([(r["constexprs"], r["error"])] if r["error"] else []), seconds + r["seconds"]
+        summary[key] = (
+            n + 1,
+            bad + ([(r["constexprs"], r["error"])] if r["error"] else []),
+            seconds + r["seconds"],
+        )
     for (kernel, target), (n, bad, seconds) in summary.items():
         status = "ok" if not bad else f"FAILED {len(bad)}: {bad[0][0]}: {bad[0][1]}"
         print(f"{kernel:24s} {target}  {n:2d} specialisations  {seconds:5.1f} s  {status}")
