@@ -20,7 +20,7 @@ if os.environ.get("TRITON_INTERPRET") == "1":
     sys.exit("bench/ptx.py compiles for GPUs: run it with TRITON_INTERPRET=0 (or unset)")
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from fast import gpu_compile, kernels  # noqa: E402
+from mezo.fast import gpu_compile, kernels  # noqa: E402
 
 INSTRUCTION = re.compile(r"^\s*(@!?%p\d+\s+)?[a-z]")
 MEMORY = re.compile(r"\b(ld|st)\.global(\.nc)?(\.v\d)?\.b(16|32)\b")

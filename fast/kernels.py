@@ -29,7 +29,7 @@ import torch
 import triton
 import triton.language as tl
 
-from fast import stretches
+from . import stretches
 
 BLOCK4 = 1024  # Philox counters per program: 4096 elements (the interpreter costs ~9 ms per program)
 MIN_BLOCK4 = 16  # the smallest block, for a short stretch of a tensor-parallel shard (see _launches)

@@ -15,8 +15,7 @@ from pathlib import Path
 
 import pytest
 import triton
-
-from fast import kernels
+from mezo.fast import kernels
 
 ROOT = Path(__file__).resolve().parents[1]
 TARGETS = ("sm_80", "sm_90")
