@@ -108,7 +108,17 @@ class Config:
 MASK32 = 0xFFFFFFFF
 PHILOX_ROUND_A, PHILOX_ROUND_B = 0xD2511F53, 0xCD9E8D57  # multipliers
 PHILOX_KEY_A, PHILOX_KEY_B = 0x9E3779B9, 0xBB67AE85  # key increments (golden ratio, sqrt(3) - 1)
-NOISE_CHUNK = 1 << 16  # elements of z made at once: large calls are dominated by temporaries
+NOISE_CHUNK = 1 << 16  # elements of z made at once on a CPU: a chunk's temporaries stay in its cache
+# On a GPU one chunk is a few hundred small launches, so 65,536 elements a chunk leave it idle between them; a
+# chunk of 2^24 (about 1 GB of temporaries) keeps it busy. z depends only on the index: no number changes.
+NOISE_CHUNK_CUDA = 1 << 24
+
+
+def noise_chunk(device) -> int:
+    """How many elements of z to make at once on `device`."""
+    if torch.device(device).type == "cuda":
+        return NOISE_CHUNK_CUDA
+    return NOISE_CHUNK
 
 
 def _mulhilo(a: int, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -162,16 +172,18 @@ def randn4x(seed: int, counter: torch.Tensor) -> tuple[torch.Tensor, ...]:
     return n0, n1, n2, n3
 
 
-def noise(seed: int, index: torch.Tensor) -> torch.Tensor:
+def noise(seed: int, index: torch.Tensor, chunk: int | None = None) -> torch.Tensor:
     """z (float32) for each global index: output index % 4 of tl.randn4x(seed, index // 4).
-    Made NOISE_CHUNK elements at a time, so memory stays flat whatever the size of index."""
+    Made `chunk` elements at a time (default: noise_chunk of index's device), so memory stays flat whatever
+    the size of index."""
     if not 0 <= seed < 1 << 63:
         raise ValueError(f"noise seed must be in [0, 2^63), got {seed}")
     index = torch.as_tensor(index).to(torch.int64).reshape(-1)
+    chunk = chunk or noise_chunk(index.device)
     z = torch.empty(index.shape, dtype=torch.float32, device=index.device)
-    for start in range(0, index.numel(), NOISE_CHUNK):
-        chunk = index[start:start + NOISE_CHUNK]
-        z[start:start + chunk.numel()] = _noise_chunk(seed, chunk)
+    for start in range(0, index.numel(), chunk):
+        piece = index[start:start + chunk]
+        z[start:start + piece.numel()] = _noise_chunk(seed, piece)
     return z
 
 
@@ -222,26 +234,27 @@ class Trainable:
         return self.offset + flat
 
 
-def noise_chunks(params: list[Trainable], seed: int):
-    """(trainable, flat piece of its tensor, its z), about NOISE_CHUNK elements at a time. One call of noise()
-    may span many small tensors (LoRA has hundreds), which keeps its fixed cost off each; z is a function of
-    the index, so the grouping changes nothing."""
+def noise_chunks(params: list[Trainable], seed: int, chunk: int | None = None):
+    """(trainable, flat piece of its tensor, its z), about `chunk` elements at a time (default: noise_chunk of
+    the tensors' device). One call of noise() may span many small tensors (LoRA has hundreds), which keeps its
+    fixed cost off each; z is a function of the index, so the grouping changes nothing."""
     pieces, size = [], 0
     for p in params:
         flat = p.tensor.data.view(-1)
-        for start in range(0, flat.numel(), NOISE_CHUNK):
-            end = min(start + NOISE_CHUNK, flat.numel())
+        n = chunk or noise_chunk(flat.device)
+        for start in range(0, flat.numel(), n):
+            end = min(start + n, flat.numel())
             pieces.append((p, flat[start:end], p.global_index(start, end)))
             size += end - start
-            if size >= NOISE_CHUNK:
-                yield from _with_noise(pieces, seed)
+            if size >= n:
+                yield from _with_noise(pieces, seed, n)
                 pieces, size = [], 0
-    yield from _with_noise(pieces, seed)
+    yield from _with_noise(pieces, seed, chunk)
 
 
-def _with_noise(pieces, seed: int):
+def _with_noise(pieces, seed: int, chunk: int | None):
     if pieces:
-        z = noise(seed, torch.cat([index for _, _, index in pieces]))
+        z = noise(seed, torch.cat([index for _, _, index in pieces]), chunk)
         for (p, theta, _), z_piece in zip(pieces, z.split([theta.numel() for _, theta, _ in pieces])):
             yield p, theta, z_piece
 

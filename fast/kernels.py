@@ -4,8 +4,8 @@ How this differs from the reference (`mezo.TorchBackend`): z is made inside the 
 `tl.randn4x`, the function that `mezo.noise` reimplements in torch, so only θ crosses memory (one read and
 one write per element per pass) instead of index, counter, word and z temporaries. One Philox call serves
 four consecutive elements (`tl.interleave` puts them in place). Arithmetic is float32 with one rounding to
-the storage dtype, as in the reference; bfloat16 rounds to nearest even by hand, because Triton's
-interpreter truncates float32 -> bfloat16 casts.
+the storage dtype, as in the reference. On a GPU bfloat16 rounds with the native cast (to nearest even); under
+Triton's interpreter, which truncates float32 -> bfloat16 casts, it rounds to nearest even by hand (HAND_ROUND).
 
 Same numbers as the reference: the integer stream and uniforms are bit-identical, z agrees within ~1e-6
 (Triton's log/cos versus correctly rounded ones), tensors within a rounding of their dtype (tests/test_fast.py).
@@ -23,6 +23,8 @@ indices (one per row of a rowwise weight's shard), each a row of the launch's ta
 Use: `python mezo.py ... --fast` on a GPU, or `mezo.mezo_step(..., backend=fast.TritonBackend())`. On a CPU the
 kernels run in Triton's interpreter (`MEZO_FAST=triton`, and TRITON_INTERPRET=1 set before anything imports triton).
 """
+import itertools
+
 import torch
 import triton
 import triton.language as tl
@@ -30,6 +32,7 @@ import triton.language as tl
 from . import stretches
 
 BLOCK4 = 1024  # Philox counters per program: 4096 elements (the interpreter costs ~9 ms per program)
+MIN_BLOCK4 = 16  # the smallest block, for a short stretch of a tensor-parallel shard (see _launches)
 
 
 @triton.jit
@@ -42,12 +45,17 @@ def _block(offset, n, block, BLOCK4: tl.constexpr):
 
 
 @triton.jit
+def _z(seed, first, BLOCK4: tl.constexpr):
+    """z of the 4·BLOCK4 elements whose Philox counters start at `first`."""
+    n0, n1, n2, n3 = tl.randn4x(seed, first + tl.arange(0, BLOCK4))
+    return tl.interleave(tl.interleave(n0, n2), tl.interleave(n1, n3))  # n0 n1 n2 n3 of counter 0, then 1, ...
+
+
+@triton.jit
 def _z_block(seed, offset, n, block, BLOCK4: tl.constexpr):
     """z of the block's elements (see _block), with their local positions and mask."""
     first, local, mask = _block(offset, n, block, BLOCK4)
-    n0, n1, n2, n3 = tl.randn4x(seed, first + tl.arange(0, BLOCK4))
-    z = tl.interleave(tl.interleave(n0, n2), tl.interleave(n1, n3))  # n0 n1 n2 n3 of counter 0, then 1, ...
-    return z, local, mask
+    return _z(seed, first, BLOCK4), local, mask
 
 
 @triton.jit
@@ -73,12 +81,17 @@ def _my_tensor(tensors, programs, KIND: tl.constexpr):
 
 
 @triton.jit
-def _round(t, KIND: tl.constexpr):
+def _round(t, KIND: tl.constexpr, HAND_ROUND: tl.constexpr):
     """t (float32) rounded to the storage dtype, as float32: 0 float32, 1 bfloat16, 2 float16."""
-    if KIND == 1:  # bfloat16, to nearest even by hand: the interpreter's cast truncates
-        bits = t.to(tl.uint32, bitcast=True)
-        rounded = ((bits + 0x7FFF + ((bits >> 16) & 1)) >> 16) << 16
-        return tl.where(t == t, rounded.to(tl.float32, bitcast=True), t)  # NaN stays NaN
+    if KIND == 1:
+        if HAND_ROUND:
+            # to nearest even with integer ops: the interpreter's cast truncates
+            bits = t.to(tl.uint32, bitcast=True)
+            rounded = ((bits + 0x7FFF + ((bits >> 16) & 1)) >> 16) << 16
+            return tl.where(t == t, rounded.to(tl.float32, bitcast=True), t)  # NaN stays NaN
+        else:
+            # on a GPU the cast itself rounds to nearest even, in one instruction
+            return t.to(tl.bfloat16).to(tl.float32)
     elif KIND == 2:
         return t.to(tl.float16).to(tl.float32)
     else:
@@ -86,14 +99,18 @@ def _round(t, KIND: tl.constexpr):
 
 
 @triton.jit
-def _store(ptr, local, mask, t, KIND: tl.constexpr):
-    tl.store(ptr + local, _round(t, KIND).to(ptr.dtype.element_ty), mask=mask)  # exact: already rounded
+def _store(ptr, local, mask, t, KIND: tl.constexpr, HAND_ROUND: tl.constexpr):
+    if HAND_ROUND:
+        # rounded first: the interpreter's truncating cast is then exact
+        t = _round(t, KIND, HAND_ROUND)
+    # on a GPU one native cast rounds to nearest even: no round trip through float32
+    tl.store(ptr + local, t.to(ptr.dtype.element_ty), mask=mask)
 
 
 # seed is never specialised: Triton would turn a value of 1 into a compile-time constant.
 @triton.jit(do_not_specialize=["seed"])
 def _perturb_kernel(tensors, programs, seed, scale, BLOCK4: tl.constexpr, KIND: tl.constexpr,
-                    SOURCE: tl.constexpr):
+                    HAND_ROUND: tl.constexpr, SOURCE: tl.constexpr):
     """θ ← θ + scale·z (SOURCE 0); θ ← saved + scale·z (1: exact mode, from the step's copy of θ);
     saved ← θ, then θ ← θ + scale·z (2: exact mode, the step's first perturbation keeps its copy);
     θ ← saved (3: exact mode's restore; no noise)."""
@@ -109,43 +126,47 @@ def _perturb_kernel(tensors, programs, seed, scale, BLOCK4: tl.constexpr, KIND: 
             t = tl.load(theta_ptr + local, mask=mask, other=0.0)
         if SOURCE == 2:
             tl.store(saved_ptr + local, t, mask=mask)
-        _store(theta_ptr, local, mask, t.to(tl.float32) + scale * z, KIND)
+        _store(theta_ptr, local, mask, t.to(tl.float32) + scale * z, KIND, HAND_ROUND)
 
 
 @triton.jit(do_not_specialize=["seed"])
-def _update_kernel(tensors, programs, seed, projected_grad, lr, wd, BLOCK4: tl.constexpr, KIND: tl.constexpr):
+def _update_kernel(tensors, programs, seed, projected_grad, lr, wd, BLOCK4: tl.constexpr, KIND: tl.constexpr,
+                   HAND_ROUND: tl.constexpr):
     """θ ← θ − lr·(projected_grad·z + wd·θ); wd only where the tensor's decay flag is set."""
     theta_ptr, _, n, offset, decay, block = _my_tensor(tensors, programs, KIND)
     z, local, mask = _z_block(seed, offset, n, block, BLOCK4)
     t = tl.load(theta_ptr + local, mask=mask, other=0.0).to(tl.float32)
-    _store(theta_ptr, local, mask, t - lr * (projected_grad * z + wd * decay.to(tl.float32) * t), KIND)
+    t = t - lr * (projected_grad * z + wd * decay.to(tl.float32) * t)
+    _store(theta_ptr, local, mask, t, KIND, HAND_ROUND)
 
 
 @triton.jit(do_not_specialize=["seed", "next_seed"])
 def _restore_update_kernel(tensors, programs, seed, eps, projected_grad, lr, wd, next_seed, BLOCK4: tl.constexpr,
-                           KIND: tl.constexpr, NEXT: tl.constexpr, EXACT: tl.constexpr):
+                           KIND: tl.constexpr, HAND_ROUND: tl.constexpr, NEXT: tl.constexpr,
+                           EXACT: tl.constexpr):
     """The restore (θ + εz, rounded as the reference stores it; in exact mode the saved copy itself) and the
     update, in one pass over θ; with NEXT, also the next step's θ + εz', rounded once more: the reference's
     three roundings, one pass. Exact mode with NEXT keeps the updated θ as the next step's saved copy."""
     theta_ptr, saved_ptr, n, offset, decay, block = _my_tensor(tensors, programs, KIND)
-    z, local, mask = _z_block(seed, offset, n, block, BLOCK4)
+    first, local, mask = _block(offset, n, block, BLOCK4)
+    z = _z(seed, first, BLOCK4)
     if EXACT:
         t = tl.load(saved_ptr + local, mask=mask, other=0.0).to(tl.float32)
     else:
-        t = _round(tl.load(theta_ptr + local, mask=mask, other=0.0).to(tl.float32) + eps * z, KIND)
+        t = _round(tl.load(theta_ptr + local, mask=mask, other=0.0).to(tl.float32) + eps * z, KIND, HAND_ROUND)
     t = t - lr * (projected_grad * z + wd * decay.to(tl.float32) * t)
     if NEXT:
-        z_next, _, _ = _z_block(next_seed, offset, n, block, BLOCK4)
-        t = _round(t, KIND)
+        z_next = _z(next_seed, first, BLOCK4)
+        t = _round(t, KIND, HAND_ROUND)
         if EXACT:
-            _store(saved_ptr, local, mask, t, KIND)
+            _store(saved_ptr, local, mask, t, KIND, HAND_ROUND)
         t = t + eps * z_next
-    _store(theta_ptr, local, mask, t, KIND)
+    _store(theta_ptr, local, mask, t, KIND, HAND_ROUND)
 
 
 @triton.jit(do_not_specialize=["n_samples"])
 def _rule_kernel(tensors, programs, second, seeds, coefs, n_samples, lr, wd, beta1, beta2, c1, c2, delta,
-                 BLOCK4: tl.constexpr, KIND: tl.constexpr, ADAM: tl.constexpr):
+                 BLOCK4: tl.constexpr, KIND: tl.constexpr, HAND_ROUND: tl.constexpr, ADAM: tl.constexpr):
     """rules.py's momentum (ADAM 0) and Adam (1), buffers and θ in one pass, z made here for every sample:
     ĝ = Σ_k coefs[k]·z(seeds[k]) + wd·θ;  momentum: m ← β1·m + ĝ, θ ← θ − lr·m;  Adam: m ← β1·m + (1−β1)·ĝ,
     v ← β2·v + (1−β2)·ĝ², θ ← θ − lr·(m/c1) / (√(v/c2) + δ). The table's saved-copy column holds m's address
@@ -153,12 +174,13 @@ def _rule_kernel(tensors, programs, second, seeds, coefs, n_samples, lr, wd, bet
     theta_ptr, _, n, offset, decay, block = _my_tensor(tensors, programs, KIND)
     row = tl.load(programs + 2 * tl.program_id(0).to(tl.int64))
     m_ptr = tl.load(tensors + 5 * row + 4).to(tl.pointer_type(tl.float32))
-    _, local, mask = _block(offset, n, block, BLOCK4)
+    first, local, mask = _block(offset, n, block, BLOCK4)
     t = tl.load(theta_ptr + local, mask=mask, other=0.0).to(tl.float32)
     g = tl.zeros_like(t)
+    # the loop assigns only g: Triton types every loop-carried name, and a reused `_` (int64 here, a mask
+    # inside) did not compile for a GPU (the interpreter checks no types)
     for k in range(n_samples):
-        z, _, _ = _z_block(tl.load(seeds + k), offset, n, block, BLOCK4)
-        g += tl.load(coefs + k) * z
+        g += tl.load(coefs + k) * _z(tl.load(seeds + k), first, BLOCK4)
     g = g + wd * decay.to(tl.float32) * t
     m = tl.load(m_ptr + local, mask=mask, other=0.0)
     if ADAM:
@@ -171,10 +193,40 @@ def _rule_kernel(tensors, programs, second, seeds, coefs, n_samples, lr, wd, bet
         m = beta1 * m + g
         move = m
     tl.store(m_ptr + local, m, mask=mask)
-    _store(theta_ptr, local, mask, t - lr * move, KIND)
+    _store(theta_ptr, local, mask, t - lr * move, KIND, HAND_ROUND)
 
 
 KINDS = {torch.float32: 0, torch.bfloat16: 1, torch.float16: 2}
+# Under Triton's interpreter (TRITON_INTERPRET=1 when triton was imported) the kernels are interpreted
+# functions, and bfloat16 must be rounded by hand; compiled for a GPU, the native cast rounds.
+HAND_ROUND = not isinstance(_perturb_kernel, triton.runtime.JITFunction)
+
+# Every kernel the backend launches: the Triton types of its run-time arguments after the two tables, and the
+# values each of its own constexprs takes. `_launch` refuses any other launch, and `compile_cases` makes from
+# it every specialisation a GPU can be asked for (tests/test_kernels.py compiles each for sm_80 and sm_90).
+# Seeds are 64-bit (step_seed's hash); a Python float is passed as fp32.
+TABLES = ("*i64", "*i64")
+LAUNCHED = {
+    _perturb_kernel: (("i64", "fp32"), {"SOURCE": (0, 1, 2, 3)}),
+    _update_kernel: (("i64", "fp32", "fp32", "fp32"), {}),
+    _restore_update_kernel: (("i64", "fp32", "fp32", "fp32", "fp32", "i64"),
+                             {"NEXT": (False, True), "EXACT": (False, True)}),
+    _rule_kernel: (("*i64", "*i64", "*fp32", "i32") + ("fp32",) * 7, {"ADAM": (False, True)}),
+}
+
+
+def compile_cases(hand_round: bool = False, block4s=(BLOCK4,)):
+    """(kernel, Triton signature, constexprs) of every launch `_launch` accepts: each kernel of LAUNCHED, each
+    storage dtype (KINDS) and each value of the kernel's own constexprs. hand_round: the interpreter's variant
+    (a GPU launches hand_round=False). block4s: the block sizes (a shard's short stretch takes a smaller one)."""
+    for kernel, (types, own) in LAUNCHED.items():
+        names = kernel.arg_names
+        runtime = [a for a in names if a not in ("BLOCK4", "KIND", "HAND_ROUND", *own)]
+        signature = dict(zip(runtime, TABLES + types, strict=True))
+        for block4, kind, values in itertools.product(block4s, sorted(set(KINDS.values())),
+                                                      itertools.product(*own.values())):
+            constexprs = {"BLOCK4": block4, "KIND": kind, "HAND_ROUND": hand_round, **dict(zip(own, values))}
+            yield kernel, {**signature, **dict.fromkeys(constexprs, "constexpr")}, constexprs
 COALESCE_MAX_NUMEL = 1 << 26  # up to this many values in tensors of 1M on average (LoRA's) share one buffer
 
 
@@ -186,7 +238,7 @@ def _launches(runs, saved=None):
     groups = {}
     for i, (theta, offset, decay, stretch) in enumerate(runs):
         counters = (offset + theta.numel() - 1) // 4 - offset // 4 + 1  # Philox counters its indices touch
-        block4 = min(BLOCK4, max(16, triton.next_power_of_2(counters))) if stretch else BLOCK4
+        block4 = min(BLOCK4, max(MIN_BLOCK4, triton.next_power_of_2(counters))) if stretch else BLOCK4
         copy = theta if saved is None else saved[i]
         groups.setdefault((theta.dtype, theta.device, block4), []).append((theta, offset, decay, copy, counters))
     launches = []
@@ -203,8 +255,12 @@ def _launches(runs, saved=None):
 
 
 def _launch(kernel, launch, *args, **constexprs):
+    types, own = LAUNCHED[kernel]
+    if set(constexprs) != set(own) or any(constexprs[k] not in own[k] for k in own) or len(args) != len(types):
+        # a launch outside LAUNCHED would be compiled for a GPU by no test
+        raise ValueError(f"{kernel.__name__}: launch not in kernels.LAUNCHED: {constexprs}, {len(args)} arguments")
     tensors, programs, count, kind, block4 = launch
-    kernel[(count,)](tensors, programs, *args, BLOCK4=block4, KIND=kind, **constexprs)
+    kernel[(count,)](tensors, programs, *args, BLOCK4=block4, KIND=kind, HAND_ROUND=HAND_ROUND, **constexprs)
 
 
 def _runs(params):

@@ -272,7 +272,7 @@ def test_cli_trajectory_with_cache(model_dir, tmp_path, capsys, flags):
     on losses and 1e-5 / 2ε on gradients: 20x below what a stale ±εz activation does (test above, ~0.1)."""
     base = ["--task", "synthetic", "--model", model_dir("llama"), "--template", "review : {sentence} It was {mask}",
             "--label-words", " bad, good", "--k", "8", "--batch-size", "6", "--micro-batch", "4", "--steps", "6",
-            "--eval-every", "3", "--eval-max", "0", "--lr", "1e-2", *flags]
+            "--eval-every", "3", "--eval-max", "0", "--lr", "1e-2", "--device", "cpu", *flags]
     assert mezo.main(base + ["--out", str(tmp_path / "ref")]) == 0
     assert mezo.main(base + ["--out", str(tmp_path / "cache"), "--cache"]) == 0
     out = capsys.readouterr().out

@@ -19,7 +19,10 @@ SHARED = ROOT.parent / "shared" / "data"
 
 
 def run(argv, capsys):
-    code = mezo.main([str(a) for a in argv])
+    """mezo.main on argv, on the CPU unless argv names a device: the tests compare with CPU computations, and
+    `--device auto` would pick CUDA on a machine that has it."""
+    argv = [str(a) for a in argv]
+    code = mezo.main(argv if "--device" in argv else argv + ["--device", "cpu"])
     out, err = capsys.readouterr()
     return code, out, err
 
@@ -150,7 +153,7 @@ def test_command_line_runs_sst2_in_a_subprocess(model_dir, tmp_path):
     """`python mezo.py --task sst2 ...` as a user types it: real SST-2 (16-shot, seed 13), a tiny model."""
     proc = subprocess.run([sys.executable, str(ROOT / "mezo.py"), "--task", "sst2", "--model", model_dir("roberta"),
                            "--data-seed", "13", "--steps", "2", "--eval-every", "0", "--out", str(tmp_path),
-                           "--label-words", " bad, good", "--threads", "1"],
+                           "--label-words", " bad, good", "--threads", "1", "--device", "cpu"],
                           capture_output=True, text=True, timeout=600, cwd=tmp_path)
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert "mezo: sst2 train 32, dev 32, test 872" in proc.stdout

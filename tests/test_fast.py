@@ -162,7 +162,7 @@ def _run(model_dir, out, flags, **kw):
                 label_words=" bad, good", k=8, batch_size=8, steps=5, eval_every=0, eval_max=0, lr=1e-2, out=out)
     args.update(kw)
     argv = [str(x) for k, v in args.items() for x in (f"--{k.replace('_', '-')}", v)]
-    argv += flags
+    argv += flags + ["--device", "cpu"]  # the interpreter's kernels against the reference, both on the CPU
     assert mezo.main(argv) == 0
     log = [json.loads(line) for line in (out / "log.jsonl").read_text().splitlines()]
     from safetensors.torch import load_file

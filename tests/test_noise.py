@@ -146,3 +146,25 @@ def test_step_seed_is_deterministic_distinct_and_in_range():
 def test_negative_seed_is_refused():
     with pytest.raises(ValueError, match="seed"):
         mezo.noise(-1, torch.arange(4))
+
+
+@pytest.mark.parametrize("chunk", [mezo.noise_chunk("cpu"), mezo.noise_chunk("cuda"), 7, 65537])
+@pytest.mark.parametrize("start", [5, 2**33 + 3])
+def test_the_noise_chunk_size_changes_no_number(chunk, start):
+    """The chunk size is the device's choice (mezo.noise_chunk: 2^16 on a CPU, 2^24 on CUDA), never the
+    numbers': chunked at each size, at odd offsets and lengths, z equals one single call, bit for bit (CPU
+    tensors; a chunk as large as CUDA's makes the whole index in one call)."""
+    n = mezo.NOISE_CHUNK + 4099
+    if chunk < 64:
+        n = 1001  # tiny chunks cost one torch call each: keep them few
+    index = torch.arange(start, start + n)
+    whole = mezo.noise(11, index, chunk=n)
+    assert torch.equal(mezo.noise(11, index, chunk=chunk), whole), f"chunk {chunk} changes z"
+    params = mezo.make_trainables([(f"t{i}", torch.zeros(s)) for i, s in enumerate((n // 3, 1, n - n // 3 - 1))])
+    got = torch.cat([z for _, _, z in mezo.noise_chunks(params, 11, chunk=chunk)])
+    assert torch.equal(got, mezo.noise(11, torch.arange(n), chunk=n)), f"noise_chunks at chunk {chunk}"
+
+
+def test_noise_chunk_is_large_on_cuda_and_cache_sized_on_cpu():
+    assert mezo.noise_chunk("cpu") == mezo.NOISE_CHUNK == 1 << 16
+    assert mezo.noise_chunk("cuda") == mezo.noise_chunk(torch.device("cuda", 1)) == mezo.NOISE_CHUNK_CUDA == 1 << 24

@@ -1,6 +1,7 @@
 """--mode prefix (prefix.py): a causal and a masked tiny model against transformers' own key/value-cache path (an
 independent computation of attention over prefix + tokens), padding, initialisation, training, resume, refusals."""
 import copy
+import inspect
 
 import pytest
 import torch
@@ -28,8 +29,12 @@ def cache_path(ref, modules, ids, mask):
                               position_ids=torch.arange(t)[None].expand(b, -1)).last_hidden_state
     h = ref.roberta.embeddings(input_ids=ids)  # an encoder takes no cache from the model: layer by layer
     full = seen.bool()[:, None, None, :].expand(b, 1, t, P + t)
+    # transformers renamed the layer's argument (past_key_values up to 5.17, cache later); an unknown name would
+    # be swallowed by **kwargs, leaving keys without the prefix against a mask with it
+    name = "cache" if "cache" in inspect.signature(type(ref.roberta.encoder.layer[0]).forward).parameters \
+        else "past_key_values"
     for layer in ref.roberta.encoder.layer:
-        out = layer(h, attention_mask=full, cache=cache)
+        out = layer(h, attention_mask=full, **{name: cache})
         h = out[0] if isinstance(out, tuple) else out
     return h
 

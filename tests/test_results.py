@@ -87,7 +87,8 @@ def test_step_records_count_forward_and_backward_passes(model_dir, tmp_path, cap
         assert (summary["forwards"], summary["backwards"], summary["optimizer"]) == (6 * fwd, 6 * bwd, name)
         assert summary["peak_memory_mb"] > 0
     # A resume with another --n-samples: the count goes on from the log, 4 forwards a step, then 2.
-    assert mezo.main(["--resume", str(tmp_path / "mezo"), "--steps", "8", "--n-samples", "1"]) == 0
+    assert mezo.main(["--resume", str(tmp_path / "mezo"), "--steps", "8", "--n-samples", "1",
+                      "--device", "cpu"]) == 0
     steps = [r for r in records(tmp_path / "mezo") if "split" not in r]
     assert [r["forwards"] for r in steps] == [4 * s for s in range(1, 7)] + [26, 28]
     assert json.loads((tmp_path / "mezo" / "summary.json").read_text())["forwards"] == 28
