@@ -310,7 +310,7 @@ def select_trainables(model: nn.Module, cfg: Config) -> list[Trainable]:
 # chunk by chunk, computes in float32 (float64 stays float64), and rounds once into the tensor's own dtype.
 
 
-def _compute(theta: torch.Tensor) -> torch.Tensor:
+def in_compute_dtype(theta: torch.Tensor) -> torch.Tensor:
     return theta.to(torch.promote_types(theta.dtype, torch.float32))  # float32 math, float64 kept as it is
 
 
@@ -319,7 +319,7 @@ class TorchBackend:
     def perturb(self, params: list[Trainable], seed: int, scale: float) -> None:
         """θ ← θ + scale·z."""
         for _, theta, z in noise_chunks(params, seed):
-            t = _compute(theta)
+            t = in_compute_dtype(theta)
             theta.copy_(t + scale * z.to(t.dtype))
 
     @torch.no_grad()
@@ -327,7 +327,7 @@ class TorchBackend:
         """θ ← θ − lr·(projected_grad·z + weight_decay·θ); no weight decay on biases and norm weights."""
         for p, theta, z in noise_chunks(params, seed):
             wd = weight_decay if p.decay else 0.0
-            t = _compute(theta)
+            t = in_compute_dtype(theta)
             theta.copy_(t - lr * (projected_grad * z.to(t.dtype) + wd * t))
 
 # -----------------------------------------------------------------------------
@@ -342,7 +342,7 @@ def mezo_step(params: list[Trainable], loss_fn, seeds: list[int], eps: float, lr
     for seeds[0] is already there (the last step's next_seed). next_seed: end at θ_next + εz for that seed,
     which a backend may fuse with the update (fast/ does: 2 passes over θ a step, not 3). Same roundings."""
     backend = backend or TorchBackend()
-    groups = _rate_groups(params, lr, weight_decay)
+    groups = rate_groups(params, lr, weight_decay)
     samples = []
     for k, seed in enumerate(seeds):
         if not (perturbed and k == 0):
@@ -361,24 +361,39 @@ def mezo_step(params: list[Trainable], loss_fn, seeds: list[int], eps: float, lr
         backend.perturb(params, seed, +eps)  # back to θ (up to rounding; see the tests)
         if not finite:
             raise NonFiniteLoss(f"loss_plus={loss_plus}, loss_minus={loss_minus}")
-    sgd_update(backend, samples, groups) if rule is None else rule.update(params, samples, groups, backend, loss_fn)
+    if rule is None:
+        sgd_update(backend, samples, groups)
+    else:
+        rule.update(params, samples, groups, backend, loss_fn)
     if next_seed is not None:
         backend.perturb(params, next_seed, +eps)
     return samples
 
 
-def sgd_update(backend, samples: list[dict], groups) -> None:  # θ ← θ − lr·(mean_k g_k·z_k + wd·θ), wd once
+def sgd_update(backend, samples: list[dict], groups) -> None:
+    """ZO-SGD: θ ← θ − lr·(mean_k g_k·z_k + wd·θ), one update pass per sample."""
     for k, s in enumerate(samples):
         for group, group_lr, group_wd in groups:
-            backend.update(group, s["seed"], s["projected_grad"] / len(samples), group_lr, group_wd if k == 0 else 0.0)
+            # Weight decay is applied once a step, with the first sample's pass.
+            wd = group_wd if k == 0 else 0.0
+            backend.update(group, s["seed"], s["projected_grad"] / len(samples), group_lr, wd)
 
 
-def _rate_groups(params: list[Trainable], lr, weight_decay) -> list[tuple[list[Trainable], float, float]]:
+def per_tensor(value, n: int) -> list:
+    """One value per tensor: a list or tuple as given, a single value repeated."""
+    if isinstance(value, (list, tuple)):
+        return list(value)
+    return [value] * n
+
+
+def rate_groups(params: list[Trainable], lr, weight_decay) -> list[tuple[list[Trainable], float, float]]:
     """(tensors, lr, weight decay) for runs of tensors that share them; one run keeps the list (fast/ keys on it)."""
-    per = lambda v: list(v) if isinstance(v, (list, tuple)) else [v] * len(params)
     groups = []
-    for p, rates in zip(params, zip(per(lr), per(weight_decay))):
-        groups[-1][0].append(p) if groups and groups[-1][1:] == rates else groups.append(([p], *rates))
+    for p, rates in zip(params, zip(per_tensor(lr, len(params)), per_tensor(weight_decay, len(params)))):
+        if groups and groups[-1][1:] == rates:
+            groups[-1][0].append(p)
+        else:
+            groups.append(([p], *rates))
     return [(params, *groups[0][1:])] if len(groups) == 1 else groups
 
 
@@ -462,12 +477,16 @@ class MeZO(torch.optim.Optimizer):
         if closure is None:
             raise ValueError("MeZO.step needs a closure that runs a forward and returns the loss")
         params = self.layout()
-        per_tensor = lambda key: [g[key] for g in self.param_groups  # the trainables' rates
-                                  for p in g["params"] if p.requires_grad]
+        # The trainables' rates, tensor by tensor
+        lrs = [g["lr"] for g in self.param_groups for p in g["params"] if p.requires_grad]
+        wds = [g["weight_decay"] for g in self.param_groups for p in g["params"] if p.requires_grad]
         seeds = [step_seed(self.seed, self.steps + 1, k) for k in range(self.n_samples)]
+
+        def loss_fn() -> float:
+            return float(closure())
+
         try:
-            samples = mezo_step(params, lambda: float(closure()), seeds, self.eps, per_tensor("lr"),
-                                per_tensor("weight_decay"), self.backend, rule=self.rule)
+            samples = mezo_step(params, loss_fn, seeds, self.eps, lrs, wds, self.backend, rule=self.rule)
         except NonFiniteLoss as e:
             raise NonFiniteLoss(f"non-finite loss at step {self.steps + 1} ({e}); the parameters are as step "
                                 f"{self.steps} left them. Lower lr or eps") from None
@@ -523,10 +542,10 @@ class PromptForward:
         rows = batch.get("row", torch.arange(hidden.size(0)))  # several-token words: a row per (example, class)
         h = hidden[rows, batch["position"]]  # (N, H) at the mask / last token / each word token
         if hasattr(self.model, "cls_head"):
-            return _compute(self.model.cls_head(h))  # (B, C)
+            return in_compute_dtype(self.model.cls_head(h))  # (B, C)
         if "target" not in batch:
-            return _compute(self.lm_head(h)[:, self.label_ids.to(h.device)])  # (B, V) -> (B, C)
-        logp = _compute(self.lm_head(h)).log_softmax(-1).gather(1, batch["target"][:, None])[:, 0]  # (N,)
+            return in_compute_dtype(self.lm_head(h)[:, self.label_ids.to(h.device)])  # (B, V) -> (B, C)
+        logp = in_compute_dtype(self.lm_head(h)).log_softmax(-1).gather(1, batch["target"][:, None])[:, 0]  # (N,)
         return logp.new_zeros(hidden.size(0)).index_add_(0, rows, logp).view(len(batch["labels"]), -1)  # (B, C)
 
 

@@ -52,7 +52,7 @@ def test_momentum_and_adam_follow_their_formulas_over_steps(shapes, dtype, seed,
                    for k in range(n)]
         theta64 = [p.tensor.double().clone() for p in params]
         g = plain_estimate(params, theta64, samples, wd)
-        rule.update(params, samples, mezo._rate_groups(params, lr, wd), mezo.TorchBackend(), None)
+        rule.update(params, samples, mezo.rate_groups(params, lr, wd), mezo.TorchBackend(), None)
         for i, p in enumerate(params):
             if name == "momentum":
                 m[i] = beta * m[i] + g[i]
@@ -80,7 +80,7 @@ def test_sign_moves_by_the_signs_of_the_projected_gradients(shapes, dtype, seed,
     theta64 = [p.tensor.double().clone() for p in params]
     signs = [dict(s, projected_grad=math.copysign(1.0, s["projected_grad"])) for s in samples]
     g = plain_estimate(params, theta64, signs, wd)
-    rules.make("sign").update(params, samples, mezo._rate_groups(params, lr, wd), mezo.TorchBackend(), None)
+    rules.make("sign").update(params, samples, mezo.rate_groups(params, lr, wd), mezo.TorchBackend(), None)
     for p, t, gi in zip(params, theta64, g):
         want = t - lr * gi
         torch.testing.assert_close(p.tensor.double(), want, rtol=TOL[dtype], atol=TOL[dtype] * max(1.0, float(
@@ -110,7 +110,7 @@ def test_conservative_keeps_the_lowest_of_three_candidates(seed, n, wd, centre, 
     candidates = [theta64, [t - lr * gi for t, gi in zip(theta64, g)], [t + lr * gi for t, gi in zip(theta64, g)]]
     losses = [float(sum(((x.to(dtype).double() - c) ** 2).sum() for x, c in zip(cand, target)))
               for cand in candidates]
-    rules.make("conservative").update(params, samples, mezo._rate_groups(params, lr, wd), mezo.TorchBackend(),
+    rules.make("conservative").update(params, samples, mezo.rate_groups(params, lr, wd), mezo.TorchBackend(),
                                       loss_fn)
     best = min(range(3), key=lambda i: (losses[i], i))
     assert len(calls) == 3 and samples[0]["kept"] == ("stay", "minus", "plus")[best]
@@ -191,13 +191,13 @@ def test_triton_rule_update_is_one_pass_and_follows_the_reference(name, dtype, d
         ref, got, backend = rules.make(name, 0.8), rules.make(name, 0.8), fast.TritonBackend()
         for step in range(1, 4):
             samples = [dict(seed=mezo.step_seed(3, step, k), projected_grad=(-1.5) ** (step + k)) for k in range(2)]
-            ref.update(ref_params, samples, mezo._rate_groups(ref_params, 0.02, 0.1), mezo.TorchBackend(), None)
+            ref.update(ref_params, samples, mezo.rate_groups(ref_params, 0.02, 0.1), mezo.TorchBackend(), None)
             if step == 3:  # a resumed run: the buffers come back as separate tensors and are laid side by side again
                 state, got = got.state(got_params), rules.make(name, 0.8)
                 got.load(state, got_params)
             with monkeypatch.context() as patch:
                 patch.setattr(mezo, "noise_chunks", lambda *a: pytest.fail("z made outside the kernel"))
-                got.update(got_params, samples, mezo._rate_groups(got_params, 0.02, 0.1), backend, None)
+                got.update(got_params, samples, mezo.rate_groups(got_params, 0.02, 0.1), backend, None)
             for a, b in zip(ref_params, got_params):
                 torch.testing.assert_close(b.tensor.double(), a.tensor.double(), rtol=tol,
                                            atol=tol * float(a.tensor.abs().max()))
@@ -231,7 +231,7 @@ def test_exact_restore_under_each_rule_starts_every_update_from_theta_exactly(na
         samples = mezo.mezo_step(params, loss_of(params), [mezo.step_seed(5, t, 0)], 1e-2, 0.02, 0.1, backend,
                                  rule=rule)
         alone.update(copy, [{k: v for k, v in s.items() if k in ("seed", "projected_grad")} for s in samples],
-                     mezo._rate_groups(copy, 0.02, 0.1), mezo.TorchBackend(), loss_of(copy))
+                     mezo.rate_groups(copy, 0.02, 0.1), mezo.TorchBackend(), loss_of(copy))
         assert all(torch.equal(a.tensor, b.tensor) for a, b in zip(params, copy)), (name, t)
 
 
