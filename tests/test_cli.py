@@ -8,6 +8,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from conftest import expect_error, records, run, tiny_args
 from mezo.tasks import prompts, synthetic
 from safetensors.torch import load_file
 
@@ -16,26 +17,6 @@ from mezo import checkpoints, models, runs
 
 ROOT = Path(__file__).resolve().parents[1]
 SHARED = ROOT.parent / "shared" / "data"
-
-
-def run(argv, capsys):
-    """mezo.main on argv, on the CPU unless argv names a device: the tests compare with CPU computations, and
-    `--device auto` would pick CUDA on a machine that has it."""
-    argv = [str(a) for a in argv]
-    code = mezo.main(argv if "--device" in argv else argv + ["--device", "cpu"])
-    out, err = capsys.readouterr()
-    return code, out, err
-
-
-def records(folder):
-    return [json.loads(line) for line in (Path(folder) / "log.jsonl").read_text().splitlines()]
-
-
-def tiny_args(model_dir, out, **kw):
-    args = dict(task="synthetic", model=model_dir("llama"), template="{sentence} It was {mask}",
-                label_words=" bad, good", k=8, batch_size=8, steps=6, eval_every=3, eval_max=0, lr=1e-2, out=out)
-    args.update(kw)
-    return [x for k, v in args.items() for x in (f"--{k.replace('_', '-')}", v)]
 
 
 def test_synthetic_task_learns_well_above_chance(model_dir, tmp_path, capsys):
@@ -58,6 +39,7 @@ def test_log_has_the_promised_fields(model_dir, tmp_path, capsys):
     assert [r["step"] for r in steps] == [1, 2, 3, 4, 5, 6]
     for r in steps:
         assert {"step", "seed", "loss_plus", "loss_minus", "projected_grad", "lr"} <= set(r)
+        # the same float64 arithmetic on the logged L± (JSON keeps floats): ulps; 1e-9 margin
         assert r["projected_grad"] == pytest.approx(
             sum((s["loss_plus"] - s["loss_minus"]) / 2e-3 for s in r["samples"]) / 2, rel=1e-9)
         assert [s["seed"] for s in r["samples"]] == [mezo.step_seed(0, r["step"], k) for k in range(2)]
@@ -84,15 +66,6 @@ def test_resume_continues_the_identical_trajectory(model_dir, tmp_path, capsys, 
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
     if mode == "lora":
         assert (halves / "adapter" / "adapter_model.safetensors").exists()
-
-
-def expect_error(capsys, argv, pattern, code=2):
-    got, out, err = run(argv, capsys)
-    lines = [line for line in err.splitlines() if line.startswith("mezo: error:")]
-    assert got == code and len(lines) == 1, (got, err[-2000:])
-    import re
-    assert re.search(pattern, lines[0]), lines[0]
-    return lines[0]
 
 
 @pytest.mark.parametrize("flags,pattern", [

@@ -12,12 +12,10 @@ from pathlib import Path
 import pytest
 import torch
 import torch.nn as nn
-from conftest import z_of
+from conftest import records, shard_pair, shards_st, z_of
 from hypothesis import given
 from hypothesis import strategies as st
 from mezo.fast import compiled
-from test_cli import records
-from test_fast import _shard_pair, shards_st
 
 import mezo
 
@@ -89,7 +87,7 @@ def test_steps_equal_the_reference_bit_for_bit(backend, shapes, dtype, seed, n_s
        next_seed=st.integers(0, 2**63 - 1), g=st.floats(-100, 100), lr=st.floats(0, 1e-2))
 def test_tensor_parallel_shards_equal_the_reference(backend, specs, dtype, seed, next_seed, g, lr):
     """A shard's stretches (rows of a rowwise weight, columns of LoRA's A) make their slice of the global z."""
-    ref, got = _shard_pair(specs, dtype, "cpu")
+    ref, got = shard_pair(specs, dtype, "cpu")
     reference = mezo.TorchBackend()
     for b, params in ((reference, ref), (backend, got)):
         b.perturb(params, seed, 1e-3)

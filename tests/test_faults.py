@@ -11,9 +11,9 @@ from pathlib import Path
 
 import pytest
 import torch
+from conftest import expect_error, run
 from safetensors import safe_open
 from safetensors.torch import load_file
-from test_cli import expect_error, run
 
 from mezo import checkpoints
 

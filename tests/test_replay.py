@@ -5,8 +5,8 @@ import shutil
 
 import pytest
 import torch
+from conftest import expect_error, run, tiny_args
 from safetensors.torch import load_file
-from test_cli import expect_error, run, tiny_args
 
 from mezo import checkpoints
 

@@ -17,7 +17,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import z_of
+from conftest import records, z_of
 from safetensors.torch import load_file
 
 import mezo
@@ -45,10 +45,6 @@ def cli_args(model, out, **kw):
                 out=out)
     args.update(kw)
     return [str(x) for k, v in args.items() for x in (f"--{k.replace('_', '-')}", v)]
-
-
-def records(folder):
-    return [json.loads(line) for line in (Path(folder) / "log.jsonl").read_text().splitlines()]
 
 
 def reference(model, out, **kw):
