@@ -108,6 +108,13 @@ def resolve_model_path(name: str) -> str:
     return str(target)
 
 
+def resolve_device(name: str) -> str:
+    """--device auto: cuda where torch has one, else cpu; any other name as it is."""
+    if name == "auto":
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    return name
+
+
 def check_device(name: str) -> None:
     """--device: auto, cpu, or an accelerator this machine has (cuda, cuda:N, mps, ...); else one
     line."""

@@ -102,8 +102,7 @@ class Run(ReplayMixin):
         data = tasks.load(cfg.task, cfg.k, cfg.data_seed, cfg.data_dir)
         if data["root"] is not None:
             print(f"mezo: data from {data['root']}")
-        auto = "cuda" if torch.cuda.is_available() else "cpu"
-        self.device = placement.device or torch.device(auto if cfg.device == "auto" else cfg.device)
+        self.device = placement.device or torch.device(models.resolve_device(cfg.device))
         self.model, tokenizer, source, self.model_path = models.load_model(cfg.model, cfg.dtype, cfg.head)
         self.model.to(self.device)
         kind = models.model_kind(self.model)

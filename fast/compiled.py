@@ -102,6 +102,9 @@ class CompiledBackend:
                 t = in_compute_dtype(theta)
                 theta.copy_(t - lr * (projected_grad * z.to(t.dtype) + wd * t))
 
+    def settle(self, params) -> None:
+        """Every pass is made when asked for: nothing to do (fast.Fused holds passes back)."""
+
     @torch.no_grad()
     def restore_and_update(self, params, seed: int, eps: float, projected_grad: float, lr: float,
                            weight_decay: float, next_seed: int | None = None) -> None:

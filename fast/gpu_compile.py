@@ -27,9 +27,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import triton  # noqa: E402
 import triton.compiler  # noqa: E402
-from triton.backends.compiler import GPUTarget  # noqa: E402
-
 from mezo.fast import kernels  # noqa: E402
+from triton.backends.compiler import GPUTarget  # noqa: E402
 
 # sm_80 (A100) and sm_90 (H100/H200); 32 threads a warp
 TARGETS = {"sm_80": GPUTarget("cuda", 80, 32), "sm_90": GPUTarget("cuda", 90, 32)}

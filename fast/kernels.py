@@ -508,6 +508,9 @@ class TritonBackend:
             _launch(_rule_kernel, launch, second, seeds, coefs, len(samples), float(lr), float(weight_decay),
                     beta1, beta2, c1, c2, delta, ADAM=adam)
 
+    def settle(self, params) -> None:
+        """Every pass is made when asked for: nothing to do (fast.Fused holds passes back)."""
+
     @torch.no_grad()
     def restore_and_update(self, params, seed: int, eps: float, projected_grad: float, lr: float,
                            weight_decay: float, next_seed: int | None = None) -> None:

@@ -223,23 +223,25 @@ def test_fused_restore_update_and_next_perturbation_matches_reference(device, sh
        n=st.integers(1, 2), lr=st.sampled_from([0.0, 1e-2]), fuse=st.booleans(), offset0=offset_st)
 def test_exact_mode_matches_exact_restore(device, shapes, dtype, seeds, n, lr, fuse, offset0):
     """TritonBackend(exact=True), which writes θ's copy in the first perturbation and reads it in the next
-    passes, against mezo.ExactRestore(TorchBackend()) over steps of n samples (with `fuse`, the next step's
-    +εz' rides on the update, as in training): the same tensors; at lr = 0, θ comes back bit for bit."""
+    passes, against mezo.ExactRestore(TorchBackend()) over steps of n samples (with `fuse`, under fast.Fused:
+    the next step's +εz' rides on the update, as in training): the same tensors; at lr = 0, θ comes back bit for bit."""
     ref, got = _pair(shapes, dtype, device, offset0)
     before = [p.tensor.clone() for p in ref]
     steps = [seeds[i:i + n] for i in range(0, len(seeds), n)]
     seen = {}  # the tensors at every loss evaluation: θ ± εz must match too, not only where a step ends
-    for params, backend in ((ref, mezo.ExactRestore(mezo.TorchBackend())), (got, fast.TritonBackend(exact=True))):
+    triton_backend = fast.TritonBackend(exact=True)
+    if fuse:
+        triton_backend = fast.Fused(triton_backend)
+    for params, backend in ((ref, mezo.ExactRestore(mezo.TorchBackend())), (got, triton_backend)):
         losses = iter([1.0, 0.999] * len(seeds))  # fixed: both see the same projected gradients (0.5)
         seen[id(params)] = []
 
         def loss_fn(params=params, losses=losses):
             seen[id(params)].append([mezo.Trainable(p.name, p.tensor.clone(), 0, False, (), ()) for p in params])
             return next(losses)
-        for i, step_seeds in enumerate(steps):
-            next_seed = steps[i + 1][0] if fuse and i + 1 < len(steps) else None
-            mezo.mezo_step(params, loss_fn, step_seeds, 1e-3, lr, 0.1, backend, perturbed=fuse and i > 0,
-                           next_seed=next_seed)
+        for step_seeds in steps:
+            mezo.mezo_step(params, loss_fn, step_seeds, 1e-3, lr, 0.1, backend)
+        backend.settle(params)
     for r, g in zip(seen[id(ref)], seen[id(got)], strict=True):
         # θ moved along z by ε and by lr·g = lr·0.5 for each seed
         _check(r, g, 1e-3 + lr * 0.5 * len(seeds), before)
