@@ -1,14 +1,14 @@
-"""trainer.MeZOTrainer (transformers.Trainer with mezo.MeZO's step) against a plain mezo.MeZO loop on
-the same batches: a tiny Llama with all its parameters and a tiny PEFT-LoRA Llama, bit for bit over
-K steps; gradient accumulation, resume_from_checkpoint, the lr scheduler, evaluation, two gloo
-processes, and the refusals.
+"""trainer.MeZOTrainer (transformers.Trainer with mezo.MeZO's step) against a plain mezo.MeZO loop
+on the same batches: a tiny Llama with all its parameters and a tiny PEFT-LoRA Llama, bit for bit
+over K steps; gradient accumulation, resume_from_checkpoint, the lr scheduler, evaluation, two
+gloo processes, and the refusals.
 
-Tolerances. Only where the same loss is summed in another order: batch 8 in one forward against
-2 x 4 (gradient accumulation, or two ranks), whose losses are sums of token losses over other groupings.
-There the losses agree within 16 float32 ulps of |L| (measured: up to 3.8), the projected gradients
-within 2·that/2ε, and the tensors within lr·Σ|Δg|·max|z| (max|z| < 6) plus a few float32 roundings,
-as tests/test_tp.py derives them. Elsewhere: ==. Run as a script (under torchrun), this file is the
-worker of the two-process test.
+Tolerances. Only where the same loss is summed in another order: batch 8 in one forward against 2
+x 4 (gradient accumulation, or two ranks), whose losses are sums of token losses over other
+groupings. There the losses agree within 16 float32 ulps of |L| (measured: up to 3.8), the
+projected gradients within 2·that/2ε, and the tensors within lr·Σ|Δg|·max|z| (max|z| < 6) plus a
+few float32 roundings, as tests/test_tp.py derives them. Elsewhere: ==. Run as a script (under
+torchrun), this file is the worker of the two-process test.
 """
 import copy
 import os
