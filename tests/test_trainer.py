@@ -179,17 +179,19 @@ def test_gradient_accumulation_2x4_is_one_step_over_batch_8(tmp_path, lora):
     within_summation_order(a.mezo_history, b.mezo_history, trained(whole), trained(accumulated))
 
 
-@pytest.mark.parametrize("lora", [False, True], ids=["full", "lora"])
-def test_resume_from_checkpoint_continues_the_same_trajectory(tmp_path, lora):
+@pytest.mark.parametrize("lora, rule", [(False, "sgd"), (True, "sgd"), (True, "momentum")],
+                         ids=["full", "lora", "lora-momentum"])
+def test_resume_from_checkpoint_continues_the_same_trajectory(tmp_path, lora, rule):
     """6 steps unbroken against 3 steps, a checkpoint, and a new Trainer on a fresh model resumed
-    from it: the same records and tensors, ==."""
+    from it: the same records and tensors, ==. With rule momentum the checkpoint holds its buffer."""
     whole = tiny(lora)
-    a = run(whole, tmp_path / "a", max_steps=6)
-    saving = dict(max_steps=6, save_strategy="steps", save_steps=3)
+    a = run(whole, tmp_path / "a", max_steps=6, rule=rule)
+    saving = dict(max_steps=6, save_strategy="steps", save_steps=3, rule=rule)
     first = run(tiny(lora), tmp_path / "b", **saving)
     checkpoint = tmp_path / "b" / "checkpoint-3"
     saved = torch.load(checkpoint / "optimizer.pt", weights_only=True)
     assert saved["mezo"]["steps"] == 3 and saved["mezo"]["seed"] == SEED
+    assert bool(saved["mezo"]["rule"]) == (rule == "momentum")  # the rule's buffers
     if lora:  # PEFT's own format
         assert (checkpoint / "adapter_model.safetensors").exists()
         assert (checkpoint / "adapter_config.json").exists()
