@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import torch
 
-from errors import NonFiniteLoss
+from .errors import NonFiniteLoss
 
 ADAM = "adam:"  # checkpoint names of AdamW's state: adam:<exp_avg|exp_avg_sq|step>:<tensor name>
 

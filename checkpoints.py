@@ -8,7 +8,7 @@ from pathlib import Path
 
 import torch
 
-from errors import UsageError
+from .errors import UsageError
 
 CHECKPOINT = "checkpoint.safetensors"  # format "mezo-1": tensors by qualified name; metadata step, config, offsets
 

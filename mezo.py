@@ -26,17 +26,12 @@ from pathlib import Path
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+from mezo.baseline import adam_step
+from mezo.errors import NonFiniteLoss, UsageError
+from mezo.models import DTYPES
+from mezo.options import option
 
-import checkpoints
-import models
-import options
-import prefix
-import runs
-import tasks
-from baseline import adam_step
-from errors import NonFiniteLoss, UsageError
-from models import DTYPES
-from options import option
+from mezo import checkpoints, models, options, prefix, runs, tasks
 
 # -----------------------------------------------------------------------------
 # Config: one dataclass; each option says what it does (--help shows it). Flags map 1:1 onto it.
@@ -563,17 +558,17 @@ def variants(cfg: Config) -> dict:
     runs.check_config(cfg)  # before anything starts (tp/ joins a process group)
     seams = dict(backend=ExactRestore(TorchBackend()) if cfg.exact_restore else TorchBackend(), forward=PromptForward)
     if cfg.fast:  # the compiled reference on CPUs, Triton kernels on GPUs (fast/__init__.py)
-        from fast import choose
+        from mezo.fast import choose
         device = cfg.device if cfg.device != "auto" else "cuda" if torch.cuda.is_available() else "cpu"
         seams["backend"] = choose(device, cfg.exact_restore)
     if cfg.rule != "sgd":  # momentum, Adam, sign, conservative (rules.py)
-        from rules import make
+        from mezo.rules import make
         seams["rule"] = make(cfg.rule, cfg.beta)
     if cfg.cache:
-        from cache import CachedForward
+        from mezo.cache import CachedForward
         seams["forward"] = lambda *args: CachedForward(*args, max_bytes=cfg.cache_mb << 20)
     if cfg.tp > 1 or cfg.dp > 1 or int(os.environ.get("WORLD_SIZE", "1")) > 1:
-        from tp import DistributedPlacement
+        from mezo.tp import DistributedPlacement
         seams["placement"] = DistributedPlacement(cfg)
     return seams
 

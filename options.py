@@ -6,7 +6,7 @@ import argparse
 import dataclasses
 import math
 
-from errors import UsageError
+from .errors import UsageError
 
 
 def option(default, help: str, choices=None, min=None, above=None, parse=None):

@@ -15,7 +15,7 @@ from __future__ import annotations
 import torch
 import torch.nn as nn
 
-from errors import UsageError
+from .errors import UsageError
 
 NAME = "mezo_prefix"  # the attention implementation registered with transformers
 SUFFIXES = (".prefix_key", ".prefix_value")

@@ -32,12 +32,15 @@ import numpy as np
 
 ROOT = Path(__file__).resolve().parent
 sys.path.insert(0, str(ROOT))
-import baseline  # noqa: E402
-import checkpoints  # noqa: E402
-import models  # noqa: E402
-import rules  # noqa: E402
-import tasks  # noqa: E402
-from errors import UsageError  # noqa: E402
+from mezo.errors import UsageError  # noqa: E402
+
+from mezo import (
+    baseline,  # noqa: E402
+    checkpoints,  # noqa: E402
+    models,  # noqa: E402
+    rules,  # noqa: E402
+    tasks,  # noqa: E402
+)
 
 SEEDS = (13, 21, 42, 87, 100)  # LM-BFF's data seeds, as in the paper
 TEST_ROWS = dict(sst2=872, sst5=2210, trec=500, rte=277)  # the others: 2,000

@@ -20,13 +20,10 @@ import torch
 import torch.nn.functional as F
 from tqdm import tqdm
 
-import checkpoints
-import models
-import options
-import tasks
-from baseline import adam_optimizer, adam_state, restore_adam_state
-from errors import NonFiniteLoss, UsageError
-from tasks.prompts import batch_logits, check_template, encode_splits, label_tokens, micro_batches
+from . import checkpoints, models, options, tasks
+from .baseline import adam_optimizer, adam_state, restore_adam_state
+from .errors import NonFiniteLoss, UsageError
+from .tasks.prompts import batch_logits, check_template, encode_splits, label_tokens, micro_batches
 
 
 class ReplayMixin:

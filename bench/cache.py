@@ -22,12 +22,15 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from mezo.cache import CachedForward  # noqa: E402
+from mezo.tasks import prompts  # noqa: E402
+
 import mezo  # noqa: E402
-import models  # noqa: E402
-import runs  # noqa: E402
-import tasks  # noqa: E402
-from cache import CachedForward  # noqa: E402
-from tasks import prompts  # noqa: E402
+from mezo import (
+    models,  # noqa: E402
+    runs,  # noqa: E402
+    tasks,  # noqa: E402
+)
 
 
 class Run:

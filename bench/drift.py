@@ -30,7 +30,7 @@ def main():
     # "+exact": --exact-restore, a copy of θ for the step and the restore exact
     backends = {"reference": mezo.TorchBackend, "reference+exact": lambda: mezo.ExactRestore(mezo.TorchBackend())}
     if args.fast:
-        import fast
+        from mezo import fast
         backends["fast"] = fast.TritonBackend
         backends["fast+exact"] = lambda: fast.TritonBackend(exact=True)
     theta0 = torch.randn(args.numel, generator=torch.Generator().manual_seed(0)) * args.std

@@ -28,14 +28,10 @@ CASES = ["inference", "mezo-lora", "mezo-full", "backward-lora", "adam-lora", "a
 def measure(case: str, args) -> dict:
     import torch
     import torch.nn.functional as F
+    from mezo.tasks import prompts
 
-    import baseline
     import mezo
-    import models
-    import rules
-    import runs
-    import tasks
-    from tasks import prompts
+    from mezo import baseline, models, rules, runs, tasks
 
     torch.set_num_threads(args.threads)
     mode = "full" if case.endswith("-full") or "-full-" in case else "lora"

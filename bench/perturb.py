@@ -40,7 +40,7 @@ def main():
     p.add_argument("--peak-gbs", type=float, default=0.0, help="device memory bandwidth, GB/s (default: known GPUs)")
     p.add_argument("--skip-reference", action="store_true")
     args = p.parse_args()
-    import fast
+    from mezo import fast
 
     device = torch.device(args.device)
     name = torch.cuda.get_device_name() if device.type == "cuda" else "cpu"

@@ -19,7 +19,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from perturb import timed  # noqa: E402  (bench/perturb.py: warm-ups, then the median)
 
 import mezo  # noqa: E402
-import rules  # noqa: E402
+from mezo import rules  # noqa: E402
 
 
 def update(rule, params, backend, i):
@@ -39,7 +39,7 @@ def main():
     if args.threads:
         torch.set_num_threads(args.threads)
     device = torch.device(args.device)
-    import fast
+    from mezo import fast
     fast_backend = fast.choose(args.device)  # what --fast runs there: compiled on a CPU, Triton on a GPU
     each = args.numel // args.tensors
     params = mezo.make_trainables([(f"w{i}", torch.randn(each // 64, 64, device=device)) for i in range(args.tensors)])

@@ -29,7 +29,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import mezo  # noqa: E402
-import models  # noqa: E402
+from mezo import models  # noqa: E402
 
 SIZES = {  # hidden, layers, heads, kv heads, intermediate (Llama shapes)
     "tiny": (256, 4, 4, 2, 704), "smol": (576, 8, 9, 3, 1536),
@@ -129,13 +129,13 @@ def main():
     backends = {"original": OriginalBackend(), "reference": mezo.TorchBackend()}
     backends["reference+exact"] = mezo.ExactRestore(backends["reference"])  # --exact-restore: a copy of θ
     try:
-        import fast
+        from mezo import fast
         backends["fast"] = fast.TritonBackend()
         backends["fast+exact"] = fast.TritonBackend(exact=True)  # ExactRestore's numbers, fused passes
     except ImportError as e:
         print(f"fast/ unavailable: {e}")
     if device.type == "cpu":
-        from fast.compiled import CompiledBackend, compiled_backend, window_noise
+        from mezo.fast.compiled import CompiledBackend, compiled_backend, window_noise
         t = time.perf_counter()
         backends["compiled"] = compiled_backend()
         print(f"compiled backend: ready in {time.perf_counter() - t:.1f} s (compile, or inductor's disk cache)")

@@ -31,12 +31,12 @@ COLLECTIVES = ("all_reduce", "allreduce", "all_gather", "allgather", "reduce_sca
 
 def worker(args) -> None:
     import torch
+    from mezo.tasks import prompts
     from torch.utils._python_dispatch import TorchDispatchMode
     from torch.utils._pytree import tree_leaves
 
     import mezo
-    import models
-    from tasks import prompts
+    from mezo import models
 
     torch.set_num_threads(args.threads)
     targets = tuple(args.lora_targets.split(",")) if args.lora_targets else None

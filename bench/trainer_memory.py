@@ -28,13 +28,11 @@ CASES = ["forward", "mezo-lora", "mezo-full", "adamw-lora", "adamw-full"]
 def measure(case: str, args) -> dict:
     import torch
     import transformers
+    from mezo.tasks.files import find_data
     from peft import LoraConfig, get_peft_model
     from transformers import AutoModelForCausalLM, AutoTokenizer, DataCollatorForLanguageModeling
 
-    import models
-    import runs
-    import trainer
-    from tasks.files import find_data
+    from mezo import models, runs, trainer
 
     torch.set_num_threads(args.threads)
     device = torch.device(args.device)

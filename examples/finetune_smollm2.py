@@ -32,8 +32,8 @@ try:  # installed as a library (issue 23): the project's modules live in the mez
     from mezo.trainer import MeZOTrainer, MeZOTrainingArguments
 except ImportError:  # a checkout: the modules are files at its root
     sys.path.insert(0, str(ROOT))
-    from models import resolve_model_path
-    from trainer import MeZOTrainer, MeZOTrainingArguments
+    from mezo.models import resolve_model_path
+    from mezo.trainer import MeZOTrainer, MeZOTrainingArguments
 
 
 def sentences(path: Path, n: int, max_words: int = 16) -> list[str]:

@@ -11,15 +11,15 @@ MEZO_FAST=compiled or MEZO_FAST=triton picks one by hand (on a CPU, triton is th
 import math
 import os
 
-from errors import UsageError
+from ..errors import UsageError
 
 
 def __getattr__(name):  # the backends import triton or torch.compile only when asked for
     if name == "TritonBackend":
-        from fast.kernels import TritonBackend
+        from .kernels import TritonBackend
         return TritonBackend
     if name == "CompiledBackend":
-        from fast.compiled import CompiledBackend
+        from .compiled import CompiledBackend
         return CompiledBackend
     raise AttributeError(f"module 'fast' has no attribute {name!r}")
 
@@ -30,12 +30,12 @@ def choose(device: str, exact: bool = False):
     if want not in ("compiled", "triton"):
         raise UsageError(f"MEZO_FAST={want!r}: set it to compiled or triton, or unset it (--fast then picks by device)")
     if want == "compiled":
-        from fast.compiled import compiled_backend
+        from .compiled import compiled_backend
         return compiled_backend(exact)
     if device.startswith("cpu") and os.environ.get("TRITON_INTERPRET") != "1":
         raise UsageError("MEZO_FAST=triton on a CPU runs Triton's interpreter: start with TRITON_INTERPRET=1 set "
                          "(before anything imports triton), or unset MEZO_FAST for the compiled CPU backend")
-    from fast.kernels import TritonBackend
+    from .kernels import TritonBackend
     return TritonBackend(exact=exact)  # ExactRestore's numbers, in fewer passes
 
 

@@ -24,8 +24,9 @@ import time
 import torch
 
 import mezo
-from fast import stretches
 from mezo import NOISE_CHUNK, _compute
+
+from . import stretches
 
 SMALL = 2048  # the short window: a stretch of at most this many values does not pay for NOISE_CHUNK's noise
 

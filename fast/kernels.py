@@ -27,7 +27,7 @@ import torch
 import triton
 import triton.language as tl
 
-from fast import stretches
+from . import stretches
 
 BLOCK4 = 1024  # Philox counters per program: 4096 elements (the interpreter costs ~9 ms per program)
 

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from tasks.files import DATA_URLS
+from .files import DATA_URLS
 
 
 @dataclass(frozen=True)
@@ -86,8 +86,8 @@ def prompt(task: str, kind: str) -> tuple[str, tuple[str, ...]]:
 
 def load(task: str, k: int, data_seed: int, data_dir: str | None = None) -> dict:
     """{train, dev, test: [(sentence, second sentence or None, class)], root: the data folder (None: generated)}."""
-    from tasks.lmbff import load_lmbff
-    from tasks.synthetic import load_synthetic
+    from .lmbff import load_lmbff
+    from .synthetic import load_synthetic
     task = canonical(task)
     if task == "synthetic":
         return load_synthetic(k, data_seed)

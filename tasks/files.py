@@ -14,7 +14,7 @@ import urllib.request
 import zipfile
 from pathlib import Path
 
-from errors import UsageError
+from ..errors import UsageError
 
 ROOT = Path(__file__).resolve().parents[1]  # the checkout: ../shared/data is looked for beside it
 DATA_URLS = {"sst2": "https://dl.fbaipublicfiles.com/glue/data/SST-2.zip",  # GLUE's own copy

@@ -16,8 +16,8 @@ from pathlib import Path
 
 import numpy as np
 
-from errors import UsageError
-from tasks.files import find_data
+from ..errors import UsageError
+from .files import find_data
 
 
 def read_rows(task, path: Path) -> list:

@@ -13,7 +13,7 @@ import string
 
 import torch
 
-from errors import UsageError
+from ..errors import UsageError
 
 FIELD = re.compile(r"\{(sentence[12]?)(?::([-l]*))?\}")  # {sentence}, {sentence1:-}, {sentence2:l}, ...
 

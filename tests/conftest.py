@@ -15,10 +15,13 @@ import torch
 from hypothesis import settings
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from mezo.tasks import prompts, synthetic  # noqa: E402
+
 import mezo  # noqa: E402
-import models  # noqa: E402
-import tasks  # noqa: E402
-from tasks import prompts, synthetic  # noqa: E402
+from mezo import (
+    models,  # noqa: E402
+    tasks,  # noqa: E402
+)
 
 torch.set_num_threads(min(2, os.cpu_count() or 1))
 

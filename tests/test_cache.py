@@ -19,13 +19,11 @@ import torch
 from conftest import make_model, make_tokenizer
 from hypothesis import given
 from hypothesis import strategies as st
+from mezo.cache import CachedForward, UnsafeCache
+from mezo.tasks import prompts
 
 import mezo
-import models
-import runs
-import tasks
-from cache import CachedForward, UnsafeCache
-from tasks import prompts
+from mezo import models, runs, tasks
 
 LAYERS = 3
 TOL = 1e-11  # float64, see the module docstring

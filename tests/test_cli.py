@@ -8,13 +8,11 @@ from pathlib import Path
 
 import pytest
 import torch
+from mezo.tasks import prompts, synthetic
 from safetensors.torch import load_file
 
-import checkpoints
 import mezo
-import models
-import runs
-from tasks import prompts, synthetic
+from mezo import checkpoints, models, runs
 
 ROOT = Path(__file__).resolve().parents[1]
 SHARED = ROOT.parent / "shared" / "data"

@@ -15,11 +15,11 @@ import torch.nn as nn
 from conftest import z_of
 from hypothesis import given
 from hypothesis import strategies as st
+from mezo.fast import compiled
 from test_cli import records
 from test_fast import _shard_pair, shards_st
 
 import mezo
-from fast import compiled
 
 ROOT = Path(__file__).resolve().parents[1]
 DTYPES = [torch.float32, torch.bfloat16, torch.float16, torch.float64]

@@ -6,11 +6,10 @@ from collections import Counter
 from pathlib import Path
 
 import pytest
+from mezo.errors import UsageError
+from mezo.tasks import files, lmbff, synthetic
 
-import runs
-import tasks
-from errors import UsageError
-from tasks import files, lmbff, synthetic
+from mezo import runs, tasks
 
 SHARED = Path(__file__).resolve().parents[2] / "shared" / "data"
 needs_data = pytest.mark.skipif(not (SHARED / "lm-bff" / "SST-2" / "train.tsv").exists(),

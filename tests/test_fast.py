@@ -10,8 +10,8 @@ from conftest import z_of
 from hypothesis import given
 from hypothesis import strategies as st
 
-import checkpoints
 import mezo
+from mezo import checkpoints
 
 fast = pytest.importorskip("fast")
 INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"

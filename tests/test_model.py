@@ -7,11 +7,10 @@ import pytest
 import torch
 import torch.nn.functional as F
 from conftest import load_tiny, make_model
+from mezo.tasks import prompts, synthetic
 
-import checkpoints
 import mezo
-import models
-from tasks import prompts, synthetic
+from mezo import checkpoints, models
 
 SENTS = ["the movie was great .", "a dull film .", "what a superb story !", "the plot is bad and the cast is long ."]
 

@@ -12,7 +12,7 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 import mezo
-import runs
+from mezo import runs
 
 
 def mlp(widths, dtype, seed=0):

@@ -9,9 +9,8 @@ from safetensors.torch import load_file
 from test_cli import expect_error, records, run, tiny_args
 from transformers import DynamicCache
 
-import checkpoints
 import mezo
-import prefix
+from mezo import checkpoints, prefix
 
 P = 3
 
@@ -105,7 +104,7 @@ class CachePathForward(mezo.PromptForward):
 def test_at_lr_zero_the_loss_is_the_fresh_prefix_loss(kind, model_dir, tmp_path, capsys):
     """--mode prefix --lr 0, the whole training set as the batch: each step's logged loss (L+ + L−)/2 is the loss of
     the fresh prefix computed by hand through the cache path (up to O(ε²)); the tensors stay where they started."""
-    import runs
+    from mezo import runs
     out = tmp_path / "run"
     argv = tiny_args(model_dir, out, model=model_dir(kind), steps=2, eval_every=0, lr=0.0, batch_size=16, k=8)
     code, _, err = run(argv + ["--mode", "prefix", "--num-prefix", P], capsys)

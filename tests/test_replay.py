@@ -8,7 +8,7 @@ import torch
 from safetensors.torch import load_file
 from test_cli import expect_error, run, tiny_args
 
-import checkpoints
+from mezo import checkpoints
 
 
 def _tensors(folder):

@@ -10,14 +10,12 @@ import pytest
 import torch
 import torch.nn.functional as F
 from conftest import load_tiny
+from mezo.tasks import prompts, synthetic
 from safetensors.torch import load_file
 from test_cli import records, run, tiny_args
 
-import baseline
-import checkpoints
 import mezo
-import runs
-from tasks import prompts, synthetic
+from mezo import baseline, checkpoints, runs
 
 ROOT = Path(__file__).resolve().parents[1]
 SHARED = ROOT.parent / "shared" / "data"

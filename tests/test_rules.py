@@ -12,9 +12,8 @@ from hypothesis import strategies as st
 from safetensors.torch import load_file
 from test_cli import expect_error, records, run, tiny_args
 
-import checkpoints
 import mezo
-import rules
+from mezo import checkpoints, rules
 
 DTYPES = [torch.float32, torch.float64, torch.bfloat16, torch.float16]
 TOL = {torch.float32: 1e-5, torch.float64: 1e-12, torch.bfloat16: 1e-2, torch.float16: 2e-3}
@@ -121,7 +120,7 @@ def test_conservative_keeps_the_lowest_of_three_candidates(seed, n, wd, centre, 
 
 @pytest.fixture(scope="module")
 def compiled():
-    from fast import compiled as c
+    from mezo.fast import compiled as c
     made = c.compiled_backend()  # compiled once a process (its windows are cached)
     if not isinstance(made, c.CompiledBackend):
         pytest.skip("torch.compile cannot build C++ kernels on this machine")
@@ -144,7 +143,7 @@ def test_each_rule_on_the_triton_kernels_follows_the_reference(name):
     (Triton's own sin/cos/log; tests/test_fast.py), so the trajectory follows the reference's within that: tensors,
     buffers and losses, over 3 steps, to a relative 1e-4 (float32) and 2 % (bfloat16)."""
     pytest.importorskip("triton")
-    import fast
+    from mezo import fast
     for dtype, n, wd, tol in ((torch.float32, 1, 0.0, 1e-4), (torch.bfloat16, 2, 0.1, 2e-2)):
         ref = _trajectory(mezo.TorchBackend(), name, dtype, n, wd)
         got = _trajectory(fast.TritonBackend(), name, dtype, n, wd)
@@ -186,7 +185,7 @@ def test_triton_rule_update_is_one_pass_and_follows_the_reference(name, dtype, d
     and loaded into a fresh rule. Against the reference rule over 3 steps: tensors and buffers to 1e-4 (float32),
     2 % (bfloat16)."""
     pytest.importorskip("triton")
-    import fast
+    from mezo import fast
     tol = 1e-4 if dtype == torch.float32 else 2e-2
     for ref_params, got_params in zip(_lora_like_and_shards(dtype, device), _lora_like_and_shards(dtype, device)):
         ref, got, backend = rules.make(name, 0.8), rules.make(name, 0.8), fast.TritonBackend()

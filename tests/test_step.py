@@ -8,10 +8,10 @@ import torch.nn.functional as F
 from conftest import load_tiny, z_of
 from hypothesis import given
 from hypothesis import strategies as st
+from mezo.tasks import prompts
 
 import mezo
-import models
-from tasks import prompts
+from mezo import models
 
 UNIT_ROUNDOFF = {torch.float32: 2.0**-24, torch.bfloat16: 2.0**-8, torch.float16: 2.0**-11, torch.float64: 2.0**-53}
 

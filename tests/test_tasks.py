@@ -8,12 +8,12 @@ import pytest
 import torch
 import torch.nn.functional as F
 from conftest import load_tiny, make_model, make_tokenizer
+from mezo.errors import UsageError
+from mezo.tasks import prompts
 from test_cli import expect_error, records, run
 
 import mezo
-import tasks
-from errors import UsageError
-from tasks import prompts
+from mezo import tasks
 
 SHARED = Path(__file__).resolve().parents[2] / "shared" / "data"
 needs_data = pytest.mark.skipif(not (SHARED / "lm-bff" / "SST-2" / "train.tsv").exists(),

@@ -20,9 +20,8 @@ import torch
 from conftest import z_of
 from safetensors.torch import load_file
 
-import checkpoints
 import mezo
-import models
+from mezo import checkpoints, models
 
 ROOT = Path(__file__).resolve().parents[1]
 ULPS = 16 * 2.0 ** -24  # 16 float32 ulps of a number below 1 (measured: up to 4.5)
@@ -211,7 +210,7 @@ def test_bad_combinations_give_one_error_line(worker, model_dir, tmp_path, capsy
     assert mezo.main(cli_args(model_dir("llama"), tmp_path) + ["--tp", "2"]) == 2  # no torchrun
     assert capsys.readouterr().err.strip().splitlines()[-1] == (
         "mezo: error: --tp 2 --dp 1 needs 2 processes: launch with torchrun --nproc-per-node 2 mezo.py ...")
-    from tp import check_tp
+    from mezo.tp import check_tp
     with pytest.raises(mezo.UsageError, match="--tp 3 does not divide the model's 4 attention heads, 2 key/value"):
         check_tp(setup("llama", model_dir("llama"), "lora")[0], 3)
 
@@ -236,8 +235,7 @@ def test_killed_rank_ends_the_job(model_dir, tmp_path):
 
 if __name__ == "__main__":  # the worker: python -m torch.distributed.run ... tests/test_tp.py OUT SPEC
     import torch.distributed as dist
-
-    from tp import DistributedPlacement
+    from mezo.tp import DistributedPlacement
 
     torch.set_num_threads(1)
     out, spec = Path(sys.argv[1]), json.loads(sys.argv[2])

@@ -22,7 +22,7 @@ from conftest import make_model, make_tokenizer
 from transformers import DataCollatorForLanguageModeling, get_scheduler
 
 import mezo
-import trainer
+from mezo import trainer
 
 ROOT = Path(__file__).resolve().parents[1]
 EPS, LR, WD, SEED = 1e-3, 1e-2, 0.1, 7

@@ -41,7 +41,8 @@ from torch.distributed.tensor import DTensor, Replicate, Shard, distribute_tenso
 from torch.distributed.tensor.parallel import ColwiseParallel, RowwiseParallel, parallelize_module
 
 import mezo
-from models import layer_index
+
+from ..models import layer_index
 
 # Linear layers inside a transformer block, by the end of their qualified name: Llama/SmolLM2, then RoBERTa/BERT.
 COLWISE = ("q_proj", "k_proj", "v_proj", "gate_proj", "up_proj",
