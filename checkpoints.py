@@ -2,6 +2,7 @@
 written atomically), and LoRA tensors in PEFT's adapter layout. Plain values in: {name: tensor} and dicts."""
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 from pathlib import Path
@@ -14,12 +15,28 @@ CHECKPOINT = "checkpoint.safetensors"  # format "mezo-1": tensors by qualified n
 
 
 def atomic_write(path: Path, write) -> None:
-    """write(tmp_path), fsync, then rename over path: a reader never sees a half-written file."""
+    """write(tmp_path), fsync, then rename over path: a reader never sees a half-written file. A write the
+    machine refuses (a full disk, a read-only folder) removes its temporary file and ends in one line: the file
+    as it was stays whole."""
     tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-    write(tmp)
-    with open(tmp, "rb") as f:
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
+    try:
+        write(tmp)
+        with open(tmp, "rb") as f:
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except Exception as e:  # OSError, or safetensors' SafetensorError around one ("... (os error 28)")
+        if not isinstance(e, OSError) and "os error" not in str(e):
+            raise
+        with contextlib.suppress(OSError):
+            tmp.unlink(missing_ok=True)
+        raise cannot_write(path, e) from None
+
+
+def cannot_write(path: Path, e: Exception) -> UsageError:
+    """The one line for a write the machine refused; what was written before is whole."""
+    why = getattr(e, "strerror", None) or str(e).splitlines()[0]
+    return UsageError(f"cannot write {path} ({why}); what was there is kept whole: free some space or make "
+                      f"{path.parent} writable, then --resume {path.parent}")
 
 
 def own_storage(t: torch.Tensor) -> torch.Tensor:
@@ -39,19 +56,20 @@ def save_checkpoint(out: Path, tensors: dict, step: int, config: dict, offsets: 
     atomic_write(out / CHECKPOINT, lambda tmp: save_file(tensors, str(tmp), metadata=meta))
 
 
-def read_checkpoint(folder: Path) -> tuple[dict, int, dict]:
-    """(tensors, step, config dict) from a checkpoint; one clear error line if it is missing or corrupt."""
+def read_checkpoint(folder: Path, flag: str = "--resume") -> tuple[dict, int, dict]:
+    """(tensors, step, config dict) from a checkpoint; one clear error line, naming the flag that pointed at it
+    (--resume or --replay), if it is missing or corrupt."""
     from safetensors import safe_open
     path = folder / CHECKPOINT
     if not path.is_file():
-        raise UsageError(f"--resume {folder}: no {CHECKPOINT} there; point --resume at a run's --out folder")
+        raise UsageError(f"{flag} {folder}: no {CHECKPOINT} there; point {flag} at a run's --out folder")
     try:
         with safe_open(str(path), "pt") as f:
             meta = f.metadata() or {}
             tensors = {k: f.get_tensor(k) for k in f.keys()}
         return tensors, int(meta["step"]), json.loads(meta["config"])
     except Exception as e:
-        raise UsageError(f"--resume {folder}: {CHECKPOINT} is corrupt or not a mezo checkpoint "
+        raise UsageError(f"{flag} {folder}: {CHECKPOINT} is corrupt or not a mezo checkpoint "
                          f"({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''})") from None
 
 
@@ -82,8 +100,10 @@ def save_peft_adapter(folder: Path, lora: dict, r: int, alpha: float, base: str,
     atomic_write(folder / "adapter_config.json", lambda tmp: tmp.write_text(json.dumps(adapter, indent=2)))
 
 
-def saved_config(folder: Path) -> dict:
+def saved_config(folder: Path, flag: str = "--resume") -> dict:
     """A checkpoint's config for --resume and --replay: lists back to tuples, no world size (tp, dp: a checkpoint
-    holds full tensors and resumes at any), and no replay (a replayed run's folder resumes as a run)."""
-    _, _, config = read_checkpoint(folder)
-    return {k: tuple(v) if isinstance(v, list) else v for k, v in config.items() if k not in ("tp", "dp", "replay")}
+    holds full tensors and resumes at any), no replay (a replayed run's folder resumes as a run) and no overwrite
+    (an order to one command, not a setting of the run)."""
+    _, _, config = read_checkpoint(folder, flag)
+    dropped = ("tp", "dp", "replay", "overwrite")
+    return {k: tuple(v) if isinstance(v, list) else v for k, v in config.items() if k not in dropped}

@@ -5,13 +5,15 @@ Malladi, Gao, Nichani, Damian, Lee, Chen, Arora, "Fine-Tuning Language Models wi
 Passes", NeurIPS 2023 (arXiv:2305.17333), Algorithm 1 (and Algorithm 2 for n > 1 samples).
 
 MeZO estimates the gradient along one random direction z ~ N(0, I) from two losses, L(θ + εz) and
-L(θ − εz): projected_grad = (L+ − L−) / 2ε ≈ ∇L·z, then steps θ ← θ − lr·projected_grad·z. It never stores
-z (it is regenerated from a seed) and never runs backward, so it trains with the memory of inference.
+L(θ − εz): projected_grad = (L+ − L−) / 2ε ≈ ∇L·z, then steps θ ← θ − lr·projected_grad·z. It never
+stores z (it is regenerated from a seed) and never runs backward, so it trains with the memory of
+inference.
 
-The reference, top to bottom: the config, the noise, the trainable tensors, perturb and update, one step, the
-step as a torch.optim.Optimizer (`MeZO`), the loop, the command line. Variants plug into its seams and are tested
-against it: the noise/update backend (fast/), the update rule (rules.py), the forward (cache/), the placement
-(tp/); only `variants()` picks them. The rest of a run lives in modules beside this one (README: reading order).
+The reference, top to bottom: the config, the noise, the trainable tensors, perturb and update, one
+step, the step as a torch.optim.Optimizer (`MeZO`), the loop, the command line. Variants plug into
+its seams and are tested against it: the noise/update backend (fast/), the update rule (rules.py),
+the forward (cache/), the placement (tp/); only `variants()` picks them. The rest of a run lives in
+modules beside this one (README: reading order).
 
     python mezo.py --task sst2 [--help]        # offline SmolLM2-135M, LoRA, 16-shot SST-2
 """
@@ -26,12 +28,20 @@ from pathlib import Path
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
-from mezo.baseline import adam_step
-from mezo.errors import NonFiniteLoss, UsageError
-from mezo.models import DTYPES
-from mezo.options import option
 
-from mezo import checkpoints, models, options, prefix, runs, tasks
+# `mezo` is this module and also the package of the files beside it, so the rest of a run is
+# imported as `mezo.runs`, `mezo.tasks`, `mezo.fast`, ...: never another project's `runs` or
+# `tasks`, and nothing of ours at the top level. In a checkout they sit next to this file;
+# installed, in the folder mezo/ next to it (pyproject.toml).
+_HERE = Path(__file__).resolve().parent
+__path__ = [str(_HERE / "mezo")] if (_HERE / "mezo" / "runs.py").is_file() else [str(_HERE)]
+
+from mezo.baseline import adam_step  # noqa: E402
+from mezo.errors import NonFiniteLoss, UsageError  # noqa: E402
+from mezo.models import DTYPES  # noqa: E402
+from mezo.options import option  # noqa: E402
+
+from mezo import checkpoints, models, options, prefix, runs, tasks  # noqa: E402
 
 # -----------------------------------------------------------------------------
 # Config: one dataclass; each option says what it does (--help shows it). Flags map 1:1 onto it.
@@ -41,69 +51,115 @@ from mezo import checkpoints, models, options, prefix, runs, tasks
 class Config:
     # task and data
     task: str = option("sst2", tasks.describe(), choices=tasks.NAMES, parse=tasks.canonical)
-    data_dir: str | None = option(None, "folder holding sst2/ and lm-bff/ (else $MEZO_DATA, ../shared/data, the cache)")
-    k: int = option(16, "training examples per class, sampled as LM-BFF does; 0 = the whole GLUE train set", min=0)
-    data_seed: int = option(42, "LM-BFF split seed (the paper: 13, 21, 42, 87, 100)", min=0)
-    template: str | None = option(None, "{sentence} (or {sentence1}, {sentence2}) and {mask}; default: the task's")
-    label_words: tuple[str, ...] | None = option(None, "one word per class, class 0 first; default: the task's")
-    max_length: int = option(128, "tokens per example; a longer sentence is cut, the prompt never is", min=8)
+    data_dir: str | None = option(
+        None, "folder holding sst2/ and lm-bff/ (else $MEZO_DATA, ../shared/data, the cache)")
+    k: int = option(
+        16, "training examples per class, sampled as LM-BFF does; 0 = the whole GLUE train set",
+        min=0)
+    data_seed: int = option(
+        42, "LM-BFF split seed (paper: 13, 21, 42, 87, 100)", min=0, below=1 << 32)
+    template: str | None = option(
+        None, "{sentence} (or {sentence1}, {sentence2}) and {mask}; default: the task's")
+    label_words: tuple[str, ...] | None = option(
+        None, "one word per class, class 0 first; default: the task's")
+    max_length: int = option(
+        128, "tokens per example; a longer sentence is cut, the prompt never is", min=8)
     # model
-    model: str = option("smollm2-135m", "a local folder, a hub name, or the offline alias smollm2-135m")
+    model: str = option(
+        "smollm2-135m", "a local folder, a hub name, or the offline alias smollm2-135m")
     dtype: str = option("float32", "dtype of the model's tensors", choices=tuple(DTYPES))
     device: str = option("auto", "cpu, cuda, cuda:1, ...; auto = cuda when there is one")
-    micro_batch: int = option(8, "examples per forward: length-sorted pieces of a batch (less padding)", min=1)
-    head: str = option("prompt", "LM head on the label words, or a fresh linear head", choices=("prompt", "cls"))
-    mode: str = option("lora", "LoRA, all of θ, a prefix, or the cls head", choices=("lora", "full", "prefix", "head"))
+    micro_batch: int = option(
+        8, "examples per forward: length-sorted pieces of a batch (less padding)", min=1)
+    head: str = option(
+        "prompt", "LM head on the label words, or a fresh linear head", choices=("prompt", "cls"))
+    mode: str = option(
+        "lora", "LoRA, all of θ, a prefix, or the cls head",
+        choices=("lora", "full", "prefix", "head"))
     lora_r: int = option(8, "LoRA rank (paper: 8)", min=1)
-    lora_alpha: float = option(16.0, "LoRA alpha; the update is scaled by alpha / r (paper: 16)", min=0)
-    lora_targets: tuple[str, ...] | None = option(None, "linear layers to adapt (default query,value or q_proj,v_proj)")
-    lora_dtype: str | None = option(None, "LoRA's dtype (default the model's)", choices=(None, *DTYPES))
+    lora_alpha: float = option(
+        16.0, "LoRA alpha; the update is scaled by alpha / r (paper: 16)", min=0)
+    lora_targets: tuple[str, ...] | None = option(
+        None, "linear layers to adapt (default query,value or q_proj,v_proj)")
+    lora_dtype: str | None = option(
+        None, "LoRA's dtype (default the model's)", choices=(None, *DTYPES))
     top_layers: int = option(0, "train only the top K transformer layers (0 = all)", min=0)
-    num_prefix: int = option(5, "--mode prefix: virtual tokens on every attention layer (paper: 5)", min=1)
+    num_prefix: int = option(
+        5, "--mode prefix: virtual tokens on every attention layer (paper: 5)", min=1)
     # MeZO
-    steps: int = option(400, "optimisation steps (the default run takes about 15 minutes on 2 CPU cores)", min=0)
+    steps: int = option(
+        400, "optimisation steps (the default run takes about 15 minutes on 2 CPU cores)", min=0)
     batch_size: int = option(8, "examples per step (paper: 16 for OPT, 64 for RoBERTa)", min=1)
     lr: float = option(1e-3, "learning rate", min=0)
     eps: float = option(1e-3, "perturbation scale ε (paper: 1e-3)", above=0)
     weight_decay: float = option(0.0, "weight decay; never on biases and norm weights", min=0)
     n_samples: int = option(1, "directions z per step, averaged (the paper's Algorithm 2)", min=1)
-    rule: str = option("sgd", "ZO-SGD or rules.py's", choices=("sgd", "momentum", "adam", "sign", "conservative"))
-    beta: float = option(0.9, "--rule momentum's β, --rule adam's β1 (its β2 is 0.999)", min=0)
-    objective: str = option("ce", "cross-entropy over the label words, or 1 − accuracy", choices=("ce", "accuracy"))
-    optimizer: str = option("mezo", "or adam: the first-order baseline, backprop + AdamW", choices=("mezo", "adam"))
-    fast: bool = option(False, "fast/'s backend, same numbers: compiled on CPUs, Triton kernels on GPUs")
-    exact_restore: bool = option(False, "keep a copy of θ during a step so ±ε never drifts (low-precision full)")
-    cache: bool = option(False, "cache/: reuse the frozen layers' states per example (pays with --top-layers)")
-    cache_mb: int = option(1024, "--cache memory cap in MiB (least recently used examples go first)", min=1)
-    seed: int = option(0, "run seed: LoRA init, batch order and every z derive from it", min=0)
+    rule: str = option(
+        "sgd", "ZO-SGD or rules.py's", choices=("sgd", "momentum", "adam", "sign", "conservative"))
+    beta: float = option(0.9, "--rule momentum's β, --rule adam's β1 (β2: 0.999)", min=0, below=1)
+    objective: str = option(
+        "ce", "cross-entropy over the label words, or 1 − accuracy", choices=("ce", "accuracy"))
+    optimizer: str = option(
+        "mezo", "or adam: the first-order baseline, backprop + AdamW", choices=("mezo", "adam"))
+    fast: bool = option(
+        False, "fast/'s backend, same numbers: compiled on CPUs, Triton kernels on GPUs")
+    exact_restore: bool = option(
+        False, "keep a copy of θ during a step so ±ε never drifts (low-precision full)")
+    cache: bool = option(
+        False, "cache/: reuse the frozen layers' states per example (pays with --top-layers)")
+    cache_mb: int = option(
+        1024, "--cache memory cap in MiB (least recently used examples go first)", min=1)
+    seed: int = option(
+        0, "run seed: LoRA init, batch order and every z derive from it", min=0, below=1 << 63)
     # evaluation, logging, checkpoints
-    eval_every: int = option(100, "evaluate every N steps (0 = only at the start and the end)", min=0)
-    eval_max: int = option(200, "test rows evaluated during training (0 = all); the start and the end use all", min=0)
+    eval_every: int = option(
+        100, "evaluate every N steps (0 = only at the start and the end)", min=0)
+    eval_max: int = option(
+        200, "test rows evaluated during training (0 = all); the start and the end use all", min=0)
     eval_max_start: int = option(0, "test rows evaluated at step 0 (0 = all)", min=0)
-    out: str | None = option(None, "folder for log.jsonl, checkpoint.safetensors, summary.json and the adapter")
-    save_every: int = option(0, "also checkpoint every N steps (0 = at each evaluation and at the end)", min=0)
-    replay: str | None = option(None, "rebuild this run folder's tensors after --steps from its log alone, into --out")
+    out: str | None = option(
+        None, "folder for log.jsonl, checkpoint.safetensors, summary.json and the adapter")
+    save_every: int = option(
+        0, "also checkpoint every N steps (0 = at each evaluation and at the end)", min=0)
+    replay: str | None = option(
+        None, "rebuild this run folder's tensors after --steps from its log alone, into --out")
+    overwrite: bool = option(False, "let a fresh run or a replay replace the run already in --out")
     threads: int = option(0, "torch CPU threads (0 = torch's default)", min=0)
     # parallel (tp/): launch with `torchrun --nproc-per-node N mezo.py ...`
-    tp: int = option(1, "tensor-parallel ranks: each holds a slice of every attention and MLP weight", min=1)
-    dp: int = option(0, "data-parallel ranks: each runs a slice of the batch (0 = processes / tp)", min=0)
-    dist_timeout: float = option(300.0, "seconds a collective waits for a silent rank before the job fails", above=0)
+    tp: int = option(
+        1, "tensor-parallel ranks: each holds a slice of every attention and MLP weight", min=1)
+    dp: int = option(
+        0, "data-parallel ranks: each runs a slice of the batch (0 = processes / tp)", min=0)
+    dist_timeout: float = option(
+        300.0, "seconds a collective waits for a silent rank before the job fails", above=0)
 
 # -----------------------------------------------------------------------------
-# The noise. z for element i of the run's trainable vector is a pure function of (seed, i): output i % 4 of
-# Triton's tl.randn4x(seed, i // 4). So z is never stored, any shard or chunk makes its own slice, and a Triton
-# kernel makes the same numbers. Philox4x32-10 gives four 32-bit words per counter; Box-Muller turns each pair
-# of words into two normals.
+# The noise. z for element i of the run's trainable vector is a pure function of (seed, i):
+# output i % 4 of Triton's tl.randn4x(seed, i // 4). So z is never stored, any shard or chunk makes
+# its own slice, and a Triton kernel makes the same numbers. Philox4x32-10 gives four 32-bit words
+# per counter; Box-Muller turns each pair of words into two normals.
 
 MASK32 = 0xFFFFFFFF
 PHILOX_ROUND_A, PHILOX_ROUND_B = 0xD2511F53, 0xCD9E8D57  # multipliers
 PHILOX_KEY_A, PHILOX_KEY_B = 0x9E3779B9, 0xBB67AE85  # key increments (golden ratio, sqrt(3) - 1)
-NOISE_CHUNK = 1 << 16  # elements of z made at once: large calls are dominated by temporaries
+# elements of z made at once on a CPU: a chunk's temporaries stay in its cache
+NOISE_CHUNK = 1 << 16
+# On a GPU one chunk is a few hundred small launches, so 65,536 elements a chunk leave it idle
+# between them; a chunk of 2^24 (about 1 GB of temporaries) keeps it busy. z depends only on the
+# index: no number changes.
+NOISE_CHUNK_CUDA = 1 << 24
+
+
+def noise_chunk(device) -> int:
+    """How many elements of z to make at once on `device`."""
+    if torch.device(device).type == "cuda":
+        return NOISE_CHUNK_CUDA
+    return NOISE_CHUNK
 
 
 def _mulhilo(a: int, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """High and low 32 bits of a·x, for a 32-bit constant a and uint32 values x held in int64.
-    torch has no usable uint32 arithmetic on CPU, and a·x can reach 2^64, past int64; so split a into
+    """High and low 32 bits of a·x, for a 32-bit constant a and uint32 values x held in int64. torch
+    has no usable uint32 arithmetic on CPU, and a·x can reach 2^64, past int64; so split a into
     16-bit halves, each partial product stays below 2^48."""
     lo_part, hi_part = x * (a & 0xFFFF), x * (a >> 16)  # a·x = hi_part·2^16 + lo_part
     lo = (lo_part + ((hi_part & 0xFFFF) << 16)) & MASK32
@@ -112,7 +168,8 @@ def _mulhilo(a: int, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
 
 
 def philox(seed: int, counter: torch.Tensor) -> tuple[torch.Tensor, ...]:
-    """Philox4x32-10 on counters (lo32(j), hi32(j), 0, 0) with key (lo32(seed), hi32(seed)): four uint32 words."""
+    """Philox4x32-10 on counters (lo32(j), hi32(j), 0, 0) with key (lo32(seed), hi32(seed)): four
+    uint32 words."""
     c0, c1 = counter & MASK32, counter >> 32
     c2 = c3 = torch.zeros_like(counter)
     k0, k1 = seed & MASK32, (seed >> 32) & MASK32
@@ -125,14 +182,16 @@ def philox(seed: int, counter: torch.Tensor) -> tuple[torch.Tensor, ...]:
 
 
 def uniform(word: torch.Tensor) -> torch.Tensor:
-    """Triton's uint_to_uniform_float: read the word as int32, fold negatives (x -> -x-1), scale into [0, 1)."""
+    """Triton's uint_to_uniform_float: read the word as int32, fold negatives (x -> -x-1), scale
+    into [0, 1)."""
     folded = torch.where(word >= 1 << 31, MASK32 - word, word)  # = -x-1 for the negative int32 x
     return folded.to(torch.float32) * torch.tensor(4.6566127342e-10, dtype=torch.float32)
 
 
 def _f32(op, x: torch.Tensor) -> torch.Tensor:
-    # op in float64, rounded once: the correctly rounded float32 result. torch's float32 sqrt/log/cos/sin on CPU
-    # differ by an ulp between vector and scalar paths, so z would depend on where an element falls in a chunk.
+    # op in float64, rounded once: the correctly rounded float32 result. torch's float32
+    # sqrt/log/cos/sin on CPU differ by an ulp between vector and scalar paths, so z would depend on
+    # where an element falls in a chunk.
     return op(x.double()).float()
 
 
@@ -152,16 +211,18 @@ def randn4x(seed: int, counter: torch.Tensor) -> tuple[torch.Tensor, ...]:
     return n0, n1, n2, n3
 
 
-def noise(seed: int, index: torch.Tensor) -> torch.Tensor:
-    """z (float32) for each global index: output index % 4 of tl.randn4x(seed, index // 4).
-    Made NOISE_CHUNK elements at a time, so memory stays flat whatever the size of index."""
+def noise(seed: int, index: torch.Tensor, chunk: int | None = None) -> torch.Tensor:
+    """z (float32) for each global index: output index % 4 of tl.randn4x(seed, index // 4). Made
+    `chunk` elements at a time (default: noise_chunk of index's device), so memory stays flat
+    whatever the size of index."""
     if not 0 <= seed < 1 << 63:
         raise ValueError(f"noise seed must be in [0, 2^63), got {seed}")
     index = torch.as_tensor(index).to(torch.int64).reshape(-1)
+    chunk = chunk or noise_chunk(index.device)
     z = torch.empty(index.shape, dtype=torch.float32, device=index.device)
-    for start in range(0, index.numel(), NOISE_CHUNK):
-        chunk = index[start:start + NOISE_CHUNK]
-        z[start:start + chunk.numel()] = _noise_chunk(seed, chunk)
+    for start in range(0, index.numel(), chunk):
+        piece = index[start:start + chunk]
+        z[start:start + piece.numel()] = _noise_chunk(seed, piece)
     return z
 
 
@@ -173,22 +234,26 @@ def _noise_chunk(seed: int, index: torch.Tensor) -> torch.Tensor:
         counters = torch.arange(j0, ((first + n - 1) >> 2) + 1, device=index.device)
         z4 = torch.stack(randn4x(seed, counters), dim=1).reshape(-1)  # (4 * num counters,)
         return z4[first - 4 * j0:first - 4 * j0 + n]
-    # Scattered indices (a tensor-parallel shard's rows): one call per element, keep output index % 4.
+    # Scattered indices (a tensor-parallel shard's rows): one call per element, keep output
+    # index % 4.
     n0, n1, n2, n3 = randn4x(seed, index >> 2)
     lane = index & 3
     return torch.where(lane < 2, torch.where(lane == 0, n0, n1), torch.where(lane == 2, n2, n3))
 
 
 def step_seed(run_seed: int, step: int, sample: int) -> int:
-    """The seed of z for (step, sample): a splitmix64 hash, so every rank and a resumed run derive it alone."""
-    x = (run_seed * 0x9E3779B97F4A7C15 + step * 0xBF58476D1CE4E5B9 + sample * 0x94D049BB133111EB + 1) & (2**64 - 1)
+    """The seed of z for (step, sample): a splitmix64 hash, so every rank and a resumed run derive
+    it alone."""
+    x = run_seed * 0x9E3779B97F4A7C15 + step * 0xBF58476D1CE4E5B9 + sample * 0x94D049BB133111EB
+    x = (x + 1) & (2**64 - 1)
     x = ((x ^ (x >> 30)) * 0xBF58476D1CE4E5B9) & (2**64 - 1)
     x = ((x ^ (x >> 27)) * 0x94D049BB133111EB) & (2**64 - 1)
     return (x ^ (x >> 31)) >> 1  # 63 bits: a non-negative int64 for torch and Triton alike
 
 # -----------------------------------------------------------------------------
-# The trainable tensors, in one canonical order (the unsharded model's), each owning a contiguous range of global
-# indices. LoRA is added in place: two parameters and a forward hook on each chosen nn.Linear; nothing is renamed.
+# The trainable tensors, in one canonical order (the unsharded model's), each owning a contiguous
+# range of global indices. LoRA is added in place: two parameters and a forward hook on each chosen
+# nn.Linear; nothing is renamed.
 
 
 @dataclass
@@ -198,49 +263,57 @@ class Trainable:
     offset: int  # global index of element 0 of the full tensor
     decay: bool  # weight decay applies: not to biases and norm weights (1-D tensors)
     full_shape: tuple[int, ...] = ()  # shape of the unsharded tensor
-    shard_start: tuple[int, ...] = ()  # where this shard starts in the full tensor (all zeros: not sharded)
+    # where this shard starts in the full tensor (all zeros: not sharded)
+    shard_start: tuple[int, ...] = ()
 
     def global_index(self, start: int, end: int, step: int = 1) -> torch.Tensor:
-        """Global indices of local flat elements range(start, end, step) (row-major in the full tensor)."""
+        """Global indices of local flat elements range(start, end, step) (row-major in the full
+        tensor)."""
         local = torch.arange(start, end, step, device=self.tensor.device)
         if tuple(self.tensor.shape) == self.full_shape:
             return self.offset + local
-        flat = torch.zeros_like(local)  # unravel in the shard's shape, shift, ravel in the full shape
+        # unravel in the shard's shape, shift, ravel in the full shape
+        flat = torch.zeros_like(local)
         for dim, size in enumerate(self.tensor.shape):
             coord = (local // math.prod(self.tensor.shape[dim + 1:])) % size + self.shard_start[dim]
             flat += coord * math.prod(self.full_shape[dim + 1:])
         return self.offset + flat
 
 
-def noise_chunks(params: list[Trainable], seed: int):
-    """(trainable, flat piece of its tensor, its z), about NOISE_CHUNK elements at a time. One call of noise()
-    may span many small tensors (LoRA has hundreds), which keeps its fixed cost off each; z is a function of
-    the index, so the grouping changes nothing."""
+def noise_chunks(params: list[Trainable], seed: int, chunk: int | None = None):
+    """(trainable, flat piece of its tensor, its z), about `chunk` elements at a time (default:
+    noise_chunk of the tensors' device). One call of noise() may span many small tensors (LoRA has
+    hundreds), which keeps its fixed cost off each; z is a function of the index, so the grouping
+    changes nothing."""
     pieces, size = [], 0
     for p in params:
         flat = p.tensor.data.view(-1)
-        for start in range(0, flat.numel(), NOISE_CHUNK):
-            end = min(start + NOISE_CHUNK, flat.numel())
+        n = chunk or noise_chunk(flat.device)
+        for start in range(0, flat.numel(), n):
+            end = min(start + n, flat.numel())
             pieces.append((p, flat[start:end], p.global_index(start, end)))
             size += end - start
-            if size >= NOISE_CHUNK:
-                yield from _with_noise(pieces, seed)
+            if size >= n:
+                yield from _with_noise(pieces, seed, n)
                 pieces, size = [], 0
-    yield from _with_noise(pieces, seed)
+    yield from _with_noise(pieces, seed, chunk)
 
 
-def _with_noise(pieces, seed: int):
+def _with_noise(pieces, seed: int, chunk: int | None):
     if pieces:
-        z = noise(seed, torch.cat([index for _, _, index in pieces]))
-        for (p, theta, _), z_piece in zip(pieces, z.split([theta.numel() for _, theta, _ in pieces])):
+        z = noise(seed, torch.cat([index for _, _, index in pieces]), chunk)
+        sizes = [theta.numel() for _, theta, _ in pieces]
+        for (p, theta, _), z_piece in zip(pieces, z.split(sizes)):
             yield p, theta, z_piece
 
 
 def make_trainables(named_params) -> list[Trainable]:
-    """Give each (name, parameter) its global offset: the running total of numel, in the given order."""
+    """Give each (name, parameter) its global offset: the running total of numel, in the given
+    order."""
     params, offset = [], 0
     for name, p in named_params:
-        params.append(Trainable(name, p, offset, p.dim() >= 2, full_shape=tuple(p.shape), shard_start=(0,) * p.dim()))
+        whole = dict(full_shape=tuple(p.shape), shard_start=(0,) * p.dim())
+        params.append(Trainable(name, p, offset, p.dim() >= 2, **whole))
         offset += p.numel()
     return params
 
@@ -251,44 +324,60 @@ def _lora_hook(module: nn.Linear, inputs, output):
     return output + ((x @ a.t() @ b.t()) * module.lora_scaling).to(output.dtype)  # (B, T, out)
 
 
-def add_lora(model: nn.Module, names: list[str], r: int, alpha: float, seed: int, dtype=None) -> None:
-    """Add lora_A (r, in) and lora_B (out, r) to each named nn.Linear; B = 0, so the model is unchanged.
-    A is initialised as PEFT does (Kaiming-uniform), from a generator seeded by the run seed."""
+def add_lora(model: nn.Module, names: list[str], r: int, alpha: float, seed: int,
+             dtype=None) -> None:
+    """Add lora_A (r, in) and lora_B (out, r) to each named nn.Linear; B = 0, so the model is
+    unchanged. A is initialised as PEFT does (Kaiming-uniform), from a generator seeded by the run
+    seed."""
     gen = torch.Generator().manual_seed(seed)
     for name in names:
         layer = model.get_submodule(name)
         w, dtype_ = layer.weight, dtype or layer.weight.dtype
-        bound = 1 / math.sqrt(layer.in_features)  # kaiming_uniform_(a=sqrt(5)), written out to take a generator
+        # kaiming_uniform_(a=sqrt(5)), written out to take a generator
+        bound = 1 / math.sqrt(layer.in_features)
         a = (torch.rand(r, layer.in_features, generator=gen) * 2 - 1) * bound
         layer.lora_A = nn.Parameter(a.to(w.device, dtype_))
-        layer.lora_B = nn.Parameter(torch.zeros(layer.out_features, r, device=w.device, dtype=dtype_))
+        b = torch.zeros(layer.out_features, r, device=w.device, dtype=dtype_)
+        layer.lora_B = nn.Parameter(b)
         layer.lora_scaling = alpha / r
         layer.register_forward_hook(_lora_hook)
 
 
 def select_trainables(model: nn.Module, cfg: Config) -> list[Trainable]:
-    """Freeze everything, add LoRA or a prefix if asked, and return the trainable tensors in canonical order."""
+    """Freeze everything, add LoRA or a prefix if asked, and return the trainable tensors in
+    canonical order."""
     model.requires_grad_(False)
-    if cfg.mode == "lora":  # which layers: by name, within the top layers (models.py knows the architectures)
+    # which layers: by name, within the top layers (models.py knows the architectures)
+    if cfg.mode == "lora":
         names = models.lora_target_names(model, cfg.lora_targets, cfg.top_layers)
-        add_lora(model, names, cfg.lora_r, cfg.lora_alpha, cfg.seed, DTYPES[cfg.lora_dtype] if cfg.lora_dtype else None)
-    elif cfg.mode == "prefix":  # MeZO-prefix: virtual tokens' keys and values on every attention layer (prefix.py)
+        dtype = DTYPES.get(cfg.lora_dtype)
+        add_lora(model, names, cfg.lora_r, cfg.lora_alpha, cfg.seed, dtype)
+    # MeZO-prefix: virtual tokens' keys and values on every attention layer (prefix.py)
+    elif cfg.mode == "prefix":
         prefix.add_prefix(model, cfg.num_prefix, cfg.seed)
-    chosen = [(name, p) for name, p in model.named_parameters()
-              if name.startswith("cls_head.")  # a fresh classification head is always trained
-              or name.endswith({"lora": (".lora_A", ".lora_B"), "prefix": prefix.SUFFIXES}.get(cfg.mode, ()))
-              or (cfg.mode == "full" and models.in_top_layers(name, model, cfg.top_layers))]
+    # what each mode trains, by the end of the tensors' names
+    suffixes = {"lora": (".lora_A", ".lora_B"), "prefix": prefix.SUFFIXES}.get(cfg.mode, ())
+
+    def trained(name: str) -> bool:
+        # a fresh classification head is always trained
+        if name.startswith("cls_head.") or name.endswith(suffixes):
+            return True
+        return cfg.mode == "full" and models.in_top_layers(name, model, cfg.top_layers)
+
+    chosen = [(name, p) for name, p in model.named_parameters() if trained(name)]
     for _, p in chosen:
         p.requires_grad_(True)  # marks them; the algorithm itself never calls backward
     return make_trainables(chosen)
 
 # -----------------------------------------------------------------------------
-# The noise/update backend (seam 1): θ += scale·z in place, and the update. The reference walks the tensors
-# chunk by chunk, computes in float32 (float64 stays float64), and rounds once into the tensor's own dtype.
+# The noise/update backend (seam 1): θ += scale·z in place, and the update. The reference walks the
+# tensors chunk by chunk, computes in float32 (float64 stays float64), and rounds once into the
+# tensor's own dtype.
 
 
-def _compute(theta: torch.Tensor) -> torch.Tensor:
-    return theta.to(torch.promote_types(theta.dtype, torch.float32))  # float32 math, float64 kept as it is
+def in_compute_dtype(theta: torch.Tensor) -> torch.Tensor:
+    # float32 math, float64 kept as it is
+    return theta.to(torch.promote_types(theta.dtype, torch.float32))
 
 
 class TorchBackend:
@@ -296,73 +385,98 @@ class TorchBackend:
     def perturb(self, params: list[Trainable], seed: int, scale: float) -> None:
         """θ ← θ + scale·z."""
         for _, theta, z in noise_chunks(params, seed):
-            t = _compute(theta)
+            t = in_compute_dtype(theta)
             theta.copy_(t + scale * z.to(t.dtype))
 
     @torch.no_grad()
-    def update(self, params: list[Trainable], seed: int, projected_grad: float, lr: float, weight_decay: float) -> None:
-        """θ ← θ − lr·(projected_grad·z + weight_decay·θ); no weight decay on biases and norm weights."""
+    def update(self, params: list[Trainable], seed: int, projected_grad: float, lr: float,
+               weight_decay: float) -> None:
+        """θ ← θ − lr·(projected_grad·z + weight_decay·θ); no weight decay on biases and norm
+        weights."""
         for p, theta, z in noise_chunks(params, seed):
             wd = weight_decay if p.decay else 0.0
-            t = _compute(theta)
+            t = in_compute_dtype(theta)
             theta.copy_(t - lr * (projected_grad * z.to(t.dtype) + wd * t))
 
+    def settle(self, params: list[Trainable]) -> None:
+        """Make θ exact before it is read (an evaluation, a checkpoint, the end). Every pass above
+        is done at once, so nothing is left to do; a fused backend (fast.Fused) defers passes and
+        does them here."""
+
 # -----------------------------------------------------------------------------
-# One MeZO step (Algorithm 1; Algorithm 2 with n samples). loss_fn runs a forward on the step's batch and
-# returns a float: the forward seam lives inside it, and so does the placement seam's reduction of the loss.
+# One MeZO step (Algorithm 1; Algorithm 2 with n samples). loss_fn runs a forward on the step's
+# batch and returns a float: the forward seam lives inside it, and so does the placement seam's
+# reduction of the loss.
 
 
 @torch.no_grad()
-def mezo_step(params: list[Trainable], loss_fn, seeds: list[int], eps: float, lr, weight_decay, backend=None,
-              perturbed: bool = False, next_seed: int | None = None, rule=None) -> list[dict]:
-    """One step. lr and weight_decay: one value, or one per tensor (MeZO's param groups). perturbed: θ + εz
-    for seeds[0] is already there (the last step's next_seed). next_seed: end at θ_next + εz for that seed,
-    which a backend may fuse with the update (fast/ does: 2 passes over θ a step, not 3). Same roundings."""
-    backend = backend or TorchBackend()
-    groups = _rate_groups(params, lr, weight_decay)
+def mezo_step(params: list[Trainable], loss_fn, seeds: list[int], eps: float, lr, weight_decay,
+              backend=None, rule=None) -> list[dict]:
+    """One step: a projected gradient per seed (n seeds: Algorithm 2), then the update rule (ZO-SGD
+    unless rules.py's). lr and weight_decay: one value, or one per tensor (MeZO's param groups)."""
+    backend, rule = backend or TorchBackend(), rule or ZO_SGD
     samples = []
-    for k, seed in enumerate(seeds):
-        if not (perturbed and k == 0):
-            backend.perturb(params, seed, +eps)  # θ + εz
+    for seed in seeds:
+        backend.perturb(params, seed, +eps)  # θ + εz
         loss_plus = loss_fn()
         backend.perturb(params, seed, -2 * eps)  # θ − εz
         loss_minus = loss_fn()
-        projected_grad = (loss_plus - loss_minus) / (2 * eps)  # ≈ ∇L·z
-        samples.append(dict(seed=seed, loss_plus=loss_plus, loss_minus=loss_minus, projected_grad=projected_grad))
-        finite = math.isfinite(loss_plus) and math.isfinite(loss_minus)
-        if finite and len(seeds) == 1 and len(groups) == 1 and hasattr(backend, "restore_and_update") and not rule:
-            # A backend may fuse the restore below with the update and the next +εz: one pass over θ.
-            _, group_lr, group_wd = groups[0]
-            backend.restore_and_update(params, seed, eps, projected_grad, group_lr, group_wd, next_seed)
-            return samples
         backend.perturb(params, seed, +eps)  # back to θ (up to rounding; see the tests)
-        if not finite:
+        if not (math.isfinite(loss_plus) and math.isfinite(loss_minus)):
             raise NonFiniteLoss(f"loss_plus={loss_plus}, loss_minus={loss_minus}")
-    sgd_update(backend, samples, groups) if rule is None else rule.update(params, samples, groups, backend, loss_fn)
-    if next_seed is not None:
-        backend.perturb(params, next_seed, +eps)
+        projected_grad = (loss_plus - loss_minus) / (2 * eps)  # ≈ ∇L·z
+        samples.append(dict(seed=seed, loss_plus=loss_plus, loss_minus=loss_minus,
+                            projected_grad=projected_grad))
+    rule.update(params, samples, rate_groups(params, lr, weight_decay), backend, loss_fn)
     return samples
 
 
-def sgd_update(backend, samples: list[dict], groups) -> None:  # θ ← θ − lr·(mean_k g_k·z_k + wd·θ), wd once
+def sgd_update(backend, samples: list[dict], groups) -> None:
+    """ZO-SGD: θ ← θ − lr·(mean_k g_k·z_k + wd·θ), one update pass per sample."""
     for k, s in enumerate(samples):
         for group, group_lr, group_wd in groups:
-            backend.update(group, s["seed"], s["projected_grad"] / len(samples), group_lr, group_wd if k == 0 else 0.0)
+            # Weight decay is applied once a step, with the first sample's pass.
+            wd = group_wd if k == 0 else 0.0
+            backend.update(group, s["seed"], s["projected_grad"] / len(samples), group_lr, wd)
 
 
-def _rate_groups(params: list[Trainable], lr, weight_decay) -> list[tuple[list[Trainable], float, float]]:
-    """(tensors, lr, weight decay) for runs of tensors that share them; one run keeps the list (fast/ keys on it)."""
-    per = lambda v: list(v) if isinstance(v, (list, tuple)) else [v] * len(params)
+class SGD:
+    """MeZO's own rule, ZO-SGD: the default of mezo_step. rules.py's rules take the same call."""
+
+    def update(self, params: list[Trainable], samples: list[dict], groups, backend,
+               loss_fn) -> None:
+        sgd_update(backend, samples, groups)
+
+
+ZO_SGD = SGD()
+
+
+def per_tensor(value, n: int) -> list:
+    """One value per tensor: a list or tuple as given, a single value repeated."""
+    if isinstance(value, (list, tuple)):
+        return list(value)
+    return [value] * n
+
+
+def rate_groups(params: list[Trainable], lr,
+                weight_decay) -> list[tuple[list[Trainable], float, float]]:
+    """(tensors, lr, weight decay) for runs of tensors that share them; one run keeps the list
+    (fast/ keys on it)."""
     groups = []
-    for p, rates in zip(params, zip(per(lr), per(weight_decay))):
-        groups[-1][0].append(p) if groups and groups[-1][1:] == rates else groups.append(([p], *rates))
+    lrs, wds = per_tensor(lr, len(params)), per_tensor(weight_decay, len(params))
+    for p, rates in zip(params, zip(lrs, wds)):
+        if groups and groups[-1][1:] == rates:
+            groups[-1][0].append(p)
+        else:
+            groups.append(([p], *rates))
     return [(params, *groups[0][1:])] if len(groups) == 1 else groups
 
 
 class ExactRestore:
-    """Drift-free mode (--exact-restore): keeps a copy of θ for the step, and every perturbation starts from
-    it, so L± are taken at round(θ ± εz) and the restore is the copy: bit-exact in any dtype. (In-place ±ε in
-    bfloat16 loses ~3 % of |θ| in 50 steps at lr = 0: bench/drift.py.) Costs one copy of the trainable tensors."""
+    """Drift-free mode (--exact-restore): keeps a copy of θ for the step, and every perturbation
+    starts from it, so L± are taken at round(θ ± εz) and the restore is the copy: bit-exact in any
+    dtype. (In-place ±ε in bfloat16 loses ~3 % of |θ| in 50 steps at lr = 0: bench/drift.py.) Costs
+    one copy of the trainable tensors."""
 
     def __init__(self, backend):
         self.backend, self.saved, self.scale = backend, None, 0.0
@@ -383,95 +497,153 @@ class ExactRestore:
     def update(self, *args) -> None:
         self.backend.update(*args)  # from θ, which the last perturb restored exactly
 
+    def settle(self, params: list[Trainable]) -> None:
+        self.backend.settle(params)
+
 # -----------------------------------------------------------------------------
 # MeZO as a torch.optim.Optimizer, for your own model and loop. The step is mezo_step itself, on the
 # parameters in the order given (group after group), with seeds from (seed, step count).
 
 
 class MeZO(torch.optim.Optimizer):
-    """opt = MeZO(model.parameters(), lr=1e-3, eps=1e-3); loss = opt.step(lambda: loss_fn(model, batch)).
-    params: parameters, (name, parameter) pairs, or groups with their own lr and weight_decay (lr schedulers work).
-    step(closure) runs the closure (a forward: a float or 0-d tensor) twice per sample without autograd and returns
-    the loss at θ, (L+ + L−)/2; `last` holds the step's record. Weight decay skips 1-D tensors, as in mezo_step.
-    state_dict(): step count, seed, the rule's buffers. backend= takes fast/'s; rule= rules.py's (rules.make)."""
+    """opt = MeZO(model.parameters(), lr=1e-3, eps=1e-3); loss = opt.step(lambda: loss_fn(model,
+    batch)). params: parameters, (name, parameter) pairs, or groups with their own lr and
+    weight_decay (lr schedulers work). step(closure) runs the closure (a forward: a float or 0-d
+    tensor) twice per sample without autograd and returns the loss at θ, (L+ + L−)/2; `last` holds
+    the step's record. Weight decay skips 1-D tensors, as in mezo_step. Parameters with
+    requires_grad=False are skipped, as torch's optimizers skip those without a gradient: z is laid
+    out over the others, at each step. state_dict(): step count, seed, the rule's name and buffers.
+    backend= takes fast/'s; rule= rules.py's (rules.make)."""
 
     def __init__(self, params, lr: float = 1e-3, eps: float = 1e-3, weight_decay: float = 0.0,
                  n_samples: int = 1, seed: int = 0, backend=None, rule=None):
-        if not (lr >= 0 and eps > 0 and weight_decay >= 0 and n_samples >= 1 and 0 <= seed < 1 << 63):
-            raise ValueError(f"MeZO needs lr >= 0, eps > 0, weight_decay >= 0, n_samples >= 1, 0 <= seed < 2^63; "
-                             f"got {lr=}, {eps=}, {weight_decay=}, {n_samples=}, {seed=}")
+        valid = lr >= 0 and eps > 0 and weight_decay >= 0 and n_samples >= 1
+        if not (valid and 0 <= seed < 1 << 63):
+            raise ValueError(f"MeZO needs lr >= 0, eps > 0, weight_decay >= 0, n_samples >= 1, "
+                             f"0 <= seed < 2^63; got {lr=}, {eps=}, {weight_decay=}, {n_samples=}, "
+                             f"{seed=}")
         self.eps, self.n_samples, self.seed, self.steps, self.last = eps, n_samples, seed, 0, None
         self.backend, self.rule = backend or TorchBackend(), rule
         super().__init__(params, dict(lr=lr, weight_decay=weight_decay))
 
     def add_param_group(self, group: dict) -> None:
-        """torch's, and: unnamed parameters are named group.index, and the trainables (mezo_step's global
-        indices, in group order) are laid out again. Names are kept here, so any torch takes (name, tensor)."""
-        if set(group) - {"params", "lr", "weight_decay"}:
-            raise ValueError(f"MeZO param group {len(self.param_groups)}: only lr and weight_decay can differ "
-                             f"between groups, not {sorted(set(group) - {'params', 'lr', 'weight_decay'})}")
+        """torch's, and: unnamed parameters are named group.index, and the trainables (mezo_step's
+        global indices, in group order) are laid out again. Names are kept here, so any torch takes
+        (name, tensor)."""
+        others = sorted(set(group) - {"params", "lr", "weight_decay"})
+        if others:
+            raise ValueError(f"MeZO param group {len(self.param_groups)}: only lr and weight_decay "
+                             f"can differ between groups, not {others}")
+        rates = {key: group.get(key, self.defaults[key]) for key in ("lr", "weight_decay")}
+        if not (rates["lr"] >= 0 and rates["weight_decay"] >= 0):  # as the constructor; NaN too
+            raise ValueError(f"MeZO param group {len(self.param_groups)} needs lr >= 0 and "
+                             f"weight_decay >= 0; got lr={rates['lr']}, "
+                             f"weight_decay={rates['weight_decay']}")
         tensors = [group["params"]] if torch.is_tensor(group["params"]) else group["params"]
-        named = [p if isinstance(p, tuple) else (f"{len(self.param_groups)}.{j}", p) for j, p in enumerate(tensors)]
-        super().add_param_group(dict(group, params=[p for _, p in named], param_names=[n for n, _ in named]))
-        self.trainables = make_trainables([x for g in self.param_groups for x in zip(g["param_names"], g["params"])])
+        # (name, parameter) pairs; a bare parameter is named by its group and place
+        named = [p if isinstance(p, tuple) else (f"{len(self.param_groups)}.{j}", p)
+                 for j, p in enumerate(tensors)]
+        group = dict(group, params=[p for _, p in named], param_names=[n for n, _ in named])
+        super().add_param_group(group)
+        self.frozen = None  # lay the trainables out again
+        self.layout()
+
+    def layout(self) -> list[Trainable]:
+        """The trainables: the parameters that require grad, in group order (laid out again when
+        that changes)."""
+        frozen = tuple(not p.requires_grad for g in self.param_groups for p in g["params"])
+        if frozen != self.frozen:
+            self.frozen = frozen
+            named = [x for g in self.param_groups for x in zip(g["param_names"], g["params"])]
+            self.trainables = make_trainables([(name, p) for name, p in named if p.requires_grad])
+        return self.trainables
 
     @torch.no_grad()
     def step(self, closure) -> float:
         if closure is None:
             raise ValueError("MeZO.step needs a closure that runs a forward and returns the loss")
-        per_tensor = lambda key: [g[key] for g in self.param_groups for _ in g["params"]]
+        params = self.layout()
+        # The trainables' rates, tensor by tensor
+        lrs = [g["lr"] for g in self.param_groups for p in g["params"] if p.requires_grad]
+        wds = [g["weight_decay"] for g in self.param_groups for p in g["params"] if p.requires_grad]
         seeds = [step_seed(self.seed, self.steps + 1, k) for k in range(self.n_samples)]
+
+        def loss_fn() -> float:
+            return float(closure())
+
         try:
-            samples = mezo_step(self.trainables, lambda: float(closure()), seeds, self.eps, per_tensor("lr"),
-                                per_tensor("weight_decay"), self.backend, rule=self.rule)
+            samples = mezo_step(params, loss_fn, seeds, self.eps, lrs, wds, self.backend,
+                                rule=self.rule)
         except NonFiniteLoss as e:
-            raise NonFiniteLoss(f"non-finite loss at step {self.steps + 1} ({e}); the parameters are as step "
-                                f"{self.steps} left them. Lower lr or eps") from None
+            raise NonFiniteLoss(f"non-finite loss at step {self.steps + 1} ({e}); the parameters "
+                                f"are as step {self.steps} left them. Lower lr or eps") from None
         self.steps += 1
         self.last = dict(step=self.steps, **runs.step_record(samples, self.param_groups[0]["lr"]))
         return self.last["loss"]
 
+    def rule_name(self) -> str:
+        return type(self.rule).__name__.lower() if self.rule else "sgd"
+
     def state_dict(self) -> dict:
-        rule = self.rule.state(self.trainables) if self.rule else {}
-        return super().state_dict() | dict(mezo=dict(steps=self.steps, seed=self.seed, rule=rule))
+        rule = self.rule.state(self.layout()) if self.rule else {}
+        return super().state_dict() | dict(mezo=dict(steps=self.steps, seed=self.seed, rule=rule,
+                                                     rule_name=self.rule_name()))
 
     def load_state_dict(self, state_dict: dict) -> None:
         if "mezo" not in state_dict:
             raise ValueError("not a MeZO state_dict: it has no 'mezo' entry (step count and seed)")
+        # Before anything is loaded: a rule's buffers mean nothing to another rule. (A state_dict
+        # older than rule_name has none; then the rule's own load checks its buffers.)
+        saved, rule = state_dict["mezo"].get("rule_name", self.rule_name()), self.rule_name()
+        if saved != rule:
+            make = "rule=None" if saved == "sgd" else f"rule=rules.make({saved!r})"
+            raise ValueError(f"the state_dict was saved with another --rule ({saved}), and this "
+                             f"MeZO's rule is {rule}: make the MeZO with the rule it was saved "
+                             f"with ({make})")
         super().load_state_dict({k: v for k, v in state_dict.items() if k != "mezo"})
         self.steps, self.seed = state_dict["mezo"]["steps"], state_dict["mezo"]["seed"]
         if self.rule:
-            self.rule.load(state_dict["mezo"].get("rule", {}), self.trainables)
+            self.rule.load(state_dict["mezo"].get("rule", {}), self.layout())
 
 # -----------------------------------------------------------------------------
-# The forward (seam 2): a batch becomes label-word logits, read by the model's own LM head at one position (the
-# <mask>, or a causal LM's last token), which keeps the vocabulary projection off every other token.
+# The forward (seam 2): a batch becomes label-word logits, read by the model's own LM head at one
+# position (the <mask>, or a causal LM's last token), which keeps the vocabulary projection off
+# every other token.
 
 
 class PromptForward:
-    """(batch) -> label-word logits (B, C). The body runs once, the head only where read: each row's position, or
-    every token of several-token words, whose log-probabilities sum to the class's score (MeZO's OPT code).
-    A forward may also offer prepare(token id lists) and stats() (cache/ does)."""
+    """(batch) -> label-word logits (B, C). The body runs once, the head only where read: each row's
+    position, or every token of several-token words, whose log-probabilities sum to the class's
+    score (MeZO's OPT code). A forward may also offer prepare(token id lists) and stats() (cache/
+    does)."""
 
-    def __init__(self, model: nn.Module, label_ids: list[int], params: list[Trainable] | None = None):
+    def __init__(self, model: nn.Module, label_ids: list[int],
+                 params: list[Trainable] | None = None):
         self.model, self.label_ids = model, torch.tensor(label_ids)
         self.body = model.base_model
         heads = [m for m in model.children() if m is not self.body]
-        self.lm_head = heads[0] if len(heads) == 1 else None  # e.g. lm_head (Llama, RoBERTa), cls (BERT)
+        # e.g. lm_head (Llama, RoBERTa), cls (BERT)
+        self.lm_head = heads[0] if len(heads) == 1 else None
 
     def __call__(self, batch: dict) -> torch.Tensor:
-        return self.head(self.body(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"])
-                         .last_hidden_state, batch)  # (B, T, H) -> (B, C)
+        out = self.body(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"])
+        return self.head(out.last_hidden_state, batch)  # (B, T, H) -> (B, C)
 
     def head(self, hidden: torch.Tensor, batch: dict) -> torch.Tensor:
-        rows = batch.get("row", torch.arange(hidden.size(0)))  # several-token words: a row per (example, class)
+        # several-token words: a row per (example, class)
+        rows = batch.get("row", torch.arange(hidden.size(0)))
         h = hidden[rows, batch["position"]]  # (N, H) at the mask / last token / each word token
         if hasattr(self.model, "cls_head"):
-            return _compute(self.model.cls_head(h))  # (B, C)
+            return in_compute_dtype(self.model.cls_head(h))  # (B, C)
         if "target" not in batch:
-            return _compute(self.lm_head(h)[:, self.label_ids.to(h.device)])  # (B, V) -> (B, C)
-        logp = _compute(self.lm_head(h)).log_softmax(-1).gather(1, batch["target"][:, None])[:, 0]  # (N,)
-        return logp.new_zeros(hidden.size(0)).index_add_(0, rows, logp).view(len(batch["labels"]), -1)  # (B, C)
+            # (B, V) -> (B, C)
+            return in_compute_dtype(self.lm_head(h)[:, self.label_ids.to(h.device)])
+        # (N,)
+        logp = in_compute_dtype(self.lm_head(h)).log_softmax(-1)
+        logp = logp.gather(1, batch["target"][:, None])[:, 0]
+        # (B, C)
+        summed = logp.new_zeros(hidden.size(0)).index_add_(0, rows, logp)
+        return summed.view(len(batch["labels"]), -1)
 
 
 def objective_loss(logits: torch.Tensor, labels: torch.Tensor, objective: str) -> float:
@@ -480,8 +652,9 @@ def objective_loss(logits: torch.Tensor, labels: torch.Tensor, objective: str) -
     return F.cross_entropy(logits, labels).item()  # softmax over the label words only, as LM-BFF
 
 # -----------------------------------------------------------------------------
-# Placement (seam 3): where the model's tensors live, which examples this process runs, how a loss is
-# reduced, and who writes. One process: everything here, nothing to reduce. tp/ replaces it under torchrun.
+# Placement (seam 3): where the model's tensors live, which examples this process runs, how a loss
+# is reduced, and who writes. One process: everything here, nothing to reduce. tp/ replaces it under
+# torchrun.
 
 
 class Placement:
@@ -505,41 +678,53 @@ class Placement:
         pass
 
 # -----------------------------------------------------------------------------
-# The training loop: batch → step → log → evaluate/save. runs.Run keeps the bookkeeping (data, model,
-# evaluation, checkpoints, timing); what happens to θ is all here.
+# The training loop: batch → step → log → evaluate/save. runs.Run keeps the bookkeeping (data,
+# model, evaluation, checkpoints, timing); what happens to θ is all here.
 
 
 def train(cfg: Config, resume: str | None = None, *, backend=None, forward=PromptForward,
           placement: Placement | None = None, rule=None) -> dict:
-    """Train as the command line does and return the run's summary. The seams default to the reference's;
-    `variants(cfg)` makes the ones a config asks for (the command line passes them in)."""
-    runs.check_config(cfg)  # each option in its range, and no two that cannot go together: else one line
+    """Train as the command line does and return the run's summary. The seams default to the
+    reference's; `variants(cfg)` makes the ones a config asks for (the command line passes them in).
+    """
+    # each option in its range, and no two that cannot go together: else one line
+    runs.check_config(cfg)
     placement, backend = placement or Placement(), backend or TorchBackend()
-    run = runs.Run(cfg, placement, lambda model: placement.shard(model, select_trainables(model, cfg)), forward, rule)
-    # A fused backend also makes the next step's +εz in the update's pass (ZO-SGD, one sample), unless θ itself
-    # is needed between the steps (an evaluation or a checkpoint; the last step evaluates).
-    fuse, perturbed = hasattr(backend, "restore_and_update") and cfg.n_samples < 2 and not (rule or run.optimizer), 0
-    for step in run.steps(resume):
-        batch = run.batch(step)  # this process's examples of the step
+    def trainables(model: nn.Module) -> list[Trainable]:  # this process's (tp/ shards them)
+        return placement.shard(model, select_trainables(model, cfg))
 
-        def loss_fn() -> float:  # one forward at the current θ; data-parallel ranks average, so all see one loss
-            return placement.mean(objective_loss(*run.logits(batch), cfg.objective), len(batch))
+    # --out is this run's alone till the end
+    with runs.Run(cfg, placement, trainables, forward, rule) as run:
+        for step in run.steps(resume):
+            batch = run.batch(step)  # this process's examples of the step
 
-        next_seed = step_seed(cfg.seed, step + 1, 0) if fuse and not run.saves_at(step) else None
-        with run.timed_step(step):  # a non-finite loss stops the run, keeping the last good checkpoint
-            if run.optimizer:  # the first-order baseline (baseline.py), on the same tensors and batches
-                record = dict(loss=adam_step(run.optimizer, lambda: run.loss_parts(batch)), lr=cfg.lr)
-            else:
-                seeds = [step_seed(cfg.seed, step, k) for k in range(cfg.n_samples)]
-                samples = mezo_step(run.params, run.replayed(step) or loss_fn, seeds, cfg.eps, cfg.lr,  # --replay:
-                                    cfg.weight_decay, backend, perturbed, next_seed, rule)  # logged L±
-                record, perturbed = runs.step_record(samples, cfg.lr), next_seed is not None
-        run.record(step, record)  # log.jsonl, the progress bar; evaluate and checkpoint when due
-    return run.finish()
+            # one forward at θ; data-parallel ranks average, so all see one loss
+            def loss_fn() -> float:
+                return placement.mean(objective_loss(*run.logits(batch), cfg.objective), len(batch))
+
+            # a non-finite loss stops the run (main keeps the last good step)
+            with run.timed_step(step):
+                # the first-order baseline (baseline.py), on the same tensors and batches
+                if run.optimizer:
+                    loss = adam_step(run.optimizer, lambda: run.loss_parts(batch))
+                    record = dict(loss=loss, lr=cfg.lr)
+                else:
+                    seeds = [step_seed(cfg.seed, step, k) for k in range(cfg.n_samples)]
+                    losses = run.replayed(step) or loss_fn  # --replay: the logged L±
+                    samples = mezo_step(run.params, losses, seeds, cfg.eps, cfg.lr,
+                                        cfg.weight_decay, backend, rule)
+                    record = runs.step_record(samples, cfg.lr)
+            # θ itself is read next (evaluation, checkpoint): no pass may stay deferred
+            if run.saves_at(step):
+                backend.settle(run.params)
+            # log.jsonl, the progress bar; evaluate and checkpoint when due
+            run.record(step, record)
+        return run.finish()
 
 # -----------------------------------------------------------------------------
-# Command line: flags map 1:1 onto Config, and `variants` picks the seams (the one place that imports fast/,
-# cache/ or tp/). With --resume, the flags given change the checkpoint's config (e.g. --steps to train further).
+# Command line: flags map 1:1 onto Config, and `variants` picks the seams (the one place that
+# imports fast/, cache/ or tp/). With --resume, the flags given change the checkpoint's config (e.g.
+# --steps to train further).
 
 
 def parse_args(argv=None) -> tuple[Config, str | None]:
@@ -548,19 +733,26 @@ def parse_args(argv=None) -> tuple[Config, str | None]:
     args = vars(p.parse_args(argv))
     resume = args.pop("resume")
     if resume or args.get("replay"):
-        saved = checkpoints.saved_config(Path(resume or args["replay"]))  # the run's config, not its world size
-        args = {**{k: v for k, v in saved.items() if k in Config.__dataclass_fields__}, "out": resume, **args}
+        flag = "--resume" if resume else "--replay"  # the run's config, not its world size:
+        saved = checkpoints.saved_config(Path(resume or args["replay"]), flag)
+        saved = {k: v for k, v in saved.items() if k in Config.__dataclass_fields__}
+        args = {**saved, "out": resume, **args}
     return Config(**args), resume
 
 
 def variants(cfg: Config) -> dict:
     """The seams a config asks for, as train's keyword arguments: backend, forward and placement."""
     runs.check_config(cfg)  # before anything starts (tp/ joins a process group)
-    seams = dict(backend=ExactRestore(TorchBackend()) if cfg.exact_restore else TorchBackend(), forward=PromptForward)
+    backend = TorchBackend()
+    if cfg.exact_restore:
+        backend = ExactRestore(backend)
+    seams = dict(backend=backend, forward=PromptForward)
     if cfg.fast:  # the compiled reference on CPUs, Triton kernels on GPUs (fast/__init__.py)
         from mezo.fast import choose
-        device = cfg.device if cfg.device != "auto" else "cuda" if torch.cuda.is_available() else "cpu"
-        seams["backend"] = choose(device, cfg.exact_restore)
+        device = models.resolve_device(cfg.device)
+        # ZO-SGD's restore, update and next perturbation in one pass (fast.Fused); a rule reads θ
+        # between them
+        seams["backend"] = choose(device, cfg.exact_restore, fuse=cfg.rule == "sgd")
     if cfg.rule != "sgd":  # momentum, Adam, sign, conservative (rules.py)
         from mezo.rules import make
         seams["rule"] = make(cfg.rule, cfg.beta)
@@ -579,11 +771,19 @@ def main(argv=None) -> int:
         cfg, resume = parse_args(argv)
         seams = variants(cfg)
         train(cfg, resume, **seams)
-    except (UsageError, NonFiniteLoss) as e:
+    # the last good step's exact tensors are kept (rebuilt by a replay of the log)
+    except NonFiniteLoss as e:
+        e.__traceback__ = None  # (the failed run's model goes before the replay's comes)
+        line = runs.keep_last_good(e, cfg, lambda c, r: train(c, r, **variants(c)))
+        print(f"mezo: error: {line}", file=sys.stderr)
+        return 1
+    except UsageError as e:
         print(f"mezo: error: {e}", file=sys.stderr)
-        return 2 if isinstance(e, UsageError) else 1
-    except RuntimeError as e:  # under torchrun: a collective that failed because another rank died or hung
-        if (line := getattr(seams.get("placement"), "peer_failure", lambda e: None)(e)) is None:  # tp/ knows them
+        return 2
+    # under torchrun: a collective that failed because another rank died or hung
+    except RuntimeError as e:
+        # tp/ knows them
+        if (line := getattr(seams.get("placement"), "peer_failure", lambda e: None)(e)) is None:
             raise
         print(f"mezo: error: {line}", file=sys.stderr)
         return 1
@@ -591,5 +791,6 @@ def main(argv=None) -> int:
 
 
 if __name__ == "__main__":
-    sys.modules.setdefault("mezo", sys.modules[__name__])  # variants' `import mezo` gets this module, not a copy
-    sys.exit(main())
+    # Run as a script, this file is `__main__`; the imports above loaded it once more as `mezo`, the
+    # module that the variants import. Hand over to that one, so one copy of every class is in play.
+    sys.exit(sys.modules["mezo"].main())

@@ -9,6 +9,7 @@ from pathlib import Path
 
 import torch
 import torch.nn as nn
+from safetensors import SafetensorError
 
 from .errors import UsageError
 from .tasks.files import cache_dir
@@ -24,19 +25,43 @@ def load_model(name: str, dtype: str = "float32", head: str = "prompt"):
     from transformers import AutoConfig, AutoModel, AutoModelForCausalLM, AutoModelForMaskedLM, AutoTokenizer
 
     path = resolve_model_path(name)
+    local = Path(path).is_dir()
     try:
         config = AutoConfig.from_pretrained(path)
+    except (OSError, ValueError) as e:
+        if local:
+            problem = (f"the folder has no readable config.json ({_first_line(e)}); pass a folder "
+                       "that save_pretrained wrote")
+        else:
+            problem = (f"not a local folder with config.json, and the hub did not serve it "
+                       f"({_first_line(e)}). Pass --model /path/to/folder")
+        raise UsageError(f"cannot load model {name!r}: {problem}, or --model smollm2-135m for the "
+                         "offline model") from None
+    try:
         tokenizer = AutoTokenizer.from_pretrained(path)
     except (OSError, ValueError) as e:
-        raise UsageError(f"cannot load model {name!r}: not a local folder with config.json, and the hub "
-                         f"did not serve it ({str(e).splitlines()[0]}). Pass --model /path/to/folder, or "
-                         "--model smollm2-135m for the offline model") from None
+        files = _files(path, ("tokenizer*", "vocab*", "merges*", "*.model")) if local else []
+        if not local:
+            problem = f"{_first_line(e)}; pass --model /path/to/a/folder with its tokenizer"
+        elif files:
+            problem = f"its tokenizer files ({', '.join(files)}) cannot be read: {_first_line(e)}"
+        else:
+            problem = "the folder has config.json but no tokenizer (tokenizer.json, or vocab files)"
+        fix = "; save the model's tokenizer into it (tokenizer.save_pretrained)" if local else ""
+        raise UsageError(f"cannot load the tokenizer of model {name!r}: {problem}{fix}") from None
     archs = " ".join(config.architectures or [])
     cls = AutoModelForMaskedLM if "MaskedLM" in archs else AutoModelForCausalLM if "CausalLM" in archs else None
     if cls is None and head == "prompt":
         raise UsageError(f"model {name!r} ({archs or config.model_type}) has no masked- or causal-LM head "
                          "to read the prompt's label words from; use --head cls, or a model with an LM head")
-    model, info = (cls or AutoModel).from_pretrained(path, dtype=DTYPES[dtype], output_loading_info=True)
+    try:
+        model, info = (cls or AutoModel).from_pretrained(path, dtype=DTYPES[dtype],
+                                                         output_loading_info=True)
+    except (OSError, ValueError, SafetensorError) as e:  # a missing, truncated or corrupt file
+        weights = ", ".join(_files(path, ("*.safetensors", "*.bin"))) if local else ""
+        raise UsageError(f"cannot load the weights of model {name!r} ({weights or 'none found'}): "
+                         f"{_first_line(e)}. A weights file is missing or damaged (e.g. a download "
+                         "cut short): download or save the model again") from None
     head_missing = [k for k in info["missing_keys"] if not k.startswith(model.base_model_prefix + ".")]
     if head == "prompt" and head_missing:
         raise UsageError(f"model {name!r} has no pretrained LM head (missing {head_missing[:3]}); a random "
@@ -45,6 +70,14 @@ def load_model(name: str, dtype: str = "float32", head: str = "prompt"):
     if Path(path).is_dir():
         path = str(Path(path).resolve())  # an adapter's base must resolve from any folder
     return model, tokenizer, name if path == name else f"{name} ({path})", path
+
+
+def _files(folder: str, patterns: tuple[str, ...]) -> list[str]:
+    return sorted({f.name for pattern in patterns for f in Path(folder).glob(pattern)})
+
+
+def _first_line(e: Exception) -> str:
+    return (str(e).strip().splitlines() or [type(e).__name__])[0].rstrip(".")
 
 
 def resolve_model_path(name: str) -> str:
@@ -73,6 +106,47 @@ def resolve_model_path(name: str) -> str:
     tokenizer.save_pretrained(tmp)
     os.replace(tmp, target)  # atomic: a half-written copy is never found
     return str(target)
+
+
+def resolve_device(name: str) -> str:
+    """--device auto: cuda where torch has one, else cpu; any other name as it is."""
+    if name == "auto":
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    return name
+
+
+def check_device(name: str) -> None:
+    """--device: auto, cpu, or an accelerator this machine has (cuda, cuda:N, mps, ...); else one
+    line."""
+    if name == "auto":
+        return
+    try:
+        device = torch.device(name)
+    except RuntimeError:
+        raise UsageError(f"unknown --device {name!r}; use auto, cpu, cuda or cuda:N") from None
+    if device.type == "cpu":
+        return
+    backend = getattr(torch, device.type, None)  # torch.cuda, torch.mps, ...: each knows its own
+    available = hasattr(backend, "is_available") and backend.is_available()
+    count = backend.device_count() if available else 0
+    if count == 0:
+        raise UsageError(f"--device {name}: this machine has no {device.type} device that torch "
+                         f"{torch.__version__} can use; use --device cpu (or auto)")
+    if device.index is not None and device.index >= count:
+        raise UsageError(f"--device {name}: this machine has {count} {device.type} device(s), "
+                         f"{device.type}:0 to {device.type}:{count - 1}")
+
+
+def max_tokens(model: nn.Module) -> int | None:
+    """The longest input the model has positions for (None: no limit known). RoBERTa's learned
+    positions start after its padding index, so 514 of them hold 512 tokens."""
+    config = model.config
+    n = getattr(config, "max_position_embeddings", None) or getattr(config, "n_positions", None)
+    embeddings = getattr(model.base_model, "embeddings", None)
+    offset = getattr(embeddings, "padding_idx", None)  # RoBERTa's; None elsewhere
+    if n and hasattr(embeddings, "position_embeddings") and offset is not None:
+        n -= offset + 1
+    return n
 
 
 def model_kind(model: nn.Module) -> str:

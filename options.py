@@ -9,11 +9,12 @@ import math
 from .errors import UsageError
 
 
-def option(default, help: str, choices=None, min=None, above=None, parse=None):
-    """A config field: its default, what --help says of it, its allowed values, a bound (>= min, > above), and
-    how the command line reads it (parse: e.g. a spelling to its canonical name)."""
+def option(default, help: str, choices=None, min=None, above=None, below=None, parse=None):
+    """A config field: its default, what --help says of it, its allowed values, its bounds
+    (>= min or > above, and < below), and how the command line reads it (parse: e.g. a spelling to
+    its canonical name)."""
     return dataclasses.field(default=default, metadata=dict(help=help, choices=choices, min=min, above=above,
-                                                            parse=parse))
+                                                            below=below, parse=parse))
 
 
 def check(cfg) -> None:
@@ -24,12 +25,18 @@ def check(cfg) -> None:
             names = ", ".join(str(c) for c in meta["choices"] if c is not None)
             raise UsageError(f"unknown {flag} {value!r}; choose one of {names}")
         bound, strict = (meta.get("min"), False) if meta.get("above") is None else (meta["above"], True)
-        if bound is None or isinstance(value, bool):
+        if isinstance(value, bool):
             continue
-        if isinstance(value, int) and value < bound:
+        if bound is not None and isinstance(value, int) and value < bound:
             raise UsageError(f"{flag} {value} is out of range: it must be >= {bound}")
-        if isinstance(value, float) and not (math.isfinite(value) and (value > bound if strict else value >= bound)):
+        if bound is not None and isinstance(value, float) and not (
+                math.isfinite(value) and (value > bound if strict else value >= bound)):
             raise UsageError(f"{flag} must be a finite number {'>' if strict else '>='} {bound}, got {value}")
+        below = meta.get("below")
+        if below is not None and not value < below:  # a seed the generators cannot take, β ≥ 1
+            power = isinstance(below, int) and below > 1 << 16 and below & (below - 1) == 0
+            raise UsageError(f"{flag} {value} is out of range: it must be < "
+                             f"{f'2^{below.bit_length() - 1}' if power else below}")
 
 
 def parser(config_class, prog: str, description: str) -> argparse.ArgumentParser:

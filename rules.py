@@ -65,7 +65,7 @@ def estimate(params: list[mezo.Trainable], samples: list[dict], weight_decay: fl
     """(trainable, flat piece of θ, θ's piece in compute precision, ĝ's piece) chunk by chunk."""
     n = len(samples)
     for p, theta, zs in noise_pieces(params, [s["seed"] for s in samples], backend):
-        t = mezo._compute(theta)
+        t = mezo.in_compute_dtype(theta)
         g = torch.zeros_like(t)
         for s, z in zip(samples, zs):
             g += (s["projected_grad"] / n) * z.to(t.dtype)

@@ -10,8 +10,11 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import fcntl
 import json
 import math
+import os
+import shutil
 import time
 from pathlib import Path
 
@@ -34,13 +37,15 @@ class ReplayMixin:
 
     def _read_replay(self) -> dict:
         cfg, folder = self.cfg, Path(self.cfg.replay)
-        if not self.out or self.out.resolve() == folder.resolve():
+        if not cfg.out or Path(cfg.out).resolve() == folder.resolve():
             raise UsageError(f"--replay {folder} needs --out NEW_DIR, another folder: the run's own files are kept")
         if cfg.optimizer != "mezo":
             raise UsageError(f"--replay {folder}: a first-order run's steps need its gradients, which its log does "
                              "not keep; only MeZO runs replay")
         if not (folder / "log.jsonl").is_file():
             raise UsageError(f"--replay {folder}: no log.jsonl there; point --replay at a run's --out folder")
+        if (folder / checkpoints.CHECKPOINT).is_file():  # (a run stopped before its first checkpoint has none)
+            check_same_run(cfg, checkpoints.saved_config(folder, "--replay"), "--replay", folder)
         records = {r["step"]: r for r in read_log(folder / "log.jsonl") if "projected_grad" in r}
         missing = next((t for t in range(1, cfg.steps + 1) if t not in records), None)
         if missing is not None:
@@ -69,7 +74,9 @@ class ReplayMixin:
     def _check_against_the_runs_checkpoint(self) -> None:
         """Where the run saved a checkpoint at the step replayed to, the replay must equal it bit for bit."""
         folder = Path(self.cfg.replay)
-        tensors, step, _ = checkpoints.read_checkpoint(folder)
+        if not (folder / checkpoints.CHECKPOINT).is_file():
+            return
+        tensors, step, _ = checkpoints.read_checkpoint(folder, "--replay")
         mine = {p.name: p.tensor for p in self.placement.gather(self.params)} | self._rule_state()  # and buffers
         if step == self.cfg.steps and any(k not in tensors or not torch.equal(tensors[k], t.detach().cpu())
                                           for k, t in mine.items()):
@@ -84,20 +91,18 @@ class Run(ReplayMixin):
     def __init__(self, cfg, placement, trainables, forward, rule=None):
         self.cfg, self.placement, self.rule = cfg, placement, rule
         self.out = Path(cfg.out) if cfg.out else None
-        if self.out and placement.is_main:
-            try:
-                self.out.mkdir(parents=True, exist_ok=True)
-            except OSError as e:  # before anything is loaded or written
-                raise UsageError(f"--out {cfg.out}: cannot create it ({e.strerror}); "
-                                 "pick a folder you can write to") from None
+        self.into, self.lock = None, None  # --replay: the folder moved into place at the end; out's lock
+        if self.out and cfg.replay:  # a replay writes beside --out and moves there once it has checked itself
+            self.into, self.out = self.out, self.out.with_name(f".{self.out.name}.replay")
+        if self.out and placement.is_main and not self.into:
+            self._make_out()  # before anything is loaded
         if cfg.threads:
             torch.set_num_threads(cfg.threads)
         torch.manual_seed(cfg.seed)
         data = tasks.load(cfg.task, cfg.k, cfg.data_seed, cfg.data_dir)
         if data["root"] is not None:
             print(f"mezo: data from {data['root']}")
-        auto = "cuda" if torch.cuda.is_available() else "cpu"
-        self.device = placement.device or torch.device(auto if cfg.device == "auto" else cfg.device)
+        self.device = placement.device or torch.device(models.resolve_device(cfg.device))
         self.model, tokenizer, source, self.model_path = models.load_model(cfg.model, cfg.dtype, cfg.head)
         self.model.to(self.device)
         kind = models.model_kind(self.model)
@@ -118,7 +123,14 @@ class Run(ReplayMixin):
         self.forward = forward(self.model, label_ids, self.params)
         # Tokenise once. The prompt is scored at the mask (masked LMs) or after its last token (causal LMs).
         self.pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
-        self.splits = encode_splits(tokenizer, data, template, kind, cfg.max_length, len(words), candidates)
+        max_length = cfg.max_length
+        positions = models.max_tokens(self.model) or max_length
+        if max_length > positions:  # past the model's positions: cut there
+            max_length = positions
+            print(f"mezo: --max-length {cfg.max_length} is past the model's {positions} positions; "
+                  f"inputs are cut to {positions} tokens")
+        self.splits = encode_splits(tokenizer, data, template, kind, max_length, len(words),
+                                    candidates)
         print(f"mezo: {cfg.task} " + ", ".join(f"{name} {len(rows)}" for name, rows in self.splits.items()))
         batch_size = min(cfg.batch_size, len(self.splits["train"]))  # what batch_indices gives a step
         if batch_size < placement.dp:  # decided alike on every rank
@@ -132,7 +144,7 @@ class Run(ReplayMixin):
         self.per_step = dict(forwards=1, backwards=1) if self.optimizer else dict(
             forwards=2 * cfg.n_samples + getattr(rule, "extra_forwards", 0), backwards=0)
         self.step_times, self.forward_times, self.last_saved, self.evals = [], [], None, {}
-        self.start, self.log, self.counts = 0, None, {}
+        self.start, self.log, self.counts, self.idle = 0, None, {}, False
         self.replay = self._read_replay() if cfg.replay else None
 
     # --- the data of a step ---------------------------------------------------------------------------
@@ -173,14 +185,51 @@ class Run(ReplayMixin):
         return (self.evaluates_at(step) or step == self.cfg.steps
                 or bool(self.cfg.save_every and step % self.cfg.save_every == 0))
 
+    def _make_out(self) -> None:
+        try:
+            self.out.mkdir(parents=True, exist_ok=True)
+        except OSError as e:
+            raise UsageError(f"--out {self.cfg.out}: cannot create it ({e.strerror}); "
+                             "pick a folder you can write to") from None
+
+    def __enter__(self):
+        """The run's folder is this process's until __exit__: its lock (FolderLock) is taken here."""
+        if self.out and self.placement.is_main:
+            if self.into:
+                self._make_out()
+            self.lock = FolderLock(self.out, self.cfg.out)
+            try:
+                if self.into:  # a killed replay's leftovers are this replay's to clear
+                    for leftover in set(self.out.iterdir()) - {self.lock.path}:
+                        shutil.rmtree(leftover) if leftover.is_dir() else leftover.unlink()
+                    claim(self.into, self.cfg.overwrite, "--replay … --out")
+            except BaseException:
+                self.__exit__(None, None, None)
+                raise
+        return self
+
+    def __exit__(self, *exc) -> None:
+        """The folder's lock goes when the run ends; a replay that did not finish leaves --out as it was."""
+        if self.into and self.out.exists():  # (once it has moved into place it is not there)
+            shutil.rmtree(self.out, ignore_errors=True)
+        if self.lock:
+            self.lock.release()
+
     def steps(self, resume: str | None):
         """The steps still to run, behind a progress bar: after the resume, the log and the first evaluation."""
+        if self.out and self.placement.is_main and not self.into:
+            if resume and self.cfg.overwrite:
+                raise UsageError("--overwrite starts a run afresh and --resume goes on with one: drop one of them")
+            if not (resume and Path(resume).resolve() == self.out.resolve()):
+                claim(self.out, self.cfg.overwrite, "--out", locked=True)  # a fresh run: a folder without one
         self.start = self.resume(resume) if resume else 0
-        self.log = Log(self.out if self.placement.is_main else None, self.start if resume else None)
+        self.idle = bool(resume) and self.start == self.cfg.steps  # a finished run resumed again: no writes
+        writes = self.placement.is_main and not self.idle
+        self.log = Log(self.out if writes else None, self.start if resume else None)
         self.counts = {k: self.log.last_step.get(k, n * self.start) for k, n in self.per_step.items()}
         self.t0 = time.time()
         peak_memory_mb(self.device, reset=True)  # from here on: evaluations and steps, not loading
-        if self.start == 0 and self.replay is None:
+        if self.start == 0 and self.replay is None and not self.idle:
             self.evals[0] = self.evaluate(0)
         self.bar = tqdm(range(self.start + 1, self.cfg.steps + 1), initial=self.start, total=self.cfg.steps,
                         desc="mezo", dynamic_ncols=True, disable=not self.placement.is_main)
@@ -188,19 +237,16 @@ class Run(ReplayMixin):
 
     @contextlib.contextmanager
     def timed_step(self, step: int):
-        """Times the step. A non-finite loss stops the run: θ_{step-1} (the tensors are back there) is kept as
-        the last good checkpoint, and the error says where it is."""
+        """Times the step. A non-finite loss stops the run; the tensors are θ_{step-1} after a ±ε round trip (not
+        bit for bit θ_{step-1}), so nothing is saved from them: keep_last_good rebuilds the last good step."""
         t = time.perf_counter()
         try:
             yield
         except NonFiniteLoss as e:
             self.bar.close()
-            if self.out and all(torch.isfinite(p.tensor).all() for p in self.params) and self.last_saved != step - 1:
-                self.checkpoint(step - 1)
-            where = f"; last good checkpoint (step {self.last_saved}) in {self.out}" if self.last_saved is not None \
-                else ""
-            raise NonFiniteLoss(f"non-finite loss at step {step} ({e}){where}. Lower --lr or --eps, then --resume") \
-                from None
+            error = NonFiniteLoss(f"non-finite loss at step {step} ({e})")
+            error.step, error.saved = step, self.last_saved  # what keep_last_good starts from
+            raise error from None
         self.step_times.append(time.perf_counter() - t)
 
     def record(self, step: int, record: dict) -> None:
@@ -263,12 +309,11 @@ class Run(ReplayMixin):
     def resume(self, folder: str) -> int:
         """Load a checkpoint's tensors (and AdamW's state) into this run; return the step it was taken at."""
         tensors, start, saved = checkpoints.read_checkpoint(Path(folder))
-        if saved.get("optimizer", "mezo") != self.cfg.optimizer:
-            raise UsageError(f"--resume {folder}: the run was trained with --optimizer {saved.get('optimizer', 'mezo')}"
-                             f"; resume it with the same optimizer (drop --optimizer {self.cfg.optimizer})")
-        if saved.get("rule", "sgd") != self.cfg.rule:
-            raise UsageError(f"--resume {folder}: the run was trained with --rule {saved.get('rule', 'sgd')}; resume "
-                             f"it with the same rule (drop --rule {self.cfg.rule})")
+        check_same_run(self.cfg, saved, "--resume", folder)
+        if start > self.cfg.steps:  # never relabel step `start`'s tensors as an earlier step's
+            raise UsageError(f"--resume {folder} --steps {self.cfg.steps}: the run is at step {start} already and "
+                             f"a resume only goes on from there: give --steps {start} or more (step "
+                             f"{self.cfg.steps}'s tensors: --replay {folder} --out NEW_DIR --steps {self.cfg.steps})")
         adam = {k: tensors.pop(k) for k in list(tensors) if k.startswith("adam:")}
         rule = {k[len("rule."):]: tensors.pop(k) for k in list(tensors) if k.startswith("rule.")}
         checkpoints.check_match(Path(folder), tensors, {p.name: (p.full_shape, p.tensor.dtype) for p in self.params})
@@ -289,6 +334,11 @@ class Run(ReplayMixin):
     def finish(self) -> dict:
         """The last checkpoint, then summary.json: wall time, passes, peak memory, median step and forward time."""
         self.bar.close()
+        if self.idle:
+            print(f"mezo: {self.out} is at step {self.start} already: nothing to run, nothing changed")
+            if self.out and (self.out / "summary.json").is_file():
+                self.placement.close()
+                return json.loads((self.out / "summary.json").read_text())
         if self.replay is not None:
             self._check_against_the_runs_checkpoint()
         if self.last_saved != self.cfg.steps:
@@ -309,8 +359,161 @@ class Run(ReplayMixin):
         if self.out and self.placement.is_main:  # this process's part of the run (a resumed run writes its own)
             write = lambda tmp: tmp.write_text(json.dumps(summary, indent=1))
             checkpoints.atomic_write(self.out / "summary.json", write)
+            if self.into:  # checked, complete: now it is --out
+                move_into_place(self.out, self.into, self.cfg.overwrite)
         self.placement.close()
         return summary
+
+
+# --- the run folder: one writer, no run written over, the same run resumed or replayed -----------------
+
+RUN_FILES = (checkpoints.CHECKPOINT, "log.jsonl", "summary.json", "adapter")  # a folder with one holds a run
+
+
+class FolderLock:
+    """One writer per run folder: an flock on FOLDER/.lock, held until release() (Run: the run's whole life).
+    The kernel drops it when its process ends, a kill -9 included, so a stale .lock never blocks a --resume. The
+    file stays empty: the holder's PID comes from /proc/locks, so a refused command leaves the folder as it was."""
+
+    def __init__(self, folder: Path, shown: str | Path):
+        self.path = folder / ".lock"
+        try:
+            self.fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
+        except OSError as e:  # a read-only folder: refused before anything is loaded or written
+            raise UsageError(f"--out {shown}: cannot write there ({e.strerror}); make it writable or pick "
+                             "another --out") from None
+        try:
+            fcntl.flock(self.fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            pid = lock_holder(self.fd)
+            os.close(self.fd)
+            raise UsageError(f"{shown}: another run (PID {pid}) is writing this folder; wait for it to end, or "
+                             "pick another --out") from None
+
+    def release(self) -> None:
+        if self.fd is not None:
+            os.close(self.fd)
+            self.fd = None
+
+
+def lock_holder(fd: int) -> str:
+    """The PID that holds an flock on fd's file, from /proc/locks (Linux); '?' where that cannot be read."""
+    inode = os.fstat(fd).st_ino
+    try:
+        with open("/proc/locks") as f:
+            for line in f:  # e.g. "1: FLOCK  ADVISORY  WRITE 4242 00:2f:1234 0 EOF" ("->" lines wait)
+                fields = line.split()
+                if "->" not in fields and fields[1:2] == ["FLOCK"] and fields[5].endswith(f":{inode}"):
+                    return fields[4]
+    except (OSError, IndexError):
+        pass
+    return "?"
+
+
+def claim(folder: Path, overwrite: bool, flag: str, locked: bool = False) -> None:
+    """A fresh run (or a replay's result) goes only into a folder that holds no run, or with --overwrite, which
+    removes that run's files first. A folder another process writes is refused whatever the flags."""
+    if not folder.is_dir():
+        return
+    if not locked and (folder / ".lock").exists():
+        FolderLock(folder, folder).release()  # only to ask: is another run writing it now?
+    old = [name for name in RUN_FILES if (folder / name).exists()]
+    if old and not overwrite:
+        raise UsageError(f"{flag} {folder} already holds a run ({', '.join(old)}): --resume {folder} to go on "
+                         "with it, --overwrite to replace it, or pick another --out (nothing was changed)")
+    for name in old if flag == "--out" else ():  # (a replay's result replaces the folder when it moves in)
+        shutil.rmtree(folder / name) if (folder / name).is_dir() else (folder / name).unlink()
+
+
+def move_into_place(built: Path, into: Path, overwrite: bool) -> None:
+    """A replay's checked folder becomes --out: whatever was there (nothing, an empty folder, or with
+    --overwrite a run) is moved aside first and removed last, so --out always holds one whole folder."""
+    aside = into.with_name(f".{into.name}.old")
+    if into.exists():
+        claim(into, overwrite, "--replay … --out")  # asked again: a run may have started there meanwhile
+        os.replace(into, aside)
+    os.replace(built, into)
+    shutil.rmtree(aside, ignore_errors=True)
+
+
+# What makes a run the run it is: resume and replay refuse a change to these, in one check. SAME_STEPS decide
+# each step's update: a replay must take them as the run had them (else its tensors are not the run's), and a
+# resume may change them for the steps after it (a lower --lr or --eps is the way past a non-finite loss).
+SAME_RUN = ("task", "k", "data_seed", "template", "label_words", "max_length", "model", "dtype", "head", "mode",
+            "lora_r", "lora_alpha", "lora_targets", "lora_dtype", "top_layers", "num_prefix", "seed", "optimizer",
+            "rule")
+SAME_STEPS = ("lr", "eps", "weight_decay", "n_samples", "beta", "batch_size", "objective", "exact_restore")
+
+
+def check_same_run(cfg, saved: dict, flag: str, folder) -> None:
+    """cfg against the config a run's checkpoint keeps (a field it lacks had its default): one line on a change."""
+    defaults = {f.name: f.default for f in dataclasses.fields(cfg)}
+    for name in SAME_RUN + (SAME_STEPS if flag == "--replay" else ()):
+        was, now = saved.get(name, defaults[name]), getattr(cfg, name)
+        was = tuple(was) if isinstance(was, list) else was
+        if name == "model" and same_model_folder(str(was), str(now)):
+            continue  # the model's folder moved or was copied: --model says where; check_match compares tensors
+        if was != now:
+            show = lambda v: ",".join(v) if isinstance(v, tuple) else v
+            option = "--" + name.replace("_", "-")
+            raise UsageError(f"{flag} {folder}: the run was trained with {option} {show(was)}; {flag[2:]} it with "
+                             f"the same {name.replace('_', ' ')} (drop {option} {show(now)})")
+
+
+def same_model_folder(was: str, now: str) -> bool:
+    """A run's model given by another path: its old folder is gone, or both hold the same config.json."""
+    if "/" not in was or was == now:
+        return was == now
+    old, new = Path(was), Path(now)
+    if not old.exists():
+        return True
+    read = lambda folder: (folder / "config.json").read_bytes() if (folder / "config.json").is_file() else None
+    return read(old) is not None and read(old) == read(new)
+
+
+def keep_last_good(error: NonFiniteLoss, cfg, train) -> str:
+    """After a non-finite loss at step s, the error line, and the exact tensors of the last good step kept as the
+    run's checkpoint. The forwards at θ_{s-1} ± εz were not finite, so the last θ whose forwards were is θ_{s-2}:
+    rebuilt bit for bit by a replay of the log (train(cfg, resume) with --replay), from the run's checkpoint when
+    that is not later, else from the start. A lower --lr then changes step s-1's update, a lower --eps both."""
+    s, out, saved = getattr(error, "step", None), cfg.out, getattr(error, "saved", None)
+    if s is None:
+        return str(error)
+    good = s - 2
+    if good < 0:
+        return (f"{error}: the run's first forwards, at its starting tensors ± ε·z, were not finite, so there is no "
+                f"good step to keep. If step 0's evaluation printed a finite loss, a smaller --eps may get past it; "
+                f"if not, the model overflows in --dtype {cfg.dtype}: try float32")
+    if not out:
+        return f"{error}. Without --out nothing was kept: run again with a lower --lr or --eps"
+    again = (f"--resume {out} --steps {cfg.steps} with a lower --lr (step {s - 1}'s update led there) or --eps "
+             "gets past it")
+    if saved != good and (cfg.tp > 1 or cfg.dp > 1 or int(os.environ.get("WORLD_SIZE", "1")) > 1):
+        return (f"{error}: rebuild step {good}'s exact tensors, the last whose forwards were finite, with one "
+                f"process: --replay {out} --out NEW_DIR --steps {good}; then --resume NEW_DIR --steps {cfg.steps} "
+                "with a lower --lr or --eps")
+    if saved != good:
+        rebuilt = Path(out) / ".rebuild"
+        print(f"mezo: rebuilding step {good}'s tensors, the last whose forwards were finite, from {out}/log.jsonl")
+        lock = FolderLock(Path(out), out)
+        try:
+            since = out if saved is not None and saved < good else None  # from the checkpoint, else the start
+            train(dataclasses.replace(cfg, replay=out, out=str(rebuilt), steps=good, overwrite=True), since)
+            for path in sorted(rebuilt.rglob("*")):  # the checkpoint and the adapter; the run's log stays
+                if path.is_file() and path.name in (checkpoints.CHECKPOINT, "adapter_model.safetensors",
+                                                    "adapter_config.json"):
+                    (Path(out) / path.relative_to(rebuilt)).parent.mkdir(exist_ok=True)
+                    os.replace(path, Path(out) / path.relative_to(rebuilt))
+        except UsageError as e:
+            if saved is not None and saved < good:
+                return f"{error}; last good checkpoint (step {saved}) in {out}. {again}"
+            kept = "nothing was kept" if saved is None else f"{out}'s checkpoint (step {saved}) is not a good one"
+            return (f"{error}; the last good step ({good}) could not be rebuilt ({e}), and {kept}: start again "
+                    "with --overwrite and a lower --lr or --eps")
+        finally:
+            shutil.rmtree(rebuilt, ignore_errors=True)
+            lock.release()
+    return f"{error}; kept step {good}'s exact tensors, the last whose forwards were finite, in {out}. {again}"
 
 
 def check_config(cfg) -> None:
@@ -320,8 +523,13 @@ def check_config(cfg) -> None:
     task = tasks.TASKS.get(tasks.canonical(cfg.task))
     if cfg.template is not None:
         check_template(cfg.template, pair=bool(task and task.pair))
-    if cfg.label_words is not None and len(cfg.label_words) < 2:
-        raise UsageError("--label-words needs one word per class, at least two (e.g. ' terrible,great')")
+    if cfg.label_words is not None and len(cfg.label_words) != tasks.num_classes(cfg.task):
+        words = "1 word" if len(cfg.label_words) == 1 else f"{len(cfg.label_words)} words"
+        raise UsageError(f"--label-words gives {words}, but {cfg.task} has "
+                         f"{tasks.num_classes(cfg.task)} classes: give one word per class, "
+                         f"class 0 first (the task's: "
+                         f"'{','.join(tasks.prompt(cfg.task, 'mlm')[1])}')")
+    models.check_device(cfg.device)
     if cfg.mode == "head" and cfg.head != "cls":
         raise UsageError("--mode head trains the fresh classification head alone; it needs --head cls")
     if cfg.mode == "prefix" and (cfg.cache or cfg.tp > 1 or cfg.top_layers):
@@ -372,12 +580,15 @@ class Log:
             checkpoints.atomic_write(self.path, lambda tmp: tmp.write_text("".join(json.dumps(r) + "\n" for r in keep)))
             self.last_step = next((r for r in reversed(keep) if "forwards" in r), {})
         elif self.path:
-            self.path.write_text("")
+            checkpoints.atomic_write(self.path, lambda tmp: tmp.write_text(""))
 
     def write(self, record: dict) -> None:
         if self.path:
-            with open(self.path, "a") as f:
-                f.write(json.dumps(record) + "\n")
+            try:
+                with open(self.path, "a") as f:
+                    f.write(json.dumps(record) + "\n")
+            except OSError as e:  # a full disk: a cut last line is dropped when the run is resumed
+                raise checkpoints.cannot_write(self.path, e) from None
 
 
 def read_log(path: Path) -> list[dict]:
@@ -390,6 +601,7 @@ def read_log(path: Path) -> list[dict]:
             record = json.loads(line)
             if not isinstance(record, dict) or not isinstance(record.get("step"), int):
                 raise ValueError("not an object with an integer step")
+            check_step_record(record)
         except ValueError as e:
             if i == len(lines) and not line.rstrip().endswith("}"):
                 break  # the partial last write of a run that was killed
@@ -397,6 +609,20 @@ def read_log(path: Path) -> list[dict]:
                              "run again (nothing was changed)") from None
         records.append(record)
     return records
+
+
+def check_step_record(record: dict) -> None:
+    """A MeZO step's record holds what a replay reads, its seeds and losses, as numbers; else
+    ValueError."""
+    keys = ("seed", "loss_plus", "loss_minus", "projected_grad")
+    if not set(keys) & set(record):
+        return  # an evaluation, or a step of the first-order baseline
+    parts = [(key, part.get(key)) for part in record.get("samples") or [record] for key in keys]
+    parts += [("candidate_losses", v) for v in record.get("candidate_losses", [])]  # conservative
+    for key, value in parts:
+        if isinstance(value, bool) or not isinstance(value, int if key == "seed" else (int, float)):
+            what = "missing" if value is None else repr(value)
+            raise ValueError(f"step {record['step']}'s {key} is {what}")
 
 
 def peak_memory_mb(device: torch.device, reset: bool = False) -> float | None:

@@ -33,7 +33,6 @@ FSDP (they shard for a backward), and a model with no trainable parameters.
 """
 import dataclasses
 import functools
-import importlib
 
 import torch
 import torch.distributed as dist
@@ -110,11 +109,6 @@ def trainable(model) -> list[tuple[str, torch.nn.Parameter]]:
     return named
 
 
-def project(name: str):
-    """rules.py or fast/: mezo.<name> once the project installs as a package (issue 23), a
-    top-level module in a checkout."""
-    return importlib.import_module(f"mezo.{name}" if hasattr(mezo, "__path__") else name)
-
 # -----------------------------------------------------------------------------
 # The optimizer the Trainer holds
 
@@ -147,8 +141,15 @@ class MeZOTrainer(Trainer):
     def create_optimizer(self, model=None):
         if self.optimizer is None:
             a, rule = self.args, setting(self.args, "rule")
-            backend = project("fast").choose(a.device.type) if setting(a, "fast") else None
-            rule = None if rule == "sgd" else project("rules").make(rule, setting(a, "beta"))
+            backend = None
+            if setting(a, "fast"):
+                from mezo.fast import choose
+                backend = choose(a.device.type)
+            if rule == "sgd":
+                rule = None
+            else:
+                from mezo.rules import make
+                rule = make(rule, setting(a, "beta"))
             self.optimizer = TrainerMeZO(trainable(self.model), lr=a.learning_rate,
                                          eps=setting(a, "eps"), weight_decay=a.weight_decay,
                                          n_samples=setting(a, "n_samples"), seed=a.seed,

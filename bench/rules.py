@@ -24,7 +24,7 @@ from mezo import rules  # noqa: E402
 
 def update(rule, params, backend, i):
     samples = [dict(seed=mezo.step_seed(0, i, 0), projected_grad=0.5)]
-    groups = mezo._rate_groups(params, 1e-6, 0.0)
+    groups = mezo.rate_groups(params, 1e-6, 0.0)
     mezo.sgd_update(backend, samples, groups) if rule is None else rule.update(params, samples, groups, backend, None)
 
 

@@ -173,10 +173,12 @@ def main():
                     print(f"{size:6s} {mode:5s} {n:13,d} {name:15s} {'(skipped: > --max-reference-values)':>40s}")
                     continue
                 # As the training loop does: a fused backend makes the next step's +εz in the update's pass.
-                fused = hasattr(backend, "restore_and_update")
-                step = lambda i: mezo.mezo_step(params, loss_fn, [mezo.step_seed(0, i, 0)], 1e-3, 0.0, 0.0, backend,
-                                                perturbed=fused and i > 0,
-                                                next_seed=mezo.step_seed(0, i + 1, 0) if fused else None)
+                if hasattr(backend, "restore_and_update"):
+                    from mezo.fast import Fused
+                    backend = Fused(backend)
+
+                def step(i, backend=backend):
+                    mezo.mezo_step(params, loss_fn, [mezo.step_seed(0, i, 0)], 1e-3, 0.0, 0.0, backend)
                 t_step = median_time(step, device, args.repeat)
                 mem, bandwidth = f"{'':13s}", ""
                 if device.type == "cuda":

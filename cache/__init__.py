@@ -9,7 +9,7 @@ function of the example's tokens alone. `CachedForward` computes them once per e
 model's own modules on each call. The logits equal the reference's up to floating-point reassociation
 (a different batch shape reorders sums; in float64 they agree to ~1e-15, see tests/test_cache.py).
 
-What is never reused (DESIGN.md, "Exact reuse"): anything at or above the first trainable layer. An
+What is never reused (docs/design.md, "Exact reuse"): anything at or above the first trainable layer. An
 activation computed at θ + εz served in the θ − εz pass changes L− by O(ε), the order of the signal
 L+ − L− itself; so asking for a cache layer above the first trainable one raises `UnsafeCache`.
 
@@ -144,7 +144,7 @@ class CachedForward(PromptForward):
         if self.model.training:  # dropout would make the trunk random: nothing could be reused
             raise UsageError("CachedForward needs model.eval() (MeZO's forwards run without dropout)")
         self._check_valid()
-        ids, mask = batch["input_ids"], batch["attention_mask"]  # (B, T) right-padded, as mezo.collate makes
+        ids, mask = batch["input_ids"], batch["attention_mask"]  # (B, T) right-padded, as tasks/prompts.collate makes
         lengths = mask.sum(1).tolist()
         keys = [tuple(ids[i, :n].tolist()) for i, n in enumerate(lengths)]
         found, missing = {}, {}  # row -> states; key -> rows that need it computed

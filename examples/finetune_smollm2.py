@@ -27,13 +27,10 @@ from peft import LoraConfig, get_peft_model
 from transformers import AutoModelForCausalLM, AutoTokenizer, DataCollatorForLanguageModeling
 
 ROOT = Path(__file__).resolve().parents[1]
-try:  # installed as a library (issue 23): the project's modules live in the mezo package
-    from mezo.models import resolve_model_path
-    from mezo.trainer import MeZOTrainer, MeZOTrainingArguments
-except ImportError:  # a checkout: the modules are files at its root
-    sys.path.insert(0, str(ROOT))
-    from mezo.models import resolve_model_path
-    from mezo.trainer import MeZOTrainer, MeZOTrainingArguments
+# Installed (pip install .), `mezo` is found anywhere; from a checkout, next to this folder.
+sys.path.append(str(ROOT))
+from mezo.models import resolve_model_path  # noqa: E402
+from mezo.trainer import MeZOTrainer, MeZOTrainingArguments  # noqa: E402
 
 
 def sentences(path: Path, n: int, max_words: int = 16) -> list[str]:

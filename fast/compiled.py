@@ -24,7 +24,7 @@ import time
 import torch
 
 import mezo
-from mezo import NOISE_CHUNK, _compute
+from mezo import NOISE_CHUNK, in_compute_dtype
 
 from . import stretches
 
@@ -90,7 +90,7 @@ class CompiledBackend:
         """θ ← θ + scale·z, as TorchBackend.perturb."""
         for pieces, (zs,) in self._windows(params, [seed]):
             for (_, theta), z in zip(pieces, zs):
-                t = _compute(theta)
+                t = in_compute_dtype(theta)
                 theta.copy_(t + scale * z.to(t.dtype))
 
     @torch.no_grad()
@@ -99,8 +99,11 @@ class CompiledBackend:
         for pieces, (zs,) in self._windows(params, [seed]):
             for (p, theta), z in zip(pieces, zs):
                 wd = weight_decay if p.decay else 0.0
-                t = _compute(theta)
+                t = in_compute_dtype(theta)
                 theta.copy_(t - lr * (projected_grad * z.to(t.dtype) + wd * t))
+
+    def settle(self, params) -> None:
+        """Every pass is made when asked for: nothing to do (fast.Fused holds passes back)."""
 
     @torch.no_grad()
     def restore_and_update(self, params, seed: int, eps: float, projected_grad: float, lr: float,
@@ -111,11 +114,11 @@ class CompiledBackend:
         for pieces, zs in self._windows(params, seeds):
             for (p, theta), *z in zip(pieces, *zs):
                 wd = weight_decay if p.decay else 0.0
-                t = _compute(theta)
-                t = _compute((t + eps * z[0].to(t.dtype)).to(theta.dtype))  # the restore, stored
+                t = in_compute_dtype(theta)
+                t = in_compute_dtype((t + eps * z[0].to(t.dtype)).to(theta.dtype))  # the restore, stored
                 t = t - lr * (projected_grad * z[0].to(t.dtype) + wd * t)  # the update
                 if next_seed is not None:
-                    t = _compute(t.to(theta.dtype)) + eps * z[1].to(t.dtype)  # stored, then the next +εz'
+                    t = in_compute_dtype(t.to(theta.dtype)) + eps * z[1].to(t.dtype)  # stored, then the next +εz'
                 theta.copy_(t)
 
 

@@ -4,8 +4,8 @@ How this differs from the reference (`mezo.TorchBackend`): z is made inside the 
 `tl.randn4x`, the function that `mezo.noise` reimplements in torch, so only θ crosses memory (one read and
 one write per element per pass) instead of index, counter, word and z temporaries. One Philox call serves
 four consecutive elements (`tl.interleave` puts them in place). Arithmetic is float32 with one rounding to
-the storage dtype, as in the reference; bfloat16 rounds to nearest even by hand, because Triton's
-interpreter truncates float32 -> bfloat16 casts.
+the storage dtype, as in the reference. On a GPU bfloat16 rounds with the native cast (to nearest even); under
+Triton's interpreter, which truncates float32 -> bfloat16 casts, it rounds to nearest even by hand (HAND_ROUND).
 
 Same numbers as the reference: the integer stream and uniforms are bit-identical, z agrees within ~1e-6
 (Triton's log/cos versus correctly rounded ones), tensors within a rounding of their dtype (tests/test_fast.py).
@@ -23,6 +23,8 @@ indices (one per row of a rowwise weight's shard), each a row of the launch's ta
 Use: `python mezo.py ... --fast` on a GPU, or `mezo.mezo_step(..., backend=fast.TritonBackend())`. On a CPU the
 kernels run in Triton's interpreter (`MEZO_FAST=triton`, and TRITON_INTERPRET=1 set before anything imports triton).
 """
+import itertools
+
 import torch
 import triton
 import triton.language as tl
@@ -30,31 +32,71 @@ import triton.language as tl
 from . import stretches
 
 BLOCK4 = 1024  # Philox counters per program: 4096 elements (the interpreter costs ~9 ms per program)
+MIN_BLOCK4 = 16  # the smallest block, for a short stretch of a tensor-parallel shard (see _launches)
+
+# Names for the numbers the kernels are given. Triton lets a kernel read a module global only if it is a
+# tl.constexpr, so these are; the launch code on the host reads their .value.
+
+# A launch's `tensors` table (int64): row t describes tensor t (or a run of tensors), in these columns.
+COL_THETA = tl.constexpr(0)  # θ's address
+COL_NUMEL = tl.constexpr(1)  # its number of elements
+COL_OFFSET = tl.constexpr(2)  # the global index of its element 0
+COL_DECAY = tl.constexpr(3)  # 1 if weight decay applies to it, else 0
+# exact mode's saved copy of θ (else θ's address again); _rule_kernel: the rule's first buffer m
+COL_SAVED = tl.constexpr(4)
+N_COLS = tl.constexpr(5)
+# A launch's `programs` table (int64): row p names the tensor (a row of `tensors`) and block of program p.
+PROG_TENSOR = tl.constexpr(0)
+PROG_BLOCK = tl.constexpr(1)
+N_PROG_COLS = tl.constexpr(2)
+
+# KIND: θ's storage dtype (see KINDS).
+KIND_FLOAT32 = tl.constexpr(0)
+KIND_BFLOAT16 = tl.constexpr(1)
+KIND_FLOAT16 = tl.constexpr(2)
+
+# SOURCE: what _perturb_kernel adds scale·z to, and what it keeps (the last three: exact mode only).
+# θ ← θ + scale·z
+SOURCE_THETA = tl.constexpr(0)
+# θ ← saved + scale·z (from the step's copy of θ)
+SOURCE_SAVED = tl.constexpr(1)
+# saved ← θ, then θ ← θ + scale·z (the step's first perturbation keeps its copy)
+SOURCE_KEEP = tl.constexpr(2)
+# θ ← saved (the restore; no noise)
+SOURCE_RESTORE = tl.constexpr(3)
 
 
 @triton.jit
 def _block(offset, n, block, BLOCK4: tl.constexpr):
-    """The 4·BLOCK4 elements of a run's block number `block`: its first Philox counter, their local positions,
-    and which lie in [0, n). Blocks are aligned to Philox counters: element i has global index offset + i."""
+    """The 4·BLOCK4 elements of a run's block number `block`: its first Philox counter, their local
+    positions, and which lie in [0, n). Blocks are aligned to Philox counters: element i has global index
+    offset + i."""
     first = offset // 4 + block * BLOCK4
     local = first * 4 + tl.arange(0, 4 * BLOCK4) - offset
     return first, local, (local >= 0) & (local < n)
 
 
 @triton.jit
+def _z(seed, first, BLOCK4: tl.constexpr):
+    """z of the 4·BLOCK4 elements whose Philox counters start at `first`."""
+    n0, n1, n2, n3 = tl.randn4x(seed, first + tl.arange(0, BLOCK4))
+    # n0 n1 n2 n3 of counter 0, then of counter 1, ...
+    return tl.interleave(tl.interleave(n0, n2), tl.interleave(n1, n3))
+
+
+@triton.jit
 def _z_block(seed, offset, n, block, BLOCK4: tl.constexpr):
     """z of the block's elements (see _block), with their local positions and mask."""
     first, local, mask = _block(offset, n, block, BLOCK4)
-    n0, n1, n2, n3 = tl.randn4x(seed, first + tl.arange(0, BLOCK4))
-    z = tl.interleave(tl.interleave(n0, n2), tl.interleave(n1, n3))  # n0 n1 n2 n3 of counter 0, then 1, ...
-    return z, local, mask
+    return _z(seed, first, BLOCK4), local, mask
 
 
 @triton.jit
 def _pointer(address, KIND: tl.constexpr):
-    if KIND == 1:
+    """An int64 address as a pointer to the storage dtype KIND."""
+    if KIND == KIND_BFLOAT16:
         return address.to(tl.pointer_type(tl.bfloat16))
-    elif KIND == 2:
+    elif KIND == KIND_FLOAT16:
         return address.to(tl.pointer_type(tl.float16))
     else:
         return address.to(tl.pointer_type(tl.float32))
@@ -62,103 +104,153 @@ def _pointer(address, KIND: tl.constexpr):
 
 @triton.jit
 def _my_tensor(tensors, programs, KIND: tl.constexpr):
-    """One launch covers many tensors: row p of `programs` names the tensor and block of program p, row t of
-    `tensors` holds tensor t's address, numel, global offset, weight-decay flag and the address of its saved
-    copy (exact mode; else its own address again), all int64."""
+    """One launch covers many tensors: this program's row of `programs` names its tensor and block, and
+    the tensor's row of `tensors` its θ, numel, global offset, weight-decay flag and saved copy (the COL_
+    columns). Returns (θ pointer, saved pointer, numel, offset, decay, block)."""
     pid = tl.program_id(0).to(tl.int64)
-    t, block = tl.load(programs + 2 * pid), tl.load(programs + 2 * pid + 1)
-    row = tensors + 5 * t
-    return (_pointer(tl.load(row), KIND), _pointer(tl.load(row + 4), KIND), tl.load(row + 1), tl.load(row + 2),
-            tl.load(row + 3), block)
+    t = tl.load(programs + N_PROG_COLS * pid + PROG_TENSOR)
+    block = tl.load(programs + N_PROG_COLS * pid + PROG_BLOCK)
+    row = tensors + N_COLS * t
+    theta_ptr = _pointer(tl.load(row + COL_THETA), KIND)
+    saved_ptr = _pointer(tl.load(row + COL_SAVED), KIND)
+    n, offset = tl.load(row + COL_NUMEL), tl.load(row + COL_OFFSET)
+    return theta_ptr, saved_ptr, n, offset, tl.load(row + COL_DECAY), block
 
 
 @triton.jit
-def _round(t, KIND: tl.constexpr):
-    """t (float32) rounded to the storage dtype, as float32: 0 float32, 1 bfloat16, 2 float16."""
-    if KIND == 1:  # bfloat16, to nearest even by hand: the interpreter's cast truncates
-        bits = t.to(tl.uint32, bitcast=True)
-        rounded = ((bits + 0x7FFF + ((bits >> 16) & 1)) >> 16) << 16
-        return tl.where(t == t, rounded.to(tl.float32, bitcast=True), t)  # NaN stays NaN
-    elif KIND == 2:
+def _round(t, KIND: tl.constexpr, HAND_ROUND: tl.constexpr):
+    """t (float32) rounded to the storage dtype KIND, as float32."""
+    if KIND == KIND_BFLOAT16:
+        if HAND_ROUND:
+            # to nearest even with integer ops: the interpreter's cast truncates
+            bits = t.to(tl.uint32, bitcast=True)
+            rounded = ((bits + 0x7FFF + ((bits >> 16) & 1)) >> 16) << 16
+            # NaN stays NaN
+            return tl.where(t == t, rounded.to(tl.float32, bitcast=True), t)
+        else:
+            # on a GPU the cast itself rounds to nearest even, in one instruction
+            return t.to(tl.bfloat16).to(tl.float32)
+    elif KIND == KIND_FLOAT16:
         return t.to(tl.float16).to(tl.float32)
     else:
         return t
 
 
 @triton.jit
-def _store(ptr, local, mask, t, KIND: tl.constexpr):
-    tl.store(ptr + local, _round(t, KIND).to(ptr.dtype.element_ty), mask=mask)  # exact: already rounded
+def _store(ptr, local, mask, t, KIND: tl.constexpr, HAND_ROUND: tl.constexpr):
+    if HAND_ROUND:
+        # rounded first: the interpreter's truncating cast is then exact
+        t = _round(t, KIND, HAND_ROUND)
+    # on a GPU one native cast rounds to nearest even: no round trip through float32
+    tl.store(ptr + local, t.to(ptr.dtype.element_ty), mask=mask)
 
 
 # seed is never specialised: Triton would turn a value of 1 into a compile-time constant.
 @triton.jit(do_not_specialize=["seed"])
-def _perturb_kernel(tensors, programs, seed, scale, BLOCK4: tl.constexpr, KIND: tl.constexpr,
-                    SOURCE: tl.constexpr):
-    """θ ← θ + scale·z (SOURCE 0); θ ← saved + scale·z (1: exact mode, from the step's copy of θ);
-    saved ← θ, then θ ← θ + scale·z (2: exact mode, the step's first perturbation keeps its copy);
-    θ ← saved (3: exact mode's restore; no noise)."""
+def _perturb_kernel(
+    # the launch's tables (see _my_tensor)
+    tensors, programs,
+    # z's seed, and how far θ moves along z
+    seed, scale,
+    # block size, storage dtype, bfloat16 rounding by hand (the interpreter)
+    BLOCK4: tl.constexpr, KIND: tl.constexpr, HAND_ROUND: tl.constexpr,
+    # what scale·z is added to, and what is kept (SOURCE_THETA ... SOURCE_RESTORE)
+    SOURCE: tl.constexpr,
+):
+    """θ ← θ + scale·z, or exact mode's variants of it (see the SOURCE_ constants)."""
     theta_ptr, saved_ptr, n, offset, _, block = _my_tensor(tensors, programs, KIND)
-    if SOURCE == 3:
+    if SOURCE == SOURCE_RESTORE:
         _, local, mask = _block(offset, n, block, BLOCK4)
         tl.store(theta_ptr + local, tl.load(saved_ptr + local, mask=mask), mask=mask)
     else:
         z, local, mask = _z_block(seed, offset, n, block, BLOCK4)
-        if SOURCE == 1:
+        if SOURCE == SOURCE_SAVED:
             t = tl.load(saved_ptr + local, mask=mask, other=0.0)
         else:
             t = tl.load(theta_ptr + local, mask=mask, other=0.0)
-        if SOURCE == 2:
+        if SOURCE == SOURCE_KEEP:
             tl.store(saved_ptr + local, t, mask=mask)
-        _store(theta_ptr, local, mask, t.to(tl.float32) + scale * z, KIND)
+        _store(theta_ptr, local, mask, t.to(tl.float32) + scale * z, KIND, HAND_ROUND)
 
 
 @triton.jit(do_not_specialize=["seed"])
-def _update_kernel(tensors, programs, seed, projected_grad, lr, wd, BLOCK4: tl.constexpr, KIND: tl.constexpr):
+def _update_kernel(
+    # the launch's tables (see _my_tensor)
+    tensors, programs,
+    # z's seed, and the step's scalars
+    seed, projected_grad, lr, wd,
+    # block size, storage dtype, bfloat16 rounding by hand (the interpreter)
+    BLOCK4: tl.constexpr, KIND: tl.constexpr, HAND_ROUND: tl.constexpr,
+):
     """θ ← θ − lr·(projected_grad·z + wd·θ); wd only where the tensor's decay flag is set."""
     theta_ptr, _, n, offset, decay, block = _my_tensor(tensors, programs, KIND)
     z, local, mask = _z_block(seed, offset, n, block, BLOCK4)
     t = tl.load(theta_ptr + local, mask=mask, other=0.0).to(tl.float32)
-    _store(theta_ptr, local, mask, t - lr * (projected_grad * z + wd * decay.to(tl.float32) * t), KIND)
+    t = t - lr * (projected_grad * z + wd * decay.to(tl.float32) * t)
+    _store(theta_ptr, local, mask, t, KIND, HAND_ROUND)
 
 
 @triton.jit(do_not_specialize=["seed", "next_seed"])
-def _restore_update_kernel(tensors, programs, seed, eps, projected_grad, lr, wd, next_seed, BLOCK4: tl.constexpr,
-                           KIND: tl.constexpr, NEXT: tl.constexpr, EXACT: tl.constexpr):
-    """The restore (θ + εz, rounded as the reference stores it; in exact mode the saved copy itself) and the
-    update, in one pass over θ; with NEXT, also the next step's θ + εz', rounded once more: the reference's
-    three roundings, one pass. Exact mode with NEXT keeps the updated θ as the next step's saved copy."""
+def _restore_update_kernel(
+    # the launch's tables (see _my_tensor)
+    tensors, programs,
+    # z's seed, and the step's scalars
+    seed, eps, projected_grad, lr, wd,
+    # the next step's seed (used with NEXT)
+    next_seed,
+    # block size, storage dtype, bfloat16 rounding by hand (the interpreter)
+    BLOCK4: tl.constexpr, KIND: tl.constexpr, HAND_ROUND: tl.constexpr,
+    # also perturb for the next step; exact mode (θ made from the saved copy)
+    NEXT: tl.constexpr, EXACT: tl.constexpr,
+):
+    """The restore (θ + εz, rounded as the reference stores it; in exact mode the saved copy itself) and
+    the update, in one pass over θ; with NEXT, also the next step's θ + εz', rounded once more: the
+    reference's three roundings, one pass. Exact mode with NEXT keeps the updated θ as the next step's
+    saved copy."""
     theta_ptr, saved_ptr, n, offset, decay, block = _my_tensor(tensors, programs, KIND)
-    z, local, mask = _z_block(seed, offset, n, block, BLOCK4)
+    first, local, mask = _block(offset, n, block, BLOCK4)
+    z = _z(seed, first, BLOCK4)
     if EXACT:
         t = tl.load(saved_ptr + local, mask=mask, other=0.0).to(tl.float32)
     else:
-        t = _round(tl.load(theta_ptr + local, mask=mask, other=0.0).to(tl.float32) + eps * z, KIND)
+        t = tl.load(theta_ptr + local, mask=mask, other=0.0).to(tl.float32)
+        t = _round(t + eps * z, KIND, HAND_ROUND)
     t = t - lr * (projected_grad * z + wd * decay.to(tl.float32) * t)
     if NEXT:
-        z_next, _, _ = _z_block(next_seed, offset, n, block, BLOCK4)
-        t = _round(t, KIND)
+        z_next = _z(next_seed, first, BLOCK4)
+        t = _round(t, KIND, HAND_ROUND)
         if EXACT:
-            _store(saved_ptr, local, mask, t, KIND)
+            _store(saved_ptr, local, mask, t, KIND, HAND_ROUND)
         t = t + eps * z_next
-    _store(theta_ptr, local, mask, t, KIND)
+    _store(theta_ptr, local, mask, t, KIND, HAND_ROUND)
 
 
 @triton.jit(do_not_specialize=["n_samples"])
-def _rule_kernel(tensors, programs, second, seeds, coefs, n_samples, lr, wd, beta1, beta2, c1, c2, delta,
-                 BLOCK4: tl.constexpr, KIND: tl.constexpr, ADAM: tl.constexpr):
-    """rules.py's momentum (ADAM 0) and Adam (1), buffers and θ in one pass, z made here for every sample:
+def _rule_kernel(
+    # the launch's tables (see _my_tensor; COL_SAVED holds m's address), and v's address per table row
+    tensors, programs, second,
+    # each sample's seed and coefficient (projected_grad / n_samples), and how many samples
+    seeds, coefs, n_samples,
+    # the step's scalars, and the rule's constants (rules.py's fused())
+    lr, wd, beta1, beta2, c1, c2, delta,
+    # block size, storage dtype, bfloat16 rounding by hand (the interpreter)
+    BLOCK4: tl.constexpr, KIND: tl.constexpr, HAND_ROUND: tl.constexpr,
+    # Adam (else momentum)
+    ADAM: tl.constexpr,
+):
+    """rules.py's momentum and Adam, buffers and θ in one pass, z made here for every sample:
     ĝ = Σ_k coefs[k]·z(seeds[k]) + wd·θ;  momentum: m ← β1·m + ĝ, θ ← θ − lr·m;  Adam: m ← β1·m + (1−β1)·ĝ,
-    v ← β2·v + (1−β2)·ĝ², θ ← θ − lr·(m/c1) / (√(v/c2) + δ). The table's saved-copy column holds m's address
-    (float32) and `second` row t the address of v."""
+    v ← β2·v + (1−β2)·ĝ², θ ← θ − lr·(m/c1) / (√(v/c2) + δ). m and v are float32."""
     theta_ptr, _, n, offset, decay, block = _my_tensor(tensors, programs, KIND)
-    row = tl.load(programs + 2 * tl.program_id(0).to(tl.int64))
-    m_ptr = tl.load(tensors + 5 * row + 4).to(tl.pointer_type(tl.float32))
-    _, local, mask = _block(offset, n, block, BLOCK4)
+    row = tl.load(programs + N_PROG_COLS * tl.program_id(0).to(tl.int64) + PROG_TENSOR)
+    m_ptr = tl.load(tensors + N_COLS * row + COL_SAVED).to(tl.pointer_type(tl.float32))
+    first, local, mask = _block(offset, n, block, BLOCK4)
     t = tl.load(theta_ptr + local, mask=mask, other=0.0).to(tl.float32)
     g = tl.zeros_like(t)
+    # the loop assigns only g: Triton types every loop-carried name, and a reused `_` (int64 here, a mask
+    # inside) did not compile for a GPU (the interpreter checks no types)
     for k in range(n_samples):
-        z, _, _ = _z_block(tl.load(seeds + k), offset, n, block, BLOCK4)
-        g += tl.load(coefs + k) * z
+        g += tl.load(coefs + k) * _z(tl.load(seeds + k), first, BLOCK4)
     g = g + wd * decay.to(tl.float32) * t
     m = tl.load(m_ptr + local, mask=mask, other=0.0)
     if ADAM:
@@ -171,11 +263,54 @@ def _rule_kernel(tensors, programs, second, seeds, coefs, n_samples, lr, wd, bet
         m = beta1 * m + g
         move = m
     tl.store(m_ptr + local, m, mask=mask)
-    _store(theta_ptr, local, mask, t - lr * move, KIND)
+    _store(theta_ptr, local, mask, t - lr * move, KIND, HAND_ROUND)
 
 
-KINDS = {torch.float32: 0, torch.bfloat16: 1, torch.float16: 2}
+KINDS = {torch.float32: KIND_FLOAT32.value, torch.bfloat16: KIND_BFLOAT16.value,
+         torch.float16: KIND_FLOAT16.value}
+# Under Triton's interpreter (TRITON_INTERPRET=1 when triton was imported) the kernels are interpreted
+# functions, and bfloat16 must be rounded by hand; compiled for a GPU, the native cast rounds.
+HAND_ROUND = not isinstance(_perturb_kernel, triton.runtime.JITFunction)
+
+# Every kernel the backend launches: the Triton types of its run-time arguments after the two tables, and the
+# values each of its own constexprs takes. `_launch` refuses any other launch, and `compile_cases` makes from
+# it every specialisation a GPU can be asked for (tests/test_kernels.py compiles each for sm_80 and sm_90).
+# Seeds are 64-bit (step_seed's hash); a Python float is passed as fp32.
+TABLES = ("*i64", "*i64")
+SOURCES = tuple(s.value for s in (SOURCE_THETA, SOURCE_SAVED, SOURCE_KEEP, SOURCE_RESTORE))
+LAUNCHED = {
+    _perturb_kernel: (("i64", "fp32"), {"SOURCE": SOURCES}),
+    _update_kernel: (("i64", "fp32", "fp32", "fp32"), {}),
+    _restore_update_kernel: (("i64", "fp32", "fp32", "fp32", "fp32", "i64"),
+                             {"NEXT": (False, True), "EXACT": (False, True)}),
+    _rule_kernel: (("*i64", "*i64", "*fp32", "i32") + ("fp32",) * 7, {"ADAM": (False, True)}),
+}
+
+
+def compile_cases(hand_round: bool = False, block4s=(BLOCK4,)):
+    """(kernel, Triton signature, constexprs) of every launch `_launch` accepts: each kernel of LAUNCHED, each
+    storage dtype (KINDS) and each value of the kernel's own constexprs. hand_round: the interpreter's variant
+    (a GPU launches hand_round=False). block4s: the block sizes (a shard's short stretch takes a smaller one)."""
+    for kernel, (types, own) in LAUNCHED.items():
+        names = kernel.arg_names
+        runtime = [a for a in names if a not in ("BLOCK4", "KIND", "HAND_ROUND", *own)]
+        signature = dict(zip(runtime, TABLES + types, strict=True))
+        for block4, kind, values in itertools.product(block4s, sorted(set(KINDS.values())),
+                                                      itertools.product(*own.values())):
+            constexprs = {"BLOCK4": block4, "KIND": kind, "HAND_ROUND": hand_round, **dict(zip(own, values))}
+            yield kernel, {**signature, **dict.fromkeys(constexprs, "constexpr")}, constexprs
 COALESCE_MAX_NUMEL = 1 << 26  # up to this many values in tensors of 1M on average (LoRA's) share one buffer
+
+
+def _row(theta, offset, decay, copy) -> list[int]:
+    """A row of a launch's `tensors` table (see the COL_ constants)."""
+    row = [0] * N_COLS.value
+    row[COL_THETA.value] = theta.data_ptr()
+    row[COL_NUMEL.value] = theta.numel()
+    row[COL_OFFSET.value] = offset
+    row[COL_DECAY.value] = int(decay)
+    row[COL_SAVED.value] = copy.data_ptr()
+    return row
 
 
 def _launches(runs, saved=None):
@@ -186,16 +321,19 @@ def _launches(runs, saved=None):
     groups = {}
     for i, (theta, offset, decay, stretch) in enumerate(runs):
         counters = (offset + theta.numel() - 1) // 4 - offset // 4 + 1  # Philox counters its indices touch
-        block4 = min(BLOCK4, max(16, triton.next_power_of_2(counters))) if stretch else BLOCK4
+        block4 = min(BLOCK4, max(MIN_BLOCK4, triton.next_power_of_2(counters))) if stretch else BLOCK4
         copy = theta if saved is None else saved[i]
         groups.setdefault((theta.dtype, theta.device, block4), []).append((theta, offset, decay, copy, counters))
     launches = []
     for (dtype, device, block4), group in groups.items():
         rows, programs = [], []
         for t, (theta, offset, decay, copy, counters) in enumerate(group):
-            rows.append([theta.data_ptr(), theta.numel(), offset, int(decay), copy.data_ptr()])
-            programs.append(torch.stack([torch.full((triton.cdiv(counters, block4),), t),
-                                         torch.arange(triton.cdiv(counters, block4))], 1))
+            rows.append(_row(theta, offset, decay, copy))
+            blocks = triton.cdiv(counters, block4)
+            program = torch.empty(blocks, N_PROG_COLS.value, dtype=torch.int64)
+            program[:, PROG_TENSOR.value] = t
+            program[:, PROG_BLOCK.value] = torch.arange(blocks)
+            programs.append(program)
         programs = torch.cat(programs).to(device=device, dtype=torch.int64).contiguous()
         launches.append((torch.tensor(rows, dtype=torch.int64, device=device), programs, programs.shape[0],
                          KINDS[dtype], block4))
@@ -203,8 +341,12 @@ def _launches(runs, saved=None):
 
 
 def _launch(kernel, launch, *args, **constexprs):
+    types, own = LAUNCHED[kernel]
+    if set(constexprs) != set(own) or any(constexprs[k] not in own[k] for k in own) or len(args) != len(types):
+        # a launch outside LAUNCHED would be compiled for a GPU by no test
+        raise ValueError(f"{kernel.__name__}: launch not in kernels.LAUNCHED: {constexprs}, {len(args)} arguments")
     tensors, programs, count, kind, block4 = launch
-    kernel[(count,)](tensors, programs, *args, BLOCK4=block4, KIND=kind, **constexprs)
+    kernel[(count,)](tensors, programs, *args, BLOCK4=block4, KIND=kind, HAND_ROUND=HAND_ROUND, **constexprs)
 
 
 def _runs(params):
@@ -297,14 +439,19 @@ class TritonBackend:
     @torch.no_grad()
     def perturb(self, params, seed: int, scale: float) -> None:
         launches = self.launches(params)
-        source = 0
-        if self.exact:  # the calls of a step: +ε (keep θ), −2ε (θ − εz from the copy), +ε (θ is the copy)
-            source, self._scale = (2, scale) if self._scale is None else (1, self._scale + scale)
-            if self._scale == 0.0:  # θ ← its copy: a copy kernel (3), one launch for any number of runs
-                source, self._scale = 3, None
+        source = SOURCE_THETA
+        if self.exact:
+            # the calls of a step: +ε (keep θ), −2ε (θ − εz from the copy), +ε (θ is the copy)
+            if self._scale is None:
+                source, self._scale = SOURCE_KEEP, scale
+            else:
+                source, self._scale = SOURCE_SAVED, self._scale + scale
+            if self._scale == 0.0:
+                # θ ← its copy: a copy kernel, one launch for any number of runs
+                source, self._scale = SOURCE_RESTORE, None
             scale = self._scale or 0.0
         for launch in launches:
-            _launch(_perturb_kernel, launch, seed, float(scale), SOURCE=source)
+            _launch(_perturb_kernel, launch, seed, float(scale), SOURCE=source.value)
 
     @torch.no_grad()
     def update(self, params, seed: int, projected_grad: float, lr: float, weight_decay: float) -> None:
@@ -352,11 +499,17 @@ class TritonBackend:
                              device=device)
         key = (self._cache[0], [b.data_ptr() for b in firsts + seconds])
         if self._rule_cache[0] != key:  # the tables, as long as θ and the buffers stay where they are
-            self._rule_cache = (key, [(launch, other[0][:, 4].contiguous()) for launch, other in
-                                      zip(_launches(runs, firsts), _launches(runs, seconds))])
+            # the second buffers' table gives `second`: v's address for each row (its COL_SAVED)
+            launches = zip(_launches(runs, firsts), _launches(runs, seconds))
+            seconds_column = [(launch, other[0][:, COL_SAVED.value].contiguous())
+                              for launch, other in launches]
+            self._rule_cache = (key, seconds_column)
         for launch, second in self._rule_cache[1]:
             _launch(_rule_kernel, launch, second, seeds, coefs, len(samples), float(lr), float(weight_decay),
                     beta1, beta2, c1, c2, delta, ADAM=adam)
+
+    def settle(self, params) -> None:
+        """Every pass is made when asked for: nothing to do (fast.Fused holds passes back)."""
 
     @torch.no_grad()
     def restore_and_update(self, params, seed: int, eps: float, projected_grad: float, lr: float,

@@ -84,6 +84,11 @@ def prompt(task: str, kind: str) -> tuple[str, tuple[str, ...]]:
     return TASKS.get(canonical(task), TASKS["sst2"]).prompt(kind)
 
 
+def num_classes(task: str) -> int:
+    """How many classes a task's examples have (the synthetic task: 2), so one label word each."""
+    return len(TASKS[canonical(task)].labels) if canonical(task) in TASKS else 2
+
+
 def load(task: str, k: int, data_seed: int, data_dir: str | None = None) -> dict:
     """{train, dev, test: [(sentence, second sentence or None, class)], root: the data folder (None: generated)}."""
     from .lmbff import load_lmbff

@@ -22,11 +22,32 @@ from .files import find_data
 
 def read_rows(task, path: Path) -> list:
     """A training or evaluation file's rows as LM-BFF holds them: raw lines after the header (GLUE tsv), or
-    [label, sentence, ...] lists with an int label (csv, read as pandas.read_csv(header=None) reads them)."""
+    [label, sentence, ...] lists with an int label (csv, as pandas.read_csv(header=None) reads them).
+    A file that is not UTF-8, or a row short of the task's columns or with a label not among its
+    labels, is refused in one line that names the file and the line."""
+    try:
+        with open(path, encoding="utf-8", newline=None if task.layout == "glue" else "") as f:
+            text = f.read()  # GLUE: universal newlines (as read_text); csv: as csv wants it
+    except UnicodeDecodeError as e:
+        line = path.read_bytes()[:e.start].count(b"\n") + 1
+        byte = e.object[e.start:e.start + 1]
+        raise UsageError(f"{path}: line {line} is not UTF-8 text (byte {byte!r}); save the file as "
+                         "UTF-8") from None
     if task.layout == "glue":
-        return path.read_text(encoding="utf-8").splitlines(keepends=True)[1:]
-    with open(path, newline="", encoding="utf-8") as f:
-        return [[int(row[0]), *row[1:]] for row in csv.reader(f)]
+        rows, first = text.splitlines(keepends=True)[1:], 2  # after the header
+        fields = [row.rstrip("\n").split("\t") for row in rows]
+    else:
+        rows = fields = list(csv.reader(io.StringIO(text, newline="")))
+        first = 1
+    need = max(task.columns) + 1
+    for n, (row, cells) in enumerate(zip(rows, fields), first):
+        label = label_of(task, row) if task.layout == "glue" else cells[0] if cells else ""
+        if len(cells) < need or label not in [str(x) for x in task.labels]:
+            labels = ", ".join(str(x) for x in task.labels)
+            problem = f"has {len(cells)} fields, {task.name} needs {need}" if len(cells) < need \
+                else f"has the label {label!r}, not one of {labels}"
+            raise UsageError(f"{path}: line {n} {problem}; fix or delete that line")
+    return rows if task.layout == "glue" else [[int(row[0]), *row[1:]] for row in rows]
 
 
 def label_of(task, row):

@@ -16,10 +16,17 @@ import torch
 from ..errors import UsageError
 
 FIELD = re.compile(r"\{(sentence[12]?)(?::([-l]*))?\}")  # {sentence}, {sentence1:-}, {sentence2:l}, ...
+PLACEHOLDER = re.compile(r"\{[^{}]*\}")  # anything in braces: a field, {mask}, or a mistake: {foo}
 
 
 def check_template(template: str, pair: bool) -> None:
-    """The fields a task needs are in its template, or one line that says which are missing."""
+    """The fields a task needs are in its template and nothing else is in braces, or one line that
+    says which are missing or unknown."""
+    unknown = [p for p in PLACEHOLDER.findall(template) if p != "{mask}" and not FIELD.fullmatch(p)]
+    if unknown:
+        raise UsageError(f"--template {template!r}: unknown placeholder {', '.join(unknown)}; a "
+                         "template takes {sentence} (or {sentence1} and {sentence2}, each may end "
+                         "in :- or :l) and {mask}")
     fields = {"sentence1" if name == "sentence" else name for name, _ in FIELD.findall(template)}
     want = {"sentence1", "sentence2"} if pair else {"sentence1"}
     if want - fields or (not pair and "sentence2" in fields):

@@ -1,7 +1,12 @@
-"""Shared fixtures: tiny real transformers models (built from configs, random weights, fixed seed) with a
-real word-level tokenizer, saved to disk so the CLI loads them exactly as it loads a pretrained folder."""
+"""Shared fixtures and helpers: tiny real transformers models (built from configs, random
+weights, fixed seed) with a real word-level tokenizer, saved to disk so the CLI loads them
+exactly as it loads a pretrained folder; the command line as the tests run it (run, records,
+tiny_args, expect_error); tensor-parallel shards (shards_st, shard_pair). Test modules import
+them as `from conftest import ...`."""
 import dataclasses
+import json
 import os
+import re
 
 os.environ.setdefault("TRITON_INTERPRET", "1")  # before anything imports triton (transformers does)
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
@@ -13,6 +18,7 @@ from pathlib import Path
 import pytest
 import torch
 from hypothesis import settings
+from hypothesis import strategies as st
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from mezo.tasks import prompts, synthetic  # noqa: E402
@@ -105,3 +111,72 @@ def load_tiny(model_dir, kind: str, **overrides):
 def z_of(p, seed: int) -> torch.Tensor:
     """The whole z of a trainable tensor or shard (tests only: the algorithm never materialises it)."""
     return mezo.noise(seed, p.global_index(0, p.tensor.numel())).view(p.tensor.shape)
+
+
+# --- The command line, as the CLI tests run it
+
+
+def run(argv, capsys):
+    """mezo.main on argv, on the CPU unless argv names a device: the tests compare with CPU
+    computations, and `--device auto` would pick CUDA on a machine that has it."""
+    argv = [str(a) for a in argv]
+    code = mezo.main(argv if "--device" in argv else argv + ["--device", "cpu"])
+    out, err = capsys.readouterr()
+    return code, out, err
+
+
+def records(folder):
+    """The run's log.jsonl, one dict per line."""
+    return [json.loads(line) for line in (Path(folder) / "log.jsonl").read_text().splitlines()]
+
+
+def tiny_args(model_dir, out, **kw):
+    """Arguments of a short synthetic run of the tiny llama; kw overrides any of them."""
+    args = dict(task="synthetic", model=model_dir("llama"), template="{sentence} It was {mask}",
+                label_words=" bad, good", k=8, batch_size=8, steps=6, eval_every=3, eval_max=0,
+                lr=1e-2, out=out)
+    args.update(kw)
+    return [x for k, v in args.items() for x in (f"--{k.replace('_', '-')}", v)]
+
+
+def expect_error(capsys, argv, pattern, code=2):
+    """Run argv: it exits with `code` and prints one `mezo: error:` line, matching pattern."""
+    got, out, err = run(argv, capsys)
+    lines = [line for line in err.splitlines() if line.startswith("mezo: error:")]
+    assert got == code and len(lines) == 1, (got, err[-2000:])
+    assert re.search(pattern, lines[0]), lines[0]
+    return lines[0]
+
+
+# --- Tensor-parallel shards, as tp/ makes them (test_fast, test_compiled)
+
+# a global offset near 0, or past 2^32 (the Philox counter's high word)
+offset_st = st.one_of(st.integers(0, 7), st.integers(2**32 - 50, 2**40))
+
+
+@st.composite
+def shards_st(draw):
+    """Tensor-parallel shards, as tp/ makes them: each a contiguous block of a full tensor cut
+    along one dimension (a colwise weight's rows, a rowwise weight's columns, a bias's slice),
+    with global offsets."""
+    out, offset = [], draw(offset_st)
+    for i in range(draw(st.integers(1, 3))):
+        full = tuple(draw(st.lists(st.integers(1, 37), min_size=1, max_size=3)))
+        d = draw(st.integers(0, len(full) - 1))
+        parts = draw(st.integers(1, 4))
+        rank = draw(st.integers(0, parts - 1))
+        size = -(-full[d] // parts)
+        lo, hi = min(rank * size, full[d] - 1), min((rank + 1) * size, full[d])
+        start = tuple(lo if k == d else 0 for k in range(len(full)))
+        shape = tuple(hi - lo if k == d else n for k, n in enumerate(full))
+        out.append((f"w{i}", shape, full, start, offset, len(full) >= 2))
+        offset += draw(st.integers(0, 3)) + torch.Size(full).numel()
+    return out
+
+
+def shard_pair(specs, dtype, device):
+    """The shards of `specs` (see shards_st) twice, with the same random values."""
+    g = torch.Generator().manual_seed(1)
+    tensors = [torch.randn(shape, generator=g).to(dtype).to(device) for _, shape, *_ in specs]
+    return [[mezo.Trainable(name, t.clone(), offset, decay, full, start)
+             for t, (name, _, full, start, offset, decay) in zip(tensors, specs)] for _ in range(2)]

@@ -11,12 +11,10 @@ thousand-fold margin that still catches any real difference (a stale activation 
 In float32 (the CLI) the same reordering costs ~1e-7 relative; see test_cli_trajectory_with_cache.
 """
 import dataclasses
-import json
-from pathlib import Path
 
 import pytest
 import torch
-from conftest import make_model, make_tokenizer
+from conftest import make_model, make_tokenizer, records
 from hypothesis import given
 from hypothesis import strategies as st
 from mezo.cache import CachedForward, UnsafeCache
@@ -259,10 +257,6 @@ def test_prefix_kv_gives_the_same_trunk(folders):
         assert a.shape == b.shape and (a - b).abs().max() <= TOL
 
 
-def records(folder):
-    return [json.loads(line) for line in (Path(folder) / "log.jsonl").read_text().splitlines()]
-
-
 @pytest.mark.parametrize("flags", [["--top-layers", "1"], ["--head", "cls", "--mode", "head"]])
 def test_cli_trajectory_with_cache(model_dir, tmp_path, capsys, flags):
     """`--cache` changes nothing a user sees in log.jsonl. The CLI runs float32: an example's trunk (here after
@@ -272,7 +266,7 @@ def test_cli_trajectory_with_cache(model_dir, tmp_path, capsys, flags):
     on losses and 1e-5 / 2ε on gradients: 20x below what a stale ±εz activation does (test above, ~0.1)."""
     base = ["--task", "synthetic", "--model", model_dir("llama"), "--template", "review : {sentence} It was {mask}",
             "--label-words", " bad, good", "--k", "8", "--batch-size", "6", "--micro-batch", "4", "--steps", "6",
-            "--eval-every", "3", "--eval-max", "0", "--lr", "1e-2", *flags]
+            "--eval-every", "3", "--eval-max", "0", "--lr", "1e-2", "--device", "cpu", *flags]
     assert mezo.main(base + ["--out", str(tmp_path / "ref")]) == 0
     assert mezo.main(base + ["--out", str(tmp_path / "cache"), "--cache"]) == 0
     out = capsys.readouterr().out
@@ -284,9 +278,11 @@ def test_cli_trajectory_with_cache(model_dir, tmp_path, capsys, flags):
     for a, b in zip(want, got):
         assert a.keys() == b.keys() and a["step"] == b["step"]
         if "split" in a:
+            # float32 reordering: a loss moves ~1e-7 (≤ 2e-6 measured); 1e-5, 20x under a stale hit
             assert a["accuracy"] == b["accuracy"] and a["loss"] == pytest.approx(b["loss"], abs=1e-5)
         else:
             assert a["seed"] == b["seed"]
+            # losses as above; projected_grad = ΔL/2ε: the loss bound over 2ε (measured ≤ 9e-5)
             for key, tol in (("loss_plus", 1e-5), ("loss_minus", 1e-5), ("projected_grad", 1e-5 / 2e-3)):
                 assert a[key] == pytest.approx(b[key], abs=tol), (a["step"], key, a[key], b[key])
 

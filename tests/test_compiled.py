@@ -12,12 +12,10 @@ from pathlib import Path
 import pytest
 import torch
 import torch.nn as nn
-from conftest import z_of
+from conftest import records, shard_pair, shards_st, z_of
 from hypothesis import given
 from hypothesis import strategies as st
 from mezo.fast import compiled
-from test_cli import records
-from test_fast import _shard_pair, shards_st
 
 import mezo
 
@@ -89,7 +87,7 @@ def test_steps_equal_the_reference_bit_for_bit(backend, shapes, dtype, seed, n_s
        next_seed=st.integers(0, 2**63 - 1), g=st.floats(-100, 100), lr=st.floats(0, 1e-2))
 def test_tensor_parallel_shards_equal_the_reference(backend, specs, dtype, seed, next_seed, g, lr):
     """A shard's stretches (rows of a rowwise weight, columns of LoRA's A) make their slice of the global z."""
-    ref, got = _shard_pair(specs, dtype, "cpu")
+    ref, got = shard_pair(specs, dtype, "cpu")
     reference = mezo.TorchBackend()
     for b, params in ((reference, ref), (backend, got)):
         b.perturb(params, seed, 1e-3)
@@ -129,7 +127,7 @@ def test_the_command_line_picks_it_on_a_cpu(backend, model_dir, tmp_path, capsys
     monkeypatch.delenv("MEZO_FAST", raising=False)
     base = ["--task", "synthetic", "--model", model_dir("llama"), "--template", "{sentence} It was {mask}",
             "--label-words", " bad, good", "--k", "8", "--steps", "5", "--eval-every", "2", "--lr", "1e-2",
-            "--mode", "full", "--dtype", "bfloat16"]
+            "--mode", "full", "--dtype", "bfloat16", "--device", "cpu"]
     assert mezo.main(base + ["--out", str(tmp_path / "ref")]) == 0
     assert mezo.main(base + ["--out", str(tmp_path / "fast"), "--fast"]) == 0
     assert "compiled CPU backend ready" in capsys.readouterr().err
@@ -146,7 +144,8 @@ def test_when_compiling_fails_the_run_says_so_and_keeps_the_reference_numbers(mo
     monkeypatch.setattr(compiled, "_window", broken)
     monkeypatch.delenv("MEZO_FAST", raising=False)
     base = ["--task", "synthetic", "--model", model_dir("llama"), "--template", "{sentence} It was {mask}",
-            "--label-words", " bad, good", "--k", "8", "--steps", "3", "--eval-every", "0", "--lr", "1e-2"]
+            "--label-words", " bad, good", "--k", "8", "--steps", "3", "--eval-every", "0", "--lr", "1e-2",
+            "--device", "cpu"]
     assert mezo.main(base + ["--out", str(tmp_path / "fast"), "--fast"]) == 0
     err = capsys.readouterr().err
     lines = [x for x in err.splitlines() if x.startswith("mezo: --fast")]
@@ -168,7 +167,7 @@ def test_default_recipe_first_steps_are_the_references_bit_for_bit(backend, tmp_
     logs = {}
     for name, extra in (("ref", []), ("fast", ["--fast"])):
         cmd = [sys.executable, str(ROOT / "mezo.py"), "--task", "sst2", "--steps", "3", "--eval-every", "0",
-               "--eval-max-start", "8", "--threads", "2", "--out", str(tmp_path / name), *extra]
+               "--eval-max-start", "8", "--threads", "2", "--device", "cpu", "--out", str(tmp_path / name), *extra]
         proc = subprocess.run(cmd, capture_output=True, text=True, timeout=900, env=env, cwd=tmp_path)
         assert proc.returncode == 0, proc.stderr[-3000:]
         logs[name] = [r for r in map(json.loads, (tmp_path / name / "log.jsonl").read_text().splitlines())

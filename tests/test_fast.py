@@ -6,14 +6,14 @@ import os
 
 import pytest
 import torch
-from conftest import z_of
+from conftest import offset_st, shard_pair, shards_st, z_of
 from hypothesis import given
 from hypothesis import strategies as st
 
 import mezo
 from mezo import checkpoints
 
-fast = pytest.importorskip("fast")
+fast = pytest.importorskip("mezo.fast")
 INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
 DEVICES = [pytest.param("cpu", marks=pytest.mark.skipif(not INTERPRET, reason="CPU kernels need TRITON_INTERPRET=1")),
            pytest.param("cuda", marks=pytest.mark.skipif(INTERPRET or not torch.cuda.is_available(),
@@ -48,16 +48,17 @@ def _check(ref, got, z_scale, before):
     for r, g, b in zip(ref, got, before):
         u = UNIT_ROUNDOFF[r.tensor.dtype]
         diff = (r.tensor.double() - g.tensor.double()).abs()
+        # one rounding a pass each side (≤ u·|θ| before or after); z within 1e-6, times |z_scale|
         bound = 2 * u * (b.double().abs() + r.tensor.double().abs()) + abs(z_scale) * 2e-6
         bad = (diff > bound).nonzero()
         assert bad.numel() == 0, f"{r.name} {r.tensor.dtype}: {diff.max()} > bound at {bad[0].tolist()}"
         if r.tensor.dtype != torch.float32:
+            # a 1e-6 z difference flips a rounding only near a midpoint; truncation: ~half
             assert (diff > 0).float().mean() <= 0.01, f"{r.name}: {(diff > 0).float().mean():.3f} of elements differ"
 
 
 shapes_st = st.lists(st.lists(st.integers(1, 61), min_size=1, max_size=3).map(tuple), min_size=1, max_size=4)
 dtype_st = st.sampled_from([torch.float32, torch.bfloat16, torch.float16])
-offset_st = st.one_of(st.integers(0, 7), st.integers(2**32 - 50, 2**40))
 
 
 def _compare(shapes, dtype, device, offset0, reference, triton, z_scale):
@@ -143,6 +144,7 @@ def test_one_launch_per_dtype_over_large_and_mixed_tensors(device):
                  if b is reference else b.restore_and_update(ps, 11, 1e-3, 3.0, 1e-2, 0.1, 12)):
         step(reference, ref)
         step(backend, got)
+        # θ moved along z by 0.5, then ±ε twice (2e-3) and lr·g = 1e-2·3 (3e-2)
         _check(ref, got, 0.5 + 2e-3 + 3e-2, before)
 
 
@@ -154,6 +156,7 @@ def test_kernel_noise_is_the_reference_noise(device):
         p = mezo.Trainable("z", t, offset, False, (4099,), (0,))
         fast.TritonBackend().perturb([p], 77, 1.0)
         want = mezo.noise(77, torch.arange(offset, offset + 4099)).to(device)
+        # Triton's log/cos vs ours: |z| ≤ √(−2 ln 1e-7) = 5.7, ulp 4.8e-7: 1e-6 ≈ 2 ulps
         assert (t - want).abs().max() <= 1e-6, (offset, (t - want).abs().max())
 
 
@@ -162,7 +165,7 @@ def _run(model_dir, out, flags, **kw):
                 label_words=" bad, good", k=8, batch_size=8, steps=5, eval_every=0, eval_max=0, lr=1e-2, out=out)
     args.update(kw)
     argv = [str(x) for k, v in args.items() for x in (f"--{k.replace('_', '-')}", v)]
-    argv += flags
+    argv += flags + ["--device", "cpu"]  # the interpreter's kernels against the reference, both on the CPU
     assert mezo.main(argv) == 0
     log = [json.loads(line) for line in (out / "log.jsonl").read_text().splitlines()]
     from safetensors.torch import load_file
@@ -178,6 +181,7 @@ def test_fast_trajectory_equals_the_reference(model_dir, tmp_path, device, mode,
     by ~1e-6, so bit-equality is not expected)."""
     ref_log, ref_t = _run(model_dir, tmp_path / "ref", extra, mode=mode, dtype=dtype, device=device)
     fast_log, fast_t = _run(model_dir, tmp_path / "fast", ["--fast"] + extra, mode=mode, dtype=dtype, device=device)
+    # float32: Δz ≤ 1e-6 moves θ by (ε + lr|g|)·1e-6 a step ≪ 1e-5; bfloat16: ~5 u (2^-8)
     tol = 1e-5 if dtype == "float32" else 2e-2
     for r, f in zip(ref_log, fast_log):
         assert r["step"] == f["step"] and r.get("seed") == f.get("seed")
@@ -219,55 +223,32 @@ def test_fused_restore_update_and_next_perturbation_matches_reference(device, sh
        n=st.integers(1, 2), lr=st.sampled_from([0.0, 1e-2]), fuse=st.booleans(), offset0=offset_st)
 def test_exact_mode_matches_exact_restore(device, shapes, dtype, seeds, n, lr, fuse, offset0):
     """TritonBackend(exact=True), which writes θ's copy in the first perturbation and reads it in the next
-    passes, against mezo.ExactRestore(TorchBackend()) over steps of n samples (with `fuse`, the next step's
-    +εz' rides on the update, as in training): the same tensors; at lr = 0, θ comes back bit for bit."""
+    passes, against mezo.ExactRestore(TorchBackend()) over steps of n samples (with `fuse`, under fast.Fused:
+    the next step's +εz' rides on the update, as in training): the same tensors; at lr = 0, θ comes back bit for bit."""
     ref, got = _pair(shapes, dtype, device, offset0)
     before = [p.tensor.clone() for p in ref]
     steps = [seeds[i:i + n] for i in range(0, len(seeds), n)]
     seen = {}  # the tensors at every loss evaluation: θ ± εz must match too, not only where a step ends
-    for params, backend in ((ref, mezo.ExactRestore(mezo.TorchBackend())), (got, fast.TritonBackend(exact=True))):
+    triton_backend = fast.TritonBackend(exact=True)
+    if fuse:
+        triton_backend = fast.Fused(triton_backend)
+    for params, backend in ((ref, mezo.ExactRestore(mezo.TorchBackend())), (got, triton_backend)):
         losses = iter([1.0, 0.999] * len(seeds))  # fixed: both see the same projected gradients (0.5)
         seen[id(params)] = []
 
         def loss_fn(params=params, losses=losses):
             seen[id(params)].append([mezo.Trainable(p.name, p.tensor.clone(), 0, False, (), ()) for p in params])
             return next(losses)
-        for i, step_seeds in enumerate(steps):
-            next_seed = steps[i + 1][0] if fuse and i + 1 < len(steps) else None
-            mezo.mezo_step(params, loss_fn, step_seeds, 1e-3, lr, 0.1, backend, perturbed=fuse and i > 0,
-                           next_seed=next_seed)
+        for step_seeds in steps:
+            mezo.mezo_step(params, loss_fn, step_seeds, 1e-3, lr, 0.1, backend)
+        backend.settle(params)
     for r, g in zip(seen[id(ref)], seen[id(got)], strict=True):
+        # θ moved along z by ε and by lr·g = lr·0.5 for each seed
         _check(r, g, 1e-3 + lr * 0.5 * len(seeds), before)
     _check(ref, got, 1e-3 + lr * 0.5 * len(seeds), before)
     if lr == 0.0:
         for p, b in zip(got, before):
             assert torch.equal(p.tensor, b), p.name
-
-
-@st.composite
-def shards_st(draw):
-    """Tensor-parallel shards, as tp/ makes them: each a contiguous block of a full tensor cut along one
-    dimension (a colwise weight's rows, a rowwise weight's columns, a bias's slice), with global offsets."""
-    out, offset = [], draw(offset_st)
-    for i in range(draw(st.integers(1, 3))):
-        full = tuple(draw(st.lists(st.integers(1, 37), min_size=1, max_size=3)))
-        d = draw(st.integers(0, len(full) - 1))
-        parts = draw(st.integers(1, 4))
-        rank = draw(st.integers(0, parts - 1))
-        size = -(-full[d] // parts)
-        lo, hi = min(rank * size, full[d] - 1), min((rank + 1) * size, full[d])
-        start = tuple(lo if k == d else 0 for k in range(len(full)))
-        shape = tuple(hi - lo if k == d else n for k, n in enumerate(full))
-        out.append((f"w{i}", shape, full, start, offset, len(full) >= 2))
-        offset += draw(st.integers(0, 3)) + torch.Size(full).numel()
-    return out
-
-
-def _shard_pair(specs, dtype, device):
-    g = torch.Generator().manual_seed(1)
-    tensors = [torch.randn(shape, generator=g).to(dtype).to(device) for _, shape, *_ in specs]
-    return [[mezo.Trainable(name, t.clone(), offset, decay, full, start)
-             for t, (name, _, full, start, offset, decay) in zip(tensors, specs)] for _ in range(2)]
 
 
 @pytest.mark.parametrize("device", DEVICES)
@@ -276,22 +257,26 @@ def _shard_pair(specs, dtype, device):
 def test_tensor_parallel_shards_match_reference(device, specs, dtype, seed, next_seed, g, lr):
     """On shards (tp/'s), each kernel against the reference, which maps a shard's elements to global indices
     with Trainable.global_index: +εz, −2εz, then the fused restore + update + next +εz'; and z itself."""
-    ref, got = _shard_pair(specs, dtype, device)
+    ref, got = shard_pair(specs, dtype, device)
     before = [p.tensor.clone() for p in ref]
     eps, backend, reference = 1e-3, fast.TritonBackend(), mezo.TorchBackend()
     reference.perturb(ref, seed, eps)
     backend.perturb(got, seed, eps)
+    # θ + εz: θ moved along z by ε
     _check(ref, got, eps, before)
     reference.perturb(ref, seed, -2 * eps)
     backend.perturb(got, seed, -2 * eps)
+    # then θ − εz: moved by ε twice
     _check(ref, got, 2 * eps, before)
     reference.perturb(ref, seed, eps)
     reference.update(ref, seed, g, lr, 0.1)
     reference.perturb(ref, next_seed, eps)
     backend.restore_and_update(got, seed, eps, g, lr, 0.1, next_seed)
+    # then restore, update and +εz': ε three times and lr·|g|
     _check(ref, got, 3 * eps + abs(g) * lr, before)
     zeros = [mezo.Trainable(p.name, torch.zeros_like(p.tensor, dtype=torch.float32), p.offset, p.decay,
                             p.full_shape, p.shard_start) for p in got]
     fast.TritonBackend().perturb(zeros, seed, 1.0)
     for p in zeros:
+        # z itself: ≈ 2 float32 ulps of the largest |z| (5.7), as in test_kernel_noise_...
         assert (p.tensor - z_of(p, seed)).abs().max() <= 1e-6, p.name

@@ -88,6 +88,7 @@ def test_prompt_scoring_reads_label_logits_at_mask_or_last_token(kind, model_dir
             assert tok.convert_ids_to_tokens(row[pos]) == "was"  # the text before {mask}, nothing after
         want = full[i, pos, [bad, good]]
         got = forward(batch)[i]
+        # one forward vs a batched one: float32 reordering; 1e-5 ≈ 80 ulps of logits O(1)
         assert torch.allclose(got, want, atol=1e-5), (i, got, want)
 
 
@@ -98,6 +99,7 @@ def test_cls_head_is_fresh_trained_and_reads_the_same_position(model_dir):
     with torch.no_grad():
         h = model.base_model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).last_hidden_state
         want = model.cls_head(h[torch.arange(len(SENTS)), batch["position"]])
+    # the same modules on the same batch: allclose's defaults (rtol 1.3e-6 ≈ 10 ulps)
     assert torch.allclose(forward(batch), want)
 
 
@@ -136,6 +138,7 @@ def test_peft_loads_the_saved_adapter(kind, model_dir, tmp_path):
         plain = base(**inputs).logits
         peft_model = peft.PeftModel.from_pretrained(base, str(tmp_path / "adapter")).eval()
         want, got = model(**inputs).logits, peft_model(**inputs).logits
+    # peft adds B·A·x by its own matmuls: float32 reordering; 1e-5 ≈ 80 ulps (1.2e-7) of logits O(1)
     assert torch.allclose(got, want, atol=1e-5), (got - want).abs().max()
     assert not torch.allclose(got, plain, atol=1e-3), "the adapter had no effect"
     n_lora = sum("lora_" in n for n, _ in peft_model.named_parameters())
@@ -146,7 +149,7 @@ def test_the_runs_adapter_loads_with_peft_alone_and_gives_the_runs_evaluation(mo
     """A CLI run's adapter/, loaded by peft from its own config (base_model_name_or_path names a folder
     transformers can load), scores the test set as the run's last evaluation did."""
     peft = pytest.importorskip("peft")
-    from test_cli import records, run, tiny_args
+    from conftest import records, run, tiny_args
     assert run(tiny_args(model_dir, tmp_path, steps=6, eval_every=0, lr=0.2), capsys)[0] == 0
     config = json.loads((tmp_path / "adapter" / "adapter_config.json").read_text())
     assert config["base_model_name_or_path"] == str(Path(model_dir("llama")).resolve())
@@ -162,6 +165,7 @@ def test_the_runs_adapter_loads_with_peft_alone_and_gives_the_runs_evaluation(mo
             scores[name] = (F.cross_entropy(logits, labels).item(), (logits.argmax(-1) == labels).float().mean().item())
     final = [r for r in records(tmp_path) if r.get("split") == "test"][-1]
     assert final["n"] == len(rows) == 256
+    # the same float32 logits, mean taken in another order: ≈ 8 float32 ulps (6e-8 each) of the loss
     assert scores["tuned"][0] == pytest.approx(final["loss"], rel=1e-6, abs=0)
     assert scores["tuned"][1] == final["accuracy"]
     assert abs(scores["base"][0] - final["loss"]) > 1e-4, "the adapter changed nothing: the comparison says nothing"

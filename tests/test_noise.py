@@ -16,7 +16,7 @@ import triton.language as tl  # noqa: E402
 
 @triton.jit
 def _triton_randn4x(z_ptr, word_ptr, u_ptr, seed, base, n, BLOCK: tl.constexpr):
-    # Triton's own generator, element i taking output i % 4 of randn4x(seed, i // 4) as DESIGN.md specifies.
+    # Triton's own generator, element i taking output i % 4 of randn4x(seed, i // 4) as docs/design.md specifies.
     offs = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
     i = base + offs
     lane = i % 4
@@ -53,6 +53,7 @@ def test_matches_triton_randn4x(seed, base, n):
     assert torch.equal(u, u_tri), f"uniforms differ at {(u != u_tri).nonzero()[:3].flatten().tolist()}"
     z = mezo.noise(seed, index)
     err = (z - z_tri).abs()
+    # Triton's log/cos vs ours: |z| ≤ 5.7 has float32 ulp 4.8e-7, so 1e-6 ≈ 2 ulps of the largest z
     assert err.max() <= 1e-6 * max(1.0, z.abs().max().item()), f"z differs by {err.max()} at {base + err.argmax()}"
 
 
@@ -146,3 +147,25 @@ def test_step_seed_is_deterministic_distinct_and_in_range():
 def test_negative_seed_is_refused():
     with pytest.raises(ValueError, match="seed"):
         mezo.noise(-1, torch.arange(4))
+
+
+@pytest.mark.parametrize("chunk", [mezo.noise_chunk("cpu"), mezo.noise_chunk("cuda"), 7, 65537])
+@pytest.mark.parametrize("start", [5, 2**33 + 3])
+def test_the_noise_chunk_size_changes_no_number(chunk, start):
+    """The chunk size is the device's choice (mezo.noise_chunk: 2^16 on a CPU, 2^24 on CUDA), never the
+    numbers': chunked at each size, at odd offsets and lengths, z equals one single call, bit for bit (CPU
+    tensors; a chunk as large as CUDA's makes the whole index in one call)."""
+    n = mezo.NOISE_CHUNK + 4099
+    if chunk < 64:
+        n = 1001  # tiny chunks cost one torch call each: keep them few
+    index = torch.arange(start, start + n)
+    whole = mezo.noise(11, index, chunk=n)
+    assert torch.equal(mezo.noise(11, index, chunk=chunk), whole), f"chunk {chunk} changes z"
+    params = mezo.make_trainables([(f"t{i}", torch.zeros(s)) for i, s in enumerate((n // 3, 1, n - n // 3 - 1))])
+    got = torch.cat([z for _, _, z in mezo.noise_chunks(params, 11, chunk=chunk)])
+    assert torch.equal(got, mezo.noise(11, torch.arange(n), chunk=n)), f"noise_chunks at chunk {chunk}"
+
+
+def test_noise_chunk_is_large_on_cuda_and_cache_sized_on_cpu():
+    assert mezo.noise_chunk("cpu") == mezo.NOISE_CHUNK == 1 << 16
+    assert mezo.noise_chunk("cuda") == mezo.noise_chunk(torch.device("cuda", 1)) == mezo.NOISE_CHUNK_CUDA == 1 << 24

@@ -1,12 +1,12 @@
 """--mode prefix (prefix.py): a causal and a masked tiny model against transformers' own key/value-cache path (an
 independent computation of attention over prefix + tokens), padding, initialisation, training, resume, refusals."""
 import copy
+import inspect
 
 import pytest
 import torch
-from conftest import make_model
+from conftest import expect_error, make_model, records, run, tiny_args
 from safetensors.torch import load_file
-from test_cli import expect_error, records, run, tiny_args
 from transformers import DynamicCache
 
 import mezo
@@ -28,8 +28,12 @@ def cache_path(ref, modules, ids, mask):
                               position_ids=torch.arange(t)[None].expand(b, -1)).last_hidden_state
     h = ref.roberta.embeddings(input_ids=ids)  # an encoder takes no cache from the model: layer by layer
     full = seen.bool()[:, None, None, :].expand(b, 1, t, P + t)
+    # transformers renamed the layer's argument (past_key_values up to 5.17, cache later); an unknown name would
+    # be swallowed by **kwargs, leaving keys without the prefix against a mask with it
+    name = "cache" if "cache" in inspect.signature(type(ref.roberta.encoder.layer[0]).forward).parameters \
+        else "past_key_values"
     for layer in ref.roberta.encoder.layer:
-        out = layer(h, attention_mask=full, cache=cache)
+        out = layer(h, attention_mask=full, **{name: cache})
         h = out[0] if isinstance(out, tuple) else out
     return h
 
@@ -49,14 +53,17 @@ def test_the_prefix_is_attention_over_virtual_tokens_before_the_real_ones(kind):
     got = model.base_model(input_ids=ids, attention_mask=mask).last_hidden_state
     want = cache_path(ref, modules, ids, mask)
     keep = mask.bool()
+    # float32 attention over the prefix by another path: 1e-6 ≈ 8 ulps of states O(1)
     assert torch.allclose(got[keep], want[keep], atol=1e-6, rtol=1e-5)
     assert (got[keep] - before[keep]).abs().max() > 1e-3  # the prefix changes the output
     # padding: a padded row gives the logits of the same row alone and unpadded
     for row in (1, 2):
         n = int(mask[row].sum())
         alone = model.base_model(input_ids=ids[row:row + 1, :n], attention_mask=mask[row:row + 1, :n])
+        # padding only masks keys: the same softmax terms, reordered; 1e-6 ≈ 8 float32 ulps of O(1)
         assert torch.allclose(alone.last_hidden_state[0], got[row, :n], atol=1e-6)
     nomask = model.base_model(input_ids=ids[:1]).last_hidden_state  # no mask at all: causal or full, and the prefix
+    # as above: the same attention without a mask, float32 reordering of values O(1)
     assert torch.allclose(nomask[0], got[0], atol=1e-6)
 
 
@@ -79,6 +86,7 @@ def test_initialised_from_the_real_activations_of_random_tokens(kind):
         h = ref.roberta.embeddings(input_ids=ids)
         att = ref.get_submodule(names[0])
         k = att.key(h).view(1, P, -1, att.attention_head_size).transpose(1, 2)[0]
+        # one float32 linear layer computed for a batch of 1 vs P rows: a few ulps of keys O(1)
         assert torch.allclose(model.get_submodule(names[0]).prefix_key, k, atol=1e-6)
     other = make_model(kind)
     prefix.add_prefix(other, P, seed=8)
@@ -116,10 +124,12 @@ def test_at_lr_zero_the_loss_is_the_fresh_prefix_loss(kind, model_dir, tmp_path,
     want = torch.nn.functional.cross_entropy(logits, labels).item()
     steps = [r for r in records(out) if "seed" in r]
     assert len(steps) == 2
+    # the mean of L± at θ ± εz is L(θ) + O(ε²) (1e-6) plus float32 reordering: 1e-4
     assert all(abs(r["loss"] - want) <= 1e-4 * want for r in steps), ([r["loss"] for r in steps], want)
     saved = load_file(out / checkpoints.CHECKPOINT)
     assert set(saved) == {p.name for p in hand.params}
     for p in hand.params:
+        # lr 0: the 3 ±ε passes round θ 3 times: ≤ 3 half-ulps of |θ| < 4 (2.4e-7 each) < 1e-6
         assert torch.allclose(saved[p.name], p.tensor, atol=1e-6), p.name  # lr 0: where it started (±ε rounding)
 
 

@@ -5,8 +5,8 @@ import shutil
 
 import pytest
 import torch
+from conftest import expect_error, run, tiny_args
 from safetensors.torch import load_file
-from test_cli import expect_error, run, tiny_args
 
 from mezo import checkpoints
 
@@ -62,7 +62,7 @@ def test_a_truncated_or_edited_log_is_refused_in_one_line(model_dir, tmp_path, c
     # the run's own folder as --out, another run's settings, a first-order run
     expect_error(capsys, ["--replay", source, "--out", source], r"needs --out NEW_DIR, another folder")
     expect_error(capsys, ["--replay", source, "--out", tmp_path / "d", "--lr", "0.5"],
-                 r"step 1's record does not match its own replay .*another --seed, --eps or --lr")
+                 r"the run was trained with --lr 0.01; replay it with the same lr \(drop --lr 0.5\)")
     adam = tmp_path / "adam"
     assert run(tiny_args(model_dir, adam, steps=2, optimizer="adam"), capsys)[0] == 0
     expect_error(capsys, ["--replay", adam, "--out", tmp_path / "e"], r"only MeZO runs replay")

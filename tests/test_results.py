@@ -9,10 +9,9 @@ import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
-from conftest import load_tiny
+from conftest import load_tiny, records, run, tiny_args
 from mezo.tasks import prompts, synthetic
 from safetensors.torch import load_file
-from test_cli import records, run, tiny_args
 
 import mezo
 from mezo import baseline, checkpoints, runs
@@ -87,7 +86,8 @@ def test_step_records_count_forward_and_backward_passes(model_dir, tmp_path, cap
         assert (summary["forwards"], summary["backwards"], summary["optimizer"]) == (6 * fwd, 6 * bwd, name)
         assert summary["peak_memory_mb"] > 0
     # A resume with another --n-samples: the count goes on from the log, 4 forwards a step, then 2.
-    assert mezo.main(["--resume", str(tmp_path / "mezo"), "--steps", "8", "--n-samples", "1"]) == 0
+    assert mezo.main(["--resume", str(tmp_path / "mezo"), "--steps", "8", "--n-samples", "1",
+                      "--device", "cpu"]) == 0
     steps = [r for r in records(tmp_path / "mezo") if "split" not in r]
     assert [r["forwards"] for r in steps] == [4 * s for s in range(1, 7)] + [26, 28]
     assert json.loads((tmp_path / "mezo" / "summary.json").read_text())["forwards"] == 28
@@ -116,7 +116,7 @@ def test_adam_resume_continues_the_identical_trajectory(model_dir, tmp_path, cap
     assert run(["--resume", fresh, "--steps", 6], capsys)[0] == 0
     assert strip(records(fresh))[:4] == strip(records(straight))[:4]  # step 0's evaluations and steps 1..3
     assert strip(records(fresh))[-1] != strip(records(straight))[-1]
-    from test_cli import expect_error
+    from conftest import expect_error
     expect_error(capsys, ["--resume", halves, "--optimizer", "mezo"], r"trained with --optimizer adam; resume it")
 
 
@@ -129,14 +129,16 @@ def test_adam_micro_batches_accumulate_the_batch_gradient(model_dir, tmp_path, c
     a, b = ([r for r in records(tmp_path / name) if "split" not in r] for name in ("whole", "parts"))
     assert len(a) == len(b) == 4
     for x, y in zip(a, b):
+        # float32 sums of 3 + 3 + 2 examples vs one of 8: a few ulps; 1e-5 relative is ~80 ulps
         assert y["loss"] == pytest.approx(x["loss"], rel=1e-5), (x, y)
     ta, tb = (load_file(tmp_path / name / checkpoints.CHECKPOINT) for name in ("whole", "parts"))
     moved = max((ta[k] - tb[k]).abs().max().item() for k in ta if not k.startswith(baseline.ADAM))
+    # Adam's step lr·m̂/(√v̂+δ): ulp noise in ĝ moves θ ≪ lr = 1e-2; 1e-5 = lr/1000
     assert moved <= 1e-5, moved  # lr 1e-2 a step: a wrong scale of the parts moves tensors by ~1e-2
 
 
 def test_adam_refuses_what_it_cannot_do(model_dir, tmp_path, capsys):
-    from test_cli import expect_error
+    from conftest import expect_error
     expect_error(capsys, tiny_args(model_dir, tmp_path, optimizer="sgd"), r"unknown --optimizer 'sgd'; choose one of "
                  "mezo, adam")
     expect_error(capsys, tiny_args(model_dir, tmp_path, optimizer="adam", objective="accuracy"),
@@ -195,6 +197,7 @@ def test_table_means_and_stds_match_a_hand_computation(small_results, tmp_path):
         mean = sum(finals) / len(finals)
         std = math.sqrt(sum((x - mean) ** 2 for x in finals) / len(finals))
         row = results.summarise(results.collect(root, methods), methods)[m.name]
+        # the same float64 mean and std, summed in another order: ulps (1e-16); 1e-12
         assert row["test"] == pytest.approx((mean, std), rel=1e-12, abs=1e-15)
         line = next(x for x in md.splitlines() if x.startswith(f"| {m.title} |"))
         assert f"| {100 * mean:.1f} ± {100 * std:.1f} (n = {len(m.seeds)}) |" in line, line

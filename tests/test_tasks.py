@@ -7,10 +7,9 @@ from pathlib import Path
 import pytest
 import torch
 import torch.nn.functional as F
-from conftest import load_tiny, make_model, make_tokenizer
+from conftest import expect_error, load_tiny, make_model, make_tokenizer, records, run
 from mezo.errors import UsageError
 from mezo.tasks import prompts
-from test_cli import expect_error, records, run
 
 import mezo
 from mezo import tasks
@@ -86,6 +85,7 @@ def test_several_token_label_words_score_their_summed_log_probabilities(model_di
         got = mezo.PromptForward(model, [])(prompts.collate(examples, tok.pad_token_id))  # (3, 3)
         want = [_scores_by_hand(model, tok, s, "{sentence} It was{mask}", words) for s in sents]
     assert got.shape == (3, 3)
+    # float32 batched forward vs one by hand: 2e-5 ≈ 20 ulps (9.5e-7) of scores up to 10
     assert torch.allclose(got.double(), torch.tensor(want, dtype=torch.float64), atol=2e-5), (got, want)
 
 
@@ -103,9 +103,11 @@ def test_single_token_words_keep_their_one_position_numbers(model_dir):
         plain = forward(batch)
         full = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
         ids = tok.convert_tokens_to_ids(["bad", "good"])
+        # the same float32 logits read by another index, up to the head's reordering
         assert torch.allclose(plain, full[torch.arange(2), batch["position"]][:, ids], atol=1e-6)
         forced = mezo.PromptForward(model, [])(prompts.collate([dict(e, candidates=[[ids[0]], [ids[1]]]) for e in one],
                                                                0))
+    # a per-row constant cancels in log-softmax up to float32 rounding of logits O(10): ≤ 1e-6
     assert torch.allclose(F.cross_entropy(forced, batch["labels"]), F.cross_entropy(plain, batch["labels"]), atol=1e-6)
 
 
@@ -150,7 +152,9 @@ def test_multi_class_accuracy_and_cross_entropy_match_a_hand_computation(model_d
             correct += int(logits.argmax()) == y
             nll -= logits.log_softmax(-1)[y].item()
     assert test["n"] == len(rows) == 2210
+    # a ratio of counts: the same division, at worst rounded to float32 (2^-24 relative) < 1e-7
     assert test["accuracy"] == pytest.approx(correct / len(rows), abs=1e-7)
+    # float32 batched logits vs float64 one by one: 1e-5 ≈ 80 ulps (1.2e-7) of a mean loss O(1)
     assert test["loss"] == pytest.approx(nll / len(rows), rel=1e-5)
 
 
@@ -160,7 +164,7 @@ def test_the_tasks_bad_inputs_are_one_line(model_dir, tmp_path, capsys):
     line = expect_error(capsys, ["--task", "imdb"] + base, r"unknown --task 'imdb'; choose one of sst2, sst5")
     assert all(name in line for name in tasks.NAMES)
     expect_error(capsys, ["--task", "trec", "--label-words", " bad, good"] + base,
-                 r"train has labels beyond the 2 --label-words; give one word per class")
+                 r"--label-words gives 2 words, but trec has 6 classes: give one word per class")
     expect_error(capsys, ["--task", "rte", "--template", "{sentence} It was{mask}"] + base,
                  r"this task's examples are pairs, so the template needs \{sentence1\} and \{sentence2\}")
     expect_error(capsys, ["--task", "sst2", "--template", "{sentence1} and {sentence2} ?{mask}"] + base,

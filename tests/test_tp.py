@@ -17,7 +17,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import z_of
+from conftest import records, z_of
 from safetensors.torch import load_file
 
 import mezo
@@ -41,13 +41,10 @@ def torchrun(nproc, *argv, **kw):
 
 def cli_args(model, out, **kw):
     args = dict(task="synthetic", model=model, template="{sentence} It was {mask}", label_words=" bad, good", k=8,
-                batch_size=8, micro_batch=4, steps=3, eval_every=3, eval_max=0, lr=LR, eps=EPS, threads=1, out=out)
+                batch_size=8, micro_batch=4, steps=3, eval_every=3, eval_max=0, lr=LR, eps=EPS, threads=1, device="cpu",
+                out=out)
     args.update(kw)
     return [str(x) for k, v in args.items() for x in (f"--{k.replace('_', '-')}", v)]
-
-
-def records(folder):
-    return [json.loads(line) for line in (Path(folder) / "log.jsonl").read_text().splitlines()]
 
 
 def reference(model, out, **kw):

@@ -1,0 +1,185 @@
+"""Issue 22, the run folder: what a user or the machine does to a run ends either as the user expects or in one line
+`mezo: error: ...` that leaves the folder byte for byte as it was. Resume never relabels, replay takes no flag that
+changes an update, a non-finite loss keeps the exact tensors of the last good step, one writer per folder, and a
+full or read-only disk keeps the last checkpoint whole."""
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+from conftest import expect_error, run
+from safetensors import safe_open
+from safetensors.torch import load_file
+
+from mezo import checkpoints
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def P(model_dir, **kw):
+    """The issue's $P: --task synthetic --model TINY --threads 1 --eval-max 8 --eval-max-start 8 (and --device cpu)."""
+    args = dict(task="synthetic", model=model_dir("llama"), threads=1, eval_max=8, eval_max_start=8, device="cpu")
+    args.update(kw)
+    return [str(x) for k, v in args.items() for x in (f"--{k.replace('_', '-')}", v)]
+
+
+def snapshot(folder):
+    """Every file under folder with its bytes (nothing may change when a command is refused)."""
+    folder = Path(folder)
+    return {str(f.relative_to(folder)): f.read_bytes() for f in sorted(folder.rglob("*")) if f.is_file()}
+
+
+def step_of(folder):
+    with safe_open(str(Path(folder) / checkpoints.CHECKPOINT), "pt") as f:
+        return int(f.metadata()["step"])
+
+
+def test_1_a_resume_to_fewer_steps_is_refused_and_a_finished_one_changes_nothing(model_dir, tmp_path, capsys):
+    a = tmp_path / "A"
+    assert run(P(model_dir, steps=4, eval_every=2, out=a), capsys)[0] == 0
+    before = snapshot(a)
+    expect_error(capsys, ["--resume", a, "--steps", 2], r"--resume .*A --steps 2: the run is at step 4 already .*"
+                 r"give --steps 4 or more .*--replay .*A --out NEW_DIR --steps 2")
+    assert snapshot(a) == before
+    code, out, _ = run(["--resume", a, "--steps", 4], capsys)  # a rerun of a finished resume: nothing to do
+    assert code == 0 and "at step 4 already: nothing to run" in out
+    assert snapshot(a) == before  # summary.json keeps its evaluations
+
+
+def test_2_a_non_finite_loss_keeps_the_exact_last_good_step_and_resume_gets_past_it(model_dir, tmp_path, capsys):
+    """The issue's float16 run: θ_2 is rebuilt bit for bit (equal to a run stopped at step 2), and --resume with a
+    lower --lr goes past the step that overflowed."""
+    n, two = tmp_path / "N", tmp_path / "two"
+    flags = dict(dtype="float16", mode="full", lr=1, eval_every=0)
+    line = expect_error(capsys, P(model_dir, steps=30, out=n, **flags),
+                        r"non-finite loss at step 4 .*kept step 2's exact tensors, the last whose forwards were "
+                        r"finite, in .*N\. --resume .*N --steps 30 with a lower --lr", code=1)
+    assert step_of(n) == 2 and not any(p.name.startswith(".") and p.is_dir() for p in n.iterdir()), line
+    assert run(P(model_dir, steps=2, out=two, **flags), capsys)[0] == 0
+    a, b = load_file(n / checkpoints.CHECKPOINT), load_file(two / checkpoints.CHECKPOINT)
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    code, out, err = run(["--resume", n, "--steps", 8, "--lr", "1e-3"], capsys)
+    assert code == 0 and "at step 2" in out, err[-2000:]
+    assert step_of(n) == 8
+
+
+def test_2_lora_at_lr_1e30_keeps_no_absurd_good_checkpoint(model_dir, tmp_path, capsys):
+    n = tmp_path / "N"
+    line = expect_error(capsys, P(model_dir, steps=10, lr=1e30, eval_every=0, out=n), r"non-finite loss at step",
+                        code=1)
+    if "kept step" in line:  # the kept step is one whose forwards were finite: its values are the start's scale
+        saved = load_file(n / checkpoints.CHECKPOINT)
+        assert all(t.abs().max() < 100 for t in saved.values()), line
+    else:
+        assert "no good step to keep" in line and "--lr" not in line
+
+
+def test_3_replay_refuses_flags_that_change_the_update_and_leaves_out_as_it_was(model_dir, tmp_path, capsys):
+    a, b = tmp_path / "A", tmp_path / "B"
+    assert run(P(model_dir, steps=4, eval_every=0, rule="adam", out=a), capsys)[0] == 0
+    before = snapshot(a)
+    for flags, what in ((["--rule", "sgd"], r"--rule adam; replay it with the same rule \(drop --rule sgd\)"),
+                        (["--weight-decay", "0.5"], r"--weight-decay 0.0; replay it .*drop --weight-decay 0.5"),
+                        (["--n-samples", "5"], r"--n-samples 1; replay it .*drop --n-samples 5"),
+                        (["--eps", "0.01"], r"--eps 0.001; replay it")):
+        expect_error(capsys, ["--replay", a, "--out", b] + flags, r"--replay .*A: the run was trained with " + what)
+        assert not b.exists() and sorted(p.name for p in tmp_path.iterdir()) == ["A"]
+    b.mkdir()
+    (b / "notes.txt").write_text("mine")  # a folder without a run: a refused replay leaves it as it was
+    expect_error(capsys, ["--replay", a, "--out", b, "--rule", "sgd"], r"the same rule")
+    assert snapshot(b) == {"notes.txt": b"mine"}
+    assert snapshot(a) == before
+
+
+def test_4_a_replay_into_a_run_and_a_fresh_run_over_a_run_are_refused(model_dir, tmp_path, capsys):
+    a, c = tmp_path / "A", tmp_path / "C"
+    assert run(P(model_dir, steps=2, eval_every=0, out=a), capsys)[0] == 0
+    assert run(P(model_dir, steps=3, eval_every=0, out=c), capsys)[0] == 0
+    before, theirs = snapshot(a), snapshot(c)
+    expect_error(capsys, ["--replay", a, "--out", c], r"--out .*C already holds a run .*--overwrite")
+    expect_error(capsys, P(model_dir, steps=2, out=c), r"--out .*C already holds a run \(checkpoint.safetensors, "
+                 r"log.jsonl, summary.json, adapter\): --resume .*C to go on with it, --overwrite to replace it")
+    assert snapshot(a) == before and snapshot(c) == theirs
+    assert run(["--replay", a, "--out", c, "--overwrite"], capsys)[0] == 0  # explicit: replaced
+    assert step_of(c) == 2 and not (tmp_path / ".C.replay").exists() and not (tmp_path / ".C.old").exists()
+
+
+def _cli(args, **kw):
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    return subprocess.Popen([sys.executable, str(ROOT / "mezo.py"), *args], cwd=ROOT, env=env, text=True,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, **kw)
+
+
+def test_4_one_writer_per_folder_a_stale_lock_does_not_block_and_kill_9_resumes_bit_for_bit(model_dir, tmp_path):
+    """Two real processes on one --out: the second is refused naming the first's PID. Then kill -9 of the first
+    (a --rule adam --save-every 2 run): its lock goes with it, --resume finishes it, equal to an unbroken run."""
+    w, straight = tmp_path / "W", tmp_path / "straight"
+    flags = dict(steps=400, eval_every=0, rule="adam", save_every=2)
+    first = _cli(P(model_dir, out=w, **flags))
+    deadline = time.time() + 300
+    while time.time() < deadline and not ((w / checkpoints.CHECKPOINT).exists() and step_of(w) >= 2):
+        time.sleep(0.2)
+    assert first.poll() is None, first.communicate()
+    second = _cli(P(model_dir, out=w, **flags))
+    _, err = second.communicate(timeout=300)
+    lines = [x for x in err.splitlines() if x.startswith("mezo: error:")]
+    assert second.returncode == 2 and len(lines) == 1, err[-2000:]
+    assert f"another run (PID {first.pid}) is writing this folder" in lines[0]
+    first.send_signal(signal.SIGKILL)
+    first.wait()
+    stopped = step_of(w)
+    resumed = _cli(["--resume", str(w), "--steps", str(stopped + 4)])
+    _, err = resumed.communicate(timeout=300)
+    assert resumed.returncode == 0, err[-2000:]
+    straight_run = _cli(P(model_dir, out=straight, **dict(flags, steps=stopped + 4)))
+    _, err = straight_run.communicate(timeout=300)
+    assert straight_run.returncode == 0, err[-2000:]
+    a, b = load_file(w / checkpoints.CHECKPOINT), load_file(straight / checkpoints.CHECKPOINT)
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)  # the Adam buffers included
+
+
+@pytest.fixture
+def tmpfs(tmp_path):
+    """A small tmpfs (root, Linux), unmounted afterwards; else the test is skipped."""
+    where = tmp_path / "disk"
+    where.mkdir()
+    if os.geteuid() != 0 or subprocess.run(["mount", "-t", "tmpfs", "-o", "size=4m", "tmpfs", str(where)],
+                                           capture_output=True).returncode != 0:
+        pytest.skip("cannot mount a tmpfs here (needs root)")
+    yield where
+    subprocess.run(["umount", "-l", str(where)], check=False)
+
+
+def test_6_a_full_disk_or_a_read_only_folder_is_one_line_and_the_checkpoint_stays_whole(model_dir, tmpfs, capsys):
+    a = tmpfs / "A"
+    assert run(P(model_dir, steps=2, eval_every=0, mode="full", out=a), capsys)[0] == 0
+    checkpoint = (a / checkpoints.CHECKPOINT).read_bytes()
+    filler = tmpfs / "filler"
+    with open(filler, "wb") as f:  # the rest of the disk
+        try:
+            while True:
+                f.write(b"\0" * 65536)
+                f.flush()
+        except OSError:
+            pass
+    line = expect_error(capsys, ["--resume", a, "--steps", 4], r"cannot write .* \(No space left on device\)")
+    assert "--resume" in line
+    assert (a / checkpoints.CHECKPOINT).read_bytes() == checkpoint
+    assert not [p for p in a.rglob(".*tmp*")]  # no half-written temporary file left behind
+    filler.unlink()
+    before = snapshot(a)
+    subprocess.run(["mount", "-o", "remount,ro", str(tmpfs)], check=True)
+    expect_error(capsys, ["--resume", a, "--steps", 4], r"--out .*A: cannot write there \(Read-only file system\)")
+    expect_error(capsys, P(model_dir, steps=2, out=a / "new"), r"--out .*new: cannot create it \(Read-only")
+    assert snapshot(a) == before
+    subprocess.run(["mount", "-o", "remount,rw", str(tmpfs)], check=True)
+    assert run(["--resume", a, "--steps", 4], capsys)[0] == 0  # space again: the run goes on
+
+
+def test_7_replay_of_a_missing_folder_says_replay(tmp_path, capsys):
+    expect_error(capsys, ["--replay", tmp_path / "nonexistent", "--out", tmp_path / "b"],
+                 r"^mezo: error: --replay .*nonexistent: no checkpoint.safetensors there; point --replay at")

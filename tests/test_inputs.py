@@ -1,0 +1,272 @@
+"""Issue 22's bad inputs, each as a user meets it: a mistaken flag, a damaged model or data file,
+an edited log, a misused optimizer. Each ends as a user would expect, or in one line
+`mezo: error: ...` that names the problem and what to do, with no traceback and no run folder
+changed."""
+import json
+import re
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+import torch.nn as nn
+
+import mezo
+from mezo import rules
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def P(model_dir, *flags, kind="llama"):
+    """The issue's P="python3 mezo.py --task synthetic --model TINY --threads 1 --eval-max 8
+    --eval-max-start 8", on the CPU (the --device cases pass their own)."""
+    device = [] if "--device" in flags else ["--device", "cpu"]
+    return ["--task", "synthetic", "--model", model_dir(kind), "--threads", 1, "--eval-max", 8,
+            "--eval-max-start", 8, *device, *flags]
+
+
+def refused(capsys, argv, pattern, code=2) -> str:
+    """mezo.main(argv) exits with code, printing exactly one error line that matches pattern, and
+    no traceback."""
+    got = mezo.main([str(a) for a in argv])
+    out, err = capsys.readouterr()
+    lines = [line for line in err.splitlines() if line.startswith("mezo: error:")]
+    assert got == code and len(lines) == 1 and "Traceback" not in err, (got, err[-2000:])
+    assert re.search(pattern, lines[0]), lines[0]
+    return lines[0]
+
+
+def snapshot(folder: Path) -> dict:
+    return {p.relative_to(folder): p.read_bytes() for p in sorted(folder.rglob("*")) if p.is_file()}
+
+
+def nothing_written(folder: Path) -> bool:
+    return not folder.exists() or not any(folder.iterdir())
+
+
+def sst2_data(root: Path, dev_rows=("the movie was good\t1", "the film was bad\t0")) -> Path:
+    """A small SST-2 data folder in the layout tasks/files.py looks for: lm-bff/SST-2/train.tsv
+    (10 rows of each class) and sst2/dev.tsv."""
+    rows = [row for i in range(10) for row in ("the movie was bad\t0", f"the film {i} was good\t1")]
+    train = ["sentence\tlabel", *rows]
+    (root / "lm-bff" / "SST-2").mkdir(parents=True)
+    (root / "sst2").mkdir()
+    (root / "lm-bff" / "SST-2" / "train.tsv").write_text("\n".join(train) + "\n")
+    (root / "sst2" / "dev.tsv").write_text("\n".join(["sentence\tlabel", *dev_rows]) + "\n")
+    return root
+
+
+def sst2(model_dir, data: Path, *flags, kind="llama"):
+    return ["--task", "sst2", "--data-dir", data, "--k", 4, "--model", model_dir(kind),
+            "--threads", 1, "--device", "cpu", *flags]
+
+
+# -----------------------------------------------------------------------------
+# Case 5: label words for another number of classes
+
+
+@pytest.mark.parametrize("words,count", [(" bad, good, ok", "3 words"), (" bad", "1 word")])
+def test_label_words_for_another_number_of_classes_are_refused(model_dir, tmp_path, capsys, words,
+                                                               count):
+    refused(capsys, ["--task", "sst2", "--label-words", words, "--model", model_dir("llama"),
+                     "--device", "cpu", "--out", tmp_path / "run"],
+            rf"--label-words gives {count}, but sst2 has 2 classes: give one word per class, "
+            r"class 0 first \(the task's: ' terrible, great'\)")
+    assert nothing_written(tmp_path / "run")
+
+
+# -----------------------------------------------------------------------------
+# Case 6: what was a traceback is one line
+
+
+def test_a_beta_of_one_or_more_is_refused_before_anything_runs(model_dir, tmp_path, capsys):
+    refused(capsys, P(model_dir, "--beta", 1.5, "--rule", "momentum", "--out", tmp_path / "run"),
+            r"--beta 1.5 is out of range: it must be < 1")
+    assert nothing_written(tmp_path / "run")
+
+
+def test_a_seed_past_63_bits_is_refused(model_dir, tmp_path, capsys):
+    refused(capsys, P(model_dir, "--seed", "99999999999999999999", "--out", tmp_path / "run"),
+            r"--seed 99999999999999999999 is out of range: it must be < 2\^63")
+    refused(capsys, P(model_dir, "--data-seed", 2**32),  # np.random.seed's limit (LM-BFF's splits)
+            r"--data-seed 4294967296 is out of range: it must be < 2\^32")
+    assert nothing_written(tmp_path / "run")
+
+
+def test_an_unknown_device_is_refused(model_dir, capsys):
+    refused(capsys, P(model_dir, "--device", "banana"),
+            r"unknown --device 'banana'; use auto, cpu, cuda or cuda:N")
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="this machine has a CUDA GPU")
+def test_cuda_on_a_machine_without_a_gpu_is_refused(model_dir, capsys):
+    refused(capsys, P(model_dir, "--device", "cuda"),
+            r"--device cuda: this machine has no cuda device .*; use --device cpu")
+
+
+def test_inputs_longer_than_the_models_positions_are_cut_to_them(model_dir, tmp_path, capsys):
+    """RoBERTa's learned positions end (the tiny one holds 139 tokens, roberta-base 512): a
+    5,000-word sentence with --max-length 100000 is cut there, with a note, and the run goes on."""
+    long = " ".join(["good"] * 5000)
+    data = sst2_data(tmp_path / "data", dev_rows=(f"{long}\t1", "the film was bad\t0"))
+    argv = sst2(model_dir, data, "--max-length", 100000, "--steps", 1, "--eval-every", 0,
+                kind="roberta")
+    code = mezo.main([str(a) for a in argv])
+    out, err = capsys.readouterr()
+    assert code == 0 and "Traceback" not in err, err[-2000:]
+    assert ("mezo: --max-length 100000 is past the model's 139 positions; inputs are cut to 139 "
+            "tokens") in out
+
+
+def test_a_truncated_weights_file_is_one_line(model_dir, tmp_path, capsys):
+    model = shutil.copytree(model_dir("llama"), tmp_path / "model")
+    weights = (model / "model.safetensors").read_bytes()
+    (model / "model.safetensors").write_bytes(weights[: len(weights) // 2])
+    refused(capsys, P(lambda _: model, "--steps", 1, "--out", tmp_path / "run"),
+            r"cannot load the weights of model .*model' \(model.safetensors\): .*download or save "
+            r"the model again")
+    assert nothing_written(tmp_path / "run")
+
+
+def test_a_data_file_with_an_unknown_label_is_one_line(model_dir, tmp_path, capsys):
+    data = sst2_data(tmp_path / "data")
+    train = data / "lm-bff" / "SST-2" / "train.tsv"
+    train.write_text(train.read_text() + "the plot was fine\tpositive\n")
+    refused(capsys, sst2(model_dir, data, "--steps", 1, "--out", tmp_path / "run"),
+            rf"{re.escape(str(train))}: line 22 has the label 'positive', not one of 0, 1; fix or "
+            r"delete that line")
+    assert nothing_written(tmp_path / "run")
+
+
+def test_a_data_file_that_is_not_utf8_is_one_line(model_dir, tmp_path, capsys):
+    data = sst2_data(tmp_path / "data")
+    dev = data / "sst2" / "dev.tsv"
+    dev.write_bytes(dev.read_bytes() + b"caf\xe9 cr\xe8me\t1\n")  # Latin-1, as old exports are
+    refused(capsys, sst2(model_dir, data, "--steps", 1, "--out", tmp_path / "run"),
+            rf"{re.escape(str(dev))}: line 4 is not UTF-8 text \(byte b'\\xe9'\); save the file "
+            r"as UTF-8")
+    assert nothing_written(tmp_path / "run")
+
+
+@pytest.fixture(scope="module")
+def a_run(model_dir, tmp_path_factory):
+    """A finished 2-step run folder (its log and checkpoints), copied by each test that edits it."""
+    folder = tmp_path_factory.mktemp("inputs") / "run"
+    argv = P(model_dir, "--steps", 2, "--save-every", 1, "--out", folder)
+    assert mezo.main([str(a) for a in argv]) == 0
+    return folder
+
+
+@pytest.mark.parametrize("edit,says", [("missing", "step 1's loss_minus is missing"),
+                                       ("abc", "step 1's loss_minus is 'abc'")])
+@pytest.mark.parametrize("how", ["resume", "replay"])
+def test_a_log_record_missing_or_not_a_number_is_one_line(a_run, tmp_path, capsys, edit, says,
+                                                          how):
+    """--resume and --replay refuse the log before anything is written."""
+    folder = shutil.copytree(a_run, tmp_path / "run")
+    records = [json.loads(line) for line in (folder / "log.jsonl").read_text().splitlines()]
+    step_1 = next(r for r in records if r["step"] == 1 and "seed" in r)
+    step_1.pop("loss_minus") if edit == "missing" else step_1.update(loss_minus="abc")
+    (folder / "log.jsonl").write_text("".join(json.dumps(r) + "\n" for r in records))
+    before = snapshot(folder)
+    argv = {"resume": ["--resume", folder, "--steps", 3],
+            "replay": ["--replay", folder, "--steps", 2, "--out", tmp_path / "replayed"]}[how]
+    refused(capsys, [*argv, "--threads", 1],
+            rf"log.jsonl: line 3 is not a log record \({re.escape(says)}\); fix or delete that "
+            r"line")
+    assert snapshot(folder) == before
+    assert nothing_written(tmp_path / "replayed")
+
+
+def test_the_command_itself_prints_one_line_not_a_traceback(model_dir):
+    """The same refusals through `python3 mezo.py`, as the issue ran them."""
+    for flags, line in [(["--beta", "1.5", "--rule", "momentum"], "mezo: error: --beta 1.5 is out"),
+                        (["--device", "banana"], "mezo: error: unknown --device 'banana'")]:
+        argv = [sys.executable, str(ROOT / "mezo.py"), *[str(a) for a in P(model_dir, *flags)]]
+        done = subprocess.run(argv, capture_output=True, text=True, cwd=ROOT, timeout=300)
+        last = done.stderr.strip().splitlines()[-1]
+        assert done.returncode == 2 and last.startswith(line), done.stderr[-2000:]
+        assert "Traceback" not in done.stderr
+
+
+# -----------------------------------------------------------------------------
+# Case 7: the words name what is wrong
+
+
+def test_a_model_folder_without_a_tokenizer_says_so(model_dir, tmp_path, capsys):
+    model = tmp_path / "model"
+    model.mkdir()
+    for name in ("config.json", "model.safetensors"):
+        shutil.copy(Path(model_dir("llama")) / name, model)
+    line = refused(capsys, P(lambda _: model, "--steps", 1),
+                   r"cannot load the tokenizer of model .*: the folder has config.json but no "
+                   r"tokenizer .*save the model's tokenizer into it")
+    assert "not a local folder" not in line
+
+
+def test_a_template_with_an_unknown_placeholder_is_refused(model_dir, capsys):
+    refused(capsys, P(model_dir, "--template", "{sentence} {foo} It was {mask}"),
+            r"--template .*: unknown placeholder \{foo\}; a template takes \{sentence\}")
+
+
+# -----------------------------------------------------------------------------
+# Case 8: the optimizer API refuses what its constructor refuses, keeps rules apart, and skips
+# frozen tensors
+
+
+def test_a_param_group_with_a_negative_lr_is_refused():
+    a, b = nn.Linear(2, 2), nn.Linear(2, 2)
+    with pytest.raises(ValueError, match=r"param group 1 needs lr >= 0 and weight_decay >= 0; "
+                       r"got lr=-1"):
+        mezo.MeZO([{"params": a.parameters()}, {"params": b.parameters(), "lr": -1}])
+    opt = mezo.MeZO(a.parameters())
+    for bad in (dict(lr=-1), dict(lr=float("nan")), dict(weight_decay=-0.1)):
+        with pytest.raises(ValueError, match=r"param group 1 needs lr >= 0"):
+            opt.add_param_group({"params": b.parameters(), **bad})
+    assert len(opt.param_groups) == 1
+
+
+def test_an_adam_state_does_not_load_into_a_momentum_optimizer():
+    model = nn.Linear(3, 2)
+    adam = mezo.MeZO(model.parameters(), rule=rules.make("adam"))
+    adam.step(lambda: model(torch.ones(1, 3)).sum())
+    momentum = mezo.MeZO(model.parameters(), rule=rules.make("momentum"))
+    with pytest.raises(ValueError, match=r"saved with another --rule \(adam\), and this MeZO's "
+                       r"rule is momentum: make the MeZO with the rule it was saved with "
+                       r"\(rule=rules.make\('adam'\)\)"):
+        momentum.load_state_dict(adam.state_dict())
+    assert momentum.steps == 0
+    with pytest.raises(ValueError, match=r"another --rule \(adam\), and this MeZO's rule is sgd"):
+        mezo.MeZO(model.parameters()).load_state_dict(adam.state_dict())
+
+
+def test_parameters_that_do_not_require_grad_are_neither_perturbed_nor_updated():
+    """A frozen layer: every forward sees it unchanged, and the others follow mezo_step on them
+    alone (z laid out over the trainable ones), bit for bit. Unfreezing it lays z out over all of
+    them again. (With every parameter trainable, test_optimizer's bit-for-bit tests still hold.)"""
+    torch.manual_seed(0)
+    ours = nn.Sequential(nn.Linear(4, 3), nn.Tanh(), nn.Linear(3, 2))
+    ref = nn.Sequential(nn.Linear(4, 3), nn.Tanh(), nn.Linear(3, 2))
+    ref.load_state_dict(ours.state_dict())
+    ours[0].requires_grad_(False)
+    frozen = ours[0].weight.detach().clone()
+    x, y = torch.randn(8, 4), torch.randn(8, 2)
+    seen = []
+
+    def loss():
+        seen.append(torch.equal(ours[0].weight, frozen))
+        return nn.functional.mse_loss(ours(x), y)
+
+    opt = mezo.MeZO(ours.named_parameters(), lr=0.1, seed=5)
+    params = mezo.make_trainables([(n, p) for n, p in ref.named_parameters() if n[:2] != "0."])
+    ref_loss = lambda: nn.functional.mse_loss(ref(x), y).item()  # noqa: E731
+    for t in (1, 2):
+        opt.step(loss)
+        mezo.mezo_step(params, ref_loss, [mezo.step_seed(5, t, 0)], 1e-3, 0.1, 0.0)
+    assert all(seen) and len(seen) == 4
+    assert all(torch.equal(a, b) for a, b in zip(ours.parameters(), ref.parameters()))
+    ours[0].requires_grad_(True)
+    opt.step(loss)
+    assert not torch.equal(ours[0].weight, frozen)

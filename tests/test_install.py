@@ -1,0 +1,79 @@
+"""Installed as a user installs it: `pip install .` and `pip install -e .` into a fresh virtual environment, then
+`import mezo` from a folder of the user's own that holds a `models.py`, `tasks/`, `cache.py`, `runs.py` and
+`errors.py`. Each decoy raises if imported, so any of ours that resolved to theirs (or the reverse) fails loudly.
+The venv sees the system's packages (torch is not downloaded again); pip builds the project in its own isolated
+build environment, as a user's pip does."""
+import os
+import shutil
+import subprocess
+import sys
+import venv
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+DECOYS = ["models.py", "cache.py", "runs.py", "errors.py", "tasks/__init__.py"]
+
+USE = """
+import mezo, torch, torch.nn as nn
+import mezo.fast, mezo.tp, mezo.cache, mezo.runs, mezo.tasks.prompts
+torch.manual_seed(0)
+model = nn.Linear(8, 1)
+x = torch.randn(128, 8)
+y = x @ torch.randn(8, 1)
+opt = mezo.MeZO(model.parameters(), lr=5e-2, eps=1e-3, seed=0)
+first = opt.step(lambda: nn.functional.mse_loss(model(x), y))
+for _ in range(300):
+    last = opt.step(lambda: nn.functional.mse_loss(model(x), y))
+print(mezo.__file__)
+print(mezo.runs.__file__)
+print(f"{first:.6f} {last:.6f}")
+"""
+
+
+def fresh_venv(tmp_path: Path) -> Path:
+    env_dir = tmp_path / "venv"
+    venv.EnvBuilder(system_site_packages=True, with_pip=True).create(env_dir)
+    return env_dir / "bin"
+
+
+def user_folder(tmp_path: Path) -> Path:
+    folder = tmp_path / "project"
+    for decoy in DECOYS:
+        (folder / decoy).parent.mkdir(parents=True, exist_ok=True)
+        (folder / decoy).write_text(f"raise SystemExit('the user\\'s own {decoy} was imported')\n")
+    return folder
+
+
+@pytest.mark.parametrize("editable", [False, True], ids=["pip install .", "pip install -e ."])
+def test_installed_mezo_imports_from_a_foreign_folder_with_decoys_and_learns(tmp_path, editable):
+    source = tmp_path / "source"
+    # A copy of the checkout, so that the editable install's link tree (build/) is not written into the repository.
+    shutil.copytree(ROOT, source, ignore=shutil.ignore_patterns(".git", "build", "runs", "*.egg-info", "__pycache__"))
+    bin_dir = fresh_venv(tmp_path)
+    env = {k: v for k, v in os.environ.items() if k not in ("PYTHONPATH", "PIP_REQUIRE_VIRTUALENV")}
+    target = ["-e", str(source)] if editable else [str(source)]
+    subprocess.run([bin_dir / "python", "-m", "pip", "install", "-q", "--no-deps", *target], check=True, env=env,
+                   cwd=tmp_path, capture_output=True)
+    folder = user_folder(tmp_path)
+    out = subprocess.run([bin_dir / "python", "-c", USE], cwd=folder, env=env, capture_output=True, text=True)
+    assert out.returncode == 0, out.stderr[-2000:]
+    mezo_file, runs_file, losses = out.stdout.split("\n")[:3]
+    # The module comes from the venv (or, editable, from the link tree pointing at the copy), never the decoys.
+    assert str(folder) not in mezo_file and str(folder) not in runs_file
+    assert Path(runs_file).resolve().parent == Path(mezo_file).resolve().parent / ("" if editable else "mezo")
+    first, last = map(float, losses.split())
+    assert last < first / 20, losses
+    # Nothing of ours is importable at the top level: only `mezo` is.
+    leak = subprocess.run([bin_dir / "python", "-c", "import fast"], cwd=tmp_path, env=env, capture_output=True)
+    assert leak.returncode != 0
+    help_out = subprocess.run([bin_dir / "mezo", "--help"], cwd=folder, env=env, capture_output=True, text=True)
+    assert help_out.returncode == 0 and "--task" in help_out.stdout, help_out.stderr[-2000:]
+
+
+def test_the_checkout_runs_as_a_script_from_a_folder_with_decoys(tmp_path):
+    """`python path/to/mezo.py` finds its own files next to it, never the user's."""
+    out = subprocess.run([sys.executable, str(ROOT / "mezo.py"), "--help"], cwd=user_folder(tmp_path),
+                         capture_output=True, text=True)
+    assert out.returncode == 0 and "--task" in out.stdout, out.stderr[-2000:]
