@@ -85,8 +85,8 @@ FULL_PROBES = [Method(f"probe/mezo-full-lr{lr}", f"MeZO full-parameter, lr {lr} 
                       ["--mode", "full", "--fast", "--lr", lr, "--eval-every", "50"], 100, 4.5, "",
                       seeds=(42,))
                for lr in FULL_LRS]
-# The other tasks: each task's MeZO-LoRA lr by a probe on dev, never on test: every candidate runs the
-# first data seed; the one with the higher dev accuracy runs the other seeds. Adam-LoRA at 1e-3.
+# The other tasks: each task's MeZO-LoRA lr by a probe on dev, never on test: every candidate runs
+# the first data seed; the one with the higher dev accuracy runs the other seeds. Adam-LoRA at 1e-3.
 TASKS_HERE = ("sst5", "mr", "cr", "mpqa", "subj", "trec", "rte")
 TASK_SEEDS, MEZO_LRS = (13, 21), ("1e-3", "2e-3")
 # MeZO-LoRA, RoBERTa-large, the paper's Table 18, k = 16
@@ -94,16 +94,16 @@ PAPER_LORA = dict(sst2="91.4", sst5="43.0", rte="64.9", trec="73.1")
 # Issue 15's SST-2 rows: MeZO-LoRA under each update rule, and MeZO-prefix, each lr by the same
 # probe. folder: (title, flags, candidate lrs, the paper's figure beside it)
 VARIANT_FAMILIES = {
-    "rules/momentum": ("MeZO-LoRA, --rule momentum (β 0.9)", ["--mode", "lora", "--rule", "momentum"],
-                       ("2e-4", "5e-4"), "—"),
+    "rules/momentum": ("MeZO-LoRA, --rule momentum (β 0.9)",
+                       ["--mode", "lora", "--rule", "momentum"], ("2e-4", "5e-4"), "—"),
     "rules/adam": ("MeZO-LoRA, --rule adam", ["--mode", "lora", "--rule", "adam"], ("1e-4", "1e-3"),
                    "90.4 (MeZO-Adam)"),
     "rules/sign": ("MeZO-LoRA, --rule sign", ["--mode", "lora", "--rule", "sign"], ("1e-3", "3e-3"),
                    "—"),
     "rules/conservative": ("MeZO-LoRA, --rule conservative",
                            ["--mode", "lora", "--rule", "conservative"], ("2e-3", "5e-3"), "—"),
-    "prefix/mezo-prefix": ("MeZO-prefix (5 tokens, eps 1e-1)", ["--mode", "prefix", "--eps", "1e-1"],
-                           ("1e-3", "1e-2"), "90.8"),
+    "prefix/mezo-prefix": ("MeZO-prefix (5 tokens, eps 1e-1)",
+                           ["--mode", "prefix", "--eps", "1e-1"], ("1e-3", "1e-2"), "90.8"),
 }
 # process start + model load; forward seconds per evaluated row (batch 8, 2 cores)
 LOAD_S, ROW_S = 15.0, 0.05
@@ -228,7 +228,7 @@ def memory_command(root: Path, threads: int) -> list[str]:
 
 
 def subprocess_runner(cmd: list[str], threads: int) -> int:
-    """`python mezo.py ...` in a fresh process (its memory and threads its own), from this folder."""
+    """`python mezo.py ...` in a fresh process (its own memory and threads), from this folder."""
     env = {**os.environ, "OMP_NUM_THREADS": str(threads)}
     return subprocess.call([sys.executable, str(ROOT / cmd[0]), *cmd[1:]], env=env)
 
@@ -259,8 +259,8 @@ def run_all(root: Path, threads: int, methods=METHODS, runner=subprocess_runner,
                       processes=timing.get("processes", 0) + 1)
         path.write_text(json.dumps(timing, indent=1))
         if code:
-            print(f"results: {m.name} seed {seed} failed (exit {code}); fix and run again to resume",
-                  file=sys.stderr)
+            print(f"results: {m.name} seed {seed} failed (exit {code}); fix and run again to "
+                  "resume", file=sys.stderr)
             return code
     if memory and not (root / "memory.json").exists():
         print(f"results: memory table: {' '.join(memory_command(root, threads))}", flush=True)
@@ -285,7 +285,7 @@ def run_stages(root, threads, stages, runner=None) -> int:
 
 def run_tasks(root, threads, tasks_=TASKS_HERE, seeds=TASK_SEEDS, lrs=MEZO_LRS, extra=(),
               runner=None) -> int:
-    """Task by task: zero-shot, the lr probes and Adam-LoRA, then the chosen lr on the other seeds."""
+    """Task by task: zero-shot, the lr probes and Adam-LoRA, then the chosen lr on the others."""
     def stage(t):
         return lambda r: task_methods(t, seeds, lrs, extra, r and task_lr(r, t, seeds, lrs, extra))
     return run_stages(root, threads, [stage(t) for t in tasks_], runner)
@@ -477,7 +477,8 @@ def render(root, found, rows, memory, figures, here, methods, task_methods, fami
                 for m in [*methods, *task_methods] for s in m.seeds]
     commands += [" ".join(memory_command(root, 2)), f"python plot.py {root} --group -o figures"]
     threads = sorted({t for r in rows.values() for t in r["threads"]})
-    return say("page", root=root, date=f"{datetime.datetime.now(datetime.timezone.utc):%Y-%m-%d %H:%M}",
+    now = datetime.datetime.now(datetime.timezone.utc)
+    return say("page", root=root, date=f"{now:%Y-%m-%d %H:%M}",
                cores=os.cpu_count(), arch=platform.machine(), torch=torch.__version__,
                device=torch.cuda.get_device_name(0) if torch.cuda.is_available() else "no GPU",
                python=platform.python_version(), model=model, dtype=cfg["dtype"],
@@ -541,8 +542,8 @@ def task_section(found, rows, task_runs, task_methods, root) -> str:
     table, detail, prompts, costs, verdicts, others = [], [], [], [], [], []
     if all(name in rows for name in ("zero-shot", "mezo-lora", "adam-lora")):
         zs, lora, adam = rows["zero-shot"], rows["mezo-lora"], rows["adam-lora"]
-        table.append(task_row("sst2 (above)", 2, zs["test_n"], zs, lora, flag(lora["method"], "--lr"),
-                              adam))
+        lr = flag(lora["method"], "--lr")
+        table.append(task_row("sst2 (above)", 2, zs["test_n"], zs, lora, lr, adam))
     for task, ms in by_task.items():
         stats = summarise(task_runs, ms)
         zs, adam = stats.get(f"{task}/zero-shot"), stats.get(f"{task}/adam-lora")
@@ -595,12 +596,13 @@ def variant_section(found, rows, variant_runs, vmethods, families, memory=None) 
     cfg, one = sgd_config(found)
     sizes = dict(first=TASK_SEEDS[0], steps=vmethods[0].steps if vmethods else 0,
                  test_n=one["test_n"], dev_n=one["dev_n"])
-    intro = say("variants", k=cfg["k"], batch=cfg["batch_size"], seeds=", ".join(map(str, TASK_SEEDS)),
-                **sizes)
+    seeds = ", ".join(map(str, TASK_SEEDS))
+    intro = say("variants", k=cfg["k"], batch=cfg["batch_size"], seeds=seeds, **sizes)
     if sgd:
         lr = flag(rows["mezo-lora"]["method"], "--lr")
-        table.append(f"| MeZO-LoRA, ZO-SGD | {lr} | {pct(*base)} (n = {len(sgd)}) | 2 "
-                     f"| {fmt_time([r['wall_s'] for r in sgd if r['wall_s']])} | {PAPER_LORA['sst2']} |")
+        wall = fmt_time([r["wall_s"] for r in sgd if r["wall_s"]])
+        table.append(f"| MeZO-LoRA, ZO-SGD | {lr} | {pct(*base)} (n = {len(sgd)}) | 2 | {wall} "
+                     f"| {PAPER_LORA['sst2']} |")
     for name, (title, _, _, paper_figure) in families.items():
         candidates = [m for m in vmethods if m.name.startswith(name + "-lr")]
         stats = summarise(variant_runs, candidates)
@@ -613,7 +615,8 @@ def variant_section(found, rows, variant_runs, vmethods, families, memory=None) 
         r = stats.get(kept.name) if kept else None
         if r:
             table.append(f"| {title} | {flag(kept, '--lr')} | {fmt_acc(r)} "
-                         f"| {r['forwards'] / r['steps']:g} | {fmt_time(r['wall'])} | {paper_figure} |")
+                         f"| {r['forwards'] / r['steps']:g} | {fmt_time(r['wall'])} "
+                         f"| {paper_figure} |")
         if r and base:
             diff = 100 * (r["test"][0] - base[0])
             within = abs(diff) <= 100 * max(r["test"][1], base[1])
@@ -669,7 +672,8 @@ def memory_table(root: Path, memory: dict | None) -> str:
              "adam-full": "first-order step (Adam), full-parameter",
              "backward-lora": "forward + backward, LoRA"}
     for mode, title in (("lora", "LoRA"), ("full", "full-parameter")):
-        names.update({f"mezo-{mode}-{rule}": f"MeZO step, {title}, --rule {rule}" for rule in rules.RULES})
+        for rule in rules.RULES:
+            names[f"mezo-{mode}-{rule}"] = f"MeZO step, {title}, --rule {rule}"
     ref, lines = memory["rows"][0], []
     for r in memory["rows"]:
         values = f"{r['trainable']:,}" if r["case"] != "inference" and "trainable" in r else "—"
@@ -703,8 +707,9 @@ def differences(rows: dict, memory, cfg) -> str:
         versus = ""
         if "mezo-lora" in rows:
             versus = f" against LoRA's {flag(rows['mezo-lora']['method'], '--lr')}"
-        out.append(say("full", values=f"{r['trainable']:,}", top=f", the top {top} blocks" if top else "",
-                       moved=moved, steps=r["steps"], lr=flag(m, "--lr", "1e-3"), against=versus))
+        top = f", the top {top} blocks" if top else ""
+        out.append(say("full", values=f"{r['trainable']:,}", top=top, moved=moved,
+                       steps=r["steps"], lr=flag(m, "--lr", "1e-3"), against=versus))
         step = {x["case"]: x for x in memory["rows"]}.get("mezo-full") if memory else None
         if step and r.get("step_time"):
             out.append(say("full step", values=f"{step['trainable']:,}", threads=memory["threads"],
@@ -757,7 +762,8 @@ def sizing(rows: dict, root: Path, cfg: dict) -> str:
         lr, default = flag(r["method"], "--lr", "1e-3"), mezo.Config()
         seed42 = say("sizing seed42", test=pct(r["seed42"])) if "seed42" in r else ""
         lines.append(say("sizing lora", steps=r["steps"], lr=lr, default_steps=default.steps,
-                         default_lr=f"{default.lr:g}", seed42=seed42, n=r["n"], mean=pct(*r["test"]),
+                         default_lr=f"{default.lr:g}", seed42=seed42, n=r["n"],
+                         mean=pct(*r["test"]),
                          risk=say("sizing risk") if float(lr) > default.lr else ""))
     if "adam-lora" in rows:
         r = rows["adam-lora"]
@@ -767,12 +773,14 @@ def sizing(rows: dict, root: Path, cfg: dict) -> str:
     if "mezo-full" in rows:
         r = rows["mezo-full"]
         lines.append(say("sizing full", steps=r["steps"], wall=fmt_time(r["wall"]),
-                         step_time=f"{r.get('step_time') or 0:.2f}", ratio=f"{r.get('ratio') or 0:.2f}"))
+                         step_time=f"{r.get('step_time') or 0:.2f}",
+                         ratio=f"{r.get('ratio') or 0:.2f}"))
     probes = [(m, run_stats(run_dir(root, m, 42))) for m in FULL_PROBES
               if finished(run_dir(root, m, 42), m)]
     if probes:
         lines.append(say("sizing probes", steps=probes[0][1]["steps"],
-                         probes=", ".join(f"lr {flag(m, '--lr')} {pct(s['dev'])}" for m, s in probes),
+                         probes=", ".join(f"lr {flag(m, '--lr')} {pct(s['dev'])}"
+                                          for m, s in probes),
                          minutes=f"{sum(s['wall_s'] or 0 for _, s in probes) / 60:.0f}"))
     lines.append(say("sizing end", eval_max=cfg["eval_max"]))
     return "\n".join(lines)
@@ -802,7 +810,8 @@ def cmd_table(args) -> int:
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(prog="results.py", description=__doc__.split("\n\n")[0])
     p.add_argument("command", choices=("plan", "run", "table"))
-    p.add_argument("--root", default="runs/results", help="where the runs live (default runs/results)")
+    p.add_argument("--root", default="runs/results",
+                   help="where the runs live (default runs/results)")
     p.add_argument("--threads", type=int, default=os.cpu_count() or 1,
                    help="torch threads per run (default: cores)")
     p.add_argument("--output", default="RESULTS.md")
