@@ -12,7 +12,6 @@ backward), so the methods are compared per unit of forward compute. Needs matplo
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import sys
 from pathlib import Path
@@ -20,14 +19,14 @@ from pathlib import Path
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from mezo import UsageError  # noqa: E402
+from mezo import UsageError, runs  # noqa: E402
 
 
-def read_log(path: Path) -> dict:
-    """A log.jsonl as arrays: steps, loss and forwards of the step records, and each split's evaluations."""
+def curves(path: Path) -> dict:
+    """A log.jsonl as arrays: steps, loss and forwards of the step records, and each split's
+    evaluations. The records are runs.read_log's (a last line cut short by a crash is dropped)."""
     steps, loss, forwards, evals = [], [], [], {}
-    for line in Path(path).read_text().splitlines():
-        r = json.loads(line)
+    for r in runs.read_log(Path(path)):
         if "split" in r:
             evals.setdefault(r["split"], []).append((r["step"], r["accuracy"], r["n"]))
         elif "loss" in r:  # logs written before the loss/forwards fields have neither
@@ -60,7 +59,7 @@ def labelled_runs(logs: list[Path], group: bool) -> list[tuple[str, list[dict]]]
     runs: dict[str, list[dict]] = {}
     for key, log in zip(keys, logs):
         label = str(key.relative_to(common)) if key != common else key.name
-        runs.setdefault(label, []).append(read_log(log))
+        runs.setdefault(label, []).append(curves(log))
     return list(runs.items())
 
 

@@ -344,7 +344,7 @@ def test_the_full_parameter_probes_are_named_in_the_sizing_section(small_results
     monkeypatch.setattr(results, "FULL_PROBES", probes)
     assert results.run_all(copy, 1, probes, runner=in_process, memory=False) == 0
     md = results.write_table(copy, tmp_path / "RESULTS.md", None, methods, task_methods)
-    line = next(x for x in md.splitlines() if x.startswith("- Its learning rate, from 100-step probes"))
+    line = next(x for x in md.splitlines() if x.startswith("- Its learning rate, from "))
     for m in probes:
         assert f"lr {results.flag(m, '--lr')} {results.pct(results.run_stats(results.run_dir(copy, m, 42))['dev'])}" \
             in line, line
