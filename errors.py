@@ -1,5 +1,5 @@
-"""The two ways a run stops on purpose, shared by the reference and its harness. The command line prints
-either as one line (`mezo: error: ...`); anything else is a bug and keeps its traceback."""
+"""The two ways a run stops on purpose, shared by the reference and its harness. The command line
+prints either as one line (`mezo: error: ...`); anything else is a bug and keeps its traceback."""
 
 
 class UsageError(ValueError):
@@ -7,4 +7,5 @@ class UsageError(ValueError):
 
 
 class NonFiniteLoss(RuntimeError):
-    """A loss came back NaN or infinite: the step is abandoned and θ is left as the last good step left it."""
+    """A loss came back NaN or infinite: the step is abandoned and θ is left as the last good step
+    left it."""

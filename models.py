@@ -22,7 +22,13 @@ SMOLLM2 = dict(alias="smollm2-135m", hub="HuggingFaceTB/SmolLM2-135M-Instruct", 
 def load_model(name: str, dtype: str = "float32", head: str = "prompt"):
     """(model, tokenizer, description, path): path is the folder or hub name transformers loaded, which is
     what an exported adapter names as its base. Order: a local folder; the offline SmolLM2 alias; the hub."""
-    from transformers import AutoConfig, AutoModel, AutoModelForCausalLM, AutoModelForMaskedLM, AutoTokenizer
+    from transformers import (
+        AutoConfig,
+        AutoModel,
+        AutoModelForCausalLM,
+        AutoModelForMaskedLM,
+        AutoTokenizer,
+    )
 
     path = resolve_model_path(name)
     local = Path(path).is_dir()

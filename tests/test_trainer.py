@@ -183,7 +183,8 @@ def test_gradient_accumulation_2x4_is_one_step_over_batch_8(tmp_path, lora):
                          ids=["full", "lora", "lora-momentum"])
 def test_resume_from_checkpoint_continues_the_same_trajectory(tmp_path, lora, rule):
     """6 steps unbroken against 3 steps, a checkpoint, and a new Trainer on a fresh model resumed
-    from it: the same records and tensors, ==. With rule momentum the checkpoint holds its buffer."""
+    from it: the same records and tensors, ==. With rule momentum the checkpoint holds its
+    buffer."""
     whole = tiny(lora)
     a = run(whole, tmp_path / "a", max_steps=6, rule=rule)
     saving = dict(max_steps=6, save_strategy="steps", save_steps=3, rule=rule)
