@@ -289,6 +289,7 @@ def test_cli_trajectory_with_cache(model_dir, tmp_path, capsys, flags):
 
 def test_cli_cache_with_trainable_embeddings_is_refused(model_dir, tmp_path, capsys):
     code = mezo.main(["--task", "synthetic", "--model", model_dir("llama"), "--mode", "full", "--cache",
-                      "--template", "{sentence} It was {mask}", "--label-words", " bad, good", "--steps", "1"])
+                      "--template", "{sentence} It was {mask}", "--label-words", " bad, good", "--steps", "1",
+                      "--device", "cpu"])
     err = capsys.readouterr().err
     assert code == 2 and "mezo: error: --cache: the embeddings are trainable" in err
