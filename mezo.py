@@ -690,6 +690,7 @@ def train(cfg: Config, resume: str | None = None, *, backend=None, forward=Promp
     # each option in its range, and no two that cannot go together: else one line
     runs.check_config(cfg)
     placement, backend = placement or Placement(), backend or TorchBackend()
+
     def trainables(model: nn.Module) -> list[Trainable]:  # this process's (tp/ shards them)
         return placement.shard(model, select_trainables(model, cfg))
 
@@ -733,7 +734,8 @@ def parse_args(argv=None) -> tuple[Config, str | None]:
     args = vars(p.parse_args(argv))
     resume = args.pop("resume")
     if resume or args.get("replay"):
-        flag = "--resume" if resume else "--replay"  # the run's config, not its world size:
+        flag = "--resume" if resume else "--replay"
+        # the run's config, not its world size
         saved = checkpoints.saved_config(Path(resume or args["replay"]), flag)
         saved = {k: v for k, v in saved.items() if k in Config.__dataclass_fields__}
         args = {**saved, "out": resume, **args}
@@ -780,10 +782,11 @@ def main(argv=None) -> int:
     except UsageError as e:
         print(f"mezo: error: {e}", file=sys.stderr)
         return 2
-    # under torchrun: a collective that failed because another rank died or hung
     except RuntimeError as e:
-        # tp/ knows them
-        if (line := getattr(seams.get("placement"), "peer_failure", lambda e: None)(e)) is None:
+        # Under torchrun, a collective that failed because another rank died or hung: tp/ knows them
+        peer_failure = getattr(seams.get("placement"), "peer_failure", None)
+        line = peer_failure(e) if peer_failure else None
+        if line is None:
             raise
         print(f"mezo: error: {line}", file=sys.stderr)
         return 1

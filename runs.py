@@ -108,6 +108,9 @@ class Run(ReplayMixin):
         kind = models.model_kind(self.model)
         print(f"mezo: model {source}: {type(self.model).__name__}, "
               f"{sum(p.numel() for p in self.model.parameters()) / 1e6:.1f}M parameters, {cfg.dtype}, {self.device}")
+        note = precision_note(cfg)
+        if note and placement.is_main:
+            print(note)
         kind = "mlm" if kind == "mlm" else "causal"  # a body without an LM head (--head cls) reads its last token
         template, words = tasks.prompt(cfg.task, kind)  # the task's, unless --template / --label-words say
         template, words = cfg.template or template, cfg.label_words or words
@@ -546,6 +549,29 @@ def check_config(cfg) -> None:
                          "baseline: drop one of them (MeZO-Adam is --rule adam)")
     if cfg.optimizer == "adam" and (cfg.tp > 1 or cfg.dp > 1 or cfg.cache):
         raise UsageError("--optimizer adam is the single-process baseline: drop --tp, --dp and --cache")
+
+
+# projected_grad's relative error against float32 by model dtype and ε, as bench/precision.py measured it
+# (docs/precision.md: SmolLM2-135M, LoRA in float32, 16-shot SST-2, batch 8, 50 steps at lr 0)
+PRECISION_ERROR = {
+    "bfloat16": {0.001: 4.876, 0.003: 1.705, 0.01: 0.429, 0.03: 0.188},
+    "float16": {0.001: 0.588, 0.003: 0.237, 0.01: 0.065, 0.03: 0.023},
+}
+
+
+def precision_note(cfg) -> str | None:
+    """One line when --dtype is float16 or bfloat16 and the measured error of projected_grad at the
+    nearest measured ε is over 1: the estimate is then mostly the forwards' rounding. The run goes on."""
+    errors = PRECISION_ERROR.get(cfg.dtype)
+    if not errors or cfg.optimizer != "mezo":
+        return None
+    nearest = min(errors, key=lambda eps: abs(math.log(eps / cfg.eps)))
+    if errors[nearest] <= 1:
+        return None
+    best = min(errors, key=errors.get)
+    return (f"mezo: note: in {cfg.dtype}, projected_grad at --eps {nearest:g} was measured "
+            f"{errors[nearest]:.1f}x its own size away from float32's (docs/precision.md); "
+            f"--eps {best:g} measured {errors[best]:.2f}: consider it")
 
 
 def step_record(samples: list[dict], lr: float) -> dict:
