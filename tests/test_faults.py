@@ -118,7 +118,9 @@ def test_4_one_writer_per_folder_a_stale_lock_does_not_block_and_kill_9_resumes_
     """Two real processes on one --out: the second is refused naming the first's PID. Then kill -9 of the first
     (a --rule adam --save-every 2 run): its lock goes with it, --resume finishes it, equal to an unbroken run."""
     w, straight = tmp_path / "W", tmp_path / "straight"
-    flags = dict(steps=400, eval_every=0, rule="adam", save_every=2)
+    # More steps than the first run can make while the second starts (a loaded machine once let 400 finish
+    # first, and the second then met a finished run); it is killed long before the end.
+    flags = dict(steps=1_000_000, eval_every=0, rule="adam", save_every=2)
     first = _cli(P(model_dir, out=w, **flags))
     deadline = time.time() + 300
     while time.time() < deadline and not ((w / checkpoints.CHECKPOINT).exists() and step_of(w) >= 2):
