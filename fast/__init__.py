@@ -73,7 +73,8 @@ class Fused:
 
     def __init__(self, backend):
         self.backend = backend
-        # (seed, eps) of a restore held back, then (seed, eps, params, projected_grad, lr, weight_decay)
+        # a restore held back: (seed, eps, params); then, with its update:
+        # (seed, eps, params, projected_grad, lr, weight_decay)
         self.restore, self.update_args = None, None
         self.last = None  # the last perturbation made: (seed, scale)
 
