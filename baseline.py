@@ -35,6 +35,14 @@ def adam_step(optimizer: torch.optim.Optimizer, loss_fn) -> float:
     return loss
 
 
+def adam_update(optimizer: torch.optim.Optimizer, lr: float):
+    """The baseline's step in mezo.train's loop, in MeZO's place: (step, the step's loss) -> what the log keeps.
+    The loss's parts() are the batch's differentiable micro-batch losses."""
+    def update(step: int, loss_fn) -> dict:
+        return dict(loss=adam_step(optimizer, loss_fn.parts), lr=lr)
+    return update
+
+
 def adam_state(optimizer: torch.optim.Optimizer, named: dict) -> dict:
     """AdamW's moments and step counts as checkpoint tensors: {adam:<key>:<name>: tensor}."""
     return {f"{ADAM}{key}:{name}": value for name, t in named.items()

@@ -19,6 +19,7 @@ modules beside this one (README: reading order).
 """
 from __future__ import annotations
 
+import functools
 import math
 import os
 import sys
@@ -36,7 +37,7 @@ import torch.nn.functional as F
 _HERE = Path(__file__).resolve().parent
 __path__ = [str(_HERE / "mezo")] if (_HERE / "mezo" / "runs.py").is_file() else [str(_HERE)]
 
-from mezo.baseline import adam_step  # noqa: E402
+from mezo.baseline import adam_optimizer, adam_update  # noqa: E402
 from mezo.errors import NonFiniteLoss, UsageError  # noqa: E402
 from mezo.models import DTYPES  # noqa: E402
 from mezo.options import option  # noqa: E402
@@ -133,6 +134,9 @@ class Config:
     dist_timeout: float = option(
         300.0, "seconds a collective waits for a silent rank before the job fails", above=0)
 
+    def __post_init__(self):
+        runs.check_config(self)
+
 # -----------------------------------------------------------------------------
 # The noise. z for element i of the run's trainable vector is a pure function of (seed, i):
 # output i % 4 of Triton's tl.randn4x(seed, i // 4). So z is never stored, any shard or chunk makes
@@ -152,9 +156,7 @@ NOISE_CHUNK_CUDA = 1 << 24
 
 def noise_chunk(device) -> int:
     """How many elements of z to make at once on `device`."""
-    if torch.device(device).type == "cuda":
-        return NOISE_CHUNK_CUDA
-    return NOISE_CHUNK
+    return NOISE_CHUNK_CUDA if torch.device(device).type == "cuda" else NOISE_CHUNK
 
 
 def _mulhilo(a: int, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -399,9 +401,8 @@ class TorchBackend:
             theta.copy_(t - lr * (projected_grad * z.to(t.dtype) + wd * t))
 
     def settle(self, params: list[Trainable]) -> None:
-        """Make θ exact before it is read (an evaluation, a checkpoint, the end). Every pass above
-        is done at once, so nothing is left to do; a fused backend (fast.Fused) defers passes and
-        does them here."""
+        """Make θ exact before it is read (an evaluation, a checkpoint, the end): nothing to do
+        here, every pass is done at once; a fused backend (fast.Fused) does its deferred ones."""
 
 # -----------------------------------------------------------------------------
 # One MeZO step (Algorithm 1; Algorithm 2 with n samples). loss_fn runs a forward on the step's
@@ -659,8 +660,10 @@ def objective_loss(logits: torch.Tensor, labels: torch.Tensor, objective: str) -
 
 class Placement:
     is_main = True  # this process prints, logs, evaluates into the log and writes checkpoints
-    device = None  # None: --device decides
     dp = 1  # data-parallel ranks that split a step's batch
+
+    def __init__(self, device: torch.device | None = None):
+        self.device = device  # None: --device decides
 
     def shard(self, model: nn.Module, params: list[Trainable]) -> list[Trainable]:
         return params  # the model stays whole
@@ -687,37 +690,34 @@ def train(cfg: Config, resume: str | None = None, *, backend=None, forward=Promp
     """Train as the command line does and return the run's summary. The seams default to the
     reference's; `variants(cfg)` makes the ones a config asks for (the command line passes them in).
     """
-    # each option in its range, and no two that cannot go together: else one line
-    runs.check_config(cfg)
     placement, backend = placement or Placement(), backend or TorchBackend()
+    # the task's data, the model and the prompt (runs.py); the tensors to train, this process's
+    loaded = runs.load(cfg, placement)
+    params = placement.shard(loaded.model, select_trainables(loaded.model, cfg))
 
-    def trainables(model: nn.Module) -> list[Trainable]:  # this process's (tp/ shards them)
-        return placement.shard(model, select_trainables(model, cfg))
+    # MeZO's step: the step's seeds (one per sample), then Algorithm 1; the log keeps its numbers
+    def mezo_update(step: int, loss) -> dict:
+        seeds = [step_seed(cfg.seed, step, k) for k in range(cfg.n_samples)]
+        samples = mezo_step(params, loss, seeds, cfg.eps, cfg.lr, cfg.weight_decay, backend, rule)
+        return runs.step_record(samples, cfg.lr)
 
+    # --optimizer adam: the first-order baseline (baseline.py), on the same tensors and batches
+    adam, update = None, mezo_update
+    if cfg.optimizer == "adam":
+        adam = adam_optimizer([(p.tensor, p.decay) for p in params], cfg.lr, cfg.weight_decay)
+        update = adam_update(adam, cfg.lr)
+    forward = forward(loaded.model, loaded.label_ids, params)
     # --out is this run's alone till the end
-    with runs.Run(cfg, placement, trainables, forward, rule) as run:
+    with runs.Run(cfg, placement, loaded, params, forward, objective_loss, adam, rule) as run:
         for step in run.steps(resume):
-            batch = run.batch(step)  # this process's examples of the step
-
-            # one forward at θ; data-parallel ranks average, so all see one loss
-            def loss_fn() -> float:
-                return placement.mean(objective_loss(*run.logits(batch), cfg.objective), len(batch))
-
+            # the step's loss at θ: a forward on the step's batch (a --replay serves the logged L±)
+            loss_fn = run.loss_fn(step)
             # a non-finite loss stops the run (main keeps the last good step)
             with run.timed_step(step):
-                # the first-order baseline (baseline.py), on the same tensors and batches
-                if run.optimizer:
-                    loss = adam_step(run.optimizer, lambda: run.loss_parts(batch))
-                    record = dict(loss=loss, lr=cfg.lr)
-                else:
-                    seeds = [step_seed(cfg.seed, step, k) for k in range(cfg.n_samples)]
-                    losses = run.replayed(step) or loss_fn  # --replay: the logged L±
-                    samples = mezo_step(run.params, losses, seeds, cfg.eps, cfg.lr,
-                                        cfg.weight_decay, backend, rule)
-                    record = runs.step_record(samples, cfg.lr)
+                record = update(step, loss_fn)
             # θ itself is read next (evaluation, checkpoint): no pass may stay deferred
             if run.saves_at(step):
-                backend.settle(run.params)
+                backend.settle(params)
             # log.jsonl, the progress bar; evaluate and checkpoint when due
             run.record(step, record)
         return run.finish()
@@ -743,15 +743,15 @@ def parse_args(argv=None) -> tuple[Config, str | None]:
 
 
 def variants(cfg: Config) -> dict:
-    """The seams a config asks for, as train's keyword arguments: backend, forward and placement."""
-    runs.check_config(cfg)  # before anything starts (tp/ joins a process group)
+    """The seams a config asks for, as train's keyword arguments: backend, forward and placement
+    (with the device: --device auto is decided here, once)."""
     backend = TorchBackend()
     if cfg.exact_restore:
         backend = ExactRestore(backend)
-    seams = dict(backend=backend, forward=PromptForward)
+    device = models.resolve_device(cfg.device)
+    seams = dict(backend=backend, forward=PromptForward, placement=Placement(torch.device(device)))
     if cfg.fast:  # the compiled reference on CPUs, Triton kernels on GPUs (fast/__init__.py)
         from mezo.fast import choose
-        device = models.resolve_device(cfg.device)
         # ZO-SGD's restore, update and next perturbation in one pass (fast.Fused); a rule reads θ
         # between them
         seams["backend"] = choose(device, cfg.exact_restore, fuse=cfg.rule == "sgd")
@@ -760,7 +760,7 @@ def variants(cfg: Config) -> dict:
         seams["rule"] = make(cfg.rule, cfg.beta)
     if cfg.cache:
         from mezo.cache import CachedForward
-        seams["forward"] = lambda *args: CachedForward(*args, max_bytes=cfg.cache_mb << 20)
+        seams["forward"] = functools.partial(CachedForward, max_bytes=cfg.cache_mb << 20)
     if cfg.tp > 1 or cfg.dp > 1 or int(os.environ.get("WORLD_SIZE", "1")) > 1:
         from mezo.tp import DistributedPlacement
         seams["placement"] = DistributedPlacement(cfg)
@@ -794,6 +794,7 @@ def main(argv=None) -> int:
 
 
 if __name__ == "__main__":
-    # Run as a script, this file is `__main__`; the imports above loaded it once more as `mezo`, the
-    # module that the variants import. Hand over to that one, so one copy of every class is in play.
-    sys.exit(sys.modules["mezo"].main())
+    # Run as a script, this file is `__main__`, and its imports above loaded it once more as the
+    # package `mezo`, which the variants import. Run that copy: one copy of every class is in play.
+    import mezo
+    sys.exit(mezo.main())

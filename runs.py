@@ -2,9 +2,11 @@
 splits; which examples each step sees; evaluation; checkpoints, resume and the stop on a non-finite loss;
 log.jsonl, the progress bar, timing, peak memory and summary.json.
 
-mezo.train hands `Run` its config and seams as plain objects: the trainable tensors come from a function it
-passes in (`trainables(model)`), and they are read by attribute only (name, tensor, offset, decay, full_shape,
-shard_start), so nothing here imports mezo.
+mezo.train calls `load` (data, model, prompt), picks the trainable tensors, and hands `Run` values: what load gave,
+the tensors, the forward and the loss of a batch's logits. The tensors are read by attribute only (name, tensor,
+offset, decay, full_shape, shard_start), and nothing here calls back into mezo or imports it. A step's loss comes
+from `Run.loss_fn(step)`: a forward on the step's batch, or in a --replay the logged L± (ReplayMixin), so the loop
+and mezo_step are the same in both.
 """
 from __future__ import annotations
 
@@ -24,7 +26,7 @@ import torch.nn.functional as F
 from tqdm import tqdm
 
 from . import checkpoints, models, options, tasks
-from .baseline import adam_optimizer, adam_state, restore_adam_state
+from .baseline import adam_state, restore_adam_state
 from .errors import NonFiniteLoss, UsageError
 from .tasks.prompts import batch_logits, check_template, encode_splits, label_tokens, micro_batches
 
@@ -54,9 +56,7 @@ class ReplayMixin:
         return {t: records[t] for t in range(1, cfg.steps + 1)}
 
     def replayed(self, step: int):
-        """The logged losses of a step, in the order mezo_step asks for them (L+, L− of each sample); None: train."""
-        if self.replay is None:
-            return None
+        """The logged losses of a step, in the order mezo_step asks for them (L+, L− of each sample)."""
         record = self.replay[step]
         losses = iter([v for s in record.get("samples") or [record] for v in (s["loss_plus"], s["loss_minus"])]
                       + record.get("candidate_losses", []))  # --rule conservative's three more
@@ -85,46 +85,95 @@ class ReplayMixin:
                              "or an edited log")
 
 
-class Run(ReplayMixin):
-    """Everything a run keeps besides θ's trajectory. Made by mezo.train; see its loop for the order of calls."""
+@dataclasses.dataclass
+class Loaded:
+    """What a run starts from (load): the model on its device, and the task's data and prompt."""
+    model: torch.nn.Module
+    device: torch.device
+    model_path: str
+    tokenizer: object
+    data: dict
+    template: str
+    words: list[str]
+    kind: str  # "mlm" or "causal": where the prompt is read
+    candidates: list | None  # each label word's token ids (--head prompt)
+    label_ids: list[int]  # one id per word, when every word is one token; else []
 
-    def __init__(self, cfg, placement, trainables, forward, rule=None):
-        self.cfg, self.placement, self.rule = cfg, placement, rule
+
+def load(cfg, placement) -> Loaded:
+    """The task's data, the model (with --head cls's fresh head) and the prompt, as a config asks; --out is made
+    first, so a folder that cannot be written is refused before anything loads."""
+    if cfg.out and placement.is_main and not cfg.replay:
+        make_out(Path(cfg.out), cfg.out)
+    if cfg.threads:
+        torch.set_num_threads(cfg.threads)
+    torch.manual_seed(cfg.seed)
+    data = tasks.load(cfg.task, cfg.k, cfg.data_seed, cfg.data_dir)
+    if data["root"] is not None:
+        print(f"mezo: data from {data['root']}")
+    device = placement.device or torch.device(models.resolve_device(cfg.device))
+    model, tokenizer, source, model_path = models.load_model(cfg.model, cfg.dtype, cfg.head)
+    model.to(device)
+    kind = models.model_kind(model)
+    print(f"mezo: model {source}: {type(model).__name__}, "
+          f"{sum(p.numel() for p in model.parameters()) / 1e6:.1f}M parameters, {cfg.dtype}, {device}")
+    note = precision_note(cfg)
+    if note and placement.is_main:
+        print(note)
+    kind = "mlm" if kind == "mlm" else "causal"  # a body without an LM head (--head cls) reads its last token
+    template, words = tasks.prompt(cfg.task, kind)  # the task's, unless --template / --label-words say
+    template, words = cfg.template or template, cfg.label_words or words
+    if cfg.head == "prompt" and kind == "mlm" and "{mask}" not in template:
+        raise UsageError(f"a masked LM needs {{mask}} in --template, got {template!r}")
+    if cfg.head == "cls":
+        models.add_cls_head(model, len(words), cfg.seed)
+    candidates = label_tokens(tokenizer, words, kind) if cfg.head == "prompt" else None
+    label_ids = [c[0] for c in candidates] if candidates and all(len(c) == 1 for c in candidates) else []
+    return Loaded(model, device, model_path, tokenizer, data, template, words, kind, candidates, label_ids)
+
+
+def make_out(folder: Path, shown) -> None:
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise UsageError(f"--out {shown}: cannot create it ({e.strerror}); "
+                         "pick a folder you can write to") from None
+
+
+class StepLoss:
+    """A step's loss at θ on its examples. Called: the objective as a float, averaged over data-parallel ranks so
+    all see one loss (MeZO's forward). parts(): the cross-entropy as differentiable micro-batch parts (the
+    first-order baseline's forward and backward)."""
+
+    def __init__(self, run: Run, batch: list[dict]):
+        self.run, self.batch = run, batch
+
+    def __call__(self) -> float:
+        run = self.run
+        return run.placement.mean(run.objective(*run.logits(self.batch), run.cfg.objective), len(self.batch))
+
+    def parts(self):
+        return self.run.loss_parts(self.batch)
+
+
+class Run(ReplayMixin):
+    """Everything a run keeps besides θ's trajectory. Made by mezo.train from values: what load() gave, this
+    process's trainable tensors, the forward, the loss of a batch's logits (objective(logits, labels, name)), the
+    first-order baseline's torch optimizer (or None) and the update rule; see train's loop for the order of calls."""
+
+    def __init__(self, cfg, placement, loaded: Loaded, params: list, forward, objective, optimizer=None,
+                 rule=None):
+        self.cfg, self.placement, self.rule, self.objective = cfg, placement, rule, objective
+        self.params, self.forward, self.optimizer = params, forward, optimizer
+        self.model, self.device, self.model_path = loaded.model, loaded.device, loaded.model_path
         self.out = Path(cfg.out) if cfg.out else None
         self.into, self.lock = None, None  # --replay: the folder moved into place at the end; out's lock
         if self.out and cfg.replay:  # a replay writes beside --out and moves there once it has checked itself
             self.into, self.out = self.out, self.out.with_name(f".{self.out.name}.replay")
-        if self.out and placement.is_main and not self.into:
-            self._make_out()  # before anything is loaded
-        if cfg.threads:
-            torch.set_num_threads(cfg.threads)
-        torch.manual_seed(cfg.seed)
-        data = tasks.load(cfg.task, cfg.k, cfg.data_seed, cfg.data_dir)
-        if data["root"] is not None:
-            print(f"mezo: data from {data['root']}")
-        self.device = placement.device or torch.device(models.resolve_device(cfg.device))
-        self.model, tokenizer, source, self.model_path = models.load_model(cfg.model, cfg.dtype, cfg.head)
-        self.model.to(self.device)
-        kind = models.model_kind(self.model)
-        print(f"mezo: model {source}: {type(self.model).__name__}, "
-              f"{sum(p.numel() for p in self.model.parameters()) / 1e6:.1f}M parameters, {cfg.dtype}, {self.device}")
-        note = precision_note(cfg)
-        if note and placement.is_main:
-            print(note)
-        kind = "mlm" if kind == "mlm" else "causal"  # a body without an LM head (--head cls) reads its last token
-        template, words = tasks.prompt(cfg.task, kind)  # the task's, unless --template / --label-words say
-        template, words = cfg.template or template, cfg.label_words or words
-        if cfg.head == "prompt" and kind == "mlm" and "{mask}" not in template:
-            raise UsageError(f"a masked LM needs {{mask}} in --template, got {template!r}")
-        if cfg.head == "cls":
-            models.add_cls_head(self.model, len(words), cfg.seed)
-        candidates = label_tokens(tokenizer, words, kind) if cfg.head == "prompt" else None
-        label_ids = [c[0] for c in candidates] if candidates and all(len(c) == 1 for c in candidates) else []
-        self.params = trainables(self.model)
-        print(f"mezo: training {sum(math.prod(p.full_shape) for p in self.params):,} values in {len(self.params)} "
+        print(f"mezo: training {sum(math.prod(p.full_shape) for p in params):,} values in {len(params)} "
               f"tensors ({cfg.mode}{f', top {cfg.top_layers} layers' if cfg.top_layers else ''}, head {cfg.head})")
-        self.forward = forward(self.model, label_ids, self.params)
         # Tokenise once. The prompt is scored at the mask (masked LMs) or after its last token (causal LMs).
+        tokenizer, words = loaded.tokenizer, loaded.words
         self.pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
         max_length = cfg.max_length
         positions = models.max_tokens(self.model) or max_length
@@ -132,8 +181,8 @@ class Run(ReplayMixin):
             max_length = positions
             print(f"mezo: --max-length {cfg.max_length} is past the model's {positions} positions; "
                   f"inputs are cut to {positions} tokens")
-        self.splits = encode_splits(tokenizer, data, template, kind, max_length, len(words),
-                                    candidates)
+        self.splits = encode_splits(tokenizer, loaded.data, loaded.template, loaded.kind, max_length, len(words),
+                                    loaded.candidates)
         print(f"mezo: {cfg.task} " + ", ".join(f"{name} {len(rows)}" for name, rows in self.splits.items()))
         batch_size = min(cfg.batch_size, len(self.splits["train"]))  # what batch_indices gives a step
         if batch_size < placement.dp:  # decided alike on every rank
@@ -142,9 +191,7 @@ class Run(ReplayMixin):
                              "data-parallel rank needs one; lower --dp, or raise --batch-size or --k")
         if hasattr(self.forward, "prepare"):  # e.g. cache/ keeps the prompts' shared prefix
             print(f"mezo: {self.forward.prepare([e['ids'] for rows in self.splits.values() for e in rows])}")
-        self.optimizer = adam_optimizer([(p.tensor, p.decay) for p in self.params], cfg.lr, cfg.weight_decay) \
-            if cfg.optimizer == "adam" else None
-        self.per_step = dict(forwards=1, backwards=1) if self.optimizer else dict(
+        self.per_step = dict(forwards=1, backwards=1) if optimizer else dict(
             forwards=2 * cfg.n_samples + getattr(rule, "extra_forwards", 0), backwards=0)
         self.step_times, self.forward_times, self.last_saved, self.evals = [], [], None, {}
         self.start, self.log, self.counts, self.idle = 0, None, {}, False
@@ -156,6 +203,13 @@ class Run(ReplayMixin):
         """This process's examples of a step: a pure function of (seed, step), so a resume sees the same."""
         rows = batch_indices(self.cfg.seed, step, len(self.splits["train"]), self.cfg.batch_size)
         return self.placement.local([self.splits["train"][i] for i in rows])
+
+    def loss_fn(self, step: int) -> StepLoss:
+        """The step's loss at the current θ: a forward on this process's examples of the step, or in a --replay
+        the logged L± (ReplayMixin), served in the order mezo_step asks for them."""
+        if self.replay is not None:
+            return self.replayed(step)
+        return StepLoss(self, self.batch(step))
 
     def logits(self, examples: list[dict]) -> tuple[torch.Tensor, torch.Tensor]:
         """Label-word logits (N, C) and labels (N,), run as micro-batches; the forward time is kept."""
@@ -188,18 +242,11 @@ class Run(ReplayMixin):
         return (self.evaluates_at(step) or step == self.cfg.steps
                 or bool(self.cfg.save_every and step % self.cfg.save_every == 0))
 
-    def _make_out(self) -> None:
-        try:
-            self.out.mkdir(parents=True, exist_ok=True)
-        except OSError as e:
-            raise UsageError(f"--out {self.cfg.out}: cannot create it ({e.strerror}); "
-                             "pick a folder you can write to") from None
-
     def __enter__(self):
         """The run's folder is this process's until __exit__: its lock (FolderLock) is taken here."""
         if self.out and self.placement.is_main:
             if self.into:
-                self._make_out()
+                make_out(self.out, self.cfg.out)
             self.lock = FolderLock(self.out, self.cfg.out)
             try:
                 if self.into:  # a killed replay's leftovers are this replay's to clear

@@ -35,7 +35,8 @@ def imports(path: Path) -> list[tuple[str, str | None]]:
         for child in ast.iter_child_nodes(node):
             inner = child.name if isinstance(child, (ast.FunctionDef, ast.AsyncFunctionDef)) else function
             if isinstance(child, ast.Import):
-                found.extend((project_name(a.name, [])[0], function) for a in child.names
+                # `import mezo` is the reference itself
+                found.extend(((project_name(a.name, []) or ["mezo"])[0], function) for a in child.names
                              if a.name.split(".")[0] in PROJECT)
             elif isinstance(child, ast.ImportFrom) and (child.level or child.module.split(".")[0] in PROJECT):
                 names = project_name(child.module, [a.name for a in child.names])

@@ -119,7 +119,10 @@ def test_at_lr_zero_the_loss_is_the_fresh_prefix_loss(kind, model_dir, tmp_path,
     assert code == 0, err
     cfg, _ = mezo.parse_args([str(a) for a in argv] + ["--mode", "prefix", "--num-prefix", str(P), "--out",
                                                        str(tmp_path / "hand")])
-    hand = runs.Run(cfg, mezo.Placement(), lambda model: mezo.select_trainables(model, cfg), CachePathForward)
+    loaded = runs.load(cfg, mezo.Placement())
+    params = mezo.select_trainables(loaded.model, cfg)
+    hand = runs.Run(cfg, mezo.Placement(), loaded, params, CachePathForward(loaded.model, loaded.label_ids, params),
+                    mezo.objective_loss)
     logits, labels = hand.logits(hand.splits["train"])
     want = torch.nn.functional.cross_entropy(logits, labels).item()
     steps = [r for r in records(out) if "seed" in r]

@@ -126,6 +126,7 @@ class DistributedPlacement(mezo.Placement):
     """One rank of a (dp, tp) mesh. Made by mezo.variants when --tp/--dp ask for it or under torchrun."""
 
     def __init__(self, cfg: mezo.Config):
+        super().__init__()  # a CPU rank's device: --device's (cpu); a GPU rank's: its LOCAL_RANK's, below
         if "WORLD_SIZE" not in os.environ:
             n = cfg.tp * max(cfg.dp, 1)
             raise mezo.UsageError(f"--tp {cfg.tp} --dp {max(cfg.dp, 1)} needs {n} processes: launch with "
