@@ -6,7 +6,7 @@ element rate, measurable without a GPU (issue 21).
 For each kernel (in its first mode of fast/kernels.py's LAUNCHED) it compiles the GPU's variant (bfloat16 by
 the native cast) and the interpreter's (bfloat16 rounded by hand, what GPUs ran before issue 21), and counts
 the PTX instructions of one thread (directives, labels and braces left out), divided by the elements a thread
-handles (4·BLOCK4 over the program's threads). _rule_kernel's loop body counts once (one sample). It also
+handles (4·BLOCK4 over the program's threads). rule_kernel's loop body counts once (one sample). It also
 counts global loads and stores of θ's width and whether they are vector ones (ld.global.v*).
 """
 

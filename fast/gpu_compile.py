@@ -2,7 +2,7 @@
 
 Triton's interpreter (what the CPU tests run) checks no types, so a kernel that the interpreter runs may still
 fail to compile for a GPU. Triton's compiler needs no GPU to make PTX and a cubin: this compiles each
-specialisation of `fast.kernels.compile_cases()` (the same table `_launch` checks every launch against) for
+specialisation of `fast.kernels.compile_cases()` (the same table `launch_checked` checks every launch against) for
 each target, without launching anything.
 
     TRITON_INTERPRET=0 python fast/gpu_compile.py           # one line per kernel and target (make kernels)

@@ -42,7 +42,7 @@ COL_THETA = tl.constexpr(0)  # θ's address
 COL_NUMEL = tl.constexpr(1)  # its number of elements
 COL_OFFSET = tl.constexpr(2)  # the global index of its element 0
 COL_DECAY = tl.constexpr(3)  # 1 if weight decay applies to it, else 0
-# exact mode's saved copy of θ (else θ's address again); _rule_kernel: the rule's first buffer m
+# exact mode's saved copy of θ (else θ's address again); rule_kernel: the rule's first buffer m
 COL_SAVED = tl.constexpr(4)
 N_COLS = tl.constexpr(5)
 # A launch's `programs` table (int64): row p names the tensor (a row of `tensors`) and block of program p.
@@ -55,7 +55,7 @@ KIND_FLOAT32 = tl.constexpr(0)
 KIND_BFLOAT16 = tl.constexpr(1)
 KIND_FLOAT16 = tl.constexpr(2)
 
-# SOURCE: what _perturb_kernel adds scale·z to, and what it keeps (the last three: exact mode only).
+# SOURCE: what perturb_kernel adds scale·z to, and what it keeps (the last three: exact mode only).
 # θ ← θ + scale·z
 SOURCE_THETA = tl.constexpr(0)
 # θ ← saved + scale·z (from the step's copy of θ)
@@ -147,7 +147,7 @@ def _store(ptr, local, mask, t, KIND: tl.constexpr, HAND_ROUND: tl.constexpr):
 
 # seed is never specialised: Triton would turn a value of 1 into a compile-time constant.
 @triton.jit(do_not_specialize=["seed"])
-def _perturb_kernel(
+def perturb_kernel(
     # the launch's tables (see _my_tensor)
     tensors, programs,
     # z's seed, and how far θ moves along z
@@ -174,7 +174,7 @@ def _perturb_kernel(
 
 
 @triton.jit(do_not_specialize=["seed"])
-def _update_kernel(
+def update_kernel(
     # the launch's tables (see _my_tensor)
     tensors, programs,
     # z's seed, and the step's scalars
@@ -191,7 +191,7 @@ def _update_kernel(
 
 
 @triton.jit(do_not_specialize=["seed", "next_seed"])
-def _restore_update_kernel(
+def restore_update_kernel(
     # the launch's tables (see _my_tensor)
     tensors, programs,
     # z's seed, and the step's scalars
@@ -226,7 +226,7 @@ def _restore_update_kernel(
 
 
 @triton.jit(do_not_specialize=["n_samples"])
-def _rule_kernel(
+def rule_kernel(
     # the launch's tables (see _my_tensor; COL_SAVED holds m's address), and v's address per table row
     tensors, programs, second,
     # each sample's seed and coefficient (projected_grad / n_samples), and how many samples
@@ -270,25 +270,25 @@ KINDS = {torch.float32: KIND_FLOAT32.value, torch.bfloat16: KIND_BFLOAT16.value,
          torch.float16: KIND_FLOAT16.value}
 # Under Triton's interpreter (TRITON_INTERPRET=1 when triton was imported) the kernels are interpreted
 # functions, and bfloat16 must be rounded by hand; compiled for a GPU, the native cast rounds.
-HAND_ROUND = not isinstance(_perturb_kernel, triton.runtime.JITFunction)
+HAND_ROUND = not isinstance(perturb_kernel, triton.runtime.JITFunction)
 
 # Every kernel the backend launches: the Triton types of its run-time arguments after the two tables, and the
-# values each of its own constexprs takes. `_launch` refuses any other launch, and `compile_cases` makes from
+# values each of its own constexprs takes. `launch_checked` refuses any other launch, and `compile_cases` makes from
 # it every specialisation a GPU can be asked for (tests/test_kernels.py compiles each for sm_80 and sm_90).
 # Seeds are 64-bit (step_seed's hash); a Python float is passed as fp32.
 TABLES = ("*i64", "*i64")
 SOURCES = tuple(s.value for s in (SOURCE_THETA, SOURCE_SAVED, SOURCE_KEEP, SOURCE_RESTORE))
 LAUNCHED = {
-    _perturb_kernel: (("i64", "fp32"), {"SOURCE": SOURCES}),
-    _update_kernel: (("i64", "fp32", "fp32", "fp32"), {}),
-    _restore_update_kernel: (("i64", "fp32", "fp32", "fp32", "fp32", "i64"),
+    perturb_kernel: (("i64", "fp32"), {"SOURCE": SOURCES}),
+    update_kernel: (("i64", "fp32", "fp32", "fp32"), {}),
+    restore_update_kernel: (("i64", "fp32", "fp32", "fp32", "fp32", "i64"),
                              {"NEXT": (False, True), "EXACT": (False, True)}),
-    _rule_kernel: (("*i64", "*i64", "*fp32", "i32") + ("fp32",) * 7, {"ADAM": (False, True)}),
+    rule_kernel: (("*i64", "*i64", "*fp32", "i32") + ("fp32",) * 7, {"ADAM": (False, True)}),
 }
 
 
 def compile_cases(hand_round: bool = False, block4s=(BLOCK4,)):
-    """(kernel, Triton signature, constexprs) of every launch `_launch` accepts: each kernel of LAUNCHED, each
+    """(kernel, Triton signature, constexprs) of every launch `launch_checked` accepts: each kernel of LAUNCHED, each
     storage dtype (KINDS) and each value of the kernel's own constexprs. hand_round: the interpreter's variant
     (a GPU launches hand_round=False). block4s: the block sizes (a shard's short stretch takes a smaller one)."""
     for kernel, (types, own) in LAUNCHED.items():
@@ -340,7 +340,7 @@ def _launches(runs, saved=None):
     return launches
 
 
-def _launch(kernel, launch, *args, **constexprs):
+def launch_checked(kernel, launch, *args, **constexprs):
     types, own = LAUNCHED[kernel]
     if set(constexprs) != set(own) or any(constexprs[k] not in own[k] for k in own) or len(args) != len(types):
         # a launch outside LAUNCHED would be compiled for a GPU by no test
@@ -451,12 +451,12 @@ class TritonBackend:
                 source, self._scale = SOURCE_RESTORE, None
             scale = self._scale or 0.0
         for launch in launches:
-            _launch(_perturb_kernel, launch, seed, float(scale), SOURCE=source.value)
+            launch_checked(perturb_kernel, launch, seed, float(scale), SOURCE=source.value)
 
     @torch.no_grad()
     def update(self, params, seed: int, projected_grad: float, lr: float, weight_decay: float) -> None:
         for launch in self.launches(params):
-            _launch(_update_kernel, launch, seed, float(projected_grad), float(lr), float(weight_decay))
+            launch_checked(update_kernel, launch, seed, float(projected_grad), float(lr), float(weight_decay))
 
     def _rule_buffers(self, rule, name: str, params, runs) -> list[torch.Tensor]:
         """The rule's buffer `name` as one flat tensor per run (see _runs), each tensor's own buffer
@@ -505,7 +505,7 @@ class TritonBackend:
                               for launch, other in launches]
             self._rule_cache = (key, seconds_column)
         for launch, second in self._rule_cache[1]:
-            _launch(_rule_kernel, launch, second, seeds, coefs, len(samples), float(lr), float(weight_decay),
+            launch_checked(rule_kernel, launch, second, seeds, coefs, len(samples), float(lr), float(weight_decay),
                     beta1, beta2, c1, c2, delta, ADAM=adam)
 
     def settle(self, params) -> None:
@@ -520,7 +520,7 @@ class TritonBackend:
         if self.exact and self._scale != -eps:  # mezo_step calls it after perturb(+ε), perturb(−2ε)
             raise RuntimeError(f"restore_and_update in exact mode expects θ − εz, not {self._scale}·z (ε = {eps})")
         for launch in launches:
-            _launch(_restore_update_kernel, launch, seed, float(eps), float(projected_grad), float(lr),
+            launch_checked(restore_update_kernel, launch, seed, float(eps), float(projected_grad), float(lr),
                     float(weight_decay), 0 if next_seed is None else next_seed, NEXT=next_seed is not None,
                     EXACT=self.exact)
         if self.exact:

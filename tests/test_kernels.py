@@ -1,7 +1,7 @@
 """Every Triton kernel fast/ launches compiles for real GPUs (sm_80, sm_90), on this machine without one.
 
-The interpreter the other tests run checks no types: `_rule_kernel` ran there and did not compile for a GPU.
-The specialisations come from fast/kernels.py's LAUNCHED, the table `_launch` checks each launch against;
+The interpreter the other tests run checks no types: `rule_kernel` ran there and did not compile for a GPU.
+The specialisations come from fast/kernels.py's LAUNCHED, the table `launch_checked` checks each launch against;
 fast/gpu_compile.py compiles them in a subprocess (with TRITON_INTERPRET=0: under the interpreter `triton.jit`
 gives functions that do not compile). Triton's on-disk cache makes a second run take seconds.
 """
@@ -90,12 +90,12 @@ def test_every_jit_function_in_fast_is_a_launched_kernel_or_called_by_one():
 
 
 def test_kernels_are_launched_only_through_launch():
-    """kernel[grid](...) outside `_launch` would skip LAUNCHED's check (and so the compile cases)."""
+    """kernel[grid](...) outside `launch_checked` would skip LAUNCHED's check (and so the compile cases)."""
     where = []
     for path in sorted((ROOT / "fast").glob("*.py")):
         tree = ast.parse(path.read_text())
         for fn in ast.walk(tree):
-            if isinstance(fn, ast.FunctionDef) and fn.name != "_launch":
+            if isinstance(fn, ast.FunctionDef) and fn.name != "launch_checked":
                 calls = [
                     n
                     for n in ast.walk(fn)
@@ -110,9 +110,9 @@ def test_kernels_are_launched_only_through_launch():
 
 def test_launch_refuses_a_specialisation_not_in_launched():
     with pytest.raises(ValueError, match="not in kernels.LAUNCHED"):
-        kernels._launch(kernels._perturb_kernel, None, 1, 0.5, SOURCE=4)
+        kernels.launch_checked(kernels.perturb_kernel, None, 1, 0.5, SOURCE=4)
     with pytest.raises(ValueError, match="not in kernels.LAUNCHED"):
-        kernels._launch(kernels._update_kernel, None, 1, 0.5, 0.1, 0.0, NEXT=True)
+        kernels.launch_checked(kernels.update_kernel, None, 1, 0.5, 0.1, 0.0, NEXT=True)
 
 
 def test_compile_cases_cover_every_dtype_and_mode_and_round_natively():
@@ -126,4 +126,4 @@ def test_compile_cases_cover_every_dtype_and_mode_and_round_natively():
     # a GPU rounds bfloat16 with its native cast; only the interpreter (these tests' process) rounds by hand
     assert all(c["HAND_ROUND"] is False for _, _, c in cases)
     assert kernels.HAND_ROUND is (os.environ.get("TRITON_INTERPRET") == "1")
-    assert isinstance(kernels._perturb_kernel, triton.runtime.JITFunction) is not kernels.HAND_ROUND
+    assert isinstance(kernels.perturb_kernel, triton.runtime.JITFunction) is not kernels.HAND_ROUND
