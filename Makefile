@@ -49,7 +49,7 @@ plot:
 
 # RESULTS.md: every run of the table (about an hour on 2 cores; resumable), then the table and its figure
 results:
-	$(PY) results.py run
+	$(PY) results.py run --jobs 2 --threads 1
 	$(PY) results.py table
 
 lint:

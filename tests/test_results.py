@@ -1,8 +1,6 @@
 """The first-order baseline (--optimizer adam) against a hand-written torch.optim loop, and the results table and
 plots made from logs of real short runs (tiny models, real SST-2 data)."""
 import json
-import math
-import shutil
 from pathlib import Path
 
 import numpy as np
@@ -145,7 +143,7 @@ def test_adam_refuses_what_it_cannot_do(model_dir, tmp_path, capsys):
                  r"--optimizer adam backpropagates the cross-entropy")
 
 # -----------------------------------------------------------------------------
-# results.py and plot.py on real short runs
+# experiments.py, results.py and plot.py on real short runs
 
 
 def in_process(cmd, threads):
@@ -153,198 +151,167 @@ def in_process(cmd, threads):
     return mezo.main(cmd[1:])
 
 
+def logged(root: Path, folder: str, seed: int, split: str, step: int) -> dict:
+    """The evaluation record of a run's log at a step."""
+    return next(r for r in records(root / folder / f"seed{seed}") if r.get("split") == split and r["step"] == step)
+
+
+def mean_std(values) -> tuple[float, float]:
+    return float(np.mean(values)), float(np.std(values))
+
+
+def cells(md: str, start: str) -> list[str]:
+    row = next(x for x in md.splitlines() if x.startswith(start))
+    return [c.strip() for c in row.strip("|").split("|")]
+
+
 @pytest.fixture(scope="module")
-def small_results(model_dir, tmp_path_factory):
-    """A results tree made by results.run_all: real 16-shot SST-2 splits, a tiny Llama, a few steps a run."""
+def study(model_dir, tmp_path_factory):
+    """The whole study of experiments.py, shrunk: SST-2 (3 seeds) and RTE (2), a budget of 2 and 4 steps, two lr
+    candidates, a bfloat16 run, two variant families and the full-parameter probes; real 16-shot splits and a tiny
+    Llama whose vocabulary holds every task's words; every run in this process."""
     if not (SHARED / "lm-bff" / "SST-2" / "train.tsv").exists():
         pytest.skip("no ../shared/data")
+    import experiments as ex
     import results
-    model = ["--model", model_dir("llama"), "--max-length", "48"]
-    methods = [
-        results.Method("zero-shot", "zero-shot", [*model, "--eval-every", "0"], 0, 0.0, "79.0", seeds=(13,)),
-        results.Method("mezo-lora", "MeZO LoRA", [*model, "--lr", "3e-2", "--eval-every", "2"], 4, 0.0, "91.4",
-                       seeds=(13, 21)),
-        results.Method("mezo-full", "MeZO full", [*model, "--mode", "full", "--lr", "3e-2", "--eval-every", "2"],
-                       4, 0.0, "90.5", seeds=(13, 21, 42)),
-        results.Method("adam-lora", "Adam LoRA", [*model, "--optimizer", "adam", "--lr", "3e-2", "--eval-every", "2"],
-                       4, 0.0, "91.9", seeds=(13, 21)),
-    ]
-    tiny_tasks = ["--model", model_dir("llama+tasks"), "--max-length", "48"]  # every task's words in its vocabulary
-    tasks_, task_args = ("rte", "trec"), dict(seeds=(13, 21), lrs=("3e-2", "1e-2"), extra=tiny_tasks)
-    root = tmp_path_factory.mktemp("results")
-    assert results.run_all(root, 1, methods, runner=in_process, memory=False) == 0
-    assert results.run_tasks(root, 1, tasks_, **task_args, runner=in_process) == 0
-    task_methods = results.task_plan(root, tasks_, **task_args)
-    return results, root, methods, task_methods
+    lrs, Method = ("3e-2", "1e-2"), ex.Method
+    with pytest.MonkeyPatch.context() as mp:
+        for name, value in dict(
+                COMMON=[*ex.COMMON, "--model", model_dir("llama+tasks"), "--max-length", "48"],
+                TASKS=("sst2", "rte"), SEEDS=(13, 21, 42), TASK_SEEDS=(13, 21), MEZO_LRS=lrs, SST2_LRS=lrs,
+                BUDGET=(2, 4), ADAM_STEPS=4, FULL_STEPS=4,
+                PRECISION=[Method("sst2/precision/bfloat16-eps3e-2", "MeZO-LoRA, bfloat16, ε 3e-2",
+                                  ["--mode", "lora", "--lr", "3e-2", "--eval-every", "2", "--dtype", "bfloat16",
+                                   "--eps", "3e-2"], 4, 0.0, "", seeds=(13,), stops=(2, 4))],
+                VARIANT_FAMILIES={"rules/conservative": ("MeZO-LoRA, conservative", ["--rule", "conservative"], lrs,
+                                                         "—"),
+                                  "prefix/mezo-prefix": ("MeZO-prefix", ["--mode", "prefix", "--eps", "1e-1"], lrs,
+                                                         "90.8")},
+                FULL_PROBES=[Method(f"probe/mezo-full-lr{lr}", f"probe {lr}", ["--mode", "full", "--lr", lr,
+                                                                              "--eval-every", "2"], 4, 0.0, "",
+                                    seeds=(42,)) for lr in lrs]).items():
+            mp.setattr(ex, name, value)
+        root = tmp_path_factory.mktemp("results")
+        assert ex.run_tasks(root, 1, runner=in_process) == 0
+        assert ex.run_all(root, 1, ex.PRECISION, runner=in_process, memory=False) == 0
+        assert ex.run_variants(root, 1, runner=in_process) == 0
+        assert ex.run_all(root, 1, ex.FULL_PROBES, runner=in_process, memory=False) == 0
+        assert ex.run_all(root, 1, [ex.full_method(root)], runner=in_process, memory=False) == 0
+        yield ex, results, root
 
 
-def test_results_run_skips_finished_runs_and_resumes_stopped_ones(small_results, capsys):
-    results, root, methods, task_methods = small_results
+def test_a_budget_run_stops_at_each_stop_on_the_whole_test_set_and_a_rerun_runs_nothing(study, capsys):
+    """The kept lr's run goes on from its probe: whole-test evaluations at steps 2 and 4 (the stops), one process
+    per stop; the losing probe stops at 2 and runs one seed. A second `run` finds every run done."""
+    ex, _, root = study
+    lr = ex.task_lr(root, "rte")
+    other = next(x for x in ("3e-2", "1e-2") if x != lr)
+    for seed in (13, 21):
+        tests = [r for r in records(root / f"rte/mezo-lora-lr{lr}/seed{seed}") if r.get("split") == "test"]
+        assert {r["step"]: r["n"] for r in tests if r["n"] == 277} == {2: 277, 4: 277}  # the whole RTE test set
+        assert json.loads((root / f"rte/mezo-lora-lr{lr}/seed{seed}/timing.json").read_text())["processes"] == 2
+    assert max(r["step"] for r in records(root / f"rte/mezo-lora-lr{other}/seed13")) == 2
+    assert not (root / f"rte/mezo-lora-lr{other}/seed21").exists()
     before = {p: p.stat().st_mtime_ns for p in root.rglob("log.jsonl")}
-    assert results.run_all(root, 1, methods + task_methods, runner=in_process, memory=False) == 0
+    capsys.readouterr()
+    assert ex.run_tasks(root, 1, runner=in_process, jobs=2) == 0
     assert {p: p.stat().st_mtime_ns for p in root.rglob("log.jsonl")} == before  # nothing ran again
-    assert capsys.readouterr().out.count("done, skipped") == 8 + 2 * 6  # per task: 1 + 2 probes + 1 + 2 Adam
+    # each task's plan is read twice, before and after its probes decide the lr: sst2 zero-shot, 2 probes, 3 Adam,
+    # then the same and the kept lr's 3 seeds; rte 1 + 2 + 2, then 1 + 2 + 2 + 2
+    assert capsys.readouterr().out.count("done, skipped") == (6 + 9) + (5 + 7)
 
 
-def test_table_means_and_stds_match_a_hand_computation(small_results, tmp_path):
-    results, root, methods, task_methods = small_results
-    md = results.write_table(root, tmp_path / "RESULTS.md", None, methods, task_methods)
-    for m in methods[1:]:
-        finals = []
-        for seed in m.seeds:
-            log = [json.loads(x) for x in (root / m.name / f"seed{seed}" / "log.jsonl").read_text().splitlines()]
-            finals.append([r["accuracy"] for r in log if r.get("split") == "test" and r["step"] == m.steps][0])
-        mean = sum(finals) / len(finals)
-        std = math.sqrt(sum((x - mean) ** 2 for x in finals) / len(finals))
-        row = results.summarise(results.collect(root, methods), methods)[m.name]
-        # the same float64 mean and std, summed in another order: ulps (1e-16); 1e-12
-        assert row["test"] == pytest.approx((mean, std), rel=1e-12, abs=1e-15)
-        line = next(x for x in md.splitlines() if x.startswith(f"| {m.title} |"))
-        assert f"| {100 * mean:.1f} ± {100 * std:.1f} (n = {len(m.seeds)}) |" in line, line
-        assert f"| {m.steps} | {m.steps * (1 if 'adam' in m.name else 2)} | {m.steps if 'adam' in m.name else 0} |" \
-            in line, line
-    full = [json.loads(x)["accuracy"] for s in (13, 21, 42)
-            for x in (root / "mezo-full" / f"seed{s}" / "log.jsonl").read_text().splitlines() if '"test"' in x]
-    assert len(set(full)) > 1, "every accuracy equal: the std check above would be vacuous"
-    per_seed = next(x for x in md.splitlines() if x.startswith("| MeZO full |") and "±" not in x)
-    finals = {s: [json.loads(x)["accuracy"] for x in (root / "mezo-full" / f"seed{s}" / "log.jsonl").read_text()
-                  .splitlines() if '"test"' in x][-1] for s in (13, 21, 42)}
-    assert per_seed == "| MeZO full | " + " | ".join(f"{100 * finals[s]:.1f}" for s in (13, 21, 42)) + " | — | — |"
-    zero = next(x for x in md.splitlines() if x.startswith("| zero-shot |"))
-    assert "(one run)" in zero and "| 79.0 |" in zero
-    assert "Not measured yet" in md and "Not yet run: these need a GPU" in md
-    assert "**MeZO-LoRA** moves" in md and "**First-order (Adam) LoRA** reaches" in md  # the generated sentences
-
-
-def test_every_task_row_keeps_the_lr_with_the_better_dev_and_its_test_mean(small_results, tmp_path):
-    """Each task's row: the MeZO-LoRA candidate whose probe (seed 13) ends with the higher dev accuracy (never
-    test), which alone ran seed 21 too, and the mean ± std of its test accuracies; zero-shot and Adam beside it; the
-    gaps; all against a hand computation from the logs."""
-    results, root, methods, task_methods = small_results
-    md = results.write_table(root, tmp_path / "RESULTS.md", None, methods, task_methods)
-    final = lambda name, seed, split: [r["accuracy"] for r in
-                                       map(json.loads, (root / name / f"seed{seed}" / "log.jsonl").read_text()
-                                           .splitlines()) if r.get("split") == split][-1]
-    stats = lambda values: (np.mean(values), np.std(values))
-    for task, n_classes, test_n in (("rte", 2, 277), ("trec", 6, 500)):
-        dev = {lr: final(f"{task}/mezo-lora-lr{lr}", 13, "dev") for lr in ("3e-2", "1e-2")}
+def test_the_budget_table_matches_a_hand_computation_from_the_logs(study, tmp_path):
+    """Each task's row: zero-shot, MeZO-LoRA at each stop (mean ± std over seeds) at the lr whose probe had the
+    higher dev accuracy (never test), Adam-LoRA, the passes of each; all from the logs by hand."""
+    ex, results, root = study
+    md = results.write_table(root, tmp_path / "RESULTS.md", tmp_path / "figures", ex.TASKS)
+    for task, n_classes, test_n, seeds in (("sst2", 2, 872, (13, 21, 42)), ("rte", 2, 277, (13, 21))):
+        dev = {lr: logged(root, f"{task}/mezo-lora-lr{lr}", 13, "dev", 2)["accuracy"] for lr in ("3e-2", "1e-2")}
         lr = max(dev, key=lambda x: (dev[x], -float(x)))
-        other = next(x for x in dev if x != lr)
-        assert (root / f"{task}/mezo-lora-lr{lr}/seed21/log.jsonl").exists()
-        assert not (root / f"{task}/mezo-lora-lr{other}/seed21").exists()  # the probe that lost ran one seed
-        mezo, adam = (stats([final(name, s, "test") for s in (13, 21)]) for name in
-                      (f"{task}/mezo-lora-lr{lr}", f"{task}/adam-lora"))
-        zero = final(f"{task}/zero-shot", 13, "test")
-        row = next(x for x in md.splitlines() if x.startswith(f"| {task} | {n_classes} | {test_n} |"))
-        cells = [c.strip() for c in row.strip("|").split("|")]
-        assert cells[3] == f"{100 * zero:.1f} (one run)"
-        assert cells[4] == f"{100 * mezo[0]:.1f} ± {100 * mezo[1]:.1f} (n = 2)" and cells[5] == lr
-        assert cells[6] == f"{100 * adam[0]:.1f} ± {100 * adam[1]:.1f} (n = 2)"
-        assert cells[7] == f"{100 * (mezo[0] - zero):+.1f}" and cells[8] == f"{100 * (adam[0] - mezo[0]):+.1f}"
+        zero = logged(root, f"{task}/zero-shot", 13, "test", 0)["accuracy"]
+        row = cells(md, f"| {task} | {n_classes} | {test_n} |")
+        assert row[3] == f"{100 * zero:.1f} (one run)"
+        for i, step in ((4, 2), (5, 4)):
+            m, s = mean_std([logged(root, f"{task}/mezo-lora-lr{lr}", x, "test", step)["accuracy"] for x in seeds])
+            assert row[i] == f"{100 * m:.1f} ± {100 * s:.1f} (n = {len(seeds)})", (task, step, row)
+        m, s = mean_std([logged(root, f"{task}/adam-lora", x, "test", 4)["accuracy"] for x in seeds])
+        assert row[6] == f"{100 * m:.1f} ± {100 * s:.1f} (n = {len(seeds)})"
+        assert row[7] == lr and row[8] == "8 / 0" and row[9] == "4 / 4"  # MeZO 2 forwards a step; Adam 1 + 1
         assert f"| {task} | {lr} |" in md and "**kept**" in md
-    assert "| rte | `" in md and "Does this mean that" in md  # the prompts each task used
-    assert "What each task's runs cost" in md
+    sst2 = cells(md, "| MeZO-LoRA, 4 steps |")
+    lr = ex.task_lr(root, "sst2")
+    assert sst2 == ["MeZO-LoRA, 4 steps", *(f"{100 * logged(root, f'sst2/mezo-lora-lr{lr}', x, 'test', 4)['accuracy']:.1f}"
+                                            for x in (13, 21, 42))]
+    import matplotlib.image
+    image = matplotlib.image.imread(tmp_path / "figures" / "budget.png")
+    assert image.ndim == 3 and image.shape[1] > 800 and image.std() > 0
+    assert "![budget](figures/budget.png)" in md
 
 
-def test_plots_exist_open_and_carry_the_runs_labels(small_results, tmp_path):
+def test_dev_still_rising_is_the_slope_of_the_second_half():
+    import results
+    curve = {0: 0.5, 100: 0.52, 500: 0.60, 600: 0.62, 800: 0.64, 1000: 0.66}
+    # least squares over (500, .60), (600, .62), (800, .64), (1000, .66): Sxy / Sxx = 0.017 / 147,500 = 1.15e-4
+    # a step, +1.15 points per 100 steps
+    assert results.rising(curve, 1000) == "yes (+1.2/100 steps)"
+    assert results.rising({k: 1 - v for k, v in curve.items()}, 1000) == "no (-1.2/100 steps)"
+    assert results.rising({0: 0.5, 500: 0.6}, 1000) == "—"  # the run has not reached 1,000
+
+
+def test_low_precision_rows_sit_beside_the_float32_run_at_the_same_stops(study, tmp_path):
+    ex, results, root = study
+    md = results.write_table(root, tmp_path / "RESULTS.md", None, ex.TASKS)
+    lr = ex.task_lr(root, "sst2")
+    for title, folder in (("float32, ε 1e-3", f"sst2/mezo-lora-lr{lr}"),
+                          ("MeZO-LoRA, bfloat16, ε 3e-2", "sst2/precision/bfloat16-eps3e-2")):
+        row = cells(md, f"| {title} |")
+        want = [logged(root, folder, 13, "test", 2), logged(root, folder, 13, "test", 4),
+                logged(root, folder, 13, "dev", 4)]
+        assert row[1:4] == [f"{100 * r['accuracy']:.1f} (one run)" for r in want], row
+    saved = checkpoints.saved_config(root / "sst2/precision/bfloat16-eps3e-2/seed13", "--resume")
+    assert saved["dtype"] == "bfloat16" and saved["eps"] == 3e-2
+
+
+def test_update_rules_and_prefix_rows_keep_the_lr_their_probe_picks(study, tmp_path):
+    """Each family's probes on seed 13, the kept lr (higher dev) on seed 21 too; the row is that lr's test mean ±
+    std and its forwards a step, beside ZO-SGD: the SST-2 budget runs at their first stop on the same seeds."""
+    ex, results, root = study
+    md = results.write_table(root, tmp_path / "RESULTS.md", None, ex.TASKS)
+    for name, (title, _, lrs, paper) in ex.VARIANT_FAMILIES.items():
+        dev = {lr: logged(root, f"{name}-lr{lr}", 13, "dev", 2)["accuracy"] for lr in lrs}
+        lr = max(dev, key=lambda x: (dev[x], -float(x)))
+        assert not (root / f"{name}-lr{next(x for x in lrs if x != lr)}/seed21").exists()
+        m, s = mean_std([logged(root, f"{name}-lr{lr}", x, "test", 2)["accuracy"] for x in (13, 21)])
+        row = cells(md, f"| {title} | {lr} |")
+        assert row[2] == f"{100 * m:.1f} ± {100 * s:.1f} (n = 2)"
+        assert row[3] == ("5" if "conservative" in name else "2") and row[4] == paper
+    lr = ex.task_lr(root, "sst2")
+    m, s = mean_std([logged(root, f"sst2/mezo-lora-lr{lr}", x, "test", 2)["accuracy"] for x in (13, 21)])
+    assert cells(md, "| MeZO-LoRA, ZO-SGD |")[2] == f"{100 * m:.1f} ± {100 * s:.1f} (n = 2)"
+    full = next(x for x in md.splitlines() if x.startswith("Every one of the model's"))
+    lr = ex.pick_lr(root, ex.FULL_PROBES)
+    test = logged(root, "mezo-full", 42, "test", 4)["accuracy"]
+    assert f"at lr {lr}" in full and f"test accuracy {100 * test:.1f} (one run)" in full
+    for p in ex.FULL_PROBES:
+        dev = logged(root, p.name, 42, "dev", 4)["accuracy"]
+        assert f"lr {ex.flag(p, '--lr')}: dev {100 * dev:.1f} (one run)" in full
+
+
+def test_plots_exist_open_and_carry_the_runs_labels(study, tmp_path):
     import matplotlib.image
 
     import plot
-    results, root, methods, task_methods = small_results
+    ex, _, root = study
     labelled = plot.labelled_runs(plot.find_logs([str(root)]), group=False)
     fig = plot.plot_runs(labelled, tmp_path / "curves.png")
-    want = {f"{m.name}/seed{s}" for m in methods + task_methods for s in m.seeds}
+    want = {str(ex.run_dir(root, m, s).relative_to(root)) for m in ex.all_methods(root) for s in m.seeds}
     assert {t.get_text() for t in fig.legends[0].get_texts()} == want
     image = matplotlib.image.imread(tmp_path / "curves.png")
     assert image.ndim == 3 and image.shape[0] > 400 and image.shape[1] > 800 and image.std() > 0
-    grouped = plot.labelled_runs(plot.find_logs([str(root / "mezo-full"), str(root / "adam-lora")]), group=True)
-    assert [(label, len(logs)) for label, logs in grouped] == [("mezo-full", 3), ("adam-lora", 2)]  # given order
-    assert {t.get_text() for t in plot.plot_runs(grouped).legends[0].get_texts()} == {"mezo-full", "adam-lora"}
-    assert plot.main([str(root / "adam-lora"), "-o", str(tmp_path / "cli")]) == 0
+    grouped = plot.labelled_runs(plot.find_logs([str(root / "sst2/adam-lora"), str(root / "rte/adam-lora")]),
+                                 group=True)
+    assert [(label, len(logs)) for label, logs in grouped] == [("sst2/adam-lora", 3), ("rte/adam-lora", 2)]
+    assert plot.main([str(root / "rte/adam-lora"), "-o", str(tmp_path / "cli")]) == 0
     assert matplotlib.image.imread(tmp_path / "cli" / "curves.png").shape[2] in (3, 4)
     assert plot.main([str(tmp_path / "nothing-here"), "-o", str(tmp_path)]) == 2
-
-
-def test_update_rules_and_prefix_rows_keep_the_lr_their_probe_picks(small_results, model_dir, tmp_path):
-    """results.run_variants on tiny models: each family's probes on seed 13, the kept lr (higher dev) on seed 21
-    too; the section's row is that lr's test mean ± std and its forwards a step, against the logs."""
-    results, root, methods, task_methods = small_results
-    model = ["--model", model_dir("llama"), "--max-length", "48"]
-    families = {"rules/conservative": ("MeZO-LoRA, conservative", [*model, "--rule", "conservative"],
-                                       ("3e-2", "1e-2"), "—"),
-                "prefix/mezo-prefix": ("MeZO-prefix", [*model, "--mode", "prefix", "--eps", "1e-1"], ("3e-2", "1e-2"),
-                                       "90.8")}
-    assert results.run_variants(root, 1, families, runner=in_process) == 0
-    md = results.write_table(root, tmp_path / "RESULTS.md", None, methods, task_methods, families)
-    final = lambda name, seed, split: [r["accuracy"] for r in
-                                       map(json.loads, (root / name / f"seed{seed}" / "log.jsonl").read_text()
-                                           .splitlines()) if r.get("split") == split][-1]
-    for name, (title, _, lrs, paper) in families.items():
-        dev = {lr: final(f"{name}-lr{lr}", 13, "dev") for lr in lrs}
-        lr = max(dev, key=lambda x: (dev[x], -float(x)))
-        assert (root / f"{name}-lr{lr}/seed21").is_dir()
-        assert not (root / f"{name}-lr{next(x for x in lrs if x != lr)}/seed21").exists()
-        tests = [final(f"{name}-lr{lr}", s, "test") for s in (13, 21)]
-        row = next(x for x in md.splitlines() if x.startswith(f"| {title} | {lr} |"))
-        cells = [c.strip() for c in row.strip("|").split("|")]
-        assert cells[2] == f"{100 * np.mean(tests):.1f} ± {100 * np.std(tests):.1f} (n = 2)"
-        assert cells[3] == ("5" if "conservative" in name else "2") and cells[5] == paper
-    assert "| MeZO-LoRA, ZO-SGD |" in md and "Not yet run: `python results.py run` makes these" not in md
-    sgd = np.mean([final("mezo-lora", s, "test") for s in (13, 21)])  # the reading line: each row against ZO-SGD
-    reading = next(x for x in md.splitlines() if x.startswith("Test accuracy against ZO-SGD on the same seeds"))
-    assert f"({100 * sgd:.1f})" in reading
-    for name, (title, _, lrs, _) in families.items():
-        dev = {lr: final(f"{name}-lr{lr}", 13, "dev") for lr in lrs}
-        lr = max(dev, key=lambda x: (dev[x], -float(x)))
-        diff = 100 * (np.mean([final(f"{name}-lr{lr}", s, "test") for s in (13, 21)]) - sgd)
-        assert f"{title}: {diff:+.1f}" in reading
-        assert (f"- {title}: its probes tied on dev" in md) == (len(set(dev.values())) == 1)
-
-
-def test_each_rules_extra_memory_is_read_against_plain_mezo():
-    import results
-    rows = [dict(case="inference", peak_mb=900.0), dict(case="mezo-full", peak_mb=1000.0, trainable=3 * 2**20),
-            dict(case="mezo-lora", peak_mb=990.0, trainable=2**18), dict(case="mezo-full-momentum", peak_mb=1011.5),
-            dict(case="mezo-full-adam", peak_mb=1023.0), dict(case="mezo-lora-adam", peak_mb=995.0)]
-    line = results.rule_memory(dict(rows=rows))[-1]
-    assert "momentum +12 MB, adam +23 MB." in line and "of the 3,145,728 values is 12 MB" in line
-    assert "LoRA's buffers (1.0 MB each)" in line
-    assert results.rule_memory(dict(rows=rows[:3])) == [] and results.rule_memory(None) == []
-
-
-def test_a_run_outside_the_protocol_is_listed_and_changes_no_row(small_results, tmp_path):
-    """A finished run of the losing lr on the other seed (the earlier protocol made such runs) is named on the page
-    with its dev and test accuracy, and the task's row is what it was without it."""
-    results, root, methods, task_methods = small_results
-    copy = tmp_path / "results"
-    shutil.copytree(root, copy)
-    before = results.write_table(copy, tmp_path / "before.md", None, methods, task_methods)
-    kept = next(m for m in task_methods if m.task == "rte" and "mezo-lora" in m.name and len(m.seeds) > 1)
-    lost = next(m for m in task_methods if m.task == "rte" and "mezo-lora" in m.name and m is not kept)
-    out = results.run_dir(copy, lost, 21)
-    assert in_process(lost.command(21, out, 1), 1) == 0
-    after = results.write_table(copy, tmp_path / "after.md", None, methods, task_methods)
-    row = lambda md: next(x for x in md.splitlines() if x.startswith("| rte | 2 |"))
-    assert row(after) == row(before)
-    stats = results.run_stats(out)
-    assert "Runs outside this protocol" not in before
-    assert (f"rte lr {results.flag(lost, '--lr')} seed 21: dev {results.pct(stats['dev'])}, test "
-            f"{results.pct(stats['test'])}") in after
-
-
-def test_the_full_parameter_probes_are_named_in_the_sizing_section(small_results, tmp_path, monkeypatch):
-    """The full-parameter lr probes (data seed 42) appear with each one's final dev accuracy."""
-    results, root, methods, task_methods = small_results
-    copy = tmp_path / "results"
-    shutil.copytree(root, copy)
-    model = methods[0].flags[:4]  # --model DIR --max-length 48
-    probes = [results.Method(f"probe/mezo-full-lr{lr}", f"probe {lr}", [*model, "--mode", "full", "--lr", lr,
-                                                                         "--eval-every", "2"], 4, 0.0, "", seeds=(42,))
-              for lr in ("3e-2", "1e-2")]
-    monkeypatch.setattr(results, "FULL_PROBES", probes)
-    assert results.run_all(copy, 1, probes, runner=in_process, memory=False) == 0
-    md = results.write_table(copy, tmp_path / "RESULTS.md", None, methods, task_methods)
-    line = next(x for x in md.splitlines() if x.startswith("- Its learning rate, from "))
-    for m in probes:
-        assert f"lr {results.flag(m, '--lr')} {results.pct(results.run_stats(results.run_dir(copy, m, 42))['dev'])}" \
-            in line, line

@@ -1,0 +1,388 @@
+"""The runs behind RESULTS.md: what runs, with which flags, in what order; each resumable.
+
+    python results.py plan     # the runs, their commands and the expected time; runs nothing
+    python results.py run      # every run into runs/results (--jobs 2 --threads 1: two at a time);
+                               # finished runs are skipped and a stopped one resumes: run it again
+
+Every task at MeZO's budget: zero-shot; MeZO-LoRA to 1,000 steps, stopping at 100 and 400 for the
+whole test set (a stop is a process: the run resumes from its checkpoint); Adam-LoRA for 32 steps.
+Then SST-2 in low precision, the update rules and MeZO-prefix (100 steps), and MeZO full-parameter.
+Each run is `python mezo.py ...` in its own process; its wall time (process start to exit, model
+loading included, summed over its stops) is kept in timing.json beside its log.
+"""
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import time
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+ROOT = Path(__file__).resolve().parent
+sys.path.insert(0, str(ROOT))
+from mezo.errors import UsageError  # noqa: E402
+
+from mezo import baseline, checkpoints, rules, runs  # noqa: E402
+
+# LM-BFF's data seeds, as in the paper
+SEEDS = (13, 21, 42, 87, 100)
+# Test rows of each task, for the time estimate only (the others: 2,000)
+TEST_ROWS = dict(sst2=872, sst5=2210, trec=500, rte=277)
+# Every run: 16-shot, batch 8, the default offline model and the task's prompt. During training the
+# test score is taken on a 32-row slice; the last evaluation uses the whole test set.
+COMMON = ["--k", "16", "--batch-size", "8", "--eval-max", "32", "--eval-max-start", "32"]
+
+
+@dataclass
+class Method:
+    # folder under the results root
+    name: str
+    # row of the table
+    title: str
+    # mezo.py flags beyond COMMON
+    flags: list[str]
+    steps: int
+    # seconds a step on 2 cores, measured (for the time estimate only)
+    step_s: float
+    # the paper's RoBERTa-large figure beside it (Malladi et al. 2023, k = 16)
+    paper: str
+    seeds: tuple[int, ...] = SEEDS
+    task: str = "sst2"
+    # steps at which the run stops, is evaluated on the whole test set and resumes (the last: steps)
+    stops: tuple[int, ...] = ()
+    # its folder under the results root, when not its name (a probe's run that goes on)
+    folder: str = ""
+
+    def command(self, seed: int, out: Path, threads: int, steps: int | None = None) -> list[str]:
+        steps = self.steps if steps is None else steps
+        return ["mezo.py", "--task", self.task, *COMMON, *self.flags, "--steps", str(steps),
+                "--data-seed", str(seed), "--threads", str(threads), "--out", str(out)]
+
+
+# MeZO full-parameter: 100-step probes at each candidate lr on data seed 42 (dev decides), then
+# FULL_STEPS steps at the winner, one seed: a step over every value costs seconds even compiled.
+FULL_LRS, FULL_STEPS = ("3e-6", "1e-5", "3e-5"), 1000
+FULL_PROBES = [Method(f"probe/mezo-full-lr{lr}", f"MeZO full-parameter, lr {lr} (probe)",
+                      ["--mode", "full", "--fast", "--lr", lr, "--eval-every", "50"], 100, 4.5, "",
+                      seeds=(42,))
+               for lr in FULL_LRS]
+# Every task at MeZO's budget: MeZO-LoRA to 1,000 steps, stopping at 100 and 400 for the whole test
+# set. Each task's lr by a probe on dev, never on test: every candidate runs the first data seed to
+# the first stop; the one with the higher dev accuracy there goes on, and runs the other seeds.
+# SST-2 keeps its 5 seeds and its lr. Adam-LoRA: 32 steps at 1e-3.
+TASKS_HERE = ("sst5", "mr", "cr", "mpqa", "subj", "trec", "rte")
+TASKS = ("sst2", *TASKS_HERE)
+TASK_SEEDS, MEZO_LRS, BUDGET = (13, 21), ("1e-3", "2e-3"), (100, 400, 1000)
+SST2_LRS, ADAM_STEPS = ("2e-3",), 32
+# MeZO-LoRA, RoBERTa-large, the paper's Table 18, k = 16
+PAPER_LORA = dict(sst2="91.4", sst5="43.0", rte="64.9", trec="73.1")
+# Issue 15's SST-2 rows: MeZO-LoRA under each update rule, and MeZO-prefix, each lr by the same
+# probe. folder: (title, flags, candidate lrs, the paper's figure beside it)
+VARIANT_FAMILIES = {
+    "rules/momentum": ("MeZO-LoRA, --rule momentum (β 0.9)",
+                       ["--mode", "lora", "--rule", "momentum"], ("2e-4", "5e-4"), "—"),
+    "rules/adam": ("MeZO-LoRA, --rule adam", ["--mode", "lora", "--rule", "adam"], ("1e-4", "1e-3"),
+                   "90.4 (MeZO-Adam)"),
+    "rules/sign": ("MeZO-LoRA, --rule sign", ["--mode", "lora", "--rule", "sign"], ("1e-3", "3e-3"),
+                   "—"),
+    "rules/conservative": ("MeZO-LoRA, --rule conservative",
+                           ["--mode", "lora", "--rule", "conservative"], ("2e-3", "5e-3"), "—"),
+    "prefix/mezo-prefix": ("MeZO-prefix (5 tokens, eps 1e-1)",
+                           ["--mode", "prefix", "--eps", "1e-1"], ("1e-3", "1e-2"), "90.8"),
+}
+# SST-2 with the model in bfloat16 (LoRA in float32), 400 steps on seed 13, beside the float32 run's
+# step 400: at the default ε, and at the ε that docs/precision.md's table recommends for bfloat16
+PRECISION = [Method(f"sst2/precision/bfloat16-eps{eps}", f"MeZO-LoRA, bfloat16, ε {eps}",
+                    ["--mode", "lora", "--lr", "2e-3", "--eval-every", "100", "--dtype", "bfloat16",
+                     "--eps", eps], 400, 2.4, "", seeds=(13,), stops=(100, 400))
+             for eps in ("1e-3", "3e-2")]
+# process start + model load; forward seconds per evaluated row (batch 8, 2 cores)
+LOAD_S, ROW_S = 15.0, 0.05
+# bench/memory.py's cases, each in a fresh process (the full-parameter MeZO step is slow)
+MEMORY_S = 480.0
+RULE_CASES = [f"mezo-{mode}-{rule}" for mode in ("lora", "full") for rule in rules.RULES]
+
+
+def flag(m: Method, name: str, default=None):
+    return m.flags[m.flags.index(name) + 1] if name in m.flags else default
+
+
+def run_dir(root: Path, method: Method, seed: int) -> Path:
+    return root / (method.folder or method.name) / f"seed{seed}"
+
+
+def probed(name, title, flags, lrs, lr=None, paper="—"):
+    """An SST-2 MeZO method to the budget's first stop, whose lr is probed: each candidate runs the
+    first seed; the chosen `lr`, every seed."""
+    return [Method(f"{name}-lr{x}", f"{title}, lr {x}", [*flags, "--lr", x, "--eval-every", "25"],
+                   BUDGET[0], 1.7, paper, seeds=TASK_SEEDS if x == lr else TASK_SEEDS[:1])
+            for x in lrs]
+
+
+def pick_lr(root: Path, candidates: list[Method]) -> str | None:
+    """The candidate whose probe (first seed) ends with the higher dev accuracy, the smaller lr on a
+    tie; None until every probe has finished."""
+    if not all(finished(run_dir(root, m, m.seeds[0]), m) for m in candidates):
+        return None
+    dev = {flag(m, "--lr"): run_stats(run_dir(root, m, m.seeds[0]), m.steps)["dev"]
+           for m in candidates}
+    return max(dev, key=lambda x: (dev[x], -float(x)))
+
+
+def full_method(root: Path) -> Method | None:
+    """The full-parameter row at the probed lr; None until every probe has finished."""
+    lr = pick_lr(root, FULL_PROBES)
+    if lr is None:
+        return None
+    flags = ["--mode", "full", "--fast", "--lr", lr, "--eval-every", "100"]
+    return Method("mezo-full", f"MeZO full-parameter (--fast, lr {lr})", flags, FULL_STEPS, 4.5,
+                  "90.5", seeds=(42,))
+
+
+def task_methods(task: str, lr: str | None = None) -> list[Method]:
+    """zero-shot, a MeZO-LoRA probe per candidate lr (to the first stop, first seed), the chosen
+    lr's MeZO-LoRA (every stop, every seed; the probe's run goes on) and Adam-LoRA: folders
+    <task>/<method>."""
+    seeds = SEEDS if task == "sst2" else TASK_SEEDS
+    lrs, budget = SST2_LRS if task == "sst2" else MEZO_LRS, BUDGET
+    adam = ["--optimizer", "adam", "--mode", "lora", "--lr", "1e-3", "--eval-every", "8"]
+    mezo = ["--mode", "lora", "--eval-every", str(budget[0])]
+    paper = PAPER_LORA.get(task, "—")
+    probes = [Method(f"{task}/mezo-lora-lr{x}", f"MeZO-LoRA, lr {x}", [*mezo, "--lr", x],
+                     budget[0], 2.4, paper, seeds=seeds[:1], task=task) for x in lrs]
+    chosen = [Method(f"{task}/mezo-lora", f"MeZO-LoRA, lr {x}", [*mezo, "--lr", x], budget[-1],
+                     2.4, paper, seeds=seeds, task=task, stops=budget,
+                     folder=f"{task}/mezo-lora-lr{x}") for x in lrs if x == lr]
+    return [Method(f"{task}/zero-shot", "zero-shot", ["--eval-every", "0"], 0, 0.0, "",
+                   seeds=seeds[:1], task=task),
+            *probes, *chosen,
+            Method(f"{task}/adam-lora", "Adam-LoRA", adam, ADAM_STEPS, 2.2, "", seeds=seeds,
+                   task=task)]
+
+
+def task_lr(root: Path, task: str) -> str | None:
+    """The task's MeZO-LoRA lr, by its probes."""
+    return pick_lr(root, [m for m in task_methods(task) if "mezo-lora-lr" in m.name])
+
+
+def task_plan(root: Path) -> list[Method]:
+    """Every task's methods as far as the probes have decided them."""
+    return [m for t in TASKS for m in task_methods(t, task_lr(root, t))]
+
+
+def variant_methods(root: Path | None, families=None) -> list[Method]:
+    """Every family's methods as far as its probes have decided them."""
+    out = []
+    for name, (title, flags, lrs, paper) in (families or VARIANT_FAMILIES).items():
+        lr = pick_lr(root, probed(name, title, flags, lrs)) if root else None
+        out += probed(name, title, flags, lrs, lr=lr, paper=paper)
+    return out
+
+# -----------------------------------------------------------------------------
+# Running
+
+
+def expected_s(m: Method) -> float:
+    every = int(flag(m, "--eval-every", 0))
+    evals = m.steps // every if m.steps and every else 0
+    # start, middle and end evaluations
+    rows = (64 if m.steps else 0) + 64 * max(evals - 1, 0) + 32 + TEST_ROWS.get(m.task, 2000)
+    return LOAD_S + rows * ROW_S + m.steps * m.step_s
+
+
+def steps_done(out: Path) -> int:
+    """The step a run's folder has reached (its summary.json), -1 before its first stop."""
+    try:
+        return int(json.loads((out / "summary.json").read_text())["steps"])
+    except (OSError, ValueError, KeyError, TypeError):
+        return -1
+
+
+def finished(out: Path, m: Method, at: int | None = None) -> bool:
+    """The run reached step `at` (m.steps) and evaluated there on every test row: a stop of the run
+    (it may have gone on since, from a resume)."""
+    at = m.steps if at is None else at
+    if steps_done(out) < at:
+        return False
+    try:
+        log = runs.read_log(out / "log.jsonl")
+    except (OSError, ValueError, UsageError):
+        return False
+    return any(r.get("split") == "test" and r["step"] == at for r in log)
+
+
+def all_methods(root: Path) -> list[Method]:
+    """Every run of the page, as far as the probes have decided them."""
+    full = [m for m in [full_method(root)] if m]
+    return task_plan(root) + PRECISION + variant_methods(root) + FULL_PROBES + full
+
+
+def plan(root: Path, threads: int, methods=None) -> list[tuple[Method, int, Path]]:
+    if methods is None:
+        methods = all_methods(root)
+    todo = [(m, s, run_dir(root, m, s)) for m in methods for s in m.seeds]
+    memory = 0.0 if (root / "memory.json").exists() else MEMORY_S
+    left = sum(expected_s(m) for m, _, out in todo if not finished(out, m)) + memory
+    total = sum(expected_s(m) for m, _, _ in todo) + MEMORY_S
+    print(f"results: {len(todo)} runs + the memory table; expected {total / 60:.0f} min on 2 cores "
+          f"from scratch, {left / 60:.0f} min left", flush=True)
+    return todo
+
+
+def cmd_plan(args) -> int:
+    for m, s, out in plan(Path(args.root), args.threads):
+        state = "done" if finished(out, m) else f"~{expected_s(m) / 60:.1f} min"
+        print(f"  [{state:>9s}] python {' '.join(m.command(s, out, args.threads))}")
+    print(f"  [~{MEMORY_S / 60:.1f} min] {' '.join(memory_command(Path(args.root), args.threads))}")
+    print("  (then each task's chosen lr on its other seeds, once its probes are done, and the "
+          "full-parameter run at the lr its probes pick)")
+    return 0
+
+
+def memory_command(root: Path, threads: int) -> list[str]:
+    cases = ["inference", "mezo-lora", "mezo-full", "adam-lora", "adam-full", *RULE_CASES]
+    return ["python", "bench/memory.py", "--cases", ",".join(cases), "--threads", str(threads),
+            "--json", str(root / "memory.json")]
+
+
+def subprocess_runner(cmd: list[str], threads: int) -> int:
+    """`python mezo.py ...` in a fresh process (its own memory and threads), from this folder."""
+    env = {**os.environ, "OMP_NUM_THREADS": str(threads)}
+    return subprocess.call([sys.executable, str(ROOT / cmd[0]), *cmd[1:]], env=env)
+
+
+def run_one(m: Method, seed: int, out: Path, stop: int, threads: int, runner) -> int:
+    """One run of m to step `stop`: afresh, or resumed from its folder. Its wall time adds up in
+    timing.json over the processes it took."""
+    resume = (out / checkpoints.CHECKPOINT).exists() and (out / "log.jsonl").exists()
+    cmd = m.command(seed, out, threads, stop)
+    if resume:
+        cmd = ["mezo.py", "--resume", str(out), "--steps", str(stop), "--threads", str(threads)]
+    print(f"results:   {'(resuming) ' if resume else ''}~{expected_s(m) / 60:.1f} min: "
+          f"python {' '.join(cmd)}", flush=True)
+    out.mkdir(parents=True, exist_ok=True)
+    t = time.time()
+    code = runner(cmd, threads)
+    path = out / "timing.json"
+    timing = dict(wall_s=0.0)
+    if resume and path.exists():
+        timing = json.loads(path.read_text())
+    timing = dict(wall_s=timing["wall_s"] + time.time() - t, threads=threads,
+                  command="python " + " ".join(m.command(seed, out, 2)),
+                  processes=timing.get("processes", 0) + 1)
+    path.write_text(json.dumps(timing, indent=1))
+    return code
+
+
+def run_all(root: Path, threads: int, methods, runner=subprocess_runner,
+            memory: bool = True) -> int:
+    todo = plan(root, threads, methods)
+    t_all = time.time()
+    for i, (m, seed, out) in enumerate(todo, 1):
+        if finished(out, m):
+            print(f"results: [{i}/{len(todo)}] {m.name} seed {seed}: done, skipped", flush=True)
+            continue
+        for stop in [s for s in m.stops or (m.steps,) if not finished(out, m, s)]:
+            print(f"results: [{i}/{len(todo)}] {m.name} seed {seed}, to step {stop}", flush=True)
+            code = run_one(m, seed, out, stop, threads, runner)
+            if code:
+                print(f"results: {m.name} seed {seed} failed (exit {code}); fix and run again to "
+                      "resume", file=sys.stderr)
+                return code
+    if memory and not (root / "memory.json").exists():
+        print(f"results: memory table: {' '.join(memory_command(root, threads))}", flush=True)
+        code = subprocess_runner(memory_command(root, threads)[1:], threads)
+        if code:
+            return code
+    print(f"results: all runs done ({(time.time() - t_all) / 60:.1f} min this time); now: "
+          "python results.py table")
+    return 0
+
+
+def run_stages(root, threads, stages, runner=None) -> int:
+    """Each stage is a function of the root (None: before the probes) giving its methods: the lr
+    probes run first, then the chosen lr on the other seeds."""
+    for methods_of in stages:
+        for known in (None, root):
+            code = run_all(root, threads, methods_of(known), runner or subprocess_runner, False)
+            if code:
+                return code
+    return 0
+
+
+def run_tasks(root, threads, runner=None, jobs=1) -> int:
+    """Task by task: zero-shot, the lr probes and Adam-LoRA, then the chosen lr on every seed and
+    stop. `jobs` tasks at a time, each run with `threads` threads."""
+    def stage(t):
+        return lambda r: task_methods(t, r and task_lr(r, t))
+
+    def one_task(t):
+        return run_stages(root, threads, [stage(t)], runner)
+    with ThreadPoolExecutor(jobs) as pool:
+        codes = list(pool.map(one_task, TASKS))
+    return next((c for c in codes if c), 0)
+
+
+def run_variants(root, threads, families=None, runner=None) -> int:
+    """Family by family (update rules, prefix): the lr probes, then the chosen lr."""
+    def stage(name, spec):
+        return lambda r: variant_methods(r, {name: spec})
+    families = families or VARIANT_FAMILIES
+    return run_stages(root, threads, [stage(n, s) for n, s in families.items()], runner)
+
+
+def cmd_run(args) -> int:
+    """Every run, in the page's order: the tasks (--jobs at a time), then the others one at a time,
+    then the memory table."""
+    root, threads = Path(args.root), args.threads
+    if args.only == "precision":
+        return run_all(root, threads, PRECISION, memory=False)
+    code = run_tasks(root, threads, jobs=args.jobs)
+    if args.only == "tasks" or code:
+        return code
+    code = (run_all(root, threads, PRECISION, memory=False) or run_variants(root, threads)
+            or run_all(root, threads, FULL_PROBES, memory=False))
+    full = full_method(root)
+    return code or run_all(root, threads, [full] if full else [])
+
+
+# -----------------------------------------------------------------------------
+# Reading one run
+
+
+def run_stats(out: Path, at: int | None = None) -> dict:
+    """Dev/test accuracy at step `at` (the run's last by default), the passes up to it, wall time,
+    peak memory and trainable values of one run."""
+    from safetensors import safe_open
+    log = runs.read_log(out / "log.jsonl")
+    summary = json.loads((out / "summary.json").read_text())
+    at = summary["steps"] if at is None else at
+    final = {r["split"]: r for r in log if "split" in r and r["step"] == at}
+    passes = next((r for r in reversed(log) if "forwards" in r and r["step"] <= at), {})
+    start = {r["split"]: r for r in log if "split" in r and r["step"] == 0}
+    timing = {}
+    if (out / "timing.json").exists():
+        timing = json.loads((out / "timing.json").read_text())
+    with safe_open(str(out / checkpoints.CHECKPOINT), "pt") as f:
+        trainable = sum(int(np.prod(f.get_slice(k).get_shape())) for k in f.keys()
+                        if not k.startswith(baseline.ADAM))
+        config = json.loads(f.metadata()["config"])
+    return dict(test=final["test"]["accuracy"], test_n=final["test"]["n"],
+                dev=final["dev"]["accuracy"], dev_n=final["dev"]["n"],
+                dev0=start.get("dev", {}).get("accuracy"), steps=at,
+                forwards=passes.get("forwards", 2 * at),
+                backwards=passes.get("backwards", 0), wall_s=timing.get("wall_s"),
+                threads=timing.get("threads"), peak_mb=summary.get("peak_memory_mb"),
+                trainable=trainable, config=config, step_time=summary.get("step_time"),
+                ratio=summary.get("ratio"))
+
+
+def mean_std(values) -> tuple[float, float]:
+    """Mean and standard deviation (numpy's default, ddof = 0) of a list of numbers."""
+    a = np.asarray(values, dtype=float)
+    return float(a.mean()), float(a.std())
