@@ -1,5 +1,6 @@
-"""Checkpoints and exports: the trainable tensors in one safetensors file (with the step and the run's config,
-written atomically), and LoRA tensors in PEFT's adapter layout. Plain values in: {name: tensor} and dicts."""
+"""Checkpoints and exports: the trainable tensors in one safetensors file (with the step and the
+run's config, written atomically), and LoRA tensors in PEFT's adapter layout. Plain values in:
+{name: tensor} and dicts."""
 from __future__ import annotations
 
 import contextlib
@@ -11,20 +12,22 @@ import torch
 
 from .errors import UsageError
 
-CHECKPOINT = "checkpoint.safetensors"  # format "mezo-1": tensors by qualified name; metadata step, config, offsets
+# format "mezo-1": tensors by qualified name; metadata step, config, offsets
+CHECKPOINT = "checkpoint.safetensors"
 
 
 def atomic_write(path: Path, write) -> None:
-    """write(tmp_path), fsync, then rename over path: a reader never sees a half-written file. A write the
-    machine refuses (a full disk, a read-only folder) removes its temporary file and ends in one line: the file
-    as it was stays whole."""
+    """write(tmp_path), fsync, then rename over path: a reader never sees a half-written file. A
+    write the machine refuses (a full disk, a read-only folder) removes its temporary file and ends
+    in one line: the file as it was stays whole."""
     tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
     try:
         write(tmp)
         with open(tmp, "rb") as f:
             os.fsync(f.fileno())
         os.replace(tmp, path)
-    except Exception as e:  # OSError, or safetensors' SafetensorError around one ("... (os error 28)")
+    # OSError, or safetensors' SafetensorError around one ("... (os error 28)")
+    except Exception as e:
         if not isinstance(e, OSError) and "os error" not in str(e):
             raise
         with contextlib.suppress(OSError):
@@ -40,8 +43,9 @@ def cannot_write(path: Path, e: Exception) -> UsageError:
 
 
 def own_storage(t: torch.Tensor) -> torch.Tensor:
-    """t on the CPU, copied only if it views a larger buffer (fast/ keeps LoRA's tensors in one): safetensors
-    refuses shared storage, and copying every tensor would cost full-parameter runs a copy of the model."""
+    """t on the CPU, copied only if it views a larger buffer (fast/ keeps LoRA's tensors in one):
+    safetensors refuses shared storage, and copying every tensor would cost full-parameter runs a
+    copy of the model."""
     t = t.detach().cpu()
     whole = t.is_contiguous() and t.storage_offset() == 0 and \
         t.untyped_storage().nbytes() == t.numel() * t.element_size()
@@ -49,7 +53,8 @@ def own_storage(t: torch.Tensor) -> torch.Tensor:
 
 
 def save_checkpoint(out: Path, tensors: dict, step: int, config: dict, offsets: list) -> None:
-    """out/checkpoint.safetensors: the tensors (full, never shards) and what a resume needs to go on."""
+    """out/checkpoint.safetensors: the tensors (full, never shards) and what a resume needs to go
+    on."""
     from safetensors.torch import save_file
     meta = dict(format="mezo-1", step=str(step), config=json.dumps(config), offsets=json.dumps(offsets))
     tensors = {name: own_storage(t) for name, t in tensors.items()}
@@ -57,8 +62,8 @@ def save_checkpoint(out: Path, tensors: dict, step: int, config: dict, offsets: 
 
 
 def read_checkpoint(folder: Path, flag: str = "--resume") -> tuple[dict, int, dict]:
-    """(tensors, step, config dict) from a checkpoint; one clear error line, naming the flag that pointed at it
-    (--resume or --replay), if it is missing or corrupt."""
+    """(tensors, step, config dict) from a checkpoint; one clear error line, naming the flag that
+    pointed at it (--resume or --replay), if it is missing or corrupt."""
     from safetensors import safe_open
     path = folder / CHECKPOINT
     if not path.is_file():
@@ -74,7 +79,8 @@ def read_checkpoint(folder: Path, flag: str = "--resume") -> tuple[dict, int, di
 
 
 def check_match(folder: Path, tensors: dict, want: dict) -> None:
-    """The checkpoint's tensors are exactly the model's trainable ones: want = {name: (full shape, dtype)}."""
+    """The checkpoint's tensors are exactly the model's trainable ones: want = {name: (full shape,
+    dtype)}."""
     if set(want) != set(tensors):
         missing, extra = sorted(set(want) - set(tensors)), sorted(set(tensors) - set(want))
         raise UsageError(f"--resume {folder}: checkpoint does not match this model's trainable tensors "
@@ -87,8 +93,9 @@ def check_match(folder: Path, tensors: dict, want: dict) -> None:
 
 
 def save_peft_adapter(folder: Path, lora: dict, r: int, alpha: float, base: str, causal: bool) -> None:
-    """LoRA tensors ({module.lora_A|lora_B: tensor}) in PEFT's layout, so that `PeftModel.from_pretrained(model,
-    folder)` (or AutoPeftModelForCausalLM.from_pretrained(folder), which loads `base` itself) takes them."""
+    """LoRA tensors ({module.lora_A|lora_B: tensor}) in PEFT's layout, so that
+    `PeftModel.from_pretrained(model, folder)` (or AutoPeftModelForCausalLM.from_pretrained(folder),
+    which loads `base` itself) takes them."""
     from safetensors.torch import save_file
     folder.mkdir(parents=True, exist_ok=True)
     tensors = {f"base_model.model.{name}.weight": t.detach().cpu().clone() for name, t in lora.items()}
@@ -101,9 +108,9 @@ def save_peft_adapter(folder: Path, lora: dict, r: int, alpha: float, base: str,
 
 
 def saved_config(folder: Path, flag: str = "--resume") -> dict:
-    """A checkpoint's config for --resume and --replay: lists back to tuples, no world size (tp, dp: a checkpoint
-    holds full tensors and resumes at any), no replay (a replayed run's folder resumes as a run) and no overwrite
-    (an order to one command, not a setting of the run)."""
+    """A checkpoint's config for --resume and --replay: lists back to tuples, no world size (tp, dp:
+    a checkpoint holds full tensors and resumes at any), no replay (a replayed run's folder resumes
+    as a run) and no overwrite (an order to one command, not a setting of the run)."""
     _, _, config = read_checkpoint(folder, flag)
     dropped = ("tp", "dp", "replay", "overwrite")
     return {k: tuple(v) if isinstance(v, list) else v for k, v in config.items() if k not in dropped}

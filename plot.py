@@ -1,13 +1,15 @@
-"""Learning curves from mezo.py runs: training loss, dev and test accuracy, against steps and against forward passes.
+"""Learning curves from mezo.py runs: training loss, dev and test accuracy, against steps and
+against forward passes.
 
     python plot.py runs/sst2 runs/adam -o plots/     # one curve per run (a run's --out folder or its log.jsonl)
     python plot.py runs/results --group -o plots/    # every run below; runs in the same folder averaged (seeds)
     make plot                                        # python plot.py runs -o plots
 
-Writes plots/curves.png: six panels, several runs overlaid and labelled (label = the run's folder relative to
-the folders given; with --group, the parent folder, averaged over its runs with a min-max band). The x axis
-"forward passes" counts forwards over a training batch (MeZO: 2 a step; --optimizer adam: 1 a step plus a
-backward), so the methods are compared per unit of forward compute. Needs matplotlib: pip install -e ".[plot]".
+Writes plots/curves.png: six panels, several runs overlaid and labelled (label = the run's folder
+relative to the folders given; with --group, the parent folder, averaged over its runs with a
+min-max band). The x axis "forward passes" counts forwards over a training batch (MeZO: 2 a step;
+--optimizer adam: 1 a step plus a backward), so the methods are compared per unit of forward
+compute. Needs matplotlib: pip install -e ".[plot]".
 """
 from __future__ import annotations
 
@@ -37,11 +39,13 @@ def curves(path: Path) -> dict:
         raise UsageError(f"{path} has no step or evaluation records; is it a mezo.py log.jsonl?")
     per_step = forwards[-1] / steps[-1] if steps else 0.0  # every step of a run costs the same
     return dict(step=np.array(steps), loss=np.array(loss), forwards=np.array(forwards), per_step=per_step,
-                evals={s: np.array(v, dtype=float) for s, v in evals.items()})  # (E, 3): step, accuracy, n
+                # (E, 3): step, accuracy, n
+                evals={s: np.array(v, dtype=float) for s, v in evals.items()})
 
 
 def find_logs(paths: list[str]) -> list[Path]:
-    """log.jsonl files: each path is one, or a run folder holding one, or a folder searched below."""
+    """log.jsonl files: each path is one, or a run folder holding one, or a folder searched below.
+    """
     found = []
     for p in map(Path, paths):
         run = p / "log.jsonl"
@@ -71,15 +75,16 @@ def _common(logs: list[dict], x: list[np.ndarray], y: list[np.ndarray]):
 
 
 def smooth(y: np.ndarray, window: int) -> np.ndarray:
-    """Trailing moving average (the first points average what there is): a batch of 8 makes the loss noisy."""
+    """Trailing moving average (the first points average what there is): a batch of 8 makes the loss
+    noisy."""
     c = np.cumsum(np.insert(y, 0, 0.0))
     i = np.arange(1, len(y) + 1)
     return (c[i] - c[np.maximum(i - window, 0)]) / np.minimum(i, window)
 
 
 def plot_runs(runs: list[tuple[str, list[dict]]], path: Path | None = None, title: str = ""):
-    """One figure: rows = against steps, against forward passes; columns = training loss, dev, test accuracy.
-    Returns the matplotlib Figure (and saves it as a PNG when path is given)."""
+    """One figure: rows = against steps, against forward passes; columns = training loss, dev, test
+    accuracy. Returns the matplotlib Figure (and saves it as a PNG when path is given)."""
     try:
         import matplotlib
         matplotlib.use("Agg")  # files only: no display needed

@@ -1,14 +1,17 @@
-"""--mode prefix: MeZO-prefix (the MeZO paper's prefix-tuning, after Li & Liang 2021). Every attention layer gets
---num-prefix virtual tokens: a key and a value per token and key/value head, trained, that every real token attends
-to (the attention mask is extended to cover them; padding stays masked; a causal model's real tokens keep their
-causal mask among themselves and see every virtual token). The real tokens keep their positions.
+"""--mode prefix: MeZO-prefix (the MeZO paper's prefix-tuning, after Li & Liang 2021). Every
+attention layer gets --num-prefix virtual tokens: a key and a value per token and key/value head,
+trained, that every real token attends to (the attention mask is extended to cover them; padding
+stays masked; a causal model's real tokens keep their causal mask among themselves and see every
+virtual token). The real tokens keep their positions.
 
-Initialised as the paper's code does it (`init_by_real_act`): --num-prefix random vocabulary tokens (from the run
-seed) are run through the model, and each layer's keys and values of them become its prefix.
+Initialised as the paper's code does it (`init_by_real_act`): --num-prefix random vocabulary tokens
+(from the run seed) are run through the model, and each layer's keys and values of them become its
+prefix.
 
-It plugs into transformers' attention-function registry, so every model whose attention goes through it (Llama,
-RoBERTa, ... in transformers 5) takes it: the tensors live on each attention module as `prefix_key` and
-`prefix_value`, shape (key/value heads, num_prefix, head dim), and the checkpoint holds them by those names.
+It plugs into transformers' attention-function registry, so every model whose attention goes through
+it (Llama, RoBERTa, ... in transformers 5) takes it: the tensors live on each attention module as
+`prefix_key` and `prefix_value`, shape (key/value heads, num_prefix, head dim), and the checkpoint
+holds them by those names.
 """
 from __future__ import annotations
 
@@ -22,11 +25,14 @@ SUFFIXES = (".prefix_key", ".prefix_value")
 
 
 def _attention(module, query, key, value, attention_mask, **kwargs):
-    """transformers' SDPA attention with the module's prefix keys and values before the real tokens'."""
+    """transformers' SDPA attention with the module's prefix keys and values before the real
+    tokens'."""
     from transformers.integrations.sdpa_attention import sdpa_attention_forward
-    if getattr(module, "prefix_capture", False):  # initialisation: keep the keys and values of the random tokens
+    # initialisation: keep the keys and values of the random tokens
+    if getattr(module, "prefix_capture", False):
         module.prefix_captured = (key[0].detach().clone(), value[0].detach().clone())
-        return sdpa_attention_forward(module, query, key, value, attention_mask, **kwargs)  # as sdpa would
+        # as sdpa would
+        return sdpa_attention_forward(module, query, key, value, attention_mask, **kwargs)
     if hasattr(module, "prefix_key"):
         b, t, s = key.shape[0], query.shape[2], key.shape[2]
         pk, pv = module.prefix_key, module.prefix_value  # (heads, P, D)
@@ -66,8 +72,8 @@ def attention_modules(model: nn.Module) -> list[tuple[str, nn.Module]]:
 
 @torch.no_grad()
 def add_prefix(model: nn.Module, num_prefix: int, seed: int, dtype=None) -> list[str]:
-    """Add prefix_key / prefix_value to every attention layer, initialised from the real activations of num_prefix
-    random vocabulary tokens; return the modules' names."""
+    """Add prefix_key / prefix_value to every attention layer, initialised from the real activations
+    of num_prefix random vocabulary tokens; return the modules' names."""
     register()
     modules = attention_modules(model)
     model.config._attn_implementation = NAME

@@ -4,8 +4,8 @@ Every rule starts from MeZO's estimate of the step's gradient, made again from t
 
     ĝ = mean_k g_k·z_k + wd·θ        (g_k: sample k's projected gradient; wd only on tensors of ≥ 2 dims)
 
-ZO-SGD moves θ ← θ − lr·ĝ. The rules here (ZO-Bench, Zhang et al. 2024, arXiv:2402.11592, compares them on LLMs;
-MeZO-Adam is in the MeZO paper's Table 18):
+ZO-SGD moves θ ← θ − lr·ĝ. The rules here (ZO-Bench, Zhang et al. 2024, arXiv:2402.11592, compares
+them on LLMs; MeZO-Adam is in the MeZO paper's Table 18):
 
     momentum      m ← β·m + ĝ;  θ ← θ − lr·m                          one buffer the size of θ (float32)
     adam          m ← β1·m + (1−β1)·ĝ;  v ← β2·v + (1−β2)·ĝ²;          two buffers (float32)
@@ -13,13 +13,14 @@ MeZO-Adam is in the MeZO paper's Table 18):
     sign          θ ← θ − lr·(mean_k sign(g_k)·z_k + wd·θ)             none
     conservative  θ ← the lowest-loss of θ, θ − lr·ĝ, θ + lr·ĝ        a copy of θ during the step; 3 more forwards
 
-z stays a function of (seed, index): a rule walks θ chunk by chunk as the reference backend does (mezo.noise_chunks,
-float32 math, float64 kept, one rounding into θ's dtype), so z is never whole and any shard makes its own slice.
-sign and conservative move θ with the backend's own update (fast/'s too). Momentum and Adam make z with the
-reference's noise, or the compiled CPU backend's (the same bits, faster), so --fast on a CPU changes no number;
-on fast/'s Triton kernels they are one pass over θ and the buffers with z made inside (TritonBackend.rule_update),
-within 1e-6 of the reference's z (docs/fast.md), the bound the kernels' ±εz already has. Buffers are float32
-whatever θ's dtype (float64 for float64 tensors) and are checkpointed with θ.
+z stays a function of (seed, index): a rule walks θ chunk by chunk as the reference backend does
+(mezo.noise_chunks, float32 math, float64 kept, one rounding into θ's dtype), so z is never whole
+and any shard makes its own slice. sign and conservative move θ with the backend's own update
+(fast/'s too). Momentum and Adam make z with the reference's noise, or the compiled CPU backend's
+(the same bits, faster), so --fast on a CPU changes no number; on fast/'s Triton kernels they are
+one pass over θ and the buffers with z made inside (TritonBackend.rule_update), within 1e-6 of the
+reference's z (docs/fast.md), the bound the kernels' ±εz already has. Buffers are float32 whatever
+θ's dtype (float64 for float64 tensors) and are checkpointed with θ.
 """
 from __future__ import annotations
 
@@ -30,7 +31,8 @@ import torch
 import mezo
 
 RULES = ("momentum", "adam", "sign", "conservative")
-BETA2, DELTA = 0.999, 1e-8  # Adam's second-moment decay and its denominator's guard (torch's defaults)
+# Adam's second-moment decay and its denominator's guard (torch's defaults)
+BETA2, DELTA = 0.999, 1e-8
 
 
 def make(name: str, beta: float = 0.9):
@@ -44,8 +46,8 @@ def make(name: str, beta: float = 0.9):
 
 
 def noise_pieces(params: list[mezo.Trainable], seeds: list[int], backend=None):
-    """(trainable, flat piece of θ, [its z for each seed]): from the backend where it makes z faster (fast/'s
-    compiled CPU backend: the same bits), else from the reference's noise_chunks."""
+    """(trainable, flat piece of θ, [its z for each seed]): from the backend where it makes z faster
+    (fast/'s compiled CPU backend: the same bits), else from the reference's noise_chunks."""
     inner = getattr(backend, "backend", backend)  # under ExactRestore
     if hasattr(inner, "noise_pieces"):
         yield from inner.noise_pieces(params, seeds)
@@ -55,8 +57,8 @@ def noise_pieces(params: list[mezo.Trainable], seeds: list[int], backend=None):
 
 
 def fused_backend(backend):
-    """The backend (under ExactRestore, its inner one) if it does momentum's and Adam's step in one pass of its
-    own (fast/'s Triton kernels: rule_update), else None."""
+    """The backend (under ExactRestore, its inner one) if it does momentum's and Adam's step in one
+    pass of its own (fast/'s Triton kernels: rule_update), else None."""
     inner = getattr(backend, "backend", backend)
     return inner if hasattr(inner, "rule_update") else None
 
@@ -73,11 +75,13 @@ def estimate(params: list[mezo.Trainable], samples: list[dict], weight_decay: fl
 
 
 def buffer_dtype(p: mezo.Trainable) -> torch.dtype:
-    return torch.promote_types(p.tensor.dtype, torch.float32)  # float32, or float64 for float64 tensors
+    # float32, or float64 for float64 tensors
+    return torch.promote_types(p.tensor.dtype, torch.float32)
 
 
 class Stateful:
-    """Buffers per trainable tensor (a shard's own slice under tp/), named '<buffer>:<tensor name>' in state()."""
+    """Buffers per trainable tensor (a shard's own slice under tp/), named '<buffer>:<tensor name>'
+    in state()."""
 
     buffer_names: tuple[str, ...] = ()
     extra_forwards = 0
@@ -95,7 +99,8 @@ class Stateful:
         return self.buffers[key][start:start + theta.numel()]
 
     def state(self, params: list[mezo.Trainable]) -> dict[str, torch.Tensor]:
-        """The buffers in each tensor's (local) shape, and the step count 't': what a checkpoint keeps."""
+        """The buffers in each tensor's (local) shape, and the step count 't': what a checkpoint
+        keeps."""
         if not self.buffer_names:
             return {}
         out = {}
@@ -152,7 +157,8 @@ class Momentum(Stateful):
 
 
 class Adam(Stateful):
-    """MeZO-Adam: Adam with bias correction on MeZO's estimate ĝ (weight decay inside ĝ, as MeZO-SGD has it)."""
+    """MeZO-Adam: Adam with bias correction on MeZO's estimate ĝ (weight decay inside ĝ, as MeZO-SGD
+    has it)."""
 
     buffer_names = ("m", "v")
 
@@ -190,8 +196,9 @@ class Sign(Stateful):
 
 
 class Conservative(Stateful):
-    """ZO-Bench's ZO-SGD-Cons: the loss at θ, θ − lr·ĝ and θ + lr·ĝ, and θ moves to the lowest (θ on a tie
-    first, then θ − lr·ĝ). Three forwards more a step; the candidates start from a copy of θ, so no drift."""
+    """ZO-Bench's ZO-SGD-Cons: the loss at θ, θ − lr·ĝ and θ + lr·ĝ, and θ moves to the lowest (θ on
+    a tie first, then θ − lr·ĝ). Three forwards more a step; the candidates start from a copy of θ,
+    so no drift."""
 
     extra_forwards = 3
     CANDIDATES = ("stay", "minus", "plus")

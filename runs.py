@@ -1,12 +1,12 @@
-"""A training run's set-up and bookkeeping, around the loop in mezo.train: the data, the model and its tokenised
-splits; which examples each step sees; evaluation; checkpoints, resume and the stop on a non-finite loss;
-log.jsonl, the progress bar, timing, peak memory and summary.json.
+"""A training run's set-up and bookkeeping, around the loop in mezo.train: the data, the model and
+its tokenised splits; which examples each step sees; evaluation; checkpoints, resume and the stop on
+a non-finite loss; log.jsonl, the progress bar, timing, peak memory and summary.json.
 
-mezo.train calls `load` (data, model, prompt), picks the trainable tensors, and hands `Run` values: what load gave,
-the tensors, the forward and the loss of a batch's logits. The tensors are read by attribute only (name, tensor,
-offset, decay, full_shape, shard_start), and nothing here calls back into mezo or imports it. A step's loss comes
-from `Run.loss_fn(step)`: a forward on the step's batch, or in a --replay the logged L± (ReplayMixin), so the loop
-and mezo_step are the same in both.
+mezo.train calls `load` (data, model, prompt), picks the trainable tensors, and hands `Run` values:
+what load gave, the tensors, the forward and the loss of a batch's logits. The tensors are read by
+attribute only (name, tensor, offset, decay, full_shape, shard_start), and nothing here calls back
+into mezo or imports it. A step's loss comes from `Run.loss_fn(step)`: a forward on the step's
+batch, or in a --replay the logged L± (ReplayMixin), so the loop and mezo_step are the same in both.
 """
 from __future__ import annotations
 
@@ -32,10 +32,11 @@ from .tasks.prompts import batch_logits, check_template, encode_splits, label_to
 
 
 class ReplayMixin:
-    """--replay RUN_DIR --out NEW_DIR [--steps T]: the run's trainable tensors after step T rebuilt from its start
-    (the model, the run seed) and its log alone. mezo_step runs as in training, on the logged losses instead of
-    forwards, so it takes the run's projected gradients, perturbations and roundings: bit for bit the tensors the run
-    had, on the same backend. A few dozen bytes of log a step stand in for a checkpoint of the whole model."""
+    """--replay RUN_DIR --out NEW_DIR [--steps T]: the run's trainable tensors after step T rebuilt
+    from its start (the model, the run seed) and its log alone. mezo_step runs as in training, on
+    the logged losses instead of forwards, so it takes the run's projected gradients, perturbations
+    and roundings: bit for bit the tensors the run had, on the same backend. A few dozen bytes of
+    log a step stand in for a checkpoint of the whole model."""
 
     def _read_replay(self) -> dict:
         cfg, folder = self.cfg, Path(self.cfg.replay)
@@ -46,7 +47,8 @@ class ReplayMixin:
                              "not keep; only MeZO runs replay")
         if not (folder / "log.jsonl").is_file():
             raise UsageError(f"--replay {folder}: no log.jsonl there; point --replay at a run's --out folder")
-        if (folder / checkpoints.CHECKPOINT).is_file():  # (a run stopped before its first checkpoint has none)
+        # (a run stopped before its first checkpoint has none)
+        if (folder / checkpoints.CHECKPOINT).is_file():
             check_same_run(cfg, checkpoints.saved_config(folder, "--replay"), "--replay", folder)
         records = {r["step"]: r for r in read_log(folder / "log.jsonl") if "projected_grad" in r}
         missing = next((t for t in range(1, cfg.steps + 1) if t not in records), None)
@@ -56,7 +58,8 @@ class ReplayMixin:
         return {t: records[t] for t in range(1, cfg.steps + 1)}
 
     def replayed(self, step: int):
-        """The logged losses of a step, in the order mezo_step asks for them (L+, L− of each sample)."""
+        """The logged losses of a step, in the order mezo_step asks for them (L+, L− of each
+        sample)."""
         record = self.replay[step]
         losses = iter([v for s in record.get("samples") or [record] for v in (s["loss_plus"], s["loss_minus"])]
                       + record.get("candidate_losses", []))  # --rule conservative's three more
@@ -72,12 +75,14 @@ class ReplayMixin:
                              "or --lr")
 
     def _check_against_the_runs_checkpoint(self) -> None:
-        """Where the run saved a checkpoint at the step replayed to, the replay must equal it bit for bit."""
+        """Where the run saved a checkpoint at the step replayed to, the replay must equal it bit
+        for bit."""
         folder = Path(self.cfg.replay)
         if not (folder / checkpoints.CHECKPOINT).is_file():
             return
         tensors, step, _ = checkpoints.read_checkpoint(folder, "--replay")
-        mine = {p.name: p.tensor for p in self.placement.gather(self.params)} | self._rule_state()  # and buffers
+        # and buffers
+        mine = {p.name: p.tensor for p in self.placement.gather(self.params)} | self._rule_state()
         if step == self.cfg.steps and any(k not in tensors or not torch.equal(tensors[k], t.detach().cpu())
                                           for k, t in mine.items()):
             raise UsageError(f"--replay {folder}: the rebuilt tensors differ from the run's own checkpoint at step "
@@ -101,8 +106,8 @@ class Loaded:
 
 
 def load(cfg, placement) -> Loaded:
-    """The task's data, the model (with --head cls's fresh head) and the prompt, as a config asks; --out is made
-    first, so a folder that cannot be written is refused before anything loads."""
+    """The task's data, the model (with --head cls's fresh head) and the prompt, as a config asks;
+    --out is made first, so a folder that cannot be written is refused before anything loads."""
     if cfg.out and placement.is_main and not cfg.replay:
         make_out(Path(cfg.out), cfg.out)
     if cfg.threads:
@@ -120,8 +125,10 @@ def load(cfg, placement) -> Loaded:
     note = precision_note(cfg)
     if note and placement.is_main:
         print(note)
-    kind = "mlm" if kind == "mlm" else "causal"  # a body without an LM head (--head cls) reads its last token
-    template, words = tasks.prompt(cfg.task, kind)  # the task's, unless --template / --label-words say
+    # a body without an LM head (--head cls) reads its last token
+    kind = "mlm" if kind == "mlm" else "causal"
+    # the task's, unless --template / --label-words say
+    template, words = tasks.prompt(cfg.task, kind)
     template, words = cfg.template or template, cfg.label_words or words
     if cfg.head == "prompt" and kind == "mlm" and "{mask}" not in template:
         raise UsageError(f"a masked LM needs {{mask}} in --template, got {template!r}")
@@ -141,9 +148,9 @@ def make_out(folder: Path, shown) -> None:
 
 
 class StepLoss:
-    """A step's loss at θ on its examples. Called: the objective as a float, averaged over data-parallel ranks so
-    all see one loss (MeZO's forward). parts(): the cross-entropy as differentiable micro-batch parts (the
-    first-order baseline's forward and backward)."""
+    """A step's loss at θ on its examples. Called: the objective as a float, averaged over
+    data-parallel ranks so all see one loss (MeZO's forward). parts(): the cross-entropy as
+    differentiable micro-batch parts (the first-order baseline's forward and backward)."""
 
     def __init__(self, run: Run, batch: list[dict]):
         self.run, self.batch = run, batch
@@ -157,9 +164,10 @@ class StepLoss:
 
 
 class Run(ReplayMixin):
-    """Everything a run keeps besides θ's trajectory. Made by mezo.train from values: what load() gave, this
-    process's trainable tensors, the forward, the loss of a batch's logits (objective(logits, labels, name)), the
-    first-order baseline's torch optimizer (or None) and the update rule; see train's loop for the order of calls."""
+    """Everything a run keeps besides θ's trajectory. Made by mezo.train from values: what load()
+    gave, this process's trainable tensors, the forward, the loss of a batch's logits
+    (objective(logits, labels, name)), the first-order baseline's torch optimizer (or None) and the
+    update rule; see train's loop for the order of calls."""
 
     def __init__(self, cfg, placement, loaded: Loaded, params: list, forward, objective, optimizer=None,
                  rule=None):
@@ -167,12 +175,15 @@ class Run(ReplayMixin):
         self.params, self.forward, self.optimizer = params, forward, optimizer
         self.model, self.device, self.model_path = loaded.model, loaded.device, loaded.model_path
         self.out = Path(cfg.out) if cfg.out else None
-        self.into, self.lock = None, None  # --replay: the folder moved into place at the end; out's lock
-        if self.out and cfg.replay:  # a replay writes beside --out and moves there once it has checked itself
+        # --replay: the folder moved into place at the end; out's lock
+        self.into, self.lock = None, None
+        # a replay writes beside --out and moves there once it has checked itself
+        if self.out and cfg.replay:
             self.into, self.out = self.out, self.out.with_name(f".{self.out.name}.replay")
         print(f"mezo: training {sum(math.prod(p.full_shape) for p in params):,} values in {len(params)} "
               f"tensors ({cfg.mode}{f', top {cfg.top_layers} layers' if cfg.top_layers else ''}, head {cfg.head})")
-        # Tokenise once. The prompt is scored at the mask (masked LMs) or after its last token (causal LMs).
+        # Tokenise once. The prompt is scored at the mask (masked LMs) or after its last token
+        # (causal LMs).
         tokenizer, words = loaded.tokenizer, loaded.words
         self.pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
         max_length = cfg.max_length
@@ -184,7 +195,8 @@ class Run(ReplayMixin):
         self.splits = encode_splits(tokenizer, loaded.data, loaded.template, loaded.kind, max_length, len(words),
                                     loaded.candidates)
         print(f"mezo: {cfg.task} " + ", ".join(f"{name} {len(rows)}" for name, rows in self.splits.items()))
-        batch_size = min(cfg.batch_size, len(self.splits["train"]))  # what batch_indices gives a step
+        # what batch_indices gives a step
+        batch_size = min(cfg.batch_size, len(self.splits["train"]))
         if batch_size < placement.dp:  # decided alike on every rank
             raise UsageError(f"a step's batch has {batch_size} examples (--batch-size {cfg.batch_size}, "
                              f"{len(self.splits['train'])} training examples), fewer than --dp {placement.dp}: every "
@@ -200,27 +212,29 @@ class Run(ReplayMixin):
     # --- the data of a step ---------------------------------------------------------------------------
 
     def batch(self, step: int) -> list[dict]:
-        """This process's examples of a step: a pure function of (seed, step), so a resume sees the same."""
+        """This process's examples of a step: a pure function of (seed, step), so a resume sees the
+        same."""
         rows = batch_indices(self.cfg.seed, step, len(self.splits["train"]), self.cfg.batch_size)
         return self.placement.local([self.splits["train"][i] for i in rows])
 
     def loss_fn(self, step: int) -> StepLoss:
-        """The step's loss at the current θ: a forward on this process's examples of the step, or in a --replay
-        the logged L± (ReplayMixin), served in the order mezo_step asks for them."""
+        """The step's loss at the current θ: a forward on this process's examples of the step, or in
+        a --replay the logged L± (ReplayMixin), served in the order mezo_step asks for them."""
         if self.replay is not None:
             return self.replayed(step)
         return StepLoss(self, self.batch(step))
 
     def logits(self, examples: list[dict]) -> tuple[torch.Tensor, torch.Tensor]:
-        """Label-word logits (N, C) and labels (N,), run as micro-batches; the forward time is kept."""
+        """Label-word logits (N, C) and labels (N,), run as micro-batches; the forward time is kept.
+        """
         t = time.perf_counter()
         out = batch_logits(self.forward, examples, self.cfg.micro_batch, self.pad_id, self.device)
         self.forward_times.append(time.perf_counter() - t)
         return out
 
     def loss_parts(self, batch: list[dict]):
-        """--optimizer adam: the batch's cross-entropy as one part per micro-batch (the part's sum / batch size),
-        each made after the last one's backward; only the forwards' time is kept."""
+        """--optimizer adam: the batch's cross-entropy as one part per micro-batch (the part's sum /
+        batch size), each made after the last one's backward; only the forwards' time is kept."""
         spent = 0.0
         for part in micro_batches(batch, self.cfg.micro_batch, self.pad_id, self.device):
             t = time.perf_counter()
@@ -237,13 +251,14 @@ class Run(ReplayMixin):
         return step == self.cfg.steps or bool(self.cfg.eval_every and step % self.cfg.eval_every == 0)
 
     def saves_at(self, step: int) -> bool:
-        """θ itself is needed after this step (an evaluation or a checkpoint, the last step's included, which a
-        replay writes without evaluating): no perturbation may carry over."""
+        """θ itself is needed after this step (an evaluation or a checkpoint, the last step's
+        included, which a replay writes without evaluating): no perturbation may carry over."""
         return (self.evaluates_at(step) or step == self.cfg.steps
                 or bool(self.cfg.save_every and step % self.cfg.save_every == 0))
 
     def __enter__(self):
-        """The run's folder is this process's until __exit__: its lock (FolderLock) is taken here."""
+        """The run's folder is this process's until __exit__: its lock (FolderLock) is taken here.
+        """
         if self.out and self.placement.is_main:
             if self.into:
                 make_out(self.out, self.cfg.out)
@@ -259,21 +274,25 @@ class Run(ReplayMixin):
         return self
 
     def __exit__(self, *exc) -> None:
-        """The folder's lock goes when the run ends; a replay that did not finish leaves --out as it was."""
+        """The folder's lock goes when the run ends; a replay that did not finish leaves --out as it
+        was."""
         if self.into and self.out.exists():  # (once it has moved into place it is not there)
             shutil.rmtree(self.out, ignore_errors=True)
         if self.lock:
             self.lock.release()
 
     def steps(self, resume: str | None):
-        """The steps still to run, behind a progress bar: after the resume, the log and the first evaluation."""
+        """The steps still to run, behind a progress bar: after the resume, the log and the first
+        evaluation."""
         if self.out and self.placement.is_main and not self.into:
             if resume and self.cfg.overwrite:
                 raise UsageError("--overwrite starts a run afresh and --resume goes on with one: drop one of them")
             if not (resume and Path(resume).resolve() == self.out.resolve()):
-                claim(self.out, self.cfg.overwrite, "--out", locked=True)  # a fresh run: a folder without one
+                # a fresh run: a folder without one
+                claim(self.out, self.cfg.overwrite, "--out", locked=True)
         self.start = self.resume(resume) if resume else 0
-        self.idle = bool(resume) and self.start == self.cfg.steps  # a finished run resumed again: no writes
+        # a finished run resumed again: no writes
+        self.idle = bool(resume) and self.start == self.cfg.steps
         writes = self.placement.is_main and not self.idle
         self.log = Log(self.out if writes else None, self.start if resume else None)
         self.counts = {k: self.log.last_step.get(k, n * self.start) for k, n in self.per_step.items()}
@@ -287,8 +306,9 @@ class Run(ReplayMixin):
 
     @contextlib.contextmanager
     def timed_step(self, step: int):
-        """Times the step. A non-finite loss stops the run; the tensors are θ_{step-1} after a ±ε round trip (not
-        bit for bit θ_{step-1}), so nothing is saved from them: keep_last_good rebuilds the last good step."""
+        """Times the step. A non-finite loss stops the run; the tensors are θ_{step-1} after a ±ε
+        round trip (not bit for bit θ_{step-1}), so nothing is saved from them: keep_last_good
+        rebuilds the last good step."""
         t = time.perf_counter()
         try:
             yield
@@ -300,7 +320,8 @@ class Run(ReplayMixin):
         self.step_times.append(time.perf_counter() - t)
 
     def record(self, step: int, record: dict) -> None:
-        """Log the step (with the passes over a training batch so far), then evaluate and save when due."""
+        """Log the step (with the passes over a training batch so far), then evaluate and save when
+        due."""
         self.counts = {k: self.counts[k] + n for k, n in self.per_step.items()}
         if self.replay is not None:
             self._check_replayed(step, record)
@@ -315,7 +336,8 @@ class Run(ReplayMixin):
 
     @torch.no_grad()
     def evaluate(self, step: int) -> dict:
-        """Dev and test accuracy; test is cut to --eval-max rows between the first and the last evaluation."""
+        """Dev and test accuracy; test is cut to --eval-max rows between the first and the last
+        evaluation."""
         results, final = {}, step == self.cfg.steps
         for split in ("dev", "test"):
             rows, limit = self.splits[split], self.cfg.eval_max if step else self.cfg.eval_max_start
@@ -332,7 +354,8 @@ class Run(ReplayMixin):
         return results
 
     def checkpoint(self, step: int) -> None:
-        """Full tensors (gathered from shards by every rank), written by one; LoRA also as a PEFT adapter."""
+        """Full tensors (gathered from shards by every rank), written by one; LoRA also as a PEFT
+        adapter."""
         if not self.out:
             return
         full = {p.name: p.tensor for p in self.placement.gather(self.params)}
@@ -348,7 +371,8 @@ class Run(ReplayMixin):
         self.last_saved = step
 
     def _rule_state(self) -> dict:
-        """--rule's buffers as full tensors named 'rule.<buffer>:<tensor>', and its step count as 'rule.t'."""
+        """--rule's buffers as full tensors named 'rule.<buffer>:<tensor>', and its step count as
+        'rule.t'."""
         if self.rule is None or not self.rule.buffer_names:
             return {}
         state = self.rule.state(self.params)
@@ -357,7 +381,8 @@ class Run(ReplayMixin):
         return {p.name: p.tensor for p in self.placement.gather(pieces)} | {"rule.t": state["t"]}
 
     def resume(self, folder: str) -> int:
-        """Load a checkpoint's tensors (and AdamW's state) into this run; return the step it was taken at."""
+        """Load a checkpoint's tensors (and AdamW's state) into this run; return the step it was
+        taken at."""
         tensors, start, saved = checkpoints.read_checkpoint(Path(folder))
         check_same_run(self.cfg, saved, "--resume", folder)
         if start > self.cfg.steps:  # never relabel step `start`'s tensors as an earlier step's
@@ -368,7 +393,8 @@ class Run(ReplayMixin):
         rule = {k[len("rule."):]: tensors.pop(k) for k in list(tensors) if k.startswith("rule.")}
         checkpoints.check_match(Path(folder), tensors, {p.name: (p.full_shape, p.tensor.dtype) for p in self.params})
         with torch.no_grad():
-            for p in self.params:  # a shard takes its slice of the full tensor: any world size resumes
+            # a shard takes its slice of the full tensor: any world size resumes
+            for p in self.params:
                 p.tensor.copy_(tensors[p.name][tuple(slice(s, s + n) for s, n in zip(p.shard_start, p.tensor.shape))])
         if self.optimizer:
             restore_adam_state(self.optimizer, {p.name: p.tensor for p in self.params}, adam)
@@ -382,7 +408,8 @@ class Run(ReplayMixin):
         return start
 
     def finish(self) -> dict:
-        """The last checkpoint, then summary.json: wall time, passes, peak memory, median step and forward time."""
+        """The last checkpoint, then summary.json: wall time, passes, peak memory, median step and
+        forward time."""
         self.bar.close()
         if self.idle:
             print(f"mezo: {self.out} is at step {self.start} already: nothing to run, nothing changed")
@@ -406,7 +433,8 @@ class Run(ReplayMixin):
             print("mezo: cache: " + ", ".join(f"{k} {v}" for k, v in summary["cache"].items()))
         last = self.evals[max(self.evals)] if self.evals else {}
         print(f"mezo: done in {wall_time:.0f} s; " + ", ".join(f"{k} accuracy {v:.4f}" for k, v in last.items()))
-        if self.out and self.placement.is_main:  # this process's part of the run (a resumed run writes its own)
+        # this process's part of the run (a resumed run writes its own)
+        if self.out and self.placement.is_main:
             write = lambda tmp: tmp.write_text(json.dumps(summary, indent=1))
             checkpoints.atomic_write(self.out / "summary.json", write)
             if self.into:  # checked, complete: now it is --out
@@ -417,13 +445,15 @@ class Run(ReplayMixin):
 
 # --- the run folder: one writer, no run written over, the same run resumed or replayed -----------------
 
-RUN_FILES = (checkpoints.CHECKPOINT, "log.jsonl", "summary.json", "adapter")  # a folder with one holds a run
+# a folder with one holds a run
+RUN_FILES = (checkpoints.CHECKPOINT, "log.jsonl", "summary.json", "adapter")
 
 
 class FolderLock:
-    """One writer per run folder: an flock on FOLDER/.lock, held until release() (Run: the run's whole life).
-    The kernel drops it when its process ends, a kill -9 included, so a stale .lock never blocks a --resume. The
-    file stays empty: the holder's PID comes from /proc/locks, so a refused command leaves the folder as it was."""
+    """One writer per run folder: an flock on FOLDER/.lock, held until release() (Run: the run's
+    whole life). The kernel drops it when its process ends, a kill -9 included, so a stale .lock
+    never blocks a --resume. The file stays empty: the holder's PID comes from /proc/locks, so a
+    refused command leaves the folder as it was."""
 
     def __init__(self, folder: Path, shown: str | Path):
         self.path = folder / ".lock"
@@ -447,11 +477,13 @@ class FolderLock:
 
 
 def lock_holder(fd: int) -> str:
-    """The PID that holds an flock on fd's file, from /proc/locks (Linux); '?' where that cannot be read."""
+    """The PID that holds an flock on fd's file, from /proc/locks (Linux); '?' where that cannot be
+    read."""
     inode = os.fstat(fd).st_ino
     try:
         with open("/proc/locks") as f:
-            for line in f:  # e.g. "1: FLOCK  ADVISORY  WRITE 4242 00:2f:1234 0 EOF" ("->" lines wait)
+            # e.g. "1: FLOCK  ADVISORY  WRITE 4242 00:2f:1234 0 EOF" ("->" lines wait)
+            for line in f:
                 fields = line.split()
                 if "->" not in fields and fields[1:2] == ["FLOCK"] and fields[5].endswith(f":{inode}"):
                     return fields[4]
@@ -461,8 +493,9 @@ def lock_holder(fd: int) -> str:
 
 
 def claim(folder: Path, overwrite: bool, flag: str, locked: bool = False) -> None:
-    """A fresh run (or a replay's result) goes only into a folder that holds no run, or with --overwrite, which
-    removes that run's files first. A folder another process writes is refused whatever the flags."""
+    """A fresh run (or a replay's result) goes only into a folder that holds no run, or with
+    --overwrite, which removes that run's files first. A folder another process writes is refused
+    whatever the flags."""
     if not folder.is_dir():
         return
     if not locked and (folder / ".lock").exists():
@@ -471,24 +504,28 @@ def claim(folder: Path, overwrite: bool, flag: str, locked: bool = False) -> Non
     if old and not overwrite:
         raise UsageError(f"{flag} {folder} already holds a run ({', '.join(old)}): --resume {folder} to go on "
                          "with it, --overwrite to replace it, or pick another --out (nothing was changed)")
-    for name in old if flag == "--out" else ():  # (a replay's result replaces the folder when it moves in)
+    # (a replay's result replaces the folder when it moves in)
+    for name in old if flag == "--out" else ():
         shutil.rmtree(folder / name) if (folder / name).is_dir() else (folder / name).unlink()
 
 
 def move_into_place(built: Path, into: Path, overwrite: bool) -> None:
-    """A replay's checked folder becomes --out: whatever was there (nothing, an empty folder, or with
-    --overwrite a run) is moved aside first and removed last, so --out always holds one whole folder."""
+    """A replay's checked folder becomes --out: whatever was there (nothing, an empty folder, or
+    with --overwrite a run) is moved aside first and removed last, so --out always holds one whole
+    folder."""
     aside = into.with_name(f".{into.name}.old")
     if into.exists():
-        claim(into, overwrite, "--replay … --out")  # asked again: a run may have started there meanwhile
+        # asked again: a run may have started there meanwhile
+        claim(into, overwrite, "--replay … --out")
         os.replace(into, aside)
     os.replace(built, into)
     shutil.rmtree(aside, ignore_errors=True)
 
 
-# What makes a run the run it is: resume and replay refuse a change to these, in one check. SAME_STEPS decide
-# each step's update: a replay must take them as the run had them (else its tensors are not the run's), and a
-# resume may change them for the steps after it (a lower --lr or --eps is the way past a non-finite loss).
+# What makes a run the run it is: resume and replay refuse a change to these, in one check.
+# SAME_STEPS decide each step's update: a replay must take them as the run had them (else its
+# tensors are not the run's), and a resume may change them for the steps after it (a lower --lr or
+# --eps is the way past a non-finite loss).
 SAME_RUN = ("task", "k", "data_seed", "template", "label_words", "max_length", "model", "dtype", "head", "mode",
             "lora_r", "lora_alpha", "lora_targets", "lora_dtype", "top_layers", "num_prefix", "seed", "optimizer",
             "rule")
@@ -496,13 +533,16 @@ SAME_STEPS = ("lr", "eps", "weight_decay", "n_samples", "beta", "batch_size", "o
 
 
 def check_same_run(cfg, saved: dict, flag: str, folder) -> None:
-    """cfg against the config a run's checkpoint keeps (a field it lacks had its default): one line on a change."""
+    """cfg against the config a run's checkpoint keeps (a field it lacks had its default): one line
+    on a change."""
     defaults = {f.name: f.default for f in dataclasses.fields(cfg)}
     for name in SAME_RUN + (SAME_STEPS if flag == "--replay" else ()):
         was, now = saved.get(name, defaults[name]), getattr(cfg, name)
         was = tuple(was) if isinstance(was, list) else was
         if name == "model" and same_model_folder(str(was), str(now)):
-            continue  # the model's folder moved or was copied: --model says where; check_match compares tensors
+            # the model's folder moved or was copied: --model says where; check_match compares
+            # tensors
+            continue
         if was != now:
             show = lambda v: ",".join(v) if isinstance(v, tuple) else v
             option = "--" + name.replace("_", "-")
@@ -511,7 +551,8 @@ def check_same_run(cfg, saved: dict, flag: str, folder) -> None:
 
 
 def same_model_folder(was: str, now: str) -> bool:
-    """A run's model given by another path: its old folder is gone, or both hold the same config.json."""
+    """A run's model given by another path: its old folder is gone, or both hold the same
+    config.json."""
     if "/" not in was or was == now:
         return was == now
     old, new = Path(was), Path(now)
@@ -522,10 +563,11 @@ def same_model_folder(was: str, now: str) -> bool:
 
 
 def keep_last_good(error: NonFiniteLoss, cfg, train) -> str:
-    """After a non-finite loss at step s, the error line, and the exact tensors of the last good step kept as the
-    run's checkpoint. The forwards at θ_{s-1} ± εz were not finite, so the last θ whose forwards were is θ_{s-2}:
-    rebuilt bit for bit by a replay of the log (train(cfg, resume) with --replay), from the run's checkpoint when
-    that is not later, else from the start. A lower --lr then changes step s-1's update, a lower --eps both."""
+    """After a non-finite loss at step s, the error line, and the exact tensors of the last good
+    step kept as the run's checkpoint. The forwards at θ_{s-1} ± εz were not finite, so the last θ
+    whose forwards were is θ_{s-2}: rebuilt bit for bit by a replay of the log (train(cfg, resume)
+    with --replay), from the run's checkpoint when that is not later, else from the start. A lower
+    --lr then changes step s-1's update, a lower --eps both."""
     s, out, saved = getattr(error, "step", None), cfg.out, getattr(error, "saved", None)
     if s is None:
         return str(error)
@@ -547,9 +589,11 @@ def keep_last_good(error: NonFiniteLoss, cfg, train) -> str:
         print(f"mezo: rebuilding step {good}'s tensors, the last whose forwards were finite, from {out}/log.jsonl")
         lock = FolderLock(Path(out), out)
         try:
-            since = out if saved is not None and saved < good else None  # from the checkpoint, else the start
+            # from the checkpoint, else the start
+            since = out if saved is not None and saved < good else None
             train(dataclasses.replace(cfg, replay=out, out=str(rebuilt), steps=good, overwrite=True), since)
-            for path in sorted(rebuilt.rglob("*")):  # the checkpoint and the adapter; the run's log stays
+            # the checkpoint and the adapter; the run's log stays
+            for path in sorted(rebuilt.rglob("*")):
                 if path.is_file() and path.name in (checkpoints.CHECKPOINT, "adapter_model.safetensors",
                                                     "adapter_config.json"):
                     (Path(out) / path.relative_to(rebuilt)).parent.mkdir(exist_ok=True)
@@ -567,8 +611,8 @@ def keep_last_good(error: NonFiniteLoss, cfg, train) -> str:
 
 
 def check_config(cfg) -> None:
-    """Each option among its choices and in its range (options.check), and no two that cannot go together: any
-    refusal is one line that says what to change."""
+    """Each option among its choices and in its range (options.check), and no two that cannot go
+    together: any refusal is one line that says what to change."""
     options.check(cfg)
     task = tasks.TASKS.get(tasks.canonical(cfg.task))
     if cfg.template is not None:
@@ -598,8 +642,9 @@ def check_config(cfg) -> None:
         raise UsageError("--optimizer adam is the single-process baseline: drop --tp, --dp and --cache")
 
 
-# projected_grad's relative error against float32 by model dtype and ε, as bench/precision.py measured it
-# (docs/precision.md: SmolLM2-135M, LoRA in float32, 16-shot SST-2, batch 8, 50 steps at lr 0)
+# projected_grad's relative error against float32 by model dtype and ε, as bench/precision.py
+# measured it (docs/precision.md: SmolLM2-135M, LoRA in float32, 16-shot SST-2, batch 8, 50 steps at
+# lr 0)
 PRECISION_ERROR = {
     "bfloat16": {0.001: 4.876, 0.003: 1.705, 0.01: 0.429, 0.03: 0.188},
     "float16": {0.001: 0.588, 0.003: 0.237, 0.01: 0.065, 0.03: 0.023},
@@ -608,7 +653,8 @@ PRECISION_ERROR = {
 
 def precision_note(cfg) -> str | None:
     """One line when --dtype is float16 or bfloat16 and the measured error of projected_grad at the
-    nearest measured ε is over 1: the estimate is then mostly the forwards' rounding. The run goes on."""
+    nearest measured ε is over 1: the estimate is then mostly the forwards' rounding. The run goes
+    on."""
     errors = PRECISION_ERROR.get(cfg.dtype)
     if not errors or cfg.optimizer != "mezo":
         return None
@@ -622,16 +668,19 @@ def precision_note(cfg) -> str | None:
 
 
 def step_record(samples: list[dict], lr: float) -> dict:
-    """What the log keeps of a step: means over the samples, and the loss at θ, (L+ + L−)/2 (up to O(ε²))."""
+    """What the log keeps of a step: means over the samples, and the loss at θ, (L+ + L−)/2 (up to
+    O(ε²))."""
     mean = lambda key: sum(s[key] for s in samples) / len(samples)
     return dict(seed=samples[0]["seed"], loss_plus=mean("loss_plus"), loss_minus=mean("loss_minus"),
                 projected_grad=mean("projected_grad"), lr=lr, loss=(mean("loss_plus") + mean("loss_minus")) / 2,
                 **(dict(samples=samples) if len(samples) > 1 else {}),
-                **{k: samples[0][k] for k in ("kept", "candidate_losses") if k in samples[0]})  # --rule conservative
+                # --rule conservative
+                **{k: samples[0][k] for k in ("kept", "candidate_losses") if k in samples[0]})
 
 
 def batch_indices(run_seed: int, step: int, n: int, batch_size: int) -> list[int]:
-    """Examples of a step: epochs of a seeded permutation, a pure function of (seed, step) for exact resume."""
+    """Examples of a step: epochs of a seeded permutation, a pure function of (seed, step) for exact
+    resume."""
     if batch_size >= n:
         return list(range(n))
     out = []
@@ -642,12 +691,13 @@ def batch_indices(run_seed: int, step: int, n: int, batch_size: int) -> list[int
 
 
 class Log:
-    """log.jsonl: one JSON object per step and per evaluation. resume_step: keep the records up to it (a crash
-    may have left later ones); else start afresh."""
+    """log.jsonl: one JSON object per step and per evaluation. resume_step: keep the records up to
+    it (a crash may have left later ones); else start afresh."""
 
     def __init__(self, out: Path | None, resume_step: int | None = None):
         self.path = out / "log.jsonl" if out else None
-        self.last_step = {}  # on resume, the kept log's last step record (its cumulative pass counts go on)
+        # on resume, the kept log's last step record (its cumulative pass counts go on)
+        self.last_step = {}
         if self.path and resume_step is not None and self.path.exists():
             keep = [r for r in read_log(self.path) if r["step"] <= resume_step]
             checkpoints.atomic_write(self.path, lambda tmp: tmp.write_text("".join(json.dumps(r) + "\n" for r in keep)))
@@ -665,8 +715,8 @@ class Log:
 
 
 def read_log(path: Path) -> list[dict]:
-    """The records of a log.jsonl. A last line cut short (a crash mid-write) is dropped; any other line that is
-    not a JSON record is refused in one line, before anything is written."""
+    """The records of a log.jsonl. A last line cut short (a crash mid-write) is dropped; any other
+    line that is not a JSON record is refused in one line, before anything is written."""
     lines = path.read_text().splitlines()
     records = []
     for i, line in enumerate(lines, 1):
@@ -699,8 +749,8 @@ def check_step_record(record: dict) -> None:
 
 
 def peak_memory_mb(device: torch.device, reset: bool = False) -> float | None:
-    """Peak memory since the last reset, in MiB: torch's allocator on a GPU; on a Linux CPU the process's peak
-    resident set (VmHWM), reset through /proc/self/clear_refs. None elsewhere."""
+    """Peak memory since the last reset, in MiB: torch's allocator on a GPU; on a Linux CPU the
+    process's peak resident set (VmHWM), reset through /proc/self/clear_refs. None elsewhere."""
     if device.type == "cuda":
         if reset:
             torch.cuda.reset_peak_memory_stats(device)

@@ -1,12 +1,14 @@
 """fast/: fast backends behind mezo.py's noise/update seam, with the reference's numbers.
 
-- `CompiledBackend` (compiled.py), for CPUs: mezo.py's own noise compiled by torch.compile (inductor's C++), the
-  arithmetic on θ the reference's own; the restore, the update and the next +εz in one pass.
-- `TritonBackend` (kernels.py), for CUDA GPUs (and Triton's interpreter on CPUs, for tests): Triton kernels that
-  make z inside the kernel, one launch per dtype, fused passes.
+- `CompiledBackend` (compiled.py), for CPUs: mezo.py's own noise compiled by torch.compile
+(inductor's C++), the arithmetic on θ the reference's own; the restore, the update and the next +εz
+in one pass.
+- `TritonBackend` (kernels.py), for CUDA GPUs (and Triton's interpreter on CPUs, for tests): Triton
+kernels that make z inside the kernel, one launch per dtype, fused passes.
 
-`python mezo.py ... --fast` calls `choose`: the compiled backend on a CPU, Triton on a GPU. The environment variable
-MEZO_FAST=compiled or MEZO_FAST=triton picks one by hand (on a CPU, triton is the interpreter: TRITON_INTERPRET=1).
+`python mezo.py ... --fast` calls `choose`: the compiled backend on a CPU, Triton on a GPU. The
+environment variable MEZO_FAST=compiled or MEZO_FAST=triton picks one by hand (on a CPU, triton is
+the interpreter: TRITON_INTERPRET=1).
 """
 import math
 import os
@@ -25,8 +27,9 @@ def __getattr__(name):  # the backends import triton or torch.compile only when 
 
 
 def choose(device: str, exact: bool = False, fuse: bool = False):
-    """The backend `--fast` runs on a device ("cpu", "cuda", "cuda:1"); exact: `--exact-restore`'s drift-free mode;
-    fuse: wrapped in `Fused` (2 passes over θ a step instead of 4) where the backend can, for ZO-SGD."""
+    """The backend `--fast` runs on a device ("cpu", "cuda", "cuda:1"); exact: `--exact-restore`'s
+    drift-free mode; fuse: wrapped in `Fused` (2 passes over θ a step instead of 4) where the
+    backend can, for ZO-SGD."""
     backend = _choose(device, exact)
     if fuse and hasattr(backend, "restore_and_update"):
         return Fused(backend)
@@ -48,27 +51,30 @@ def _choose(device: str, exact: bool):
 
 
 def stretches(p) -> list[tuple[int, int, int]]:
-    """(local start, length, global offset) of each stretch of p's flat tensor that is also contiguous in the
-    global index: the whole tensor; or, for a tensor-parallel shard that cuts dimension d, one stretch per
-    index of the dimensions before d (a rowwise weight's shard: one per row)."""
+    """(local start, length, global offset) of each stretch of p's flat tensor that is also
+    contiguous in the global index: the whole tensor; or, for a tensor-parallel shard that cuts
+    dimension d, one stretch per index of the dimensions before d (a rowwise weight's shard: one per
+    row)."""
     cut = [d for d, (n, f) in enumerate(zip(p.tensor.shape, p.full_shape)) if n != f]
     if not cut:
         return [(0, p.tensor.numel(), p.offset)]
     length = math.prod(p.tensor.shape[cut[-1]:])  # dimensions after the last cut are whole
-    starts = p.global_index(0, p.tensor.numel(), length).tolist()  # global index of each stretch's element 0
+    # global index of each stretch's element 0
+    starts = p.global_index(0, p.tensor.numel(), length).tolist()
     return [(i * length, length, g) for i, g in enumerate(starts)]
 
 
 class Fused:
     """A backend that defers passes over θ and fuses them: how this differs from the reference.
 
-    mezo_step makes four passes a step: +εz, −2εz, +εz (the restore) and the update. The restore and the update
-    need no forward between them, and neither does the update and the next step's +εz'. So the restore is held
-    back; the update that follows it for the same seed is held back with it; and the next +εz' makes all three
-    in one pass (the backend's `restore_and_update`, with the roundings of the three calls): 2 passes a step.
-    Whatever else comes first makes the held passes as they were asked for, so any sequence gives the
-    reference's numbers. `settle` makes θ exact before it is read: the loop calls it before an evaluation, a
-    checkpoint and the end. For ZO-SGD only: a rule (rules.py) reads θ between the calls.
+    mezo_step makes four passes a step: +εz, −2εz, +εz (the restore) and the update. The restore and
+    the update need no forward between them, and neither does the update and the next step's +εz'.
+    So the restore is held back; the update that follows it for the same seed is held back with it;
+    and the next +εz' makes all three in one pass (the backend's `restore_and_update`, with the
+    roundings of the three calls): 2 passes a step. Whatever else comes first makes the held passes
+    as they were asked for, so any sequence gives the reference's numbers. `settle` makes θ exact
+    before it is read: the loop calls it before an evaluation, a checkpoint and the end. For ZO-SGD
+    only: a rule (rules.py) reads θ between the calls.
     """
 
     def __init__(self, backend):

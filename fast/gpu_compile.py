@@ -1,15 +1,16 @@
-"""fast/gpu_compile.py: compile every Triton kernel that fast/ launches for real GPUs, on a machine without one.
+"""fast/gpu_compile.py: compile every Triton kernel that fast/ launches for real GPUs, on a machine
+without one.
 
-Triton's interpreter (what the CPU tests run) checks no types, so a kernel that the interpreter runs may still
-fail to compile for a GPU. Triton's compiler needs no GPU to make PTX and a cubin: this compiles each
-specialisation of `fast.kernels.compile_cases()` (the same table `launch_checked` checks every launch against) for
-each target, without launching anything.
+Triton's interpreter (what the CPU tests run) checks no types, so a kernel that the interpreter runs
+may still fail to compile for a GPU. Triton's compiler needs no GPU to make PTX and a cubin: this
+compiles each specialisation of `fast.kernels.compile_cases()` (the same table `launch_checked`
+checks every launch against) for each target, without launching anything.
 
     TRITON_INTERPRET=0 python fast/gpu_compile.py           # one line per kernel and target (make kernels)
     TRITON_INTERPRET=0 python fast/gpu_compile.py --json    # one JSON object per specialisation and target
 
-It must run with TRITON_INTERPRET unset or 0 (under the interpreter `triton.jit` gives interpreted functions,
-which do not compile): tests/test_kernels.py runs it in a subprocess.
+It must run with TRITON_INTERPRET unset or 0 (under the interpreter `triton.jit` gives interpreted
+functions, which do not compile): tests/test_kernels.py runs it in a subprocess.
 """
 
 import argparse
@@ -41,7 +42,8 @@ def compile_case(kernel, signature, constexprs, target):
 
 
 def results(targets=tuple(TARGETS), hand_round=False, block4s=(kernels.BLOCK4,)):
-    """A dict per specialisation and target: kernel, constexprs, target, seconds, ptx and cubin sizes, error."""
+    """A dict per specialisation and target: kernel, constexprs, target, seconds, ptx and cubin
+    sizes, error."""
     for kernel, signature, constexprs in kernels.compile_cases(hand_round, block4s):
         for name in targets:
             start, out = (

@@ -1,10 +1,12 @@
-"""Prompts: an example's sentences become token ids in a template, read at one position by the model's LM head.
+"""Prompts: an example's sentences become token ids in a template, read at one position by the
+model's LM head.
 
-Masked LMs read the label words at <mask>; causal LMs read them as the next token after the text before {mask}
-(the label word would come where {mask} stands). A label word of several tokens (causal LMs only) is scored by
-the summed log-probability of its tokens after the prompt, as the MeZO paper's OPT code scores its candidates:
-the batch then holds one row per (example, class), prompt + the word's tokens, and the positions to read.
-Examples are dicts {ids, position, label} (and `candidates`, the label words' token ids, when one has several).
+Masked LMs read the label words at <mask>; causal LMs read them as the next token after the text
+before {mask} (the label word would come where {mask} stands). A label word of several tokens
+(causal LMs only) is scored by the summed log-probability of its tokens after the prompt, as the
+MeZO paper's OPT code scores its candidates: the batch then holds one row per (example, class),
+prompt + the word's tokens, and the positions to read. Examples are dicts {ids, position, label}
+(and `candidates`, the label words' token ids, when one has several).
 """
 from __future__ import annotations
 
@@ -15,7 +17,8 @@ import torch
 
 from ..errors import UsageError
 
-FIELD = re.compile(r"\{(sentence[12]?)(?::([-l]*))?\}")  # {sentence}, {sentence1:-}, {sentence2:l}, ...
+# {sentence}, {sentence1:-}, {sentence2:l}, ...
+FIELD = re.compile(r"\{(sentence[12]?)(?::([-l]*))?\}")
 PLACEHOLDER = re.compile(r"\{[^{}]*\}")  # anything in braces: a field, {mask}, or a mistake: {foo}
 
 
@@ -36,8 +39,8 @@ def check_template(template: str, pair: bool) -> None:
 
 
 def fill(template: str, texts: tuple[str, ...], mask: str) -> str:
-    """The template with the sentences and the mask token in it; `:-` drops a final punctuation mark (LM-BFF's
-    `sent-`), `:l` lower-cases the first letter (LM-BFF's `sentl`)."""
+    """The template with the sentences and the mask token in it; `:-` drops a final punctuation mark
+    (LM-BFF's `sent-`), `:l` lower-cases the first letter (LM-BFF's `sentl`)."""
     def field(m: re.Match) -> str:
         text = texts[1] if m.group(1) == "sentence2" else texts[0]
         edits = m.group(2) or ""
@@ -48,8 +51,9 @@ def fill(template: str, texts: tuple[str, ...], mask: str) -> str:
 
 
 def label_tokens(tokenizer, words, kind: str) -> list[list[int]]:
-    """Each label word's token ids, class 0 first. Masked LMs read one token at <mask>, so a word of several
-    is refused in one line; causal LMs score several. Two classes with the same tokens are refused."""
+    """Each label word's token ids, class 0 first. Masked LMs read one token at <mask>, so a word of
+    several is refused in one line; causal LMs score several. Two classes with the same tokens are
+    refused."""
     ids = [tokenizer(w, add_special_tokens=False)["input_ids"] for w in words]
     several = [f"{w!r} -> {tokenizer.convert_ids_to_tokens(t)}" for w, t in zip(words, ids) if len(t) != 1]
     if several and (kind == "mlm" or any(not t for t in ids)):
@@ -66,8 +70,9 @@ def label_token_ids(tokenizer, words) -> list[int]:
 
 
 def encode(tokenizer, texts, template: str, kind: str, max_length: int) -> tuple[list[int], int]:
-    """Token ids of the prompt filled with the sentence(s) (a string, or a tuple for a pair), and the position
-    whose logits are read. kind: "mlm" (read at the mask) or "causal" (read after the last token)."""
+    """Token ids of the prompt filled with the sentence(s) (a string, or a tuple for a pair), and
+    the position whose logits are read. kind: "mlm" (read at the mask) or "causal" (read after the
+    last token)."""
     words = [t.split() for t in ([texts] if isinstance(texts, str) else [t for t in texts if t is not None])]
     if kind == "causal":  # next-token prediction: the label word would come where {mask} stands
         template = template.split("{mask}")[0].rstrip(" ")
@@ -87,8 +92,9 @@ def encode(tokenizer, texts, template: str, kind: str, max_length: int) -> tuple
 
 def encode_splits(tokenizer, data: dict, template: str, kind: str, max_length: int, n_classes: int,
                   candidates=None) -> dict:
-    """{split: [example]} for train, dev and test, tokenised once. candidates: the label words' token ids, kept
-    with each example when one has several tokens (a causal LM then scores whole words)."""
+    """{split: [example]} for train, dev and test, tokenised once. candidates: the label words'
+    token ids, kept with each example when one has several tokens (a causal LM then scores whole
+    words)."""
     several = candidates if candidates and any(len(c) > 1 for c in candidates) else None
     splits = {}
     for name in ("train", "dev", "test"):
@@ -100,11 +106,12 @@ def encode_splits(tokenizer, data: dict, template: str, kind: str, max_length: i
 
 
 def collate(examples: list[dict], pad_id: int) -> dict:
-    """Right-pad to the longest row; `position` indexes each row's scoring token. With several-token label words,
-    one row per (example, class): the prompt and the word but its last token; `row`, `position`, `target` and
-    `group` (example·C + class) name every token to score."""
+    """Right-pad to the longest row; `position` indexes each row's scoring token. With several-token
+    label words, one row per (example, class): the prompt and the word but its last token; `row`,
+    `position`, `target` and `group` (example·C + class) name every token to score."""
     candidates = examples[0].get("candidates") or [[]]
-    rows, scored = [], []  # token ids of each row; (row, position, target, group) of each scored token
+    # token ids of each row; (row, position, target, group) of each scored token
+    rows, scored = [], []
     for i, e in enumerate(examples):
         for c, word in enumerate(candidates):
             rows.append(e["ids"] + word[:-1])
@@ -123,8 +130,8 @@ def collate(examples: list[dict], pad_id: int) -> dict:
 
 
 def micro_batches(examples: list[dict], micro_batch: int, pad_id: int, device):
-    """The examples as length-sorted micro-batches, collated on the device: a padded token costs as much as
-    a real one, and the per-example results do not depend on the grouping."""
+    """The examples as length-sorted micro-batches, collated on the device: a padded token costs as
+    much as a real one, and the per-example results do not depend on the grouping."""
     order = sorted(range(len(examples)), key=lambda i: len(examples[i]["ids"]))
     for start in range(0, len(order), micro_batch):
         batch = collate([examples[i] for i in order[start:start + micro_batch]], pad_id)
@@ -132,7 +139,8 @@ def micro_batches(examples: list[dict], micro_batch: int, pad_id: int, device):
 
 
 def batch_logits(forward, examples: list[dict], micro_batch: int, pad_id: int, device) -> tuple[torch.Tensor, ...]:
-    """Label-word logits (N, C) and labels (N,) of examples, run as micro-batches through forward(batch)."""
+    """Label-word logits (N, C) and labels (N,) of examples, run as micro-batches through
+    forward(batch)."""
     logits, labels = [], []
     for batch in micro_batches(examples, micro_batch, pad_id, device):
         logits.append(forward(batch))  # (b, C)

@@ -4,27 +4,29 @@
     torchrun --nproc-per-node 2 mezo.py --task sst2 --dp 2          # data parallel
     torchrun --nproc-per-node 4 mezo.py --task sst2 --tp 2 --dp 2   # both: a 2-D (dp, tp) device mesh
 
-How this differs from the reference: not in the algorithm. `mezo.train` runs unchanged on every rank and
-asks this placement four things:
+How this differs from the reference: not in the algorithm. `mezo.train` runs unchanged on every rank
+and asks this placement four things:
 
-- shard(model, params): the attention and MLP linears of each transformer block are split with torch's
-  DTensor API (ColwiseParallel for q/k/v and up/gate, RowwiseParallel for the output projections), Megatron
-  style: one all-reduce of the hidden state after attention and one after the MLP. LoRA tensors follow
-  their base layer so that its forward needs no extra communication: a colwise base (output split) splits
-  lora_B by rows and replicates lora_A; a rowwise base (input split) splits lora_A by columns and replicates
-  lora_B (x_shard @ A_shard.T is a partial sum, reduced by the base layer's own all-reduce). Embeddings,
-  norms and the LM head stay replicated. Each Trainable keeps its name, offset and full shape from the
-  unsharded model and learns where its shard starts, so it generates exactly its slice of the global z
-  (mezo.Trainable.global_index); replicated tensors use the same indices, hence the same z, on every rank.
-  No noise is broadcast and no weights are communicated: every rank applies the same update.
+- shard(model, params): the attention and MLP linears of each transformer block are split with
+torch's DTensor API (ColwiseParallel for q/k/v and up/gate, RowwiseParallel for the output
+projections), Megatron style: one all-reduce of the hidden state after attention and one after the
+MLP. LoRA tensors follow their base layer so that its forward needs no extra communication: a
+colwise base (output split) splits lora_B by rows and replicates lora_A; a rowwise base (input
+split) splits lora_A by columns and replicates lora_B (x_shard @ A_shard.T is a partial sum, reduced
+by the base layer's own all-reduce). Embeddings, norms and the LM head stay replicated. Each
+Trainable keeps its name, offset and full shape from the unsharded model and learns where its shard
+starts, so it generates exactly its slice of the global z (mezo.Trainable.global_index); replicated
+tensors use the same indices, hence the same z, on every rank. No noise is broadcast and no weights
+are communicated: every rank applies the same update.
 - local(examples): data-parallel rank d takes examples d, d + dp, d + 2dp, ... of the step's batch.
-- mean(value, n): one all-reduce of (n·value, n) over the data-parallel group, so the result is the mean
-  over the whole batch, weighted by example count exactly as one process would take it.
-- gather(params): full tensors for checkpoints (DTensor.full_tensor), written by rank 0 alone; a checkpoint
-  therefore resumes at any world size, one process included.
+- mean(value, n): one all-reduce of (n·value, n) over the data-parallel group, so the result is the
+mean over the whole batch, weighted by example count exactly as one process would take it.
+- gather(params): full tensors for checkpoints (DTensor.full_tensor), written by rank 0 alone; a
+checkpoint therefore resumes at any world size, one process included.
 
-A rank that dies ends the job through torchrun (it stops the other workers); a rank that hangs makes the
-others' next collective fail after --dist-timeout seconds (the process group's timeout), which ends the job.
+A rank that dies ends the job through torchrun (it stops the other workers); a rank that hangs makes
+the others' next collective fail after --dist-timeout seconds (the process group's timeout), which
+ends the job.
 """
 from __future__ import annotations
 
@@ -44,7 +46,8 @@ import mezo
 
 from ..models import layer_index
 
-# Linear layers inside a transformer block, by the end of their qualified name: Llama/SmolLM2, then RoBERTa/BERT.
+# Linear layers inside a transformer block, by the end of their qualified name: Llama/SmolLM2, then
+# RoBERTa/BERT.
 COLWISE = ("q_proj", "k_proj", "v_proj", "gate_proj", "up_proj",
            "attention.self.query", "attention.self.key", "attention.self.value", "intermediate.dense")
 ROWWISE = ("o_proj", "down_proj", "attention.output.dense", "output.dense")
@@ -83,7 +86,8 @@ LORA_PLACEMENTS = {"colwise": dict(lora_A=Replicate(), lora_B=Shard(0)),
 
 
 def shard_model(model: nn.Module, params: list[mezo.Trainable], mesh) -> list[mezo.Trainable]:
-    """Split the model over a 1-D tensor-parallel mesh in place; return the trainables as this rank's shards."""
+    """Split the model over a 1-D tensor-parallel mesh in place; return the trainables as this
+    rank's shards."""
     plan = tp_plan(model)
     lora = {}  # set aside, or ColwiseParallel would split lora_A along its rank dimension too
     for name in plan:
@@ -94,7 +98,8 @@ def shard_model(model: nn.Module, params: list[mezo.Trainable], mesh) -> list[me
     layouts = {}
     for name, kind in plan.items():
         style = styles[kind]()
-        style.src_data_rank = None  # every rank built the same full weights: each keeps its slice, nothing is sent
+        # every rank built the same full weights: each keeps its slice, nothing is sent
+        style.src_data_rank = None
         layouts[name] = style
     parallelize_module(model, mesh, layouts)
     for name, pair in lora.items():
@@ -103,8 +108,9 @@ def shard_model(model: nn.Module, params: list[mezo.Trainable], mesh) -> list[me
             placement = LORA_PLACEMENTS[plan[name]][key]
             shard = distribute_tensor(param.data, mesh, [placement], src_data_rank=None)
             layer.register_parameter(key, nn.Parameter(shard, requires_grad=param.requires_grad))
-    # The LoRA forward hook was registered before parallelize_module's own hooks, so it runs on DTensors
-    # (input and output still distributed): x @ A.T @ B.T takes the placements above with no communication.
+    # The LoRA forward hook was registered before parallelize_module's own hooks, so it runs on
+    # DTensors (input and output still distributed): x @ A.T @ B.T takes the placements above with
+    # no communication.
 
     rank, out = mesh.get_local_rank(), []
     for p in params:
@@ -113,7 +119,8 @@ def shard_model(model: nn.Module, params: list[mezo.Trainable], mesh) -> list[me
             out.append(dataclasses.replace(p, tensor=t))
             continue
         local = t.to_local()
-        assert local.data_ptr() == t._local_tensor.data_ptr() and local.is_contiguous(), p.name  # updates in place
+        # updates in place
+        assert local.data_ptr() == t._local_tensor.data_ptr() and local.is_contiguous(), p.name
         start = [0] * t.dim()
         for placement in t.placements:
             if placement.is_shard():
@@ -123,10 +130,12 @@ def shard_model(model: nn.Module, params: list[mezo.Trainable], mesh) -> list[me
 
 
 class DistributedPlacement(mezo.Placement):
-    """One rank of a (dp, tp) mesh. Made by mezo.variants when --tp/--dp ask for it or under torchrun."""
+    """One rank of a (dp, tp) mesh. Made by mezo.variants when --tp/--dp ask for it or under
+    torchrun."""
 
     def __init__(self, cfg: mezo.Config):
-        super().__init__()  # a CPU rank's device: --device's (cpu); a GPU rank's: its LOCAL_RANK's, below
+        # a CPU rank's device: --device's (cpu); a GPU rank's: its LOCAL_RANK's, below
+        super().__init__()
         if "WORLD_SIZE" not in os.environ:
             n = cfg.tp * max(cfg.dp, 1)
             raise mezo.UsageError(f"--tp {cfg.tp} --dp {max(cfg.dp, 1)} needs {n} processes: launch with "
@@ -140,7 +149,8 @@ class DistributedPlacement(mezo.Placement):
         if use_cuda:
             self.device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
             torch.cuda.set_device(self.device)
-        self.owns_group = not dist.is_initialized()  # a caller (a test worker) may run several trainings in one
+        # a caller (a test worker) may run several trainings in one
+        self.owns_group = not dist.is_initialized()
         if self.owns_group:
             dist.init_process_group("nccl" if use_cuda else "gloo",
                                     timeout=datetime.timedelta(seconds=cfg.dist_timeout))
@@ -150,7 +160,8 @@ class DistributedPlacement(mezo.Placement):
         self.is_main = rank == 0
         self.comm_device = self.device or torch.device("cpu")
         if not self.is_main:
-            sys.stdout = open(os.devnull, "w")  # rank 0 alone prints; errors still reach stderr from every rank
+            # rank 0 alone prints; errors still reach stderr from every rank
+            sys.stdout = open(os.devnull, "w")
 
     def shard(self, model: nn.Module, params: list[mezo.Trainable]) -> list[mezo.Trainable]:
         if self.tp == 1:
@@ -179,7 +190,8 @@ class DistributedPlacement(mezo.Placement):
         return peer_failure(error)
 
     def close(self) -> None:
-        dist.barrier()  # no rank leaves while another still needs it (e.g. rank 0 writing the checkpoint)
+        # no rank leaves while another still needs it (e.g. rank 0 writing the checkpoint)
+        dist.barrier()
         if self.owns_group:
             dist.destroy_process_group()
 
@@ -190,7 +202,8 @@ PEER_LOST = ("Timed out waiting", "Connection closed by peer", "Connection reset
 
 
 def peer_failure(e: BaseException) -> str | None:
-    """One line for a collective that failed because another rank died or hung (None for any other error)."""
+    """One line for a collective that failed because another rank died or hung (None for any other
+    error)."""
     text = str(e)
     if not any(s in text for s in PEER_LOST):
         return None
