@@ -95,12 +95,14 @@ VARIANT_FAMILIES = {
     "prefix/mezo-prefix": ("MeZO-prefix (5 tokens, eps 1e-1)",
                            ["--mode", "prefix", "--eps", "1e-1"], ("1e-3", "1e-2"), "90.8"),
 }
-# SST-2 with the model in bfloat16 (LoRA in float32), 400 steps on seed 13, beside the float32 run's
-# step 400: at the default ε, and at the ε that docs/precision.md's table recommends for bfloat16
-PRECISION = [Method(f"sst2/precision/bfloat16-eps{eps}", f"MeZO-LoRA, bfloat16, ε {eps}",
+# SST-2 with the model in bfloat16, 400 steps on seed 13, beside the float32 run's step 400: LoRA in
+# bfloat16 (the default, the model's dtype) or float32 (--lora-dtype), at the default ε and at the ε
+# that docs/precision.md's table recommends for bfloat16 (measured with LoRA in float32)
+PRECISION = [Method(f"sst2/precision/bfloat16{'-lora-float32' if lora_flag else ''}-eps{eps}",
+                    f"bfloat16, LoRA in {'float32' if lora_flag else 'bfloat16'}, ε {eps}",
                     ["--mode", "lora", "--lr", "2e-3", "--eval-every", "100", "--dtype", "bfloat16",
-                     "--eps", eps], 400, 2.4, "", seeds=(13,), stops=(100, 400))
-             for eps in ("1e-3", "3e-2")]
+                     *lora_flag, "--eps", eps], 400, 1.4, "", seeds=(13,), stops=(100, 400))
+             for lora_flag in ((), ("--lora-dtype", "float32")) for eps in ("1e-3", "3e-2")]
 # process start + model load; forward seconds per evaluated row (batch 8, 2 cores)
 LOAD_S, ROW_S = 15.0, 0.05
 # bench/memory.py's cases, each in a fresh process (the full-parameter MeZO step is slow)
