@@ -11,7 +11,8 @@ from .errors import NonFiniteLoss
 ADAM = "adam:"  # checkpoint names of AdamW's state: adam:<exp_avg|exp_avg_sq|step>:<tensor name>
 
 
-def adam_optimizer(tensors: list[tuple[torch.Tensor, bool]], lr: float, weight_decay: float) -> torch.optim.Optimizer:
+def adam_optimizer(tensors: list[tuple[torch.Tensor, bool]], lr: float,
+                   weight_decay: float) -> torch.optim.Optimizer:
     """AdamW over (tensor, decays) pairs: weight decay on the tensors that decay (2-D and up), none
     on the rest."""
     groups = [dict(params=[t for t, decay in tensors if decay], weight_decay=weight_decay),

@@ -14,8 +14,8 @@ def option(default, help: str, choices=None, min=None, above=None, below=None, p
     """A config field: its default, what --help says of it, its allowed values, its bounds
     (>= min or > above, and < below), and how the command line reads it (parse: e.g. a spelling to
     its canonical name)."""
-    return dataclasses.field(default=default, metadata=dict(help=help, choices=choices, min=min, above=above,
-                                                            below=below, parse=parse))
+    meta = dict(help=help, choices=choices, min=min, above=above, below=below, parse=parse)
+    return dataclasses.field(default=default, metadata=meta)
 
 
 def check(cfg) -> None:
@@ -25,14 +25,17 @@ def check(cfg) -> None:
         if meta.get("choices") and value not in meta["choices"]:
             names = ", ".join(str(c) for c in meta["choices"] if c is not None)
             raise UsageError(f"unknown {flag} {value!r}; choose one of {names}")
-        bound, strict = (meta.get("min"), False) if meta.get("above") is None else (meta["above"], True)
+        bound, strict = meta.get("min"), False
+        if meta.get("above") is not None:
+            bound, strict = meta["above"], True
         if isinstance(value, bool):
             continue
         if bound is not None and isinstance(value, int) and value < bound:
             raise UsageError(f"{flag} {value} is out of range: it must be >= {bound}")
         if bound is not None and isinstance(value, float) and not (
                 math.isfinite(value) and (value > bound if strict else value >= bound)):
-            raise UsageError(f"{flag} must be a finite number {'>' if strict else '>='} {bound}, got {value}")
+            sign = ">" if strict else ">="
+            raise UsageError(f"{flag} must be a finite number {sign} {bound}, got {value}")
         below = meta.get("below")
         if below is not None and not value < below:  # a seed the generators cannot take, β ≥ 1
             power = isinstance(below, int) and below > 1 << 16 and below & (below - 1) == 0
@@ -47,9 +50,13 @@ def parser(config_class, prog: str, description: str) -> argparse.ArgumentParser
     comma = lambda s: tuple(w for w in s.split(",") if w) if s else None
     for f in dataclasses.fields(config_class):
         meta, default = f.metadata, f.default
-        shown = ",".join(default) if isinstance(default, tuple) else repr(default) if isinstance(default, str) \
-            else default
-        kw = dict(default=argparse.SUPPRESS, help=f"{meta.get('help', '')} (default: {shown})".replace("%", "%%"))
+        shown = default
+        if isinstance(default, tuple):
+            shown = ",".join(default)
+        elif isinstance(default, str):
+            shown = repr(default)
+        text = f"{meta.get('help', '')} (default: {shown})".replace("%", "%%")
+        kw = dict(default=argparse.SUPPRESS, help=text)
         if meta.get("choices"):
             kw["metavar"] = "{" + ",".join(str(c) for c in meta["choices"] if c is not None) + "}"
         kind = str(f.type)  # a string under `from __future__ import annotations`
@@ -58,6 +65,7 @@ def parser(config_class, prog: str, description: str) -> argparse.ArgumentParser
         elif meta.get("parse"):
             kw["type"] = meta["parse"]
         else:
-            kw["type"] = comma if "tuple" in kind else {"int": int, "float": float}.get(kind.split(" ")[0], str)
+            scalar = {"int": int, "float": float}.get(kind.split(" ")[0], str)
+            kw["type"] = comma if "tuple" in kind else scalar
         p.add_argument("--" + f.name.replace("_", "-"), **kw)
     return p

@@ -44,13 +44,15 @@ def _attention(module, query, key, value, attention_mask, **kwargs):
             if getattr(module, "is_causal", False):
                 real = real.tril(s - t)
             attention_mask = real[None, None]
+        shape, device = (*attention_mask.shape[:-1], p), attention_mask.device
         if attention_mask.dtype == torch.bool:
-            seen = torch.ones(*attention_mask.shape[:-1], p, dtype=torch.bool, device=attention_mask.device)
+            seen = torch.ones(shape, dtype=torch.bool, device=device)
         else:  # an additive float mask: 0 where attended
-            seen = torch.zeros(*attention_mask.shape[:-1], p, dtype=attention_mask.dtype, device=attention_mask.device)
+            seen = torch.zeros(shape, dtype=attention_mask.dtype, device=device)
         attention_mask = torch.cat([seen, attention_mask], dim=-1)
     kwargs.pop("is_causal", None)
-    return sdpa_attention_forward(module, query, key, value, attention_mask, is_causal=False, **kwargs)
+    return sdpa_attention_forward(module, query, key, value, attention_mask, is_causal=False,
+                                  **kwargs)
 
 
 def register() -> None:
@@ -62,11 +64,15 @@ def register() -> None:
 
 def attention_modules(model: nn.Module) -> list[tuple[str, nn.Module]]:
     """The self-attention modules that call transformers' attention functions, in model order."""
-    found = [(n, m) for n, m in model.named_modules()
-             if any(hasattr(m, a) for a in ("k_proj", "key")) and hasattr(m, "config") and hasattr(m, "layer_idx")]
+    def attends(m: nn.Module) -> bool:
+        projects = any(hasattr(m, a) for a in ("k_proj", "key"))
+        return projects and hasattr(m, "config") and hasattr(m, "layer_idx")
+    found = [(n, m) for n, m in model.named_modules() if attends(m)]
     if not found:
-        raise UsageError(f"--mode prefix: no attention layer of {type(model).__name__} takes a prefix here (it needs "
-                         "transformers' attention-function registry, as Llama, OPT and RoBERTa have); use --mode lora")
+        kind = type(model).__name__
+        raise UsageError(f"--mode prefix: no attention layer of {kind} takes a prefix here (it "
+                         "needs transformers' attention-function registry, as Llama, OPT and "
+                         "RoBERTa have); use --mode lora")
     return found
 
 
@@ -90,7 +96,8 @@ def add_prefix(model: nn.Module, num_prefix: int, seed: int, dtype=None) -> list
             m.prefix_capture = False
     for name, m in modules:
         if not hasattr(m, "prefix_captured"):
-            raise UsageError(f"--mode prefix: {name} did not run through the attention registry; use --mode lora")
+            raise UsageError(f"--mode prefix: {name} did not run through the attention registry; "
+                             "use --mode lora")
         k, v = m.__dict__.pop("prefix_captured")
         m.prefix_key = nn.Parameter(k.to(dtype or k.dtype).contiguous())
         m.prefix_value = nn.Parameter(v.to(dtype or v.dtype).contiguous())

@@ -137,7 +137,7 @@ def per_seed(parts: dict) -> list[str]:
     p, seeds = parts["sst2"], ex.SEEDS
     lines = ["| method | " + " | ".join(f"seed {s}" for s in seeds) + " |",
              "|---|" + "---|" * len(seeds)]
-    named = [(f"MeZO-LoRA, {t} steps", p["mezo"].get(t, [])) for t in ex.BUDGET]
+    named = [(f"MeZO-LoRA, {t:,} steps", p["mezo"].get(t, [])) for t in ex.BUDGET]
     for name, st in named + [("Adam-LoRA, 32 steps", p["adam"])]:
         by = {r["seed"]: r["test"] for r in st}
         lines.append(f"| {name} | " + " | ".join(pct(by[s]) if s in by else "—" for s in seeds)

@@ -39,13 +39,15 @@ def choose(device: str, exact: bool = False, fuse: bool = False):
 def _choose(device: str, exact: bool):
     want = os.environ.get("MEZO_FAST") or ("triton" if device.startswith("cuda") else "compiled")
     if want not in ("compiled", "triton"):
-        raise UsageError(f"MEZO_FAST={want!r}: set it to compiled or triton, or unset it (--fast then picks by device)")
+        raise UsageError(f"MEZO_FAST={want!r}: set it to compiled or triton, or unset it (--fast "
+                         "then picks by device)")
     if want == "compiled":
         from .compiled import compiled_backend
         return compiled_backend(exact)
     if device.startswith("cpu") and os.environ.get("TRITON_INTERPRET") != "1":
-        raise UsageError("MEZO_FAST=triton on a CPU runs Triton's interpreter: start with TRITON_INTERPRET=1 set "
-                         "(before anything imports triton), or unset MEZO_FAST for the compiled CPU backend")
+        raise UsageError("MEZO_FAST=triton on a CPU runs Triton's interpreter: start with "
+                         "TRITON_INTERPRET=1 set (before anything imports triton), or unset "
+                         "MEZO_FAST for the compiled CPU backend")
     from .kernels import TritonBackend
     return TritonBackend(exact=exact)  # ExactRestore's numbers, in fewer passes
 
@@ -85,7 +87,8 @@ class Fused:
         self.last = None  # the last perturbation made: (seed, scale)
 
     def perturb(self, params, seed: int, scale: float) -> None:
-        if self.update_args is not None and self.update_args[2] is params and scale == self.update_args[1]:
+        held = self.update_args
+        if held is not None and held[2] is params and scale == held[1]:
             # the next step's +εz': restore, update and this perturbation in one pass
             held_seed, eps, _, projected_grad, lr, weight_decay = self.update_args
             self._restore_and_update(params, held_seed, eps, projected_grad, lr, weight_decay, seed)
@@ -99,7 +102,8 @@ class Fused:
         self.backend.perturb(params, seed, scale)
         self.last = (seed, scale)
 
-    def update(self, params, seed: int, projected_grad: float, lr: float, weight_decay: float) -> None:
+    def update(self, params, seed: int, projected_grad: float, lr: float,
+               weight_decay: float) -> None:
         if self.restore is not None and self.restore[0] == seed and self.restore[2] is params:
             self.update_args = (seed, self.restore[1], params, projected_grad, lr, weight_decay)
             self.restore = None
@@ -120,9 +124,11 @@ class Fused:
             self._restore_and_update(held, seed, eps, projected_grad, lr, weight_decay, None)
         self.last = None
 
-    def _restore_and_update(self, params, seed, eps, projected_grad, lr, weight_decay, next_seed) -> None:
+    def _restore_and_update(self, params, seed, eps, projected_grad, lr, weight_decay,
+                            next_seed) -> None:
         if hasattr(self.backend, "restore_and_update"):
-            self.backend.restore_and_update(params, seed, eps, projected_grad, lr, weight_decay, next_seed)
+            self.backend.restore_and_update(params, seed, eps, projected_grad, lr, weight_decay,
+                                            next_seed)
             return
         # A backend without the fused pass (the reference, in tests): the same passes one by one
         self.backend.perturb(params, seed, eps)

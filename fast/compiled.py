@@ -54,7 +54,8 @@ def window_noise(seed: int, g: int, n: int) -> torch.Tensor:
     """z (float32) of the global indices g .. g + n − 1, n ≤ NOISE_CHUNK: the same numbers as
     mezo.noise."""
     size = SMALL if n <= SMALL else NOISE_CHUNK
-    return _window(size)(torch.tensor(seed, dtype=torch.int64), torch.tensor(g, dtype=torch.int64))[:n]
+    seed_t, g_t = torch.tensor(seed, dtype=torch.int64), torch.tensor(g, dtype=torch.int64)
+    return _window(size)(seed_t, g_t)[:n]
 
 
 class CompiledBackend:
@@ -105,7 +106,8 @@ class CompiledBackend:
                 theta.copy_(t + scale * z.to(t.dtype))
 
     @torch.no_grad()
-    def update(self, params, seed: int, projected_grad: float, lr: float, weight_decay: float) -> None:
+    def update(self, params, seed: int, projected_grad: float, lr: float,
+               weight_decay: float) -> None:
         """θ ← θ − lr·(projected_grad·z + weight_decay·θ), as TorchBackend.update."""
         for pieces, (zs,) in self._windows(params, [seed]):
             for (p, theta), z in zip(pieces, zs):
@@ -151,7 +153,7 @@ def compiled_backend(exact: bool = False):
         print(f"mezo: --fast: compiled CPU backend ready in {seconds:.1f} s", file=sys.stderr)
     except Exception as e:  # no C++ compiler, no inductor, or numbers that are not the reference's
         reason = str(e).strip().splitlines()[0][:200] if str(e).strip() else ""
-        print(f"mezo: --fast: cannot use the compiled CPU backend ({type(e).__name__}: {reason}); using the "
-              "reference backend (same numbers, slower)", file=sys.stderr)
+        print(f"mezo: --fast: cannot use the compiled CPU backend ({type(e).__name__}: {reason}); "
+              "using the reference backend (same numbers, slower)", file=sys.stderr)
         backend = mezo.TorchBackend()
     return mezo.ExactRestore(backend) if exact else backend

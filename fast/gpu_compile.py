@@ -6,8 +6,8 @@ may still fail to compile for a GPU. Triton's compiler needs no GPU to make PTX 
 compiles each specialisation of `fast.kernels.compile_cases()` (the same table `launch_checked`
 checks every launch against) for each target, without launching anything.
 
-    TRITON_INTERPRET=0 python fast/gpu_compile.py           # one line per kernel and target (make kernels)
-    TRITON_INTERPRET=0 python fast/gpu_compile.py --json    # one JSON object per specialisation and target
+    TRITON_INTERPRET=0 python fast/gpu_compile.py         # a line per kernel, target (make kernels)
+    TRITON_INTERPRET=0 python fast/gpu_compile.py --json  # a JSON object per specialisation, target
 
 It must run with TRITON_INTERPRET unset or 0 (under the interpreter `triton.jit` gives interpreted
 functions, which do not compile): tests/test_kernels.py runs it in a subprocess.
