@@ -182,9 +182,10 @@ def figure(parts: dict, path: Path) -> Path | None:
 
 def precision_rows(root: Path, parts: dict) -> list[str]:
     """The float32 run of SST-2 seed 13 beside the bfloat16 runs, at each of their stops."""
-    sst2 = parts["sst2"]["methods"].get("mezo-lora")
+    sst2 = parts["sst2"]["methods"].get(f"mezo-lora-lr{ex.PRECISION_LR}")
     rows = []
-    for title, m in [("float32, ε 1e-3", sst2), *[(x.title, x) for x in ex.PRECISION]]:
+    for title, m in [("float32, LoRA in float32, ε 1e-3", sst2),
+                     *[(x.title, x) for x in ex.PRECISION]]:
         if m is None:
             continue
         m13 = dataclasses.replace(m, seeds=(13,))
@@ -284,7 +285,7 @@ def write_table(root: Path, path: Path, figures: Path | None = None, tasks_=ex.T
              first=ex.BUDGET[0], sst2_seeds=", ".join(map(str, ex.SEEDS)),
              task_seeds=" and ".join(map(str, ex.TASK_SEEDS)),
              p_first=ex.PRECISION[0].stops[0], p_last=ex.PRECISION[0].stops[-1],
-             lrs=", ".join(ex.MEZO_LRS), sst2_lr=ex.SST2_LRS[0],
+             lrs=", ".join(ex.MEZO_LRS), p_lr=ex.PRECISION_LR,
              threads="/".join(map(str, threads)) or "?",
              rows="\n".join(rows), probes="\n".join(probes), figure=shown,
              per_seed="\n".join(per_seed(parts)), prompts="\n".join(prompts),
