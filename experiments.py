@@ -268,6 +268,9 @@ def run_one(m: Method, seed: int, out: Path, stop: int, threads: int, runner) ->
     timing.json over the processes it took."""
     resume = (out / checkpoints.CHECKPOINT).exists() and (out / "log.jsonl").exists()
     cmd = m.command(seed, out, threads, stop)
+    if not resume and out.exists() and any(out.iterdir()):
+        # killed before its first checkpoint: nothing to resume, so it starts again
+        cmd.append("--overwrite")
     if resume:
         cmd = ["mezo.py", "--resume", str(out), "--steps", str(stop), "--threads", str(threads)]
     print(f"results:   {'(resuming) ' if resume else ''}~{expected_s(m) / 60:.1f} min: "

@@ -1,6 +1,7 @@
 """The first-order baseline (--optimizer adam) against a hand-written torch.optim loop, and the results table and
 plots made from logs of real short runs (tiny models, real SST-2 data)."""
 import json
+import shutil
 from pathlib import Path
 
 import numpy as np
@@ -314,3 +315,19 @@ def test_plots_exist_open_and_carry_the_runs_labels(study, tmp_path):
     assert plot.main([str(root / "rte/adam-lora"), "-o", str(tmp_path / "cli")]) == 0
     assert matplotlib.image.imread(tmp_path / "cli" / "curves.png").shape[2] in (3, 4)
     assert plot.main([str(tmp_path / "nothing-here"), "-o", str(tmp_path)]) == 2
+
+
+def test_a_run_killed_before_its_first_checkpoint_starts_again(study, tmp_path):
+    """A fresh run killed while it evaluated step 0 leaves log.jsonl and no checkpoint: nothing to resume, and
+    `run` starts it again (--overwrite) instead of stopping at mezo.py's refusal of a folder that holds a run."""
+    ex, _, root = study
+    copy = tmp_path / "results"
+    shutil.copytree(root, copy)
+    zero = next(m for m in ex.task_methods("rte") if m.name == "rte/zero-shot")
+    out = ex.run_dir(copy, zero, 13)
+    want = (out / "log.jsonl").read_text()
+    shutil.rmtree(out)
+    out.mkdir()
+    (out / "log.jsonl").write_text(want.splitlines()[0] + "\n")
+    assert ex.run_all(copy, 1, [zero], runner=in_process, memory=False) == 0
+    assert (out / "log.jsonl").read_text() == want and ex.finished(out, zero)
