@@ -156,7 +156,9 @@ def figure(parts: dict, path: Path) -> Path | None:
         print("results: no figure (matplotlib is not installed: pip install matplotlib)",
               file=sys.stderr)
         return None
-    fig, axes = plt.subplots(2, 4, figsize=(16, 7), sharex=True)
+    fig, axes = plt.subplots(2, 4, figsize=(16, 7))
+    # MeZO's 2 forwards a step to the end of the budget; Adam's forward and backward a step
+    span = (2 * ex.ADAM_STEPS / 2, 2 * 2 * ex.BUDGET[-1])
     for ax, (task, p) in zip(axes.flat, parts.items()):
         mezo, adam = [g for g in p["mezo"].values() if g], [p["adam"]] if p["adam"] else []
         for label, groups, style in (("MeZO-LoRA", mezo, "o-"), ("Adam-LoRA", adam, "s")):
@@ -170,6 +172,7 @@ def figure(parts: dict, path: Path) -> Path | None:
         if p["zero"]:
             ax.axhline(100 * p["zero"][0]["test"], ls="--", c="gray", label="zero-shot")
         ax.set_xscale("log")
+        ax.set_xlim(*span)
         ax.set_title(task)
         ax.set_xlabel("passes over a training batch")
         ax.set_ylabel("test accuracy, %")
