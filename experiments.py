@@ -56,6 +56,8 @@ class Method:
     stops: tuple[int, ...] = ()
     # its folder under the results root, when not its name (a probe's run that goes on)
     folder: str = ""
+    # a candidate lr's probe through the budget: stopped once its training loss runs away (diverged)
+    prune: bool = False
 
     def command(self, seed: int, out: Path, threads: int, steps: int | None = None) -> list[str]:
         steps = self.steps if steps is None else steps
@@ -74,11 +76,20 @@ FULL_PROBES = [Method(f"probe/mezo-full-lr{lr}", f"MeZO full-parameter, lr {lr} 
 # set. Each task's lr by a probe on dev, never on test: every candidate runs the first data seed
 # through the whole budget, and the one with the higher dev accuracy at its end runs the other
 # seeds. (A probe of 100 steps picked 2e-3 on SST-2 and SST-5, and at 2e-3 both diverged between
-# steps 100 and 200: the lr is picked for the budget it is reported at.) SST-2 has 5 seeds, the
-# others 2. Adam-LoRA: 32 steps at 1e-3.
+# steps 100 and 200: the lr is picked for the budget it is reported at.) A probe whose training loss
+# runs away is stopped there and is out of the pick (`diverged`). SST-2 has 5 seeds, the others 2.
+# Adam-LoRA: 32 steps at 1e-3. The default lr is probed first: the bfloat16 runs compare with it.
 TASKS_HERE = ("sst5", "mr", "cr", "mpqa", "subj", "trec", "rte")
 TASKS = ("sst2", *TASKS_HERE)
-TASK_SEEDS, MEZO_LRS, BUDGET = (13, 21), ("5e-4", "1e-3", "2e-3"), (100, 400, 1000)
+TASK_SEEDS, MEZO_LRS, BUDGET = (13, 21), ("1e-3", "5e-4", "2e-3"), (100, 400, 1000)
+# A probe has diverged at step s (a multiple of the window, the budget's first stop, from twice the
+# window on) when its mean training loss over the window ending at s is over DIVERGE_FACTOR times
+# its mean over the first window. At lr 2e-3 the loss of SST-2 went 0.82 -> 1.69 from the first 100
+# steps to the next 100 (SST-5: 1.79 -> 3.03) and never came back, while |projected_grad| grew a
+# hundredfold; the probes that did not diverge lowered their loss.
+DIVERGE_FACTOR = 1.5
+# seconds between two looks at a running probe's log
+POLL_S = 10.0
 ADAM_STEPS = 32
 # MeZO-LoRA, RoBERTa-large, the paper's Table 18, k = 16
 PAPER_LORA = dict(sst2="91.4", sst5="43.0", rte="64.9", trec="73.1")
@@ -133,12 +144,13 @@ def probed(name, title, flags, lrs, lr=None, paper="—"):
 
 def pick_lr(root: Path, candidates: list[Method]) -> str | None:
     """The candidate whose probe (first seed) ends with the higher dev accuracy, the smaller lr on a
-    tie; None until every probe has finished."""
-    if not all(finished(run_dir(root, m, m.seeds[0]), m) for m in candidates):
+    tie, a diverged one never; None until every probe has concluded, or when all diverged."""
+    outs = [(m, run_dir(root, m, m.seeds[0])) for m in candidates]
+    if not all(concluded(out, m) for m, out in outs):
         return None
-    dev = {flag(m, "--lr"): run_stats(run_dir(root, m, m.seeds[0]), m.steps)["dev"]
-           for m in candidates}
-    return max(dev, key=lambda x: (dev[x], -float(x)))
+    dev = {flag(m, "--lr"): run_stats(out, m.steps)["dev"] for m, out in outs
+           if finished(out, m) and diverged(out, m) is None}
+    return max(dev, key=lambda x: (dev[x], -float(x))) if dev else None
 
 
 def full_method(root: Path) -> Method | None:
@@ -159,7 +171,7 @@ def task_methods(task: str, lr: str | None = None) -> list[Method]:
     mezo = ["--mode", "lora", "--eval-every", str(budget[0])]
     paper = PAPER_LORA.get(task, "—")
     probes = [Method(f"{task}/mezo-lora-lr{x}", f"MeZO-LoRA, lr {x}", [*mezo, "--lr", x],
-                     budget[-1], 2.4, paper, seeds=seeds[:1], task=task, stops=budget)
+                     budget[-1], 2.4, paper, seeds=seeds[:1], task=task, stops=budget, prune=True)
               for x in lrs]
     chosen = [Method(f"{task}/mezo-lora", f"MeZO-LoRA, lr {x}", [*mezo, "--lr", x], budget[-1],
                      2.4, paper, seeds=seeds, task=task, stops=budget,
@@ -222,6 +234,32 @@ def finished(out: Path, m: Method, at: int | None = None) -> bool:
     return any(r.get("split") == "test" and r["step"] == at for r in log)
 
 
+def diverged(out: Path, m: Method) -> int | None:
+    """The step at which a pruned probe's training loss ran away (see DIVERGE_FACTOR), from its log;
+    None while it has not, and for any other run."""
+    window = BUDGET[0]
+    try:
+        log = runs.read_log(out / "log.jsonl") if m.prune else []
+    except (OSError, ValueError):
+        return None
+    loss = {r["step"]: r["loss"] for r in log if "split" not in r and "loss" in r}
+
+    def mean(end: int) -> float | None:
+        span = range(end - window + 1, end + 1)
+        return float(np.mean([loss[t] for t in span])) if all(t in loss for t in span) else None
+    first, end = mean(window), 2 * window
+    while first is not None and (late := mean(end)) is not None:
+        if late > DIVERGE_FACTOR * first:
+            return end
+        end += window
+    return None
+
+
+def concluded(out: Path, m: Method) -> bool:
+    """Finished, or a probe stopped because it diverged: nothing of it is left to run."""
+    return finished(out, m) or diverged(out, m) is not None
+
+
 def all_methods(root: Path) -> list[Method]:
     """Every run of the page, as far as the probes have decided them."""
     full = [m for m in [full_method(root)] if m]
@@ -233,7 +271,7 @@ def plan(root: Path, threads: int, methods=None) -> list[tuple[Method, int, Path
         methods = all_methods(root)
     todo = [(m, s, run_dir(root, m, s)) for m in methods for s in m.seeds]
     memory = 0.0 if (root / "memory.json").exists() else MEMORY_S
-    left = sum(expected_s(m) for m, _, out in todo if not finished(out, m)) + memory
+    left = sum(expected_s(m) for m, _, out in todo if not concluded(out, m)) + memory
     total = sum(expected_s(m) for m, _, _ in todo) + MEMORY_S
     print(f"results: {len(todo)} runs + the memory table; expected {total / 60:.0f} min on 2 cores "
           f"from scratch, {left / 60:.0f} min left", flush=True)
@@ -242,7 +280,7 @@ def plan(root: Path, threads: int, methods=None) -> list[tuple[Method, int, Path
 
 def cmd_plan(args) -> int:
     for m, s, out in plan(Path(args.root), args.threads):
-        state = "done" if finished(out, m) else f"~{expected_s(m) / 60:.1f} min"
+        state = "done" if concluded(out, m) else f"~{expected_s(m) / 60:.1f} min"
         print(f"  [{state:>9s}] python {' '.join(m.command(s, out, args.threads))}")
     print(f"  [~{MEMORY_S / 60:.1f} min] {' '.join(memory_command(Path(args.root), args.threads))}")
     print("  (then each task's chosen lr on its other seeds, once its probes are done, and the "
@@ -256,10 +294,21 @@ def memory_command(root: Path, threads: int) -> list[str]:
             "--json", str(root / "memory.json")]
 
 
-def subprocess_runner(cmd: list[str], threads: int) -> int:
-    """`python mezo.py ...` in a fresh process (its own memory and threads), from this folder."""
+def subprocess_runner(cmd: list[str], threads: int, stop=None) -> int:
+    """`python mezo.py ...` in a fresh process (its own memory and threads), from this folder;
+    terminated once `stop()` holds (looked at every POLL_S seconds)."""
     env = {**os.environ, "OMP_NUM_THREADS": str(threads)}
-    return subprocess.call([sys.executable, str(ROOT / cmd[0]), *cmd[1:]], env=env)
+    with subprocess.Popen([sys.executable, str(ROOT / cmd[0]), *cmd[1:]], env=env) as process:
+        try:
+            while True:
+                try:
+                    return process.wait(POLL_S)
+                except subprocess.TimeoutExpired:
+                    if stop is not None and stop():
+                        process.terminate()
+        except BaseException:  # Ctrl-C or a kill of this process: the run goes with it
+            process.kill()
+            raise
 
 
 def run_one(m: Method, seed: int, out: Path, stop: int, threads: int, runner) -> int:
@@ -276,7 +325,7 @@ def run_one(m: Method, seed: int, out: Path, stop: int, threads: int, runner) ->
           f"python {' '.join(cmd)}", flush=True)
     out.mkdir(parents=True, exist_ok=True)
     t = time.time()
-    code = runner(cmd, threads)
+    code = runner(cmd, threads, stop=(lambda: diverged(out, m) is not None) if m.prune else None)
     path = out / "timing.json"
     timing = dict(wall_s=0.0)
     if resume and path.exists():
@@ -293,12 +342,17 @@ def run_all(root: Path, threads: int, methods, runner=subprocess_runner,
     todo = plan(root, threads, methods)
     t_all = time.time()
     for i, (m, seed, out) in enumerate(todo, 1):
-        if finished(out, m):
+        if concluded(out, m):
             print(f"results: [{i}/{len(todo)}] {m.name} seed {seed}: done, skipped", flush=True)
             continue
         for stop in [s for s in m.stops or (m.steps,) if not finished(out, m, s)]:
             print(f"results: [{i}/{len(todo)}] {m.name} seed {seed}, to step {stop}", flush=True)
             code = run_one(m, seed, out, stop, threads, runner)
+            if (at := diverged(out, m)) is not None:
+                print(f"results: {m.name} seed {seed} diverged at step {at} (its training loss "
+                      f"over {DIVERGE_FACTOR}× its first {BUDGET[0]} steps'): stopped, and out of "
+                      "the lr pick", flush=True)
+                break
             if code:
                 print(f"results: {m.name} seed {seed} failed (exit {code}); fix and run again to "
                       "resume", file=sys.stderr)
@@ -315,7 +369,7 @@ def run_all(root: Path, threads: int, methods, runner=subprocess_runner,
 
 def run_stages(root, threads, stages, runner=None) -> int:
     """Each stage is a function of the root (None: before the probes) giving its methods: the lr
-    probes run first, then the chosen lr on the other seeds."""
+    probes run first, then the chosen lr on the other seeds. One after another."""
     for methods_of in stages:
         for known in (None, root):
             code = run_all(root, threads, methods_of(known), runner or subprocess_runner, False)
@@ -324,40 +378,35 @@ def run_stages(root, threads, stages, runner=None) -> int:
     return 0
 
 
-def run_tasks(root, threads, runner=None, jobs=1) -> int:
-    """Task by task: zero-shot, the lr probes and Adam-LoRA, then the chosen lr on every seed and
-    stop. `jobs` tasks at a time, each run with `threads` threads."""
-    def stage(t):
-        return lambda r: task_methods(t, r and task_lr(r, t))
+def chains(root: Path, threads: int, only: str = "all", runner=None) -> list:
+    """The study as chains of runs that do not wait on one another, in the page's order: SST-2 in
+    bfloat16, each task, each variant family, the full-parameter probes and then the run at the lr
+    they pick. Within a chain the runs go one after another, the probes before the lr they pick."""
+    def chain(*stages):
+        return lambda: run_stages(root, threads, stages, runner)
+    picked = {
+        "precision": [chain(lambda r: PRECISION)],
+        "tasks": [chain(lambda r, t=t: task_methods(t, r and task_lr(r, t))) for t in TASKS],
+        "variants": [chain(lambda r, n=n, spec=spec: variant_methods(r, {n: spec}))
+                     for n, spec in VARIANT_FAMILIES.items()],
+        "full": [chain(lambda r: FULL_PROBES, lambda r: [m for m in [r and full_method(r)] if m])]}
+    return picked[only] if only != "all" else [c for cs in picked.values() for c in cs]
 
-    def one_task(t):
-        return run_stages(root, threads, [stage(t)], runner)
+
+def run_chains(chain_list: list, jobs: int = 1) -> int:
+    """The chains, `jobs` at a time (each run with its own threads); the first failure's code."""
     with ThreadPoolExecutor(jobs) as pool:
-        codes = list(pool.map(one_task, TASKS))
+        codes = list(pool.map(lambda c: c(), chain_list))
     return next((c for c in codes if c), 0)
 
 
-def run_variants(root, threads, families=None, runner=None) -> int:
-    """Family by family (update rules, prefix): the lr probes, then the chosen lr."""
-    def stage(name, spec):
-        return lambda r: variant_methods(r, {name: spec})
-    families = families or VARIANT_FAMILIES
-    return run_stages(root, threads, [stage(n, s) for n, s in families.items()], runner)
-
-
 def cmd_run(args) -> int:
-    """Every run, in the page's order: the tasks (--jobs at a time), then the others one at a time,
-    then the memory table."""
+    """Every run of --only's part, --jobs chains at a time; after all of them, the memory table."""
     root, threads = Path(args.root), args.threads
-    if args.only == "precision":
-        return run_all(root, threads, PRECISION, memory=False)
-    code = run_tasks(root, threads, jobs=args.jobs)
-    if args.only == "tasks" or code:
+    code = run_chains(chains(root, threads, args.only), args.jobs)
+    if code or args.only != "all":
         return code
-    code = (run_all(root, threads, PRECISION, memory=False) or run_variants(root, threads)
-            or run_all(root, threads, FULL_PROBES, memory=False))
-    full = full_method(root)
-    return code or run_all(root, threads, [full] if full else [])
+    return run_all(root, threads, [])
 
 
 # -----------------------------------------------------------------------------

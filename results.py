@@ -107,8 +107,9 @@ def task_parts(root: Path, task: str) -> dict:
     return dict(lr=lr, methods=methods, zero=stats_at(root, methods["zero-shot"], 0),
                 adam=stats_at(root, methods["adam-lora"], methods["adam-lora"].steps),
                 mezo={t: stats_at(root, mezo, t) for t in ex.BUDGET} if mezo else {},
-                probes=[(m, stats_at(root, m, m.steps)) for k, m in methods.items()
-                        if k.startswith("mezo-lora-lr")])
+                probes=[(m, stats_at(root, m, m.steps)) for m in sorted(
+                    (m for k, m in methods.items() if k.startswith("mezo-lora-lr")),
+                    key=lambda m: float(flag(m, "--lr")))])
 
 
 def budget_rows(root: Path, parts: dict) -> tuple[list[str], list[str]]:
@@ -128,6 +129,9 @@ def budget_rows(root: Path, parts: dict) -> tuple[list[str], list[str]]:
                     f"{ex.PAPER_LORA.get(task, '—')} |")
         for m, st in p["probes"]:
             kept = "**kept**" if flag(m, "--lr") == p["lr"] else ""
+            at = ex.diverged(run_dir(root, m, m.seeds[0]), m)
+            if at is not None:
+                kept, st = f"diverged at step {at}: stopped", []
             probes.append(f"| {task} | {flag(m, '--lr')} | {acc(st, 'dev')} | {acc(st)} | {kept} |")
     return rows, probes
 
@@ -288,7 +292,8 @@ def write_table(root: Path, path: Path, figures: Path | None = None, tasks_=ex.T
              first=ex.BUDGET[0], sst2_seeds=", ".join(map(str, ex.SEEDS)),
              task_seeds=" and ".join(map(str, ex.TASK_SEEDS)),
              p_first=ex.PRECISION[0].stops[0], p_last=ex.PRECISION[0].stops[-1],
-             lrs=", ".join(ex.MEZO_LRS), p_lr=ex.PRECISION_LR,
+             lrs=", ".join(sorted(ex.MEZO_LRS, key=float)), p_lr=ex.PRECISION_LR,
+             diverge=ex.DIVERGE_FACTOR,
              threads="/".join(map(str, threads)) or "?",
              rows="\n".join(rows), probes="\n".join(probes), figure=shown,
              per_seed="\n".join(per_seed(parts)), prompts="\n".join(prompts),
@@ -313,9 +318,10 @@ def main(argv=None) -> int:
     p.add_argument("--threads", type=int, default=os.cpu_count() or 1,
                    help="torch threads per run (default: cores)")
     p.add_argument("--jobs", type=int, default=1,
-                   help="run: tasks at a time, each run with --threads threads (default 1)")
-    p.add_argument("--only", choices=("all", "tasks", "precision"), default="all",
-                   help="run: every run (default), the tasks' runs, or the bfloat16 runs")
+                   help="run: chains of runs at a time (a task, the bfloat16 runs, an update "
+                   "rule, ...), each run with --threads threads (default 1)")
+    p.add_argument("--only", choices=("all", "precision", "tasks", "variants", "full"),
+                   default="all", help="run: every run (default), or one part of the page")
     p.add_argument("--output", default="RESULTS.md")
     p.add_argument("--figures", default="figures")
     args = p.parse_args(argv)

@@ -147,7 +147,9 @@ def test_adam_refuses_what_it_cannot_do(model_dir, tmp_path, capsys):
 # experiments.py, results.py and plot.py on real short runs
 
 
-def in_process(cmd, threads):
+def in_process(cmd, threads, stop=None):
+    """A run in this process: it goes to its end (`stop` cannot interrupt it; a diverged probe is
+    still found from its log afterwards)."""
     assert cmd[0] == "mezo.py"
     return mezo.main(cmd[1:])
 
@@ -193,11 +195,8 @@ def study(model_dir, tmp_path_factory):
                                     seeds=(42,)) for lr in lrs]).items():
             mp.setattr(ex, name, value)
         root = tmp_path_factory.mktemp("results")
-        assert ex.run_tasks(root, 1, runner=in_process) == 0
-        assert ex.run_all(root, 1, ex.PRECISION, runner=in_process, memory=False) == 0
-        assert ex.run_variants(root, 1, runner=in_process) == 0
-        assert ex.run_all(root, 1, ex.FULL_PROBES, runner=in_process, memory=False) == 0
-        assert ex.run_all(root, 1, [ex.full_method(root)], runner=in_process, memory=False) == 0
+        for part in ("tasks", "precision", "variants", "full"):
+            assert ex.run_chains(ex.chains(root, 1, part, in_process)) == 0
         yield ex, results, root
 
 
@@ -215,7 +214,7 @@ def test_a_budget_run_stops_at_each_stop_on_the_whole_test_set_and_a_rerun_runs_
     assert not (root / f"rte/mezo-lora-lr{other}/seed21").exists()
     before = {p: p.stat().st_mtime_ns for p in root.rglob("log.jsonl")}
     capsys.readouterr()
-    assert ex.run_tasks(root, 1, runner=in_process, jobs=2) == 0
+    assert ex.run_chains(ex.chains(root, 1, "tasks", in_process), jobs=2) == 0
     assert {p: p.stat().st_mtime_ns for p in root.rglob("log.jsonl")} == before  # nothing ran again
     # each task's plan is read twice, before and after its probes decide the lr: sst2 zero-shot, 2 probes, 3 Adam,
     # then the same and the kept lr's 3 seeds; rte 1 + 2 + 2, then 1 + 2 + 2 + 2
@@ -331,3 +330,34 @@ def test_a_run_killed_before_its_first_checkpoint_starts_again(study, tmp_path):
     (out / "log.jsonl").write_text(want.splitlines()[0] + "\n")
     assert ex.run_all(copy, 1, [zero], runner=in_process, memory=False) == 0
     assert (out / "log.jsonl").read_text() == want and ex.finished(out, zero)
+
+
+def test_a_probe_whose_loss_runs_away_is_stopped_and_out_of_the_lr_pick(model_dir, tmp_path, monkeypatch, capsys):
+    """Two lr probes through a budget of 5, 10 and 300 steps, each stop a real `python mezo.py` process. At lr 3e-2
+    the tiny Llama's full-parameter loss runs away: the run's process is terminated once its log shows it (its
+    mean loss over a window of 5 steps over 1.5× the first window's), and the other lr is picked. Run again,
+    nothing runs."""
+    if not (SHARED / "lm-bff" / "SST-2" / "train.tsv").exists():
+        pytest.skip("no ../shared/data")
+    import experiments as ex
+    for name, value in dict(BUDGET=(5, 10, 300), POLL_S=0.05,
+                            COMMON=[*ex.COMMON, "--model", model_dir("llama+tasks"), "--max-length", "48"]).items():
+        monkeypatch.setattr(ex, name, value)
+    probes = [ex.Method(f"sst2/probe-lr{lr}", lr, ["--mode", "full", "--lr", lr, "--eval-every", "5"], 300, 0.0, "",
+                        seeds=(13,), stops=(5, 10, 300), prune=True) for lr in ("3e-2", "1e-4")]
+    assert ex.run_all(tmp_path, 1, probes, memory=False) == 0
+    wild, calm = (ex.run_dir(tmp_path, m, 13) for m in probes)
+    loss = [r["loss"] for r in records(wild) if "loss_plus" in r]
+    assert [r["step"] for r in records(wild) if "loss_plus" in r] == list(range(1, len(loss) + 1))
+    first = np.mean(loss[:5])
+    by_hand = next(end for end in range(10, len(loss) + 1, 5) if np.mean(loss[end - 5:end]) > 1.5 * first)
+    assert ex.diverged(wild, probes[0]) == by_hand
+    # terminated on its way to 300: the process for the last stop did not reach it
+    assert len(loss) < 300 and not ex.finished(wild, probes[0]) and ex.concluded(wild, probes[0])
+    assert ex.finished(calm, probes[1]) and ex.diverged(calm, probes[1]) is None
+    assert ex.pick_lr(tmp_path, probes) == "1e-4"
+    assert f"sst2/probe-lr3e-2 seed 13 diverged at step {by_hand}" in capsys.readouterr().out
+    before = {p: p.stat().st_mtime_ns for p in tmp_path.rglob("log.jsonl")}
+    assert ex.run_all(tmp_path, 1, probes, memory=False) == 0
+    assert capsys.readouterr().out.count("done, skipped") == 2
+    assert {p: p.stat().st_mtime_ns for p in tmp_path.rglob("log.jsonl")} == before
