@@ -361,3 +361,24 @@ def test_a_probe_whose_loss_runs_away_is_stopped_and_out_of_the_lr_pick(model_di
     assert ex.run_all(tmp_path, 1, probes, memory=False) == 0
     assert capsys.readouterr().out.count("done, skipped") == 2
     assert {p: p.stat().st_mtime_ns for p in tmp_path.rglob("log.jsonl")} == before
+
+
+def test_a_diverged_probe_reads_as_such_on_the_page(study, tmp_path):
+    """The losing RTE probe's training losses of steps 3 and 4 doubled in a copy of the study: over 1.5× those
+    of steps 1 and 2 (the window is the budget's first stop, 2), so it diverged at step 4, and its row says so
+    instead of its accuracy."""
+    ex, results, root = study
+    copy = tmp_path / "results"
+    shutil.copytree(root, copy)
+    lr = ex.task_lr(copy, "rte")
+    other = next(m for m in ex.task_methods("rte") if m.prune and ex.flag(m, "--lr") != lr)
+    out = ex.run_dir(copy, other, 13)
+    assert ex.diverged(out, other) is None
+    log = records(out)
+    for r in log:
+        if "loss_plus" in r and r["step"] in (3, 4):
+            r["loss"] *= 2
+    (out / "log.jsonl").write_text("".join(json.dumps(r) + "\n" for r in log))
+    assert ex.diverged(out, other) == 4 and ex.task_lr(copy, "rte") == lr
+    md = results.write_table(copy, tmp_path / "RESULTS.md", None, ex.TASKS)
+    assert cells(md, f"| rte | {ex.flag(other, '--lr')} |")[2:] == ["—", "—", "diverged at step 4: stopped"]
