@@ -128,6 +128,24 @@ class Stateful:
                 self.buffers[f"{name}:{p.name}"] = local.to(p.tensor.device, buffer_dtype(p)).reshape(-1).clone()
         self.t = int(state["t"])
 
+    @torch.no_grad()
+    def update(self, params, samples, groups, backend, loss_fn) -> None:
+        """One step of the rule: θ's pieces one after another, each θ ← step(θ, ĝ) with the piece's
+        buffers (or fast/'s one pass over each tensor, when the backend has it)."""
+        self.t += 1
+        fused = fused_backend(backend)
+        for group, lr, wd in groups:
+            if fused:
+                fused.rule_update(self, group, samples, lr, wd)
+                continue
+            for p, theta, t, g in estimate(group, samples, wd, backend):
+                theta.copy_(self.step(p, theta, t, g, lr))
+
+    def step(self, p: mezo.Trainable, theta: torch.Tensor, t: torch.Tensor, g: torch.Tensor,
+             lr: float) -> torch.Tensor:
+        """θ's new piece from its piece t in compute precision and ĝ's piece g."""
+        raise NotImplementedError
+
 
 class Momentum(Stateful):
     """m ← β·m + ĝ;  θ ← θ − lr·m (torch.optim.SGD's momentum, on MeZO's estimate)."""
@@ -142,18 +160,10 @@ class Momentum(Stateful):
         """What fast/'s one-pass kernel needs: (Adam?, β1, β2, bias corrections c1 and c2, δ)."""
         return False, self.beta, 0.0, 1.0, 1.0, 0.0
 
-    @torch.no_grad()
-    def update(self, params, samples, groups, backend, loss_fn) -> None:
-        self.t += 1
-        fused = fused_backend(backend)
-        for group, lr, wd in groups:
-            if fused:
-                fused.rule_update(self, group, samples, lr, wd)
-                continue
-            for p, theta, t, g in estimate(group, samples, wd, backend):
-                m = self.piece("m", p, theta)
-                m.mul_(self.beta).add_(g)
-                theta.copy_(t - lr * m)
+    def step(self, p, theta, t, g, lr) -> torch.Tensor:
+        m = self.piece("m", p, theta)
+        m.mul_(self.beta).add_(g)
+        return t - lr * m
 
 
 class Adam(Stateful):
@@ -169,20 +179,12 @@ class Adam(Stateful):
     def fused(self) -> tuple:
         return True, self.beta1, self.beta2, 1 - self.beta1 ** self.t, 1 - self.beta2 ** self.t, self.delta
 
-    @torch.no_grad()
-    def update(self, params, samples, groups, backend, loss_fn) -> None:
-        self.t += 1
+    def step(self, p, theta, t, g, lr) -> torch.Tensor:
         c1, c2 = 1 - self.beta1 ** self.t, 1 - self.beta2 ** self.t  # bias corrections
-        fused = fused_backend(backend)
-        for group, lr, wd in groups:
-            if fused:
-                fused.rule_update(self, group, samples, lr, wd)
-                continue
-            for p, theta, t, g in estimate(group, samples, wd, backend):
-                m, v = self.piece("m", p, theta), self.piece("v", p, theta)
-                m.mul_(self.beta1).add_((1 - self.beta1) * g)
-                v.mul_(self.beta2).add_((1 - self.beta2) * g * g)
-                theta.copy_(t - lr * (m / c1) / ((v / c2).sqrt() + self.delta))
+        m, v = self.piece("m", p, theta), self.piece("v", p, theta)
+        m.mul_(self.beta1).add_((1 - self.beta1) * g)
+        v.mul_(self.beta2).add_((1 - self.beta2) * g * g)
+        return t - lr * (m / c1) / ((v / c2).sqrt() + self.delta)
 
 
 class Sign(Stateful):

@@ -78,6 +78,19 @@ def measure(case: str, args) -> dict:
                 trainable=sum(p.tensor.numel() for p in params))
 
 
+def each_in_a_process(script: str, cases: list[str], flags: list[str]) -> list[dict]:
+    """`script --case CASE flags` for each case, each in a fresh process so that its peak is its own:
+    the JSON row each prints last. (bench/trainer_memory.py uses it too.)"""
+    rows = []
+    for case in cases:
+        cmd = [sys.executable, script, "--case", case, *flags]
+        out = subprocess.run(cmd, capture_output=True, text=True, env={**os.environ, "TQDM_DISABLE": "1"})
+        if out.returncode:
+            sys.exit(f"{case} failed:\n{out.stderr[-2000:]}")
+        rows.append(json.loads(out.stdout.strip().splitlines()[-1]))
+    return rows
+
+
 def main():
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--model", default="smollm2-135m")
@@ -95,14 +108,9 @@ def main():
     cases = args.cases.split(",")
     if cases[0] != "inference" or not set(cases) <= set(CASES):
         sys.exit(f"--cases: start with inference (the reference) and choose from {', '.join(CASES)}")
-    rows = []
-    for case in cases:
-        cmd = [sys.executable, __file__, "--case", case, "--model", args.model, "--batch-size", str(args.batch_size),
-               "--device", args.device, "--threads", str(args.threads), "--micro-batch", str(args.micro_batch)]
-        out = subprocess.run(cmd, capture_output=True, text=True, env={**os.environ, "TQDM_DISABLE": "1"})
-        if out.returncode:
-            sys.exit(f"{case} failed:\n{out.stderr[-2000:]}")
-        rows.append(json.loads(out.stdout.strip().splitlines()[-1]))
+    rows = each_in_a_process(__file__, cases, ["--model", args.model, "--batch-size", str(args.batch_size),
+                                              "--device", args.device, "--threads", str(args.threads),
+                                              "--micro-batch", str(args.micro_batch)])
     ref = rows[0]
     print(f"model {args.model}, batch {args.batch_size}" + (f", adam micro-batch {args.micro_batch}" if args.micro_batch
                                                              else "") + f", {args.device}")

@@ -14,13 +14,13 @@ model's own causal-LM loss.
 """
 import argparse
 import json
-import os
-import subprocess
 import sys
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
+
+from memory import each_in_a_process  # bench/memory.py, beside this file
 
 CASES = ["forward", "mezo-lora", "mezo-full", "adamw-lora", "adamw-full"]
 
@@ -116,16 +116,9 @@ def main():
     cases = args.cases.split(",")
     if cases[0] != "forward" or not set(cases) <= set(CASES):
         sys.exit(f"--cases: start with forward (the reference) and choose from {', '.join(CASES)}")
-    rows = []
-    for case in cases:
-        cmd = [sys.executable, __file__, "--case", case, "--model", args.model, "--batch-size",
-               str(args.batch_size), "--max-length", str(args.max_length), "--device", args.device,
-               "--threads", str(args.threads)]
-        env = {**os.environ, "TQDM_DISABLE": "1"}
-        out = subprocess.run(cmd, capture_output=True, text=True, env=env)
-        if out.returncode:
-            sys.exit(f"{case} failed:\n{out.stderr[-2000:]}")
-        rows.append(json.loads(out.stdout.strip().splitlines()[-1]))
+    rows = each_in_a_process(__file__, cases, ["--model", args.model, "--batch-size", str(args.batch_size),
+                                              "--max-length", str(args.max_length), "--device", args.device,
+                                              "--threads", str(args.threads)])
     ref = rows[0]
     print(f"model {args.model}, batch {args.batch_size} x at most {args.max_length} tokens, "
           f"{args.device}")

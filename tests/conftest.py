@@ -96,16 +96,24 @@ def model_dir(tmp_path_factory):
 
 
 def load_tiny(model_dir, kind: str, **overrides):
-    """(model, tokenizer, params, forward) for a tiny model, set up exactly as mezo.train sets it up."""
-    cfg = mezo.Config(model=model_dir(kind), **overrides)
+    """(cfg, model, tokenizer, params, forward) for a tiny model, set up exactly as mezo.train sets it up."""
+    return set_up(model_dir(kind), **overrides)
+
+
+def set_up(folder: str, dtype=None, make_forward=None, **overrides):
+    """(cfg, model, tokenizer, params, forward) for the model in `folder`, set up exactly as mezo.train sets it
+    up; cast to `dtype` if one is given; `make_forward(model, label_ids, params)` (default mezo.PromptForward)."""
+    cfg = mezo.Config(model=folder, **overrides)
     model, tok, _, _ = models.load_model(cfg.model, cfg.dtype, cfg.head)
+    if dtype is not None:
+        model.to(dtype)
     template, words = tasks.prompt(cfg.task, "mlm" if models.model_kind(model) == "mlm" else "causal")
     cfg = dataclasses.replace(cfg, template=cfg.template or template, label_words=cfg.label_words or words)
     if cfg.head == "cls":
         models.add_cls_head(model, len(cfg.label_words), cfg.seed)
     label_ids = prompts.label_token_ids(tok, cfg.label_words) if cfg.head == "prompt" else []
     params = mezo.select_trainables(model, cfg)
-    return cfg, model, tok, params, mezo.PromptForward(model, label_ids)
+    return cfg, model, tok, params, (make_forward or mezo.PromptForward)(model, label_ids, params)
 
 
 def z_of(p, seed: int) -> torch.Tensor:

@@ -10,18 +10,17 @@ stored keys/values), so matrix products sum in another order. In float64 that mo
 thousand-fold margin that still catches any real difference (a stale activation moves L− by ~1e-4, below).
 In float32 (the CLI) the same reordering costs ~1e-7 relative; see test_cli_trajectory_with_cache.
 """
-import dataclasses
 
 import pytest
 import torch
-from conftest import make_model, make_tokenizer, records
+from conftest import make_model, make_tokenizer, records, set_up
 from hypothesis import given
 from hypothesis import strategies as st
 from mezo.cache import CachedForward, UnsafeCache
 from mezo.tasks import prompts
 
 import mezo
-from mezo import models, runs, tasks
+from mezo import runs
 
 LAYERS = 3
 TOL = 1e-11  # float64, see the module docstring
@@ -42,16 +41,7 @@ def folders(tmp_path_factory):
 
 def setup(folder, dtype=torch.float64, use_cache=False, **overrides):
     """(cfg, model, params, forward, tokenizer): mezo.train's set-up, in float64 unless asked otherwise."""
-    cfg = mezo.Config(model=folder, **overrides)
-    model, tok, _, _ = models.load_model(cfg.model, cfg.dtype, cfg.head)
-    model.to(dtype)
-    template, words = tasks.prompt(cfg.task, "mlm" if models.model_kind(model) == "mlm" else "causal")
-    cfg = dataclasses.replace(cfg, template=cfg.template or template, label_words=cfg.label_words or words)
-    if cfg.head == "cls":
-        models.add_cls_head(model, len(cfg.label_words), cfg.seed)
-    label_ids = prompts.label_token_ids(tok, cfg.label_words) if cfg.head == "prompt" else []
-    params = mezo.select_trainables(model, cfg)
-    forward = CachedForward(model, label_ids, params) if use_cache else mezo.PromptForward(model, label_ids)
+    cfg, model, tok, params, forward = set_up(folder, dtype, CachedForward if use_cache else None, **overrides)
     return cfg, model, params, forward, tok
 
 
