@@ -78,12 +78,33 @@ def measure(case: str, args) -> dict:
                 trainable=sum(p.tensor.numel() for p in params))
 
 
-def each_in_a_process(script: str, cases: list[str], flags: list[str]) -> list[dict]:
-    """`script --case CASE flags` for each case, each in a fresh process so that its peak is its own:
-    the JSON row each prints last. (bench/trainer_memory.py uses it too.)"""
+def bench_parser(cases: list[str], threads: int) -> argparse.ArgumentParser:
+    """The options a memory bench shares (bench/trainer_memory.py's too); cases[0] is the reference."""
+    p = argparse.ArgumentParser(description=sys.modules["__main__"].__doc__.split("\n\n")[0])
+    p.add_argument("--model", default="smollm2-135m")
+    p.add_argument("--batch-size", type=int, default=8)
+    p.add_argument("--device", default="cpu")
+    p.add_argument("--threads", type=int, default=threads)
+    p.add_argument("--cases", default=",".join(cases), help="comma-separated, from " + ", ".join(cases))
+    p.add_argument("--case", help=argparse.SUPPRESS)
+    return p
+
+
+def rows_of(args, cases: list[str], measure, script: str, flags: list[str]) -> list[dict] | None:
+    """--case CASE: measure it in this process and print its row (None back). Otherwise each of --cases
+    in a fresh process (`script --case CASE` with the shared options and `flags`), so that its peak is
+    its own: their rows, the reference's first."""
+    if args.case:
+        print(json.dumps(measure(args.case, args)))
+        return None
+    picked = args.cases.split(",")
+    if picked[0] != cases[0] or not set(picked) <= set(cases):
+        sys.exit(f"--cases: start with {cases[0]} (the reference) and choose from {', '.join(cases)}")
+    shared = ["--model", args.model, "--batch-size", str(args.batch_size), "--device", args.device,
+              "--threads", str(args.threads)]
     rows = []
-    for case in cases:
-        cmd = [sys.executable, script, "--case", case, *flags]
+    for case in picked:
+        cmd = [sys.executable, script, "--case", case, *shared, *flags]
         out = subprocess.run(cmd, capture_output=True, text=True, env={**os.environ, "TQDM_DISABLE": "1"})
         if out.returncode:
             sys.exit(f"{case} failed:\n{out.stderr[-2000:]}")
@@ -92,25 +113,13 @@ def each_in_a_process(script: str, cases: list[str], flags: list[str]) -> list[d
 
 
 def main():
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--model", default="smollm2-135m")
-    p.add_argument("--batch-size", type=int, default=8)
-    p.add_argument("--device", default="cpu")
-    p.add_argument("--threads", type=int, default=2)
+    p = bench_parser(CASES, threads=2)
     p.add_argument("--micro-batch", type=int, default=0, help="adam cases: examples per backward (default: the batch)")
-    p.add_argument("--cases", default=",".join(CASES), help="comma-separated, from " + ", ".join(CASES))
     p.add_argument("--json", help="also write the rows to this file")
-    p.add_argument("--case", help=argparse.SUPPRESS)
     args = p.parse_args()
-    if args.case:
-        print(json.dumps(measure(args.case, args)))
+    rows = rows_of(args, CASES, measure, __file__, ["--micro-batch", str(args.micro_batch)])
+    if rows is None:
         return
-    cases = args.cases.split(",")
-    if cases[0] != "inference" or not set(cases) <= set(CASES):
-        sys.exit(f"--cases: start with inference (the reference) and choose from {', '.join(CASES)}")
-    rows = each_in_a_process(__file__, cases, ["--model", args.model, "--batch-size", str(args.batch_size),
-                                              "--device", args.device, "--threads", str(args.threads),
-                                              "--micro-batch", str(args.micro_batch)])
     ref = rows[0]
     print(f"model {args.model}, batch {args.batch_size}" + (f", adam micro-batch {args.micro_batch}" if args.micro_batch
                                                              else "") + f", {args.device}")

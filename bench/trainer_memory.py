@@ -12,15 +12,13 @@ step's cost. CPU: the process's peak resident set (VmHWM); GPU: torch's max_memo
 (runs.peak_memory_mb). The batch: the first sentences of the sentence-level SST-2 train set, the
 model's own causal-LM loss.
 """
-import argparse
-import json
 import sys
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from memory import each_in_a_process  # bench/memory.py, beside this file
+from memory import bench_parser, rows_of  # bench/memory.py, beside this file
 
 CASES = ["forward", "mezo-lora", "mezo-full", "adamw-lora", "adamw-full"]
 
@@ -101,24 +99,12 @@ def measure(case: str, args) -> dict:
 
 
 def main():
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--model", default="smollm2-135m")
-    p.add_argument("--batch-size", type=int, default=8)
+    p = bench_parser(CASES, threads=1)
     p.add_argument("--max-length", type=int, default=64)
-    p.add_argument("--device", default="cpu")
-    p.add_argument("--threads", type=int, default=1)
-    p.add_argument("--cases", default=",".join(CASES), help="comma-separated: " + ", ".join(CASES))
-    p.add_argument("--case", help=argparse.SUPPRESS)
     args = p.parse_args()
-    if args.case:
-        print(json.dumps(measure(args.case, args)))
+    rows = rows_of(args, CASES, measure, __file__, ["--max-length", str(args.max_length)])
+    if rows is None:
         return
-    cases = args.cases.split(",")
-    if cases[0] != "forward" or not set(cases) <= set(CASES):
-        sys.exit(f"--cases: start with forward (the reference) and choose from {', '.join(CASES)}")
-    rows = each_in_a_process(__file__, cases, ["--model", args.model, "--batch-size", str(args.batch_size),
-                                              "--max-length", str(args.max_length), "--device", args.device,
-                                              "--threads", str(args.threads)])
     ref = rows[0]
     print(f"model {args.model}, batch {args.batch_size} x at most {args.max_length} tokens, "
           f"{args.device}")
