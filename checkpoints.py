@@ -38,8 +38,8 @@ def atomic_write(path: Path, write) -> None:
 def cannot_write(path: Path, e: Exception) -> UsageError:
     """The one line for a write the machine refused; what was written before is whole."""
     why = getattr(e, "strerror", None) or str(e).splitlines()[0]
-    return UsageError(f"cannot write {path} ({why}); what was there is kept whole: free some space or make "
-                      f"{path.parent} writable, then --resume {path.parent}")
+    return UsageError(f"cannot write {path} ({why}); what was there is kept whole: free some "
+                      f"space or make {path.parent} writable, then --resume {path.parent}")
 
 
 def own_storage(t: torch.Tensor) -> torch.Tensor:
@@ -56,7 +56,8 @@ def save_checkpoint(out: Path, tensors: dict, step: int, config: dict, offsets: 
     """out/checkpoint.safetensors: the tensors (full, never shards) and what a resume needs to go
     on."""
     from safetensors.torch import save_file
-    meta = dict(format="mezo-1", step=str(step), config=json.dumps(config), offsets=json.dumps(offsets))
+    meta = dict(format="mezo-1", step=str(step), config=json.dumps(config),
+                offsets=json.dumps(offsets))
     tensors = {name: own_storage(t) for name, t in tensors.items()}
     atomic_write(out / CHECKPOINT, lambda tmp: save_file(tensors, str(tmp), metadata=meta))
 
@@ -67,7 +68,8 @@ def read_checkpoint(folder: Path, flag: str = "--resume") -> tuple[dict, int, di
     from safetensors import safe_open
     path = folder / CHECKPOINT
     if not path.is_file():
-        raise UsageError(f"{flag} {folder}: no {CHECKPOINT} there; point {flag} at a run's --out folder")
+        raise UsageError(f"{flag} {folder}: no {CHECKPOINT} there; point {flag} at a run's "
+                         "--out folder")
     try:
         with safe_open(str(path), "pt") as f:
             meta = f.metadata() or {}
@@ -75,7 +77,8 @@ def read_checkpoint(folder: Path, flag: str = "--resume") -> tuple[dict, int, di
         return tensors, int(meta["step"]), json.loads(meta["config"])
     except Exception as e:
         raise UsageError(f"{flag} {folder}: {CHECKPOINT} is corrupt or not a mezo checkpoint "
-                         f"({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''})") from None
+                         f"({type(e).__name__}: "
+                         f"{str(e).splitlines()[0] if str(e) else ''})") from None
 
 
 def check_match(folder: Path, tensors: dict, want: dict) -> None:
@@ -83,28 +86,33 @@ def check_match(folder: Path, tensors: dict, want: dict) -> None:
     dtype)}."""
     if set(want) != set(tensors):
         missing, extra = sorted(set(want) - set(tensors)), sorted(set(tensors) - set(want))
-        raise UsageError(f"--resume {folder}: checkpoint does not match this model's trainable tensors "
-                         f"(missing {missing[:3]}, unexpected {extra[:3]}); resume with the run's own settings")
+        raise UsageError(f"--resume {folder}: checkpoint does not match this model's trainable "
+                         f"tensors (missing {missing[:3]}, unexpected {extra[:3]}); resume with "
+                         "the run's own settings")
     for name, (shape, dtype) in want.items():
         t = tensors[name]
         if tuple(t.shape) != tuple(shape) or t.dtype != dtype:
-            raise UsageError(f"--resume {folder}: {name} is {tuple(t.shape)} {t.dtype} in the checkpoint but "
-                             f"{tuple(shape)} {dtype} in the model")
+            raise UsageError(f"--resume {folder}: {name} is {tuple(t.shape)} {t.dtype} in the "
+                             f"checkpoint but {tuple(shape)} {dtype} in the model")
 
 
-def save_peft_adapter(folder: Path, lora: dict, r: int, alpha: float, base: str, causal: bool) -> None:
+def save_peft_adapter(folder: Path, lora: dict, r: int, alpha: float, base: str,
+                      causal: bool) -> None:
     """LoRA tensors ({module.lora_A|lora_B: tensor}) in PEFT's layout, so that
     `PeftModel.from_pretrained(model, folder)` (or AutoPeftModelForCausalLM.from_pretrained(folder),
     which loads `base` itself) takes them."""
     from safetensors.torch import save_file
     folder.mkdir(parents=True, exist_ok=True)
-    tensors = {f"base_model.model.{name}.weight": t.detach().cpu().clone() for name, t in lora.items()}
+    tensors = {f"base_model.model.{name}.weight": t.detach().cpu().clone()
+               for name, t in lora.items()}
     modules = sorted({name.rsplit(".", 1)[0] for name in lora})
-    adapter = dict(peft_type="LORA", r=r, lora_alpha=alpha, target_modules=modules, lora_dropout=0.0, bias="none",
-                   fan_in_fan_out=False, base_model_name_or_path=base, task_type="CAUSAL_LM" if causal else None,
+    adapter = dict(peft_type="LORA", r=r, lora_alpha=alpha, target_modules=modules,
+                   lora_dropout=0.0, bias="none", fan_in_fan_out=False,
+                   base_model_name_or_path=base, task_type="CAUSAL_LM" if causal else None,
                    inference_mode=True)
     atomic_write(folder / "adapter_model.safetensors", lambda tmp: save_file(tensors, str(tmp)))
-    atomic_write(folder / "adapter_config.json", lambda tmp: tmp.write_text(json.dumps(adapter, indent=2)))
+    atomic_write(folder / "adapter_config.json",
+                 lambda tmp: tmp.write_text(json.dumps(adapter, indent=2)))
 
 
 def saved_config(folder: Path, flag: str = "--resume") -> dict:
@@ -113,4 +121,5 @@ def saved_config(folder: Path, flag: str = "--resume") -> dict:
     as a run) and no overwrite (an order to one command, not a setting of the run)."""
     _, _, config = read_checkpoint(folder, flag)
     dropped = ("tp", "dp", "replay", "overwrite")
-    return {k: tuple(v) if isinstance(v, list) else v for k, v in config.items() if k not in dropped}
+    return {k: tuple(v) if isinstance(v, list) else v
+            for k, v in config.items() if k not in dropped}

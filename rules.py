@@ -2,16 +2,18 @@
 
 Every rule starts from MeZO's estimate of the step's gradient, made again from the samples' seeds:
 
-    ĝ = mean_k g_k·z_k + wd·θ        (g_k: sample k's projected gradient; wd only on tensors of ≥ 2 dims)
+    ĝ = mean_k g_k·z_k + wd·θ   (g_k: sample k's projected gradient; wd only on tensors of ≥ 2 dims)
 
 ZO-SGD moves θ ← θ − lr·ĝ. The rules here (ZO-Bench, Zhang et al. 2024, arXiv:2402.11592, compares
 them on LLMs; MeZO-Adam is in the MeZO paper's Table 18):
 
-    momentum      m ← β·m + ĝ;  θ ← θ − lr·m                          one buffer the size of θ (float32)
-    adam          m ← β1·m + (1−β1)·ĝ;  v ← β2·v + (1−β2)·ĝ²;          two buffers (float32)
+    rule          step                                           memory beyond ZO-SGD's
+    momentum      m ← β·m + ĝ;  θ ← θ − lr·m                     a float32 buffer the size of θ
+    adam          m ← β1·m + (1−β1)·ĝ;  v ← β2·v + (1−β2)·ĝ²;    two such buffers
                   θ ← θ − lr·m̂ / (√v̂ + δ),  m̂ = m / (1−β1^t), v̂ = v / (1−β2^t)
-    sign          θ ← θ − lr·(mean_k sign(g_k)·z_k + wd·θ)             none
-    conservative  θ ← the lowest-loss of θ, θ − lr·ĝ, θ + lr·ĝ        a copy of θ during the step; 3 more forwards
+    sign          θ ← θ − lr·(mean_k sign(g_k)·z_k + wd·θ)       none
+    conservative  θ ← the lowest-loss of θ, θ − lr·ĝ, θ + lr·ĝ   a copy of θ during the step;
+                                                                 3 more forwards
 
 z stays a function of (seed, index): a rule walks θ chunk by chunk as the reference backend does
 (mezo.noise_chunks, float32 math, float64 kept, one rounding into θ's dtype), so z is never whole
@@ -38,7 +40,8 @@ BETA2, DELTA = 0.999, 1e-8
 def make(name: str, beta: float = 0.9):
     """The rule called name; beta is momentum's β or Adam's β1."""
     if name not in RULES:
-        raise ValueError(f"unknown update rule {name!r}; the rules are sgd (mezo.py's) and {', '.join(RULES)}")
+        raise ValueError(f"unknown update rule {name!r}; the rules are sgd (mezo.py's) and "
+                         f"{', '.join(RULES)}")
     if name in ("momentum", "adam") and not 0 <= beta < 1:
         raise ValueError(f"--rule {name} needs 0 <= beta < 1, got {beta}")
     return {"momentum": lambda: Momentum(beta), "adam": lambda: Adam(beta), "sign": Sign,
@@ -94,7 +97,8 @@ class Stateful:
         """The buffer's piece that matches θ's piece (a view into p's flat tensor)."""
         key = f"{name}:{p.name}"
         if key not in self.buffers:
-            self.buffers[key] = torch.zeros(p.tensor.numel(), dtype=buffer_dtype(p), device=p.tensor.device)
+            self.buffers[key] = torch.zeros(p.tensor.numel(), dtype=buffer_dtype(p),
+                                            device=p.tensor.device)
         start = theta.storage_offset() - p.tensor.storage_offset()
         return self.buffers[key][start:start + theta.numel()]
 
@@ -118,14 +122,16 @@ class Stateful:
         missing = [f"{name}:{p.name}" for name in self.buffer_names for p in params
                    if f"{name}:{p.name}" not in state]
         if missing or "t" not in state:
-            raise ValueError(f"the saved state has no {type(self).__name__.lower()} buffers ({', '.join(missing[:2])}"
-                             f"{'...' if len(missing) > 2 else ''}): it was saved with another --rule")
+            raise ValueError(f"the saved state has no {type(self).__name__.lower()} buffers "
+                             f"({', '.join(missing[:2])}{'...' if len(missing) > 2 else ''}): it "
+                             "was saved with another --rule")
         for name in self.buffer_names:
             for p in params:
                 full = state[f"{name}:{p.name}"]
                 local = full if tuple(full.shape) == tuple(p.tensor.shape) else \
                     full[tuple(slice(s, s + n) for s, n in zip(p.shard_start, p.tensor.shape))]
-                self.buffers[f"{name}:{p.name}"] = local.to(p.tensor.device, buffer_dtype(p)).reshape(-1).clone()
+                self.buffers[f"{name}:{p.name}"] = local.to(p.tensor.device,
+                                                            buffer_dtype(p)).reshape(-1).clone()
         self.t = int(state["t"])
 
     @torch.no_grad()
@@ -177,7 +183,8 @@ class Adam(Stateful):
         self.beta1, self.beta2, self.delta = beta1, beta2, delta
 
     def fused(self) -> tuple:
-        return True, self.beta1, self.beta2, 1 - self.beta1 ** self.t, 1 - self.beta2 ** self.t, self.delta
+        return (True, self.beta1, self.beta2, 1 - self.beta1 ** self.t, 1 - self.beta2 ** self.t,
+                self.delta)
 
     def step(self, p, theta, t, g, lr) -> torch.Tensor:
         c1, c2 = 1 - self.beta1 ** self.t, 1 - self.beta2 ** self.t  # bias corrections
@@ -192,7 +199,8 @@ class Sign(Stateful):
 
     @torch.no_grad()
     def update(self, params, samples, groups, backend, loss_fn) -> None:
-        signs = [dict(s, projected_grad=math.copysign(1.0, s["projected_grad"]) if s["projected_grad"] else 0.0)
+        signs = [dict(s, projected_grad=math.copysign(1.0, s["projected_grad"])
+                      if s["projected_grad"] else 0.0)
                  for s in samples]
         mezo.sgd_update(backend, signs, groups)
 

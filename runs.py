@@ -41,27 +41,31 @@ class ReplayMixin:
     def _read_replay(self) -> dict:
         cfg, folder = self.cfg, Path(self.cfg.replay)
         if not cfg.out or Path(cfg.out).resolve() == folder.resolve():
-            raise UsageError(f"--replay {folder} needs --out NEW_DIR, another folder: the run's own files are kept")
+            raise UsageError(f"--replay {folder} needs --out NEW_DIR, another folder: the run's "
+                             "own files are kept")
         if cfg.optimizer != "mezo":
-            raise UsageError(f"--replay {folder}: a first-order run's steps need its gradients, which its log does "
-                             "not keep; only MeZO runs replay")
+            raise UsageError(f"--replay {folder}: a first-order run's steps need its gradients, "
+                             "which its log does not keep; only MeZO runs replay")
         if not (folder / "log.jsonl").is_file():
-            raise UsageError(f"--replay {folder}: no log.jsonl there; point --replay at a run's --out folder")
+            raise UsageError(f"--replay {folder}: no log.jsonl there; point --replay at a run's "
+                             "--out folder")
         # (a run stopped before its first checkpoint has none)
         if (folder / checkpoints.CHECKPOINT).is_file():
             check_same_run(cfg, checkpoints.saved_config(folder, "--replay"), "--replay", folder)
         records = {r["step"]: r for r in read_log(folder / "log.jsonl") if "projected_grad" in r}
         missing = next((t for t in range(1, cfg.steps + 1) if t not in records), None)
         if missing is not None:
-            raise UsageError(f"--replay {folder}: log.jsonl has no record of step {missing} (it holds steps up to "
-                             f"{max(records, default=0)}); replay to --steps {missing - 1} at most")
+            raise UsageError(f"--replay {folder}: log.jsonl has no record of step {missing} (it "
+                             f"holds steps up to {max(records, default=0)}); replay to --steps "
+                             f"{missing - 1} at most")
         return {t: records[t] for t in range(1, cfg.steps + 1)}
 
     def replayed(self, step: int):
         """The logged losses of a step, in the order mezo_step asks for them (L+, L− of each
         sample)."""
         record = self.replay[step]
-        losses = iter([v for s in record.get("samples") or [record] for v in (s["loss_plus"], s["loss_minus"])]
+        losses = iter([v for s in record.get("samples") or [record]
+                       for v in (s["loss_plus"], s["loss_minus"])]
                       + record.get("candidate_losses", []))  # --rule conservative's three more
         return lambda: next(losses)
 
@@ -69,10 +73,11 @@ class ReplayMixin:
         logged = self.replay[step]
         keys = ("seed", "projected_grad", "lr")
         if any(logged.get(k) != record.get(k) for k in keys):
-            got = {k: (logged.get(k), record.get(k)) for k in keys if logged.get(k) != record.get(k)}
-            raise UsageError(f"--replay {self.cfg.replay}: step {step}'s record does not match its own replay "
-                             f"({got}, logged vs replayed): the log was edited, or the run had another --seed, --eps "
-                             "or --lr")
+            got = {k: (logged.get(k), record.get(k)) for k in keys
+                   if logged.get(k) != record.get(k)}
+            raise UsageError(f"--replay {self.cfg.replay}: step {step}'s record does not match its "
+                             f"own replay ({got}, logged vs replayed): the log was edited, or the "
+                             "run had another --seed, --eps or --lr")
 
     def _check_against_the_runs_checkpoint(self) -> None:
         """Where the run saved a checkpoint at the step replayed to, the replay must equal it bit
@@ -83,11 +88,12 @@ class ReplayMixin:
         tensors, step, _ = checkpoints.read_checkpoint(folder, "--replay")
         # and buffers
         mine = {p.name: p.tensor for p in self.placement.gather(self.params)} | self._rule_state()
-        if step == self.cfg.steps and any(k not in tensors or not torch.equal(tensors[k], t.detach().cpu())
+        if step == self.cfg.steps and any(k not in tensors
+                                          or not torch.equal(tensors[k], t.detach().cpu())
                                           for k, t in mine.items()):
-            raise UsageError(f"--replay {folder}: the rebuilt tensors differ from the run's own checkpoint at step "
-                             f"{step}: another model or backend than the run's (--fast on a GPU is Triton's numbers), "
-                             "or an edited log")
+            raise UsageError(f"--replay {folder}: the rebuilt tensors differ from the run's own "
+                             f"checkpoint at step {step}: another model or backend than the run's "
+                             "(--fast on a GPU is Triton's numbers), or an edited log")
 
 
 @dataclasses.dataclass
@@ -121,7 +127,8 @@ def load(cfg, placement) -> Loaded:
     model.to(device)
     kind = models.model_kind(model)
     print(f"mezo: model {source}: {type(model).__name__}, "
-          f"{sum(p.numel() for p in model.parameters()) / 1e6:.1f}M parameters, {cfg.dtype}, {device}")
+          f"{sum(p.numel() for p in model.parameters()) / 1e6:.1f}M parameters, "
+          f"{cfg.dtype}, {device}")
     note = precision_note(cfg)
     if note and placement.is_main:
         print(note)
@@ -135,8 +142,10 @@ def load(cfg, placement) -> Loaded:
     if cfg.head == "cls":
         models.add_cls_head(model, len(words), cfg.seed)
     candidates = label_tokens(tokenizer, words, kind) if cfg.head == "prompt" else None
-    label_ids = [c[0] for c in candidates] if candidates and all(len(c) == 1 for c in candidates) else []
-    return Loaded(model, device, model_path, tokenizer, data, template, words, kind, candidates, label_ids)
+    label_ids = ([c[0] for c in candidates]
+                 if candidates and all(len(c) == 1 for c in candidates) else [])
+    return Loaded(model, device, model_path, tokenizer, data, template, words, kind, candidates,
+                  label_ids)
 
 
 def make_out(folder: Path, shown) -> None:
@@ -157,7 +166,8 @@ class StepLoss:
 
     def __call__(self) -> float:
         run = self.run
-        return run.placement.mean(run.objective(*run.logits(self.batch), run.cfg.objective), len(self.batch))
+        return run.placement.mean(run.objective(*run.logits(self.batch), run.cfg.objective),
+                                  len(self.batch))
 
     def parts(self):
         return self.run.loss_parts(self.batch)
@@ -169,8 +179,8 @@ class Run(ReplayMixin):
     (objective(logits, labels, name)), the first-order baseline's torch optimizer (or None) and the
     update rule; see train's loop for the order of calls."""
 
-    def __init__(self, cfg, placement, loaded: Loaded, params: list, forward, objective, optimizer=None,
-                 rule=None):
+    def __init__(self, cfg, placement, loaded: Loaded, params: list, forward, objective,
+                 optimizer=None, rule=None):
         self.cfg, self.placement, self.rule, self.objective = cfg, placement, rule, objective
         self.params, self.forward, self.optimizer = params, forward, optimizer
         self.model, self.device, self.model_path = loaded.model, loaded.device, loaded.model_path
@@ -180,8 +190,9 @@ class Run(ReplayMixin):
         # a replay writes beside --out and moves there once it has checked itself
         if self.out and cfg.replay:
             self.into, self.out = self.out, self.out.with_name(f".{self.out.name}.replay")
-        print(f"mezo: training {sum(math.prod(p.full_shape) for p in params):,} values in {len(params)} "
-              f"tensors ({cfg.mode}{f', top {cfg.top_layers} layers' if cfg.top_layers else ''}, head {cfg.head})")
+        print(f"mezo: training {sum(math.prod(p.full_shape) for p in params):,} values in "
+              f"{len(params)} tensors ({cfg.mode}"
+              f"{f', top {cfg.top_layers} layers' if cfg.top_layers else ''}, head {cfg.head})")
         # Tokenise once. The prompt is scored at the mask (masked LMs) or after its last token
         # (causal LMs).
         tokenizer, words = loaded.tokenizer, loaded.words
@@ -192,24 +203,27 @@ class Run(ReplayMixin):
             max_length = positions
             print(f"mezo: --max-length {cfg.max_length} is past the model's {positions} positions; "
                   f"inputs are cut to {positions} tokens")
-        self.splits = encode_splits(tokenizer, loaded.data, loaded.template, loaded.kind, max_length, len(words),
-                                    loaded.candidates)
-        print(f"mezo: {cfg.task} " + ", ".join(f"{name} {len(rows)}" for name, rows in self.splits.items()))
+        self.splits = encode_splits(tokenizer, loaded.data, loaded.template, loaded.kind,
+                                    max_length, len(words), loaded.candidates)
+        print(f"mezo: {cfg.task} " + ", ".join(f"{name} {len(rows)}"
+                                               for name, rows in self.splits.items()))
         # what batch_indices gives a step
         batch_size = min(cfg.batch_size, len(self.splits["train"]))
         if batch_size < placement.dp:  # decided alike on every rank
-            raise UsageError(f"a step's batch has {batch_size} examples (--batch-size {cfg.batch_size}, "
-                             f"{len(self.splits['train'])} training examples), fewer than --dp {placement.dp}: every "
-                             "data-parallel rank needs one; lower --dp, or raise --batch-size or --k")
+            raise UsageError(f"a step's batch has {batch_size} examples (--batch-size "
+                             f"{cfg.batch_size}, {len(self.splits['train'])} training examples), "
+                             f"fewer than --dp {placement.dp}: every data-parallel rank needs one; "
+                             "lower --dp, or raise --batch-size or --k")
         if hasattr(self.forward, "prepare"):  # e.g. cache/ keeps the prompts' shared prefix
-            print(f"mezo: {self.forward.prepare([e['ids'] for rows in self.splits.values() for e in rows])}")
+            ids = [e["ids"] for rows in self.splits.values() for e in rows]
+            print(f"mezo: {self.forward.prepare(ids)}")
         self.per_step = dict(forwards=1, backwards=1) if optimizer else dict(
             forwards=2 * cfg.n_samples + getattr(rule, "extra_forwards", 0), backwards=0)
         self.step_times, self.forward_times, self.last_saved, self.evals = [], [], None, {}
         self.start, self.log, self.counts, self.idle = 0, None, {}, False
         self.replay = self._read_replay() if cfg.replay else None
 
-    # --- the data of a step ---------------------------------------------------------------------------
+    # --- the data of a step -----------------------------------------------------------------------
 
     def batch(self, step: int) -> list[dict]:
         """This process's examples of a step: a pure function of (seed, step), so a resume sees the
@@ -243,12 +257,13 @@ class Run(ReplayMixin):
             yield loss
         self.forward_times.append(spent)
 
-    # --- the schedule: progress, logging, evaluation, checkpoints -------------------------------------
+    # --- the schedule: progress, logging, evaluation, checkpoints ---------------------------------
 
     def evaluates_at(self, step: int) -> bool:
         if self.replay is not None:
             return False  # a replay runs no forward: its checkpoint is the point
-        return step == self.cfg.steps or bool(self.cfg.eval_every and step % self.cfg.eval_every == 0)
+        return step == self.cfg.steps or bool(self.cfg.eval_every
+                                               and step % self.cfg.eval_every == 0)
 
     def saves_at(self, step: int) -> bool:
         """θ itself is needed after this step (an evaluation or a checkpoint, the last step's
@@ -286,7 +301,8 @@ class Run(ReplayMixin):
         evaluation."""
         if self.out and self.placement.is_main and not self.into:
             if resume and self.cfg.overwrite:
-                raise UsageError("--overwrite starts a run afresh and --resume goes on with one: drop one of them")
+                raise UsageError("--overwrite starts a run afresh and --resume goes on with one: "
+                                 "drop one of them")
             if not (resume and Path(resume).resolve() == self.out.resolve()):
                 # a fresh run: a folder without one
                 claim(self.out, self.cfg.overwrite, "--out", locked=True)
@@ -295,13 +311,15 @@ class Run(ReplayMixin):
         self.idle = bool(resume) and self.start == self.cfg.steps
         writes = self.placement.is_main and not self.idle
         self.log = Log(self.out if writes else None, self.start if resume else None)
-        self.counts = {k: self.log.last_step.get(k, n * self.start) for k, n in self.per_step.items()}
+        self.counts = {k: self.log.last_step.get(k, n * self.start)
+                       for k, n in self.per_step.items()}
         self.t0 = time.time()
         peak_memory_mb(self.device, reset=True)  # from here on: evaluations and steps, not loading
         if self.start == 0 and self.replay is None and not self.idle:
             self.evals[0] = self.evaluate(0)
-        self.bar = tqdm(range(self.start + 1, self.cfg.steps + 1), initial=self.start, total=self.cfg.steps,
-                        desc="mezo", dynamic_ncols=True, disable=not self.placement.is_main)
+        self.bar = tqdm(range(self.start + 1, self.cfg.steps + 1), initial=self.start,
+                        total=self.cfg.steps, desc="mezo", dynamic_ncols=True,
+                        disable=not self.placement.is_main)
         return self.bar
 
     @contextlib.contextmanager
@@ -326,9 +344,11 @@ class Run(ReplayMixin):
         if self.replay is not None:
             self._check_replayed(step, record)
         samples = record.pop("samples", None)  # n > 1 directions: each sample's numbers go last
-        self.log.write(dict(step=step, **record, **self.counts) | (dict(samples=samples) if samples else {}))
+        self.log.write(dict(step=step, **record, **self.counts)
+                       | (dict(samples=samples) if samples else {}))
         shown = self.evals[max(self.evals)] if self.evals else {}
-        self.bar.set_postfix(loss=f"{record['loss']:.4f}", acc=f"{shown.get('test', float('nan')):.3f}")
+        self.bar.set_postfix(loss=f"{record['loss']:.4f}",
+                             acc=f"{shown.get('test', float('nan')):.3f}")
         if self.evaluates_at(step):
             self.evals[step] = self.evaluate(step)
         if self.saves_at(step):
@@ -345,12 +365,15 @@ class Run(ReplayMixin):
             mine = self.placement.local(rows)
             acc = loss = 0.0
             if mine:
-                logits, labels = batch_logits(self.forward, mine, self.cfg.micro_batch, self.pad_id, self.device)
-                acc, loss = (logits.argmax(-1) == labels).float().mean().item(), F.cross_entropy(logits, labels).item()
+                logits, labels = batch_logits(self.forward, mine, self.cfg.micro_batch, self.pad_id,
+                                              self.device)
+                acc, loss = ((logits.argmax(-1) == labels).float().mean().item(),
+                             F.cross_entropy(logits, labels).item())
             acc, loss = self.placement.mean(acc, len(mine)), self.placement.mean(loss, len(mine))
             self.log.write(dict(step=step, split=split, accuracy=acc, loss=loss, n=len(rows)))
             results[split] = acc
-            tqdm.write(f"step {step:6d} | {split:4s} accuracy {acc:.4f} loss {loss:.4f} ({len(rows)} examples)")
+            tqdm.write(f"step {step:6d} | {split:4s} accuracy {acc:.4f} loss {loss:.4f} "
+                       f"({len(rows)} examples)")
         return results
 
     def checkpoint(self, step: int) -> None:
@@ -361,13 +384,16 @@ class Run(ReplayMixin):
         full = {p.name: p.tensor for p in self.placement.gather(self.params)}
         rule = self._rule_state()  # (gathered by every rank, as θ is)
         if self.placement.is_main:
-            extra = adam_state(self.optimizer, {p.name: p.tensor for p in self.params}) if self.optimizer else {}
-            checkpoints.save_checkpoint(self.out, full | extra | rule, step, dataclasses.asdict(self.cfg),
+            extra = (adam_state(self.optimizer, {p.name: p.tensor for p in self.params})
+                     if self.optimizer else {})
+            checkpoints.save_checkpoint(self.out, full | extra | rule, step,
+                                        dataclasses.asdict(self.cfg),
                                         [[p.name, p.offset] for p in self.params])
             if self.cfg.mode == "lora":
                 lora = {n: t for n, t in full.items() if n.endswith((".lora_A", ".lora_B"))}
-                checkpoints.save_peft_adapter(self.out / "adapter", lora, self.cfg.lora_r, self.cfg.lora_alpha,
-                                              self.model_path, models.model_kind(self.model) == "causal")
+                checkpoints.save_peft_adapter(self.out / "adapter", lora, self.cfg.lora_r,
+                                              self.cfg.lora_alpha, self.model_path,
+                                              models.model_kind(self.model) == "causal")
         self.last_saved = step
 
     def _rule_state(self) -> dict:
@@ -386,16 +412,19 @@ class Run(ReplayMixin):
         tensors, start, saved = checkpoints.read_checkpoint(Path(folder))
         check_same_run(self.cfg, saved, "--resume", folder)
         if start > self.cfg.steps:  # never relabel step `start`'s tensors as an earlier step's
-            raise UsageError(f"--resume {folder} --steps {self.cfg.steps}: the run is at step {start} already and "
-                             f"a resume only goes on from there: give --steps {start} or more (step "
-                             f"{self.cfg.steps}'s tensors: --replay {folder} --out NEW_DIR --steps {self.cfg.steps})")
+            raise UsageError(f"--resume {folder} --steps {self.cfg.steps}: the run is at step "
+                             f"{start} already and a resume only goes on from there: give --steps "
+                             f"{start} or more (step {self.cfg.steps}'s tensors: --replay {folder} "
+                             f"--out NEW_DIR --steps {self.cfg.steps})")
         adam = {k: tensors.pop(k) for k in list(tensors) if k.startswith("adam:")}
         rule = {k[len("rule."):]: tensors.pop(k) for k in list(tensors) if k.startswith("rule.")}
-        checkpoints.check_match(Path(folder), tensors, {p.name: (p.full_shape, p.tensor.dtype) for p in self.params})
+        checkpoints.check_match(Path(folder), tensors,
+                                {p.name: (p.full_shape, p.tensor.dtype) for p in self.params})
         with torch.no_grad():
             # a shard takes its slice of the full tensor: any world size resumes
             for p in self.params:
-                p.tensor.copy_(tensors[p.name][tuple(slice(s, s + n) for s, n in zip(p.shard_start, p.tensor.shape))])
+                p.tensor.copy_(tensors[p.name][tuple(
+                    slice(s, s + n) for s, n in zip(p.shard_start, p.tensor.shape))])
         if self.optimizer:
             restore_adam_state(self.optimizer, {p.name: p.tensor for p in self.params}, adam)
         if self.rule is not None:
@@ -412,7 +441,8 @@ class Run(ReplayMixin):
         forward time."""
         self.bar.close()
         if self.idle:
-            print(f"mezo: {self.out} is at step {self.start} already: nothing to run, nothing changed")
+            print(f"mezo: {self.out} is at step {self.start} already: nothing to run, "
+                  "nothing changed")
             if self.out and (self.out / "summary.json").is_file():
                 self.placement.close()
                 return json.loads((self.out / "summary.json").read_text())
@@ -421,8 +451,8 @@ class Run(ReplayMixin):
         if self.last_saved != self.cfg.steps:
             self.checkpoint(self.cfg.steps)
         wall_time, per_step = time.time() - self.t0, self.per_step["forwards"]
-        summary = dict(optimizer=self.cfg.optimizer, steps=self.cfg.steps, wall_time=wall_time, evals=self.evals,
-                       **self.counts, peak_memory_mb=peak_memory_mb(self.device))
+        summary = dict(optimizer=self.cfg.optimizer, steps=self.cfg.steps, wall_time=wall_time,
+                       evals=self.evals, **self.counts, peak_memory_mb=peak_memory_mb(self.device))
         if self.step_times and self.forward_times:  # (a replay runs no forward)
             s, f = float(np.median(self.step_times)), float(np.median(self.forward_times))
             summary.update(step_time=s, forward_time=f, ratio=s / (per_step * f))
@@ -432,7 +462,8 @@ class Run(ReplayMixin):
             summary["cache"] = self.forward.stats()
             print("mezo: cache: " + ", ".join(f"{k} {v}" for k, v in summary["cache"].items()))
         last = self.evals[max(self.evals)] if self.evals else {}
-        print(f"mezo: done in {wall_time:.0f} s; " + ", ".join(f"{k} accuracy {v:.4f}" for k, v in last.items()))
+        print(f"mezo: done in {wall_time:.0f} s; " + ", ".join(f"{k} accuracy {v:.4f}"
+                                                               for k, v in last.items()))
         # this process's part of the run (a resumed run writes its own)
         if self.out and self.placement.is_main:
             write = lambda tmp: tmp.write_text(json.dumps(summary, indent=1))
@@ -443,7 +474,7 @@ class Run(ReplayMixin):
         return summary
 
 
-# --- the run folder: one writer, no run written over, the same run resumed or replayed -----------------
+# --- the run folder: one writer, no run written over, the same run resumed or replayed ------------
 
 # a folder with one holds a run
 RUN_FILES = (checkpoints.CHECKPOINT, "log.jsonl", "summary.json", "adapter")
@@ -460,15 +491,15 @@ class FolderLock:
         try:
             self.fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
         except OSError as e:  # a read-only folder: refused before anything is loaded or written
-            raise UsageError(f"--out {shown}: cannot write there ({e.strerror}); make it writable or pick "
-                             "another --out") from None
+            raise UsageError(f"--out {shown}: cannot write there ({e.strerror}); make it writable "
+                             "or pick another --out") from None
         try:
             fcntl.flock(self.fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
             pid = lock_holder(self.fd)
             os.close(self.fd)
-            raise UsageError(f"{shown}: another run (PID {pid}) is writing this folder; wait for it to end, or "
-                             "pick another --out") from None
+            raise UsageError(f"{shown}: another run (PID {pid}) is writing this folder; wait for "
+                             "it to end, or pick another --out") from None
 
     def release(self) -> None:
         if self.fd is not None:
@@ -485,7 +516,8 @@ def lock_holder(fd: int) -> str:
             # e.g. "1: FLOCK  ADVISORY  WRITE 4242 00:2f:1234 0 EOF" ("->" lines wait)
             for line in f:
                 fields = line.split()
-                if "->" not in fields and fields[1:2] == ["FLOCK"] and fields[5].endswith(f":{inode}"):
+                if ("->" not in fields and fields[1:2] == ["FLOCK"]
+                        and fields[5].endswith(f":{inode}")):
                     return fields[4]
     except (OSError, IndexError):
         pass
@@ -502,8 +534,9 @@ def claim(folder: Path, overwrite: bool, flag: str, locked: bool = False) -> Non
         FolderLock(folder, folder).release()  # only to ask: is another run writing it now?
     old = [name for name in RUN_FILES if (folder / name).exists()]
     if old and not overwrite:
-        raise UsageError(f"{flag} {folder} already holds a run ({', '.join(old)}): --resume {folder} to go on "
-                         "with it, --overwrite to replace it, or pick another --out (nothing was changed)")
+        raise UsageError(f"{flag} {folder} already holds a run ({', '.join(old)}): --resume "
+                         f"{folder} to go on with it, --overwrite to replace it, or pick another "
+                         "--out (nothing was changed)")
     # (a replay's result replaces the folder when it moves in)
     for name in old if flag == "--out" else ():
         shutil.rmtree(folder / name) if (folder / name).is_dir() else (folder / name).unlink()
@@ -526,10 +559,11 @@ def move_into_place(built: Path, into: Path, overwrite: bool) -> None:
 # SAME_STEPS decide each step's update: a replay must take them as the run had them (else its
 # tensors are not the run's), and a resume may change them for the steps after it (a lower --lr or
 # --eps is the way past a non-finite loss).
-SAME_RUN = ("task", "k", "data_seed", "template", "label_words", "max_length", "model", "dtype", "head", "mode",
-            "lora_r", "lora_alpha", "lora_targets", "lora_dtype", "top_layers", "num_prefix", "seed", "optimizer",
-            "rule")
-SAME_STEPS = ("lr", "eps", "weight_decay", "n_samples", "beta", "batch_size", "objective", "exact_restore")
+SAME_RUN = ("task", "k", "data_seed", "template", "label_words", "max_length", "model", "dtype",
+            "head", "mode", "lora_r", "lora_alpha", "lora_targets", "lora_dtype", "top_layers",
+            "num_prefix", "seed", "optimizer", "rule")
+SAME_STEPS = ("lr", "eps", "weight_decay", "n_samples", "beta", "batch_size", "objective",
+              "exact_restore")
 
 
 def check_same_run(cfg, saved: dict, flag: str, folder) -> None:
@@ -546,8 +580,9 @@ def check_same_run(cfg, saved: dict, flag: str, folder) -> None:
         if was != now:
             show = lambda v: ",".join(v) if isinstance(v, tuple) else v
             option = "--" + name.replace("_", "-")
-            raise UsageError(f"{flag} {folder}: the run was trained with {option} {show(was)}; {flag[2:]} it with "
-                             f"the same {name.replace('_', ' ')} (drop {option} {show(now)})")
+            raise UsageError(f"{flag} {folder}: the run was trained with {option} {show(was)}; "
+                             f"{flag[2:]} it with the same {name.replace('_', ' ')} (drop {option} "
+                             f"{show(now)})")
 
 
 def same_model_folder(was: str, now: str) -> bool:
@@ -558,7 +593,8 @@ def same_model_folder(was: str, now: str) -> bool:
     old, new = Path(was), Path(now)
     if not old.exists():
         return True
-    read = lambda folder: (folder / "config.json").read_bytes() if (folder / "config.json").is_file() else None
+    read = lambda folder: ((folder / "config.json").read_bytes()
+                           if (folder / "config.json").is_file() else None)
     return read(old) is not None and read(old) == read(new)
 
 
@@ -573,41 +609,47 @@ def keep_last_good(error: NonFiniteLoss, cfg, train) -> str:
         return str(error)
     good = s - 2
     if good < 0:
-        return (f"{error}: the run's first forwards, at its starting tensors ± ε·z, were not finite, so there is no "
-                f"good step to keep. If step 0's evaluation printed a finite loss, a smaller --eps may get past it; "
-                f"if not, the model overflows in --dtype {cfg.dtype}: try float32")
+        return (f"{error}: the run's first forwards, at its starting tensors ± ε·z, were not "
+                "finite, so there is no good step to keep. If step 0's evaluation printed a "
+                "finite loss, a smaller --eps may get past it; if not, the model overflows in "
+                f"--dtype {cfg.dtype}: try float32")
     if not out:
         return f"{error}. Without --out nothing was kept: run again with a lower --lr or --eps"
-    again = (f"--resume {out} --steps {cfg.steps} with a lower --lr (step {s - 1}'s update led there) or --eps "
-             "gets past it")
+    again = (f"--resume {out} --steps {cfg.steps} with a lower --lr (step {s - 1}'s update led "
+             "there) or --eps gets past it")
     if saved != good and (cfg.tp > 1 or cfg.dp > 1 or int(os.environ.get("WORLD_SIZE", "1")) > 1):
-        return (f"{error}: rebuild step {good}'s exact tensors, the last whose forwards were finite, with one "
-                f"process: --replay {out} --out NEW_DIR --steps {good}; then --resume NEW_DIR --steps {cfg.steps} "
-                "with a lower --lr or --eps")
+        return (f"{error}: rebuild step {good}'s exact tensors, the last whose forwards were "
+                f"finite, with one process: --replay {out} --out NEW_DIR --steps {good}; then "
+                f"--resume NEW_DIR --steps {cfg.steps} with a lower --lr or --eps")
     if saved != good:
         rebuilt = Path(out) / ".rebuild"
-        print(f"mezo: rebuilding step {good}'s tensors, the last whose forwards were finite, from {out}/log.jsonl")
+        print(f"mezo: rebuilding step {good}'s tensors, the last whose forwards were finite, from "
+              f"{out}/log.jsonl")
         lock = FolderLock(Path(out), out)
         try:
             # from the checkpoint, else the start
             since = out if saved is not None and saved < good else None
-            train(dataclasses.replace(cfg, replay=out, out=str(rebuilt), steps=good, overwrite=True), since)
+            train(dataclasses.replace(cfg, replay=out, out=str(rebuilt), steps=good,
+                                      overwrite=True), since)
             # the checkpoint and the adapter; the run's log stays
             for path in sorted(rebuilt.rglob("*")):
-                if path.is_file() and path.name in (checkpoints.CHECKPOINT, "adapter_model.safetensors",
+                if path.is_file() and path.name in (checkpoints.CHECKPOINT,
+                                                    "adapter_model.safetensors",
                                                     "adapter_config.json"):
                     (Path(out) / path.relative_to(rebuilt)).parent.mkdir(exist_ok=True)
                     os.replace(path, Path(out) / path.relative_to(rebuilt))
         except UsageError as e:
             if saved is not None and saved < good:
                 return f"{error}; last good checkpoint (step {saved}) in {out}. {again}"
-            kept = "nothing was kept" if saved is None else f"{out}'s checkpoint (step {saved}) is not a good one"
-            return (f"{error}; the last good step ({good}) could not be rebuilt ({e}), and {kept}: start again "
-                    "with --overwrite and a lower --lr or --eps")
+            kept = ("nothing was kept" if saved is None
+                    else f"{out}'s checkpoint (step {saved}) is not a good one")
+            return (f"{error}; the last good step ({good}) could not be rebuilt ({e}), and {kept}: "
+                    "start again with --overwrite and a lower --lr or --eps")
         finally:
             shutil.rmtree(rebuilt, ignore_errors=True)
             lock.release()
-    return f"{error}; kept step {good}'s exact tensors, the last whose forwards were finite, in {out}. {again}"
+    return (f"{error}; kept step {good}'s exact tensors, the last whose forwards were finite, in "
+            f"{out}. {again}")
 
 
 def check_config(cfg) -> None:
@@ -625,21 +667,26 @@ def check_config(cfg) -> None:
                          f"'{','.join(tasks.prompt(cfg.task, 'mlm')[1])}')")
     models.check_device(cfg.device)
     if cfg.mode == "head" and cfg.head != "cls":
-        raise UsageError("--mode head trains the fresh classification head alone; it needs --head cls")
+        raise UsageError("--mode head trains the fresh classification head alone; it needs "
+                         "--head cls")
     if cfg.mode == "prefix" and (cfg.cache or cfg.tp > 1 or cfg.top_layers):
         raise UsageError("--mode prefix puts virtual tokens on every attention layer: drop " + (
-            "--cache (it reuses frozen layers' states, and the prefix changes every layer's attention)" if cfg.cache
-            else "--tp (the prefix is not sharded across ranks; --dp works)" if cfg.tp > 1 else "--top-layers"))
+            "--cache (it reuses frozen layers' states, and the prefix changes every layer's "
+            "attention)" if cfg.cache
+            else "--tp (the prefix is not sharded across ranks; --dp works)" if cfg.tp > 1
+            else "--top-layers"))
     if cfg.cache and cfg.tp > 1:
-        raise UsageError("--cache runs the model's layers itself and does not take tensor-parallel shards: "
-                         "drop --cache, or use --dp alone")
+        raise UsageError("--cache runs the model's layers itself and does not take tensor-parallel "
+                         "shards: drop --cache, or use --dp alone")
     if cfg.optimizer == "adam" and (cfg.objective != "ce" or cfg.fast):
-        raise UsageError("--optimizer adam backpropagates the cross-entropy: drop --objective accuracy and --fast")
+        raise UsageError("--optimizer adam backpropagates the cross-entropy: drop --objective "
+                         "accuracy and --fast")
     if cfg.optimizer == "adam" and cfg.rule != "sgd":
-        raise UsageError(f"--rule {cfg.rule} is a zeroth-order update rule; --optimizer adam is the first-order "
-                         "baseline: drop one of them (MeZO-Adam is --rule adam)")
+        raise UsageError(f"--rule {cfg.rule} is a zeroth-order update rule; --optimizer adam is "
+                         "the first-order baseline: drop one of them (MeZO-Adam is --rule adam)")
     if cfg.optimizer == "adam" and (cfg.tp > 1 or cfg.dp > 1 or cfg.cache):
-        raise UsageError("--optimizer adam is the single-process baseline: drop --tp, --dp and --cache")
+        raise UsageError("--optimizer adam is the single-process baseline: drop --tp, --dp and "
+                         "--cache")
 
 
 # projected_grad's relative error against float32 by model dtype and ε, as bench/precision.py
@@ -672,7 +719,8 @@ def step_record(samples: list[dict], lr: float) -> dict:
     O(ε²))."""
     mean = lambda key: sum(s[key] for s in samples) / len(samples)
     return dict(seed=samples[0]["seed"], loss_plus=mean("loss_plus"), loss_minus=mean("loss_minus"),
-                projected_grad=mean("projected_grad"), lr=lr, loss=(mean("loss_plus") + mean("loss_minus")) / 2,
+                projected_grad=mean("projected_grad"), lr=lr,
+                loss=(mean("loss_plus") + mean("loss_minus")) / 2,
                 **(dict(samples=samples) if len(samples) > 1 else {}),
                 # --rule conservative
                 **{k: samples[0][k] for k in ("kept", "candidate_losses") if k in samples[0]})
@@ -700,7 +748,8 @@ class Log:
         self.last_step = {}
         if self.path and resume_step is not None and self.path.exists():
             keep = [r for r in read_log(self.path) if r["step"] <= resume_step]
-            checkpoints.atomic_write(self.path, lambda tmp: tmp.write_text("".join(json.dumps(r) + "\n" for r in keep)))
+            checkpoints.atomic_write(self.path, lambda tmp: tmp.write_text(
+                "".join(json.dumps(r) + "\n" for r in keep)))
             self.last_step = next((r for r in reversed(keep) if "forwards" in r), {})
         elif self.path:
             checkpoints.atomic_write(self.path, lambda tmp: tmp.write_text(""))
@@ -728,8 +777,8 @@ def read_log(path: Path) -> list[dict]:
         except ValueError as e:
             if i == len(lines) and not line.rstrip().endswith("}"):
                 break  # the partial last write of a run that was killed
-            raise UsageError(f"{path}: line {i} is not a log record ({e}); fix or delete that line, then "
-                             "run again (nothing was changed)") from None
+            raise UsageError(f"{path}: line {i} is not a log record ({e}); fix or delete that "
+                             "line, then run again (nothing was changed)") from None
         records.append(record)
     return records
 

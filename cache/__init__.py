@@ -79,19 +79,21 @@ class CachedForward(PromptForward):
         super().__init__(model, label_ids)
         self.arch, self.embeddings, self.layers = _body_parts(self.body)
         if self.arch is None:
-            raise UsageError(f"--cache supports Llama-style decoders and BERT/RoBERTa encoders, not "
-                             f"{type(self.body).__name__}; drop --cache")
+            raise UsageError("--cache supports Llama-style decoders and BERT/RoBERTa encoders, "
+                             f"not {type(self.body).__name__}; drop --cache")
         first = first_trainable_layer(model, params)
         if first < 0:
-            raise UsageError("--cache: the embeddings are trainable, so no computation is frozen; drop --cache "
-                             "or train only the top layers (--top-layers K)")
+            raise UsageError("--cache: the embeddings are trainable, so no computation is frozen; "
+                             "drop --cache or train only the top layers (--top-layers K)")
         self.l0 = first if layer is None else layer
         if not 0 <= self.l0 <= first:
-            held = [p.name for p in params if any(p.tensor is q for q in self.layers[first].parameters())] \
+            held = [p.name for p in params
+                    if any(p.tensor is q for q in self.layers[first].parameters())] \
                 if first < len(self.layers) else []
-            raise UnsafeCache(f"refusing to cache the input of layer {self.l0}: layer {first} holds trainable "
-                              f"tensors ({', '.join(held[:2])}), so that activation moves with θ ± εz; "
-                              f"reusing it across the ± passes would bias the gradient estimate (cache at ≤ {first})")
+            raise UnsafeCache(f"refusing to cache the input of layer {self.l0}: layer {first} "
+                              f"holds trainable tensors ({', '.join(held[:2])}), so that "
+                              "activation moves with θ ± εz; reusing it across the ± passes "
+                              f"would bias the gradient estimate (cache at ≤ {first})")
         # The tensors the cached states depend on: embeddings and layers < l0, all frozen by
         # construction.
         self.frozen = [p for m in [self.embeddings, *self.layers[:self.l0]] for p in m.parameters()]
@@ -103,23 +105,27 @@ class CachedForward(PromptForward):
         self.hits = self.misses = self.evictions = self.invalidations = self.nbytes = 0
         self.prefix_hits = self.prefix_tokens_saved = 0
         self._fingerprint = self._frozen_fingerprint()
-        self.prefix_kv = self.arch == "decoder" and getattr(self.body.config, "sliding_window", None) is None
+        self.prefix_kv = (self.arch == "decoder"
+                          and getattr(self.body.config, "sliding_window", None) is None)
         self.prefix_kv_reason = (None if self.prefix_kv else
-                                 "bidirectional encoder: every token attends to every other, so a prefix's "
-                                 "keys/values depend on the tokens after it; only the per-example trunk is reused"
-                                 if self.arch == "encoder" else "sliding-window attention: prefix KV not supported")
+                                 "bidirectional encoder: every token attends to every other, so a "
+                                 "prefix's keys/values depend on the tokens after it; only the "
+                                 "per-example trunk is reused"
+                                 if self.arch == "encoder" else
+                                 "sliding-window attention: prefix KV not supported")
         # prefix tree: token id -> child dict; key None -> (k/v per layer, hidden)
         self.prefixes: dict = {}
         self.prefix_bytes = 0
 
-    # --- validity -----------------------------------------------------------------------------------
+    # --- validity ---------------------------------------------------------------------------------
 
     def _frozen_fingerprint(self) -> tuple:
         # Storage address and version counter of every frozen tensor: any in-place write (copy_,
         # add_, load_state_dict) bumps _version; a swapped tensor changes the address. Cheap: no
         # data is read. Writes through `.data` bypass the version counter: call invalidate() after
         # those.
-        return tuple((p.data_ptr(), p._version, p.dtype, p.device, tuple(p.shape)) for p in self.frozen)
+        return tuple((p.data_ptr(), p._version, p.dtype, p.device, tuple(p.shape))
+                     for p in self.frozen)
 
     def invalidate(self) -> None:
         """Forget every stored state (frozen weights changed)."""
@@ -135,8 +141,9 @@ class CachedForward(PromptForward):
 
     def stats(self) -> dict:
         return dict(layer=self.l0, layers=len(self.layers), entries=len(self.store), hits=self.hits,
-                    misses=self.misses, bytes=self.nbytes, max_bytes=self.max_bytes, evictions=self.evictions,
-                    invalidations=self.invalidations, prefixes=self._count_prefixes(self.prefixes),
+                    misses=self.misses, bytes=self.nbytes, max_bytes=self.max_bytes,
+                    evictions=self.evictions, invalidations=self.invalidations,
+                    prefixes=self._count_prefixes(self.prefixes),
                     prefix_bytes=self.prefix_bytes, prefix_hits=self.prefix_hits,
                     prefix_tokens_saved=self.prefix_tokens_saved)
 
@@ -144,20 +151,22 @@ class CachedForward(PromptForward):
         """What mezo.train prints before the first step: what is reused, and the prompts' shared
         prefix, kept."""
         n = self.add_shared_prefix(sequences)
-        return "cache: " + self.describe() + (f"; keys/values of the prompts' shared prefix ({n} tokens) kept for "
-                                              "the frozen layers" if n else "")
+        return "cache: " + self.describe() + (f"; keys/values of the prompts' shared prefix ({n} "
+                                              "tokens) kept for the frozen layers" if n else "")
 
     def describe(self) -> str:
         what = (f"reusing the input of layer {self.l0} of {len(self.layers)} per example"
-                if self.l0 > 0 else "layer 0 holds trainable tensors: only the embeddings are reused")
+                if self.l0 > 0 else
+                "layer 0 holds trainable tensors: only the embeddings are reused")
         return what + ("" if self.prefix_kv else f"; no prefix KV ({self.prefix_kv_reason})")
 
-    # --- the forward --------------------------------------------------------------------------------
+    # --- the forward ------------------------------------------------------------------------------
 
     @torch.no_grad()
     def __call__(self, batch: dict) -> torch.Tensor:
         if self.model.training:  # dropout would make the trunk random: nothing could be reused
-            raise UsageError("CachedForward needs model.eval() (MeZO's forwards run without dropout)")
+            raise UsageError("CachedForward needs model.eval() (MeZO's forwards run without "
+                             "dropout)")
         self._check_valid()
         # (B, T) right-padded, as tasks/prompts.collate makes
         ids, mask = batch["input_ids"], batch["attention_mask"]
@@ -177,7 +186,8 @@ class CachedForward(PromptForward):
             for key, h in zip(missing, self.trunk(list(missing))):
                 found.update((i, h) for i in missing[key])
                 self._put(key, h)
-        hidden = torch.zeros(len(keys), ids.size(1), found[0].size(-1), dtype=found[0].dtype, device=ids.device)
+        hidden = torch.zeros(len(keys), ids.size(1), found[0].size(-1), dtype=found[0].dtype,
+                             device=ids.device)
         for i, n in enumerate(lengths):
             # (B, T, H): re-padded; pad rows are masked out of every real token
             hidden[i, :n] = found[i]
@@ -199,9 +209,11 @@ class CachedForward(PromptForward):
         arguments)."""
         from transformers.masking_utils import create_bidirectional_mask, create_causal_mask
         if self.arch == "decoder":
-            return create_causal_mask(config=self.body.config, inputs_embeds=hidden, attention_mask=mask,
-                                      past_key_values=past, position_ids=position_ids)
-        return create_bidirectional_mask(config=self.body.config, inputs_embeds=hidden, attention_mask=mask)
+            return create_causal_mask(config=self.body.config, inputs_embeds=hidden,
+                                      attention_mask=mask, past_key_values=past,
+                                      position_ids=position_ids)
+        return create_bidirectional_mask(config=self.body.config, inputs_embeds=hidden,
+                                         attention_mask=mask)
 
     def _run(self, layers, hidden, mask, position_ids=None, past=None):
         """hidden (B, T, H) through the given layers, as the model's forward runs them."""
@@ -218,8 +230,9 @@ class CachedForward(PromptForward):
         # (cos, sin), each (1, T, head_dim)
         rope = self.body.rotary_emb(hidden, position_ids=position_ids)
         for layer in layers:
-            hidden = layer(hidden, attention_mask=attn, position_ids=position_ids, past_key_values=past,
-                           use_cache=past is not None, position_embeddings=rope)
+            hidden = layer(hidden, attention_mask=attn, position_ids=position_ids,
+                           past_key_values=past, use_cache=past is not None,
+                           position_embeddings=rope)
         return hidden
 
     def upper(self, hidden: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
@@ -240,7 +253,8 @@ class CachedForward(PromptForward):
             entries[depth] = entry
         out: list[torch.Tensor | None] = [None] * len(keys)
         for depth, rows in groups.items():
-            for i, h in zip(rows, self._trunk_group([keys[i] for i in rows], depth, entries[depth])):
+            for i, h in zip(rows, self._trunk_group([keys[i] for i in rows], depth,
+                                                    entries[depth])):
                 out[i] = h
             if depth:
                 self.prefix_hits += len(rows)
@@ -268,14 +282,15 @@ class CachedForward(PromptForward):
             return [hidden[i, :len(s)].clone() for i, s in enumerate(suffixes)]
         from transformers import DynamicCache
         kv, prefix_hidden = entry  # per frozen layer (1, heads, P, d) keys and values; (P, H)
-        past = DynamicCache(ddp_cache_data=[(k.expand(len(keys), -1, -1, -1), v.expand(len(keys), -1, -1, -1))
+        past = DynamicCache(ddp_cache_data=[(k.expand(len(keys), -1, -1, -1),
+                                             v.expand(len(keys), -1, -1, -1))
                                             for k, v in kv])
         # (1, T): after the prefix
         position_ids = torch.arange(depth, depth + T, device=device).unsqueeze(0)
         hidden = self._run(self.layers[:self.l0], hidden, mask, position_ids, past)
         return [torch.cat([prefix_hidden, hidden[i, :len(s)]]) for i, s in enumerate(suffixes)]
 
-    # --- shared prefixes (causal decoders only) -----------------------------------------------------
+    # --- shared prefixes (causal decoders only) ---------------------------------------------------
 
     def _lookup(self, key: tuple[int, ...]):
         """(depth, entry) of the longest registered prefix of key that leaves at least one token
@@ -301,7 +316,8 @@ class CachedForward(PromptForward):
         from transformers import DynamicCache
         x = torch.tensor([ids], device=next(self.embeddings.parameters()).device)  # (1, P)
         past = DynamicCache()
-        hidden = self._run(self.layers[:self.l0], self.embeddings(x), torch.ones_like(x), None, past)
+        hidden = self._run(self.layers[:self.l0], self.embeddings(x), torch.ones_like(x), None,
+                           past)
         # (1, heads, P, d) each
         kv = [(layer.keys, layer.values) for layer in past.layers[:self.l0]]
         entry = (kv, hidden[0].clone())  # (P, H)

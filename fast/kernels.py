@@ -311,7 +311,8 @@ def compile_cases(hand_round: bool = False, block4s=(BLOCK4,)):
         signature = dict(zip(runtime, TABLES + types, strict=True))
         for block4, kind, values in itertools.product(block4s, sorted(set(KINDS.values())),
                                                       itertools.product(*own.values())):
-            constexprs = {"BLOCK4": block4, "KIND": kind, "HAND_ROUND": hand_round, **dict(zip(own, values))}
+            constexprs = {"BLOCK4": block4, "KIND": kind, "HAND_ROUND": hand_round,
+                          **dict(zip(own, values))}
             yield kernel, {**signature, **dict.fromkeys(constexprs, "constexpr")}, constexprs
 # up to this many values in tensors of 1M on average (LoRA's) share one buffer
 COALESCE_MAX_NUMEL = 1 << 26
@@ -338,9 +339,11 @@ def _launches(runs, saved=None):
     for i, (theta, offset, decay, stretch) in enumerate(runs):
         # Philox counters its indices touch
         counters = (offset + theta.numel() - 1) // 4 - offset // 4 + 1
-        block4 = min(BLOCK4, max(MIN_BLOCK4, triton.next_power_of_2(counters))) if stretch else BLOCK4
+        block4 = (min(BLOCK4, max(MIN_BLOCK4, triton.next_power_of_2(counters))) if stretch
+                  else BLOCK4)
         copy = theta if saved is None else saved[i]
-        groups.setdefault((theta.dtype, theta.device, block4), []).append((theta, offset, decay, copy, counters))
+        groups.setdefault((theta.dtype, theta.device, block4), []).append((theta, offset, decay,
+                                                                           copy, counters))
     launches = []
     for (dtype, device, block4), group in groups.items():
         rows, programs = [], []
@@ -352,18 +355,21 @@ def _launches(runs, saved=None):
             program[:, PROG_BLOCK.value] = torch.arange(blocks)
             programs.append(program)
         programs = torch.cat(programs).to(device=device, dtype=torch.int64).contiguous()
-        launches.append((torch.tensor(rows, dtype=torch.int64, device=device), programs, programs.shape[0],
-                         KINDS[dtype], block4))
+        launches.append((torch.tensor(rows, dtype=torch.int64, device=device), programs,
+                         programs.shape[0], KINDS[dtype], block4))
     return launches
 
 
 def launch_checked(kernel, launch, *args, **constexprs):
     types, own = LAUNCHED[kernel]
-    if set(constexprs) != set(own) or any(constexprs[k] not in own[k] for k in own) or len(args) != len(types):
+    if (set(constexprs) != set(own) or any(constexprs[k] not in own[k] for k in own)
+            or len(args) != len(types)):
         # a launch outside LAUNCHED would be compiled for a GPU by no test
-        raise ValueError(f"{kernel.__name__}: launch not in kernels.LAUNCHED: {constexprs}, {len(args)} arguments")
+        raise ValueError(f"{kernel.__name__}: launch not in kernels.LAUNCHED: {constexprs}, "
+                         f"{len(args)} arguments")
     tensors, programs, count, kind, block4 = launch
-    kernel[(count,)](tensors, programs, *args, BLOCK4=block4, KIND=kind, HAND_ROUND=HAND_ROUND, **constexprs)
+    kernel[(count,)](tensors, programs, *args, BLOCK4=block4, KIND=kind, HAND_ROUND=HAND_ROUND,
+                     **constexprs)
 
 
 def _runs(params):
@@ -376,8 +382,9 @@ def _runs(params):
     is one)."""
     for p in params:
         if not p.tensor.is_contiguous() or p.tensor.dtype not in KINDS:
-            raise ValueError(f"{p.name}: the Triton backend takes contiguous float32/bfloat16/float16 tensors "
-                             f"(got {p.tensor.dtype}{'' if p.tensor.is_contiguous() else ', not contiguous'}); "
+            raise ValueError(f"{p.name}: the Triton backend takes contiguous "
+                             f"float32/bfloat16/float16 tensors (got {p.tensor.dtype}"
+                             f"{'' if p.tensor.is_contiguous() else ', not contiguous'}); "
                              "use mezo.TorchBackend for others")
     whole = all(tuple(p.tensor.shape) == tuple(p.full_shape) for p in params)
     adjacent = all(q.offset == p.offset + p.tensor.numel() for p, q in zip(params, params[1:]))
@@ -479,9 +486,11 @@ class TritonBackend:
             launch_checked(perturb_kernel, launch, seed, float(scale), SOURCE=source.value)
 
     @torch.no_grad()
-    def update(self, params, seed: int, projected_grad: float, lr: float, weight_decay: float) -> None:
+    def update(self, params, seed: int, projected_grad: float, lr: float,
+               weight_decay: float) -> None:
         for launch in self.launches(params):
-            launch_checked(update_kernel, launch, seed, float(projected_grad), float(lr), float(weight_decay))
+            launch_checked(update_kernel, launch, seed, float(projected_grad), float(lr),
+                           float(weight_decay))
 
     def _rule_buffers(self, rule, name: str, params, runs) -> list[torch.Tensor]:
         """The rule's buffer `name` as one flat tensor per run (see _runs), each tensor's own buffer
@@ -501,7 +510,8 @@ class TritonBackend:
             where = [(p, (p.tensor.data_ptr() - lo) // size) for p in inside]
             keys = [f"{name}:{p.name}" for p in inside]
             first = rule.buffers.get(keys[0])
-            if first is None or not all(k in rule.buffers and rule.buffers[k].data_ptr() == first.data_ptr() + 4 * at
+            if first is None or not all(k in rule.buffers
+                                        and rule.buffers[k].data_ptr() == first.data_ptr() + 4 * at
                                         for k, (_, at) in zip(keys, where)):
                 whole = torch.zeros(theta.numel(), dtype=torch.float32, device=theta.device)
                 for k, (p, at) in zip(keys, where):
@@ -513,18 +523,20 @@ class TritonBackend:
         return out
 
     @torch.no_grad()
-    def rule_update(self, rule, params, samples: list[dict], lr: float, weight_decay: float) -> None:
+    def rule_update(self, rule, params, samples: list[dict], lr: float,
+                    weight_decay: float) -> None:
         """rules.py's momentum or Adam step (rule.fused(): its constants) in one pass over θ and the
         buffers, z made in the kernel for every sample: no z in memory, one launch per dtype. θ is
         the step's θ (restored)."""
         adam, beta1, beta2, c1, c2, delta = rule.fused()
         runs = self.runs(params)  # refuses dtypes the kernels do not take, in one line
         names = rule.buffer_names
-        firsts, seconds = (self._rule_buffers(rule, name, params, runs) for name in (names[0], names[-1]))
+        firsts, seconds = (self._rule_buffers(rule, name, params, runs)
+                           for name in (names[0], names[-1]))
         device = runs[0][0].device
         seeds = torch.tensor([s["seed"] for s in samples], dtype=torch.int64, device=device)
-        coefs = torch.tensor([s["projected_grad"] / len(samples) for s in samples], dtype=torch.float32,
-                             device=device)
+        coefs = torch.tensor([s["projected_grad"] / len(samples) for s in samples],
+                             dtype=torch.float32, device=device)
         key = (self._cache[0], [b.data_ptr() for b in firsts + seconds])
         # the tables, as long as θ and the buffers stay where they are
         if self._rule_cache[0] != key:
@@ -534,8 +546,8 @@ class TritonBackend:
                               for launch, other in launches]
             self._rule_cache = (key, seconds_column)
         for launch, second in self._rule_cache[1]:
-            launch_checked(rule_kernel, launch, second, seeds, coefs, len(samples), float(lr), float(weight_decay),
-                    beta1, beta2, c1, c2, delta, ADAM=adam)
+            launch_checked(rule_kernel, launch, second, seeds, coefs, len(samples), float(lr),
+                           float(weight_decay), beta1, beta2, c1, c2, delta, ADAM=adam)
 
     def settle(self, params) -> None:
         """Every pass is made when asked for: nothing to do (fast.Fused holds passes back)."""
@@ -547,10 +559,11 @@ class TritonBackend:
         θ: the same roundings as the three calls, a third (or half) of the traffic."""
         launches = self.launches(params)
         if self.exact and self._scale != -eps:  # mezo_step calls it after perturb(+ε), perturb(−2ε)
-            raise RuntimeError(f"restore_and_update in exact mode expects θ − εz, not {self._scale}·z (ε = {eps})")
+            raise RuntimeError("restore_and_update in exact mode expects θ − εz, "
+                               f"not {self._scale}·z (ε = {eps})")
         for launch in launches:
-            launch_checked(restore_update_kernel, launch, seed, float(eps), float(projected_grad), float(lr),
-                    float(weight_decay), 0 if next_seed is None else next_seed, NEXT=next_seed is not None,
-                    EXACT=self.exact)
+            launch_checked(restore_update_kernel, launch, seed, float(eps), float(projected_grad),
+                           float(lr), float(weight_decay), 0 if next_seed is None else next_seed,
+                           NEXT=next_seed is not None, EXACT=self.exact)
         if self.exact:
             self._scale = None if next_seed is None else eps

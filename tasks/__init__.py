@@ -39,7 +39,8 @@ class Task:
     def prompt(self, kind: str) -> tuple[str, tuple[str, ...]]:
         """(template, label words) for a model kind: "mlm", or "causal" (also a body read at its
         last token)."""
-        return (self.template, self.words) if kind == "mlm" else (self.causal, self.causal_words or self.words)
+        return ((self.template, self.words) if kind == "mlm"
+                else (self.causal, self.causal_words or self.words))
 
 
 _IT_WAS = dict(template="{sentence} It was{mask}.", causal="{sentence} It was{mask}")
@@ -48,30 +49,31 @@ _NLI = dict(template="{sentence1:-}?{mask}, {sentence2:l}",
 TASKS = {t.name: t for t in [
     # SST-2's causal prompt: the one the default run was tuned with (docs/defaults.md); LM-BFF's
     # scores worse
-    Task("sst2", "SST-2", "glue", "dev.tsv", (0,), ("0", "1"), (" terrible", " great"), _IT_WAS["template"],
-         "Review: {sentence}\nOverall, the movie was {mask}."),
-    Task("sst5", "sst-5", "csv", "test.csv", (1,), (0, 1, 2, 3, 4), (" terrible", " bad", " okay", " good", " great"),
-         **_IT_WAS),
+    Task("sst2", "SST-2", "glue", "dev.tsv", (0,), ("0", "1"), (" terrible", " great"),
+         _IT_WAS["template"], "Review: {sentence}\nOverall, the movie was {mask}."),
+    Task("sst5", "sst-5", "csv", "test.csv", (1,), (0, 1, 2, 3, 4),
+         (" terrible", " bad", " okay", " good", " great"), **_IT_WAS),
     Task("mr", "mr", "csv", "test.csv", (1,), (0, 1), (" terrible", " great"), **_IT_WAS),
     Task("cr", "cr", "csv", "test.csv", (1,), (0, 1), (" terrible", " great"), **_IT_WAS),
     Task("mpqa", "mpqa", "csv", "test.csv", (1,), (0, 1), (" terrible", " great"), **_IT_WAS),
     Task("subj", "subj", "csv", "test.csv", (1,), (0, 1), (" subjective", " objective"),
          "{sentence} This is{mask}.", "{sentence} This is{mask}"),
     Task("trec", "trec", "csv", "test.csv", (1,), (0, 1, 2, 3, 4, 5),
-         (" Description", " Entity", " Expression", " Human", " Location", " Number"), "{mask}: {sentence}",
-         "Question: {sentence}\nType of answer:{mask}"),
+         (" Description", " Entity", " Expression", " Human", " Location", " Number"),
+         "{mask}: {sentence}", "Question: {sentence}\nType of answer:{mask}"),
     # RTE's causal prompt and words are the MeZO paper's OPT template (from PromptSource); the
     # answer follows "\n"
     Task("rte", "RTE", "glue", "dev.tsv", (1, 2), ("entailment", "not_entailment"), (" Yes", " No"),
          **_NLI, causal_words=("Yes", "No")),
     # Data not in ../shared/data: they run from LM-BFF's archive (DATA_URLS["lm-bff"]), downloaded
     # or unpacked
-    Task("mnli", "MNLI", "glue", "dev_matched.tsv", (8, 9), ("contradiction", "entailment", "neutral"),
-         (" No", " Yes", " Maybe"), **_NLI, causal_words=("No", "Yes", "Maybe")),
+    Task("mnli", "MNLI", "glue", "dev_matched.tsv", (8, 9),
+         ("contradiction", "entailment", "neutral"), (" No", " Yes", " Maybe"), **_NLI,
+         causal_words=("No", "Yes", "Maybe")),
     Task("snli", "SNLI", "glue", "dev.tsv", (7, 8), ("contradiction", "entailment", "neutral"),
          (" No", " Yes", " Maybe"), **_NLI, causal_words=("No", "Yes", "Maybe")),
-    Task("qnli", "QNLI", "glue", "dev.tsv", (1, 2), ("entailment", "not_entailment"), (" Yes", " No"),
-         **_NLI, causal_words=("Yes", "No")),
+    Task("qnli", "QNLI", "glue", "dev.tsv", (1, 2), ("entailment", "not_entailment"),
+         (" Yes", " No"), **_NLI, causal_words=("Yes", "No")),
 ]}
 NAMES = (*TASKS, "synthetic")  # what --task accepts
 
@@ -84,8 +86,9 @@ def canonical(name: str) -> str:
 
 def describe() -> str:
     """The --task help: each task with its data source."""
-    return (f"sst2, sst5, mr, cr, mpqa, subj, trec, rte (LM-BFF's data/original, in ../shared/data or "
-            f"{DATA_URLS['lm-bff']}); mnli, snli, qnli (the same archive, not in ../shared/data); synthetic")
+    return ("sst2, sst5, mr, cr, mpqa, subj, trec, rte (LM-BFF's data/original, in ../shared/data "
+            f"or {DATA_URLS['lm-bff']}); mnli, snli, qnli (the same archive, not in "
+            "../shared/data); synthetic")
 
 
 def prompt(task: str, kind: str) -> tuple[str, tuple[str, ...]]:

@@ -1,11 +1,12 @@
 """The paper's tasks as LM-BFF keeps them (data/original), and LM-BFF's few-shot splits of them.
 
-LM-BFF's tools/generate_k_shot_data.py (Gao et al., 2021), for a seed: np.random.seed(seed), shuffle the training
-rows (GLUE tsv: the raw lines after the header; csv: the parsed rows), group them by label in shuffled order,
-take the first k of each label as train and the next k as dev; test is the task's evaluation file unchanged.
-`kshot` does the same and `kshot_files` writes what LM-BFF writes, byte for byte: the md5s match LM-BFF's published
-k-shot-checksum for every task and seed (tests/test_data.py). k = 0 trains on the whole training file (for SST-2:
-GLUE's 67,349 phrases), with the evaluation file as dev and test.
+LM-BFF's tools/generate_k_shot_data.py (Gao et al., 2021), for a seed: np.random.seed(seed), shuffle
+the training rows (GLUE tsv: the raw lines after the header; csv: the parsed rows), group them by
+label in shuffled order, take the first k of each label as train and the next k as dev; test is the
+task's evaluation file unchanged. `kshot` does the same and `kshot_files` writes what LM-BFF writes,
+byte for byte: the md5s match LM-BFF's published k-shot-checksum for every task and seed
+(tests/test_data.py). k = 0 trains on the whole training file (for SST-2: GLUE's 67,349 phrases),
+with the evaluation file as dev and test.
 """
 from __future__ import annotations
 
@@ -21,10 +22,10 @@ from .files import find_data
 
 
 def read_rows(task, path: Path) -> list:
-    """A training or evaluation file's rows as LM-BFF holds them: raw lines after the header (GLUE tsv), or
-    [label, sentence, ...] lists with an int label (csv, as pandas.read_csv(header=None) reads them).
-    A file that is not UTF-8, or a row short of the task's columns or with a label not among its
-    labels, is refused in one line that names the file and the line."""
+    """A training or evaluation file's rows as LM-BFF holds them: raw lines after the header (GLUE
+    tsv), or [label, sentence, ...] lists with an int label (csv, as pandas.read_csv(header=None)
+    reads them). A file that is not UTF-8, or a row short of the task's columns or with a label not
+    among its labels, is refused in one line that names the file and the line."""
     try:
         with open(path, encoding="utf-8", newline=None if task.layout == "glue" else "") as f:
             text = f.read()  # GLUE: universal newlines (as read_text); csv: as csv wants it
@@ -64,24 +65,30 @@ def kshot(task, rows: list, k: int, seed: int) -> tuple[list, list]:
         by_label.setdefault(label_of(task, row), []).append(row)
     short = {label: len(rows) for label, rows in by_label.items() if len(rows) < 2 * k}
     if short:  # LM-BFF would return fewer rows than asked for, silently
-        raise UsageError(f"--k {k} needs 2k = {2 * k} examples of every class (k for train, k for dev), but "
-                         + ", ".join(f"class {label} has {n}" for label, n in short.items()) + "; lower --k")
-    return [r for rows in by_label.values() for r in rows[:k]], [r for rows in by_label.values() for r in rows[k:2 * k]]
+        raise UsageError(f"--k {k} needs 2k = {2 * k} examples of every class (k for train, k for "
+                         "dev), but "
+                         + ", ".join(f"class {label} has {n}" for label, n in short.items())
+                         + "; lower --k")
+    return ([r for rows in by_label.values() for r in rows[:k]],
+            [r for rows in by_label.values() for r in rows[k:2 * k]])
 
 
 def kshot_files(task, root: Path, k: int, seed: int) -> dict[str, str]:
-    """{file name: text} of LM-BFF's k-shot folder <task>/<k>-<seed>: train, dev and test, as LM-BFF writes them."""
+    """{file name: text} of LM-BFF's k-shot folder <task>/<k>-<seed>: train, dev and test, as LM-BFF
+    writes them."""
     folder, ext = root / task.folder, "tsv" if task.layout == "glue" else "csv"
     train, dev = kshot(task, read_rows(task, folder / f"train.{ext}"), k, seed)
     if task.layout == "glue":
         header = (folder / f"train.{ext}").read_text(encoding="utf-8").splitlines(keepends=True)[0]
         return {"train.tsv": header + "".join(train), "dev.tsv": header + "".join(dev),
                 task.test.replace("dev", "test"): (folder / task.test).read_text(encoding="utf-8")}
-    return {"train.csv": _csv(train), "dev.csv": _csv(dev), "test.csv": _csv(read_rows(task, folder / task.test))}
+    return {"train.csv": _csv(train), "dev.csv": _csv(dev),
+            "test.csv": _csv(read_rows(task, folder / task.test))}
 
 
 def _csv(rows: list) -> str:
-    out = io.StringIO()  # pandas' DataFrame.to_csv(header=False, index=False): minimal quoting, "\n"
+    # pandas' DataFrame.to_csv(header=False, index=False): minimal quoting, "\n"
+    out = io.StringIO()
     csv.writer(out, lineterminator="\n").writerows(rows)
     return out.getvalue()
 
@@ -92,13 +99,15 @@ def examples(task, rows: list) -> list[tuple[str, str | None, int]]:
     for row in rows:
         fields = row.rstrip("\n").split("\t") if task.layout == "glue" else row
         texts = [fields[c].strip() for c in task.columns]
-        out.append((texts[0], texts[1] if task.pair else None, task.labels.index(label_of(task, row))))
+        out.append((texts[0], texts[1] if task.pair else None,
+                    task.labels.index(label_of(task, row))))
     return out
 
 
 def load_lmbff(task, k: int, data_seed: int, data_dir: str | None = None) -> dict:
-    """{train, dev, test: [(sentence, second or None, class)], root}. SST-2 is tested on GLUE's own dev file (the
-    872 sentences LM-BFF's test.tsv holds, in GLUE's order and spelling), as this project always has."""
+    """{train, dev, test: [(sentence, second or None, class)], root}. SST-2 is tested on GLUE's own
+    dev file (the 872 sentences LM-BFF's test.tsv holds, in GLUE's order and spelling), as this
+    project always has."""
     ext = "tsv" if task.layout == "glue" else "csv"
     files = [f"lm-bff/{task.folder}/train.{ext}", f"lm-bff/{task.folder}/{task.test}"]
     if task.name == "sst2":
@@ -110,7 +119,8 @@ def load_lmbff(task, k: int, data_seed: int, data_dir: str | None = None) -> dic
     else:
         test = examples(task, read_rows(task, root / "lm-bff" / task.folder / task.test))
         train = None
-    rows = read_rows(task, root / "lm-bff" / task.folder / f"train.{ext}") if train is None else train
+    rows = (read_rows(task, root / "lm-bff" / task.folder / f"train.{ext}") if train is None
+            else train)
     if k == 0:
         return dict(train=examples(task, rows), dev=test, test=test, root=root)
     train, dev = kshot(task, rows, k, data_seed)
@@ -118,5 +128,6 @@ def load_lmbff(task, k: int, data_seed: int, data_dir: str | None = None) -> dic
 
 
 def drop_final_punctuation(text: str) -> str:
-    """LM-BFF's `sent-` field: the sentence without its last character, which is meant to be its punctuation."""
+    """LM-BFF's `sent-` field: the sentence without its last character, which is meant to be its
+    punctuation."""
     return text[:-1] if text and text[-1] in string.punctuation else text

@@ -33,9 +33,10 @@ def check_template(template: str, pair: bool) -> None:
     fields = {"sentence1" if name == "sentence" else name for name, _ in FIELD.findall(template)}
     want = {"sentence1", "sentence2"} if pair else {"sentence1"}
     if want - fields or (not pair and "sentence2" in fields):
-        need = "{sentence1} and {sentence2}" if pair else "{sentence} (or {sentence1}) and no {sentence2}"
-        raise UsageError(f"--template {template!r}: this task's examples are {'pairs' if pair else 'single sentences'}"
-                         f", so the template needs {need}")
+        need = ("{sentence1} and {sentence2}" if pair
+                else "{sentence} (or {sentence1}) and no {sentence2}")
+        raise UsageError(f"--template {template!r}: this task's examples are "
+                         f"{'pairs' if pair else 'single sentences'}, so the template needs {need}")
 
 
 def fill(template: str, texts: tuple[str, ...], mask: str) -> str:
@@ -55,12 +56,15 @@ def label_tokens(tokenizer, words, kind: str) -> list[list[int]]:
     several is refused in one line; causal LMs score several. Two classes with the same tokens are
     refused."""
     ids = [tokenizer(w, add_special_tokens=False)["input_ids"] for w in words]
-    several = [f"{w!r} -> {tokenizer.convert_ids_to_tokens(t)}" for w, t in zip(words, ids) if len(t) != 1]
+    several = [f"{w!r} -> {tokenizer.convert_ids_to_tokens(t)}" for w, t in zip(words, ids)
+               if len(t) != 1]
     if several and (kind == "mlm" or any(not t for t in ids)):
         raise UsageError(f"label words must be single tokens for a masked LM's <mask>; not single: "
-                         f"{'; '.join(several)}. Pick other --label-words (a leading space often helps BPE tokenizers)")
+                         f"{'; '.join(several)}. Pick other --label-words (a leading space often "
+                         "helps BPE tokenizers)")
     if len({tuple(t) for t in ids}) != len(ids):
-        raise UsageError(f"label words {list(words)} map to the same tokens; pick distinct --label-words")
+        raise UsageError(f"label words {list(words)} map to the same tokens; pick distinct "
+                         "--label-words")
     return ids
 
 
@@ -73,7 +77,8 @@ def encode(tokenizer, texts, template: str, kind: str, max_length: int) -> tuple
     """Token ids of the prompt filled with the sentence(s) (a string, or a tuple for a pair), and
     the position whose logits are read. kind: "mlm" (read at the mask) or "causal" (read after the
     last token)."""
-    words = [t.split() for t in ([texts] if isinstance(texts, str) else [t for t in texts if t is not None])]
+    words = [t.split() for t in ([texts] if isinstance(texts, str)
+                                 else [t for t in texts if t is not None])]
     if kind == "causal":  # next-token prediction: the label word would come where {mask} stands
         template = template.split("{mask}")[0].rstrip(" ")
     while True:
@@ -84,7 +89,8 @@ def encode(tokenizer, texts, template: str, kind: str, max_length: int) -> tuple
             break
         del longest[-max(1, len(ids) - max_length):]  # cut the longest sentence, never the prompt
     if len(ids) > max_length:
-        raise UsageError(f"--max-length {max_length} is shorter than the prompt itself ({len(ids)} tokens)")
+        raise UsageError(f"--max-length {max_length} is shorter than the prompt itself "
+                         f"({len(ids)} tokens)")
     if kind == "mlm" and tokenizer.mask_token_id in ids:
         return ids, ids.index(tokenizer.mask_token_id)
     return ids, len(ids) - 1  # the last token (a --head cls template may have no {mask})
@@ -98,10 +104,13 @@ def encode_splits(tokenizer, data: dict, template: str, kind: str, max_length: i
     several = candidates if candidates and any(len(c) > 1 for c in candidates) else None
     splits = {}
     for name in ("train", "dev", "test"):
-        splits[name] = [dict(zip(("ids", "position"), encode(tokenizer, row[:-1], template, kind, max_length)),
-                             label=row[-1], **(dict(candidates=several) if several else {})) for row in data[name]]
+        splits[name] = [dict(zip(("ids", "position"),
+                                 encode(tokenizer, row[:-1], template, kind, max_length)),
+                             label=row[-1], **(dict(candidates=several) if several else {}))
+                        for row in data[name]]
         if any(not 0 <= e["label"] < n_classes for e in splits[name]):
-            raise UsageError(f"{name} has labels beyond the {n_classes} --label-words; give one word per class")
+            raise UsageError(f"{name} has labels beyond the {n_classes} --label-words; give one "
+                             "word per class")
     return splits
 
 
@@ -115,7 +124,8 @@ def collate(examples: list[dict], pad_id: int) -> dict:
     for i, e in enumerate(examples):
         for c, word in enumerate(candidates):
             rows.append(e["ids"] + word[:-1])
-            scored += [(len(rows) - 1, e["position"] + j, t, i * len(candidates) + c) for j, t in enumerate(word)]
+            scored += [(len(rows) - 1, e["position"] + j, t, i * len(candidates) + c)
+                       for j, t in enumerate(word)]
     T = max(len(r) for r in rows)
     input_ids = torch.full((len(rows), T), pad_id, dtype=torch.long)  # (R, T)
     attention_mask = torch.zeros((len(rows), T), dtype=torch.long)  # (R, T)
@@ -126,7 +136,8 @@ def collate(examples: list[dict], pad_id: int) -> dict:
     batch = dict(input_ids=input_ids, attention_mask=attention_mask, labels=labels)
     if not scored:
         return batch | dict(position=torch.tensor([e["position"] for e in examples]))
-    return batch | {k: torch.tensor(v) for k, v in zip(("row", "position", "target", "group"), zip(*scored))}
+    return batch | {k: torch.tensor(v)
+                    for k, v in zip(("row", "position", "target", "group"), zip(*scored))}
 
 
 def micro_batches(examples: list[dict], micro_batch: int, pad_id: int, device):
@@ -138,7 +149,8 @@ def micro_batches(examples: list[dict], micro_batch: int, pad_id: int, device):
         yield {k: v.to(device) for k, v in batch.items()}
 
 
-def batch_logits(forward, examples: list[dict], micro_batch: int, pad_id: int, device) -> tuple[torch.Tensor, ...]:
+def batch_logits(forward, examples: list[dict], micro_batch: int, pad_id: int,
+                 device) -> tuple[torch.Tensor, ...]:
     """Label-word logits (N, C) and labels (N,) of examples, run as micro-batches through
     forward(batch)."""
     logits, labels = [], []

@@ -1,8 +1,8 @@
 """tp/: tensor-parallel and data-parallel MeZO on torch.distributed (the placement seam of mezo.py).
 
-    torchrun --nproc-per-node 2 mezo.py --task sst2 --tp 2          # tensor parallel
-    torchrun --nproc-per-node 2 mezo.py --task sst2 --dp 2          # data parallel
-    torchrun --nproc-per-node 4 mezo.py --task sst2 --tp 2 --dp 2   # both: a 2-D (dp, tp) device mesh
+    torchrun --nproc-per-node 2 mezo.py --task sst2 --tp 2         # tensor parallel
+    torchrun --nproc-per-node 2 mezo.py --task sst2 --dp 2         # data parallel
+    torchrun --nproc-per-node 4 mezo.py --task sst2 --tp 2 --dp 2  # both: a 2-D (dp, tp) mesh
 
 How this differs from the reference: not in the algorithm. `mezo.train` runs unchanged on every rank
 and asks this placement four things:
@@ -49,7 +49,8 @@ from ..models import layer_index
 # Linear layers inside a transformer block, by the end of their qualified name: Llama/SmolLM2, then
 # RoBERTa/BERT.
 COLWISE = ("q_proj", "k_proj", "v_proj", "gate_proj", "up_proj",
-           "attention.self.query", "attention.self.key", "attention.self.value", "intermediate.dense")
+           "attention.self.query", "attention.self.key", "attention.self.value",
+           "intermediate.dense")
 ROWWISE = ("o_proj", "down_proj", "attention.output.dense", "output.dense")
 
 
@@ -73,11 +74,13 @@ def check_tp(model: nn.Module, tp: int) -> None:
              "MLP width": c.intermediate_size}
     bad = [f"{v} {k}" for k, v in sizes.items() if v % tp]
     if bad:
-        raise mezo.UsageError(f"--tp {tp} does not divide the model's {', '.join(bad)}; pick a --tp that divides "
+        raise mezo.UsageError(f"--tp {tp} does not divide the model's {', '.join(bad)}; pick a "
+                              "--tp that divides "
                               f"{', '.join(f'{v} {k}' for k, v in sizes.items())}")
     if not tp_plan(model):
-        raise mezo.UsageError(f"--tp {tp}: found no attention/MLP linear layers to split in {type(model).__name__} "
-                              "(tp/ knows Llama-style and RoBERTa/BERT blocks); run with --tp 1")
+        raise mezo.UsageError(f"--tp {tp}: found no attention/MLP linear layers to split in "
+                              f"{type(model).__name__} (tp/ knows Llama-style and RoBERTa/BERT "
+                              "blocks); run with --tp 1")
 
 
 # Where a LoRA pair lives, given its base layer's split (see the module docstring).
@@ -138,13 +141,14 @@ class DistributedPlacement(mezo.Placement):
         super().__init__()
         if "WORLD_SIZE" not in os.environ:
             n = cfg.tp * max(cfg.dp, 1)
-            raise mezo.UsageError(f"--tp {cfg.tp} --dp {max(cfg.dp, 1)} needs {n} processes: launch with "
-                                  f"torchrun --nproc-per-node {n} mezo.py ...")
+            raise mezo.UsageError(f"--tp {cfg.tp} --dp {max(cfg.dp, 1)} needs {n} processes: "
+                                  f"launch with torchrun --nproc-per-node {n} mezo.py ...")
         world, rank = int(os.environ["WORLD_SIZE"]), int(os.environ["RANK"])
         self.tp, self.dp = cfg.tp, cfg.dp or world // cfg.tp
         if self.tp * self.dp != world:
-            raise mezo.UsageError(f"--tp {self.tp} x --dp {self.dp} = {self.tp * self.dp} processes, but torchrun "
-                                  f"started {world}; make --nproc-per-node equal to tp x dp")
+            raise mezo.UsageError(f"--tp {self.tp} x --dp {self.dp} = {self.tp * self.dp} "
+                                  f"processes, but torchrun started {world}; make --nproc-per-node "
+                                  "equal to tp x dp")
         use_cuda = torch.cuda.is_available() and not cfg.device.startswith("cpu")
         if use_cuda:
             self.device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
@@ -154,7 +158,8 @@ class DistributedPlacement(mezo.Placement):
         if self.owns_group:
             dist.init_process_group("nccl" if use_cuda else "gloo",
                                     timeout=datetime.timedelta(seconds=cfg.dist_timeout))
-        mesh = init_device_mesh("cuda" if use_cuda else "cpu", (self.dp, self.tp), mesh_dim_names=("dp", "tp"))
+        mesh = init_device_mesh("cuda" if use_cuda else "cpu", (self.dp, self.tp),
+                                mesh_dim_names=("dp", "tp"))
         self.tp_mesh, self.dp_mesh = mesh["tp"], mesh["dp"]
         self.dp_rank = self.dp_mesh.get_local_rank()
         self.is_main = rank == 0
@@ -175,7 +180,8 @@ class DistributedPlacement(mezo.Placement):
     def mean(self, value: float, n: int) -> float:
         if self.dp == 1:
             return value  # tensor-parallel ranks already share one loss
-        t = torch.tensor([value * n if n else 0.0, float(n)], dtype=torch.float64, device=self.comm_device)
+        t = torch.tensor([value * n if n else 0.0, float(n)], dtype=torch.float64,
+                         device=self.comm_device)
         dist.all_reduce(t, group=self.dp_mesh.get_group())  # (Σ n_d·L_d, Σ n_d): two scalars
         return (t[0] / t[1]).item()
 
@@ -183,7 +189,8 @@ class DistributedPlacement(mezo.Placement):
         if self.tp == 1:
             return params
         return [p if p.tensor.shape == p.full_shape else
-                dataclasses.replace(p, tensor=_full(p, self.tp_mesh), shard_start=(0,) * len(p.full_shape))
+                dataclasses.replace(p, tensor=_full(p, self.tp_mesh),
+                                    shard_start=(0,) * len(p.full_shape))
                 for p in params]
 
     def peer_failure(self, error: BaseException) -> str | None:
@@ -197,8 +204,9 @@ class DistributedPlacement(mezo.Placement):
 
 
 # What gloo and nccl say when the peer of a collective is gone or silent.
-PEER_LOST = ("Timed out waiting", "Connection closed by peer", "Connection reset by peer", "Broken pipe",
-             "Watchdog caught collective operation timeout", "NCCL communicator was aborted")
+PEER_LOST = ("Timed out waiting", "Connection closed by peer", "Connection reset by peer",
+             "Broken pipe", "Watchdog caught collective operation timeout",
+             "NCCL communicator was aborted")
 
 
 def peer_failure(e: BaseException) -> str | None:
@@ -207,9 +215,10 @@ def peer_failure(e: BaseException) -> str | None:
     text = str(e)
     if not any(s in text for s in PEER_LOST):
         return None
-    detail = next(line for line in text.splitlines() if any(s in line for s in PEER_LOST)).split("] ")[-1]
-    return (f"rank {os.environ.get('RANK', '?')}: a collective failed ({detail.strip()}): another rank died, or "
-            "hung past --dist-timeout; the job stops")
+    detail = next(line for line in text.splitlines()
+                  if any(s in line for s in PEER_LOST)).split("] ")[-1]
+    return (f"rank {os.environ.get('RANK', '?')}: a collective failed ({detail.strip()}): "
+            "another rank died, or hung past --dist-timeout; the job stops")
 
 
 def _full(p: mezo.Trainable, mesh) -> torch.Tensor:
