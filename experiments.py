@@ -12,6 +12,7 @@ loading included, summed over its stops) is kept in timing.json beside its log.
 """
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import subprocess
@@ -82,6 +83,10 @@ FULL_PROBES = [Method(f"probe/mezo-full-lr{lr}", f"MeZO full-parameter, lr {lr} 
 TASKS_HERE = ("sst5", "mr", "cr", "mpqa", "subj", "trec", "rte")
 TASKS = ("sst2", *TASKS_HERE)
 TASK_SEEDS, MEZO_LRS, BUDGET = (13, 21), ("1e-3", "5e-4", "2e-3"), (100, 400, 1000)
+# When the pick is the grid's smallest lr, or every candidate diverged, the grid goes one lr lower
+# (a pick should not sit at the grid's edge) and the pick is among all four. On SST-2, lr 1e-3
+# reached dev 84.4 at step 200 and then ran away after step 500.
+MEZO_LOWER_LR = "2e-4"
 # A probe has diverged at step s (a multiple of the window, the budget's first stop, from twice the
 # window on) when its mean training loss over the window ending at s is over DIVERGE_FACTOR times
 # its mean over the first window. At lr 2e-3 the loss of SST-2 went 0.82 -> 1.69 from the first 100
@@ -163,19 +168,40 @@ def full_method(root: Path) -> Method | None:
                   "90.5", seeds=(42,))
 
 
-def task_methods(task: str, lr: str | None = None) -> list[Method]:
-    """zero-shot, a MeZO-LoRA probe per candidate lr (the first seed, every stop), the chosen lr's
-    MeZO-LoRA on every seed (its probe is the first) and Adam-LoRA: folders <task>/<method>."""
-    seeds, lrs, budget = SEEDS if task == "sst2" else TASK_SEEDS, MEZO_LRS, BUDGET
+def task_probes(task: str, lower: bool = False) -> list[Method]:
+    """A MeZO-LoRA probe per candidate lr: the first seed through every stop, stopped if it
+    diverges; with `lower`, MEZO_LOWER_LR's too."""
+    seeds = SEEDS if task == "sst2" else TASK_SEEDS
+    return [Method(f"{task}/mezo-lora-lr{x}", f"MeZO-LoRA, lr {x}",
+                   ["--mode", "lora", "--eval-every", str(BUDGET[0]), "--lr", x], BUDGET[-1], 2.4,
+                   PAPER_LORA.get(task, "—"), seeds=seeds[:1], task=task, stops=BUDGET, prune=True)
+            for x in (*MEZO_LRS, *[MEZO_LOWER_LR][:lower])]
+
+
+def needs_lower(root: Path, task: str) -> bool:
+    """Whether the grid goes one lr lower: its probes have concluded and the pick is its smallest
+    lr, or every one diverged."""
+    grid = task_probes(task)
+    if not all(concluded(run_dir(root, m, m.seeds[0]), m) for m in grid):
+        return False
+    lr = pick_lr(root, grid)
+    return lr is None or float(lr) == min(map(float, MEZO_LRS))
+
+
+def task_lr(root: Path, task: str) -> str | None:
+    """The task's MeZO-LoRA lr, by its probes; None until they decide it (or if all diverged)."""
+    return pick_lr(root, task_probes(task, needs_lower(root, task)))
+
+
+def task_methods(task: str, root: Path | None = None) -> list[Method]:
+    """zero-shot, the MeZO-LoRA probes, the chosen lr's MeZO-LoRA on every seed (its probe is the
+    first) and Adam-LoRA, as far as the runs in `root` have decided them: <task>/<method>."""
+    seeds = SEEDS if task == "sst2" else TASK_SEEDS
+    probes = task_probes(task, root is not None and needs_lower(root, task))
+    lr = task_lr(root, task) if root is not None else None
+    chosen = [dataclasses.replace(m, name=f"{task}/mezo-lora", seeds=seeds, prune=False,
+                                  folder=m.name) for m in probes if flag(m, "--lr") == lr]
     adam = ["--optimizer", "adam", "--mode", "lora", "--lr", "1e-3", "--eval-every", "8"]
-    mezo = ["--mode", "lora", "--eval-every", str(budget[0])]
-    paper = PAPER_LORA.get(task, "—")
-    probes = [Method(f"{task}/mezo-lora-lr{x}", f"MeZO-LoRA, lr {x}", [*mezo, "--lr", x],
-                     budget[-1], 2.4, paper, seeds=seeds[:1], task=task, stops=budget, prune=True)
-              for x in lrs]
-    chosen = [Method(f"{task}/mezo-lora", f"MeZO-LoRA, lr {x}", [*mezo, "--lr", x], budget[-1],
-                     2.4, paper, seeds=seeds, task=task, stops=budget,
-                     folder=f"{task}/mezo-lora-lr{x}") for x in lrs if x == lr]
     return [Method(f"{task}/zero-shot", "zero-shot", ["--eval-every", "0"], 0, 0.0, "",
                    seeds=seeds[:1], task=task),
             *probes, *chosen,
@@ -183,14 +209,9 @@ def task_methods(task: str, lr: str | None = None) -> list[Method]:
                    task=task)]
 
 
-def task_lr(root: Path, task: str) -> str | None:
-    """The task's MeZO-LoRA lr, by its probes."""
-    return pick_lr(root, [m for m in task_methods(task) if "mezo-lora-lr" in m.name])
-
-
 def task_plan(root: Path) -> list[Method]:
     """Every task's methods as far as the probes have decided them."""
-    return [m for t in TASKS for m in task_methods(t, task_lr(root, t))]
+    return [m for t in TASKS for m in task_methods(t, root)]
 
 
 def variant_methods(root: Path | None, families=None) -> list[Method]:
@@ -369,12 +390,15 @@ def run_all(root: Path, threads: int, methods, runner=subprocess_runner,
 
 def run_stages(root, threads, stages, runner=None) -> int:
     """Each stage is a function of the root (None: before the probes) giving its methods: the lr
-    probes run first, then the chosen lr on the other seeds. One after another."""
+    probes run first, then what they decide (one lr lower, the chosen lr on the other seeds), until
+    the runs decide nothing more. One after another."""
     for methods_of in stages:
-        for known in (None, root):
-            code = run_all(root, threads, methods_of(known), runner or subprocess_runner, False)
+        known, done = None, None
+        while (methods := methods_of(known)) != done:
+            code = run_all(root, threads, methods, runner or subprocess_runner, False)
             if code:
                 return code
+            known, done = root, methods
     return 0
 
 
@@ -386,7 +410,7 @@ def chains(root: Path, threads: int, only: str = "all", runner=None) -> list:
         return lambda: run_stages(root, threads, stages, runner)
     picked = {
         "precision": [chain(lambda r: PRECISION)],
-        "tasks": [chain(lambda r, t=t: task_methods(t, r and task_lr(r, t))) for t in TASKS],
+        "tasks": [chain(lambda r, t=t: task_methods(t, r)) for t in TASKS],
         "variants": [chain(lambda r, n=n, spec=spec: variant_methods(r, {n: spec}))
                      for n, spec in VARIANT_FAMILIES.items()],
         "full": [chain(lambda r: FULL_PROBES, lambda r: [m for m in [r and full_method(r)] if m])]}

@@ -102,7 +102,7 @@ def say(name: str, **values) -> str:
 def task_parts(root: Path, task: str) -> dict:
     """A task's methods (its lr once the probes decide it) and their numbers at each stop."""
     lr = ex.task_lr(root, task)
-    methods = {m.name.split("/", 1)[1]: m for m in ex.task_methods(task, lr=lr)}
+    methods = {m.name.split("/", 1)[1]: m for m in ex.task_methods(task, root)}
     mezo = methods.get("mezo-lora")
     return dict(lr=lr, methods=methods, zero=stats_at(root, methods["zero-shot"], 0),
                 adam=stats_at(root, methods["adam-lora"], methods["adam-lora"].steps),
@@ -293,7 +293,7 @@ def write_table(root: Path, path: Path, figures: Path | None = None, tasks_=ex.T
              task_seeds=" and ".join(map(str, ex.TASK_SEEDS)),
              p_first=ex.PRECISION[0].stops[0], p_last=ex.PRECISION[0].stops[-1],
              lrs=", ".join(sorted(ex.MEZO_LRS, key=float)), p_lr=ex.PRECISION_LR,
-             diverge=ex.DIVERGE_FACTOR,
+             diverge=ex.DIVERGE_FACTOR, lower_lr=ex.MEZO_LOWER_LR,
              threads="/".join(map(str, threads)) or "?",
              rows="\n".join(rows), probes="\n".join(probes), figure=shown,
              per_seed="\n".join(per_seed(parts)), prompts="\n".join(prompts),
