@@ -5,8 +5,11 @@
                                # finished runs are skipped and a stopped one resumes: run it again
 
 Every task at MeZO's budget: zero-shot; MeZO-LoRA to 1,000 steps, stopping at 100 and 400 for the
-whole test set (a stop is a process: the run resumes from its checkpoint); Adam-LoRA for 32 steps.
-Then SST-2 in low precision, the update rules and MeZO-prefix (100 steps), and MeZO full-parameter.
+whole test set (a stop is a process: the run resumes from its checkpoint), at the lr its probes
+pick on dev (a probe whose loss runs away is stopped; one lr lower when the smallest wins);
+Adam-LoRA for 32 steps. Also SST-2 in low precision, the update rules and MeZO-prefix (100 steps),
+and MeZO full-parameter. The study is chains of runs (a task, the bfloat16 runs, a rule family,
+...), `--jobs` chains at a time.
 Each run is `python mezo.py ...` in its own process; its wall time (process start to exit, model
 loading included, summed over its stops) is kept in timing.json beside its log.
 """
@@ -175,7 +178,7 @@ def task_probes(task: str, lower: bool = False) -> list[Method]:
     return [Method(f"{task}/mezo-lora-lr{x}", f"MeZO-LoRA, lr {x}",
                    ["--mode", "lora", "--eval-every", str(BUDGET[0]), "--lr", x], BUDGET[-1], 2.4,
                    PAPER_LORA.get(task, "—"), seeds=seeds[:1], task=task, stops=BUDGET, prune=True)
-            for x in (*MEZO_LRS, *[MEZO_LOWER_LR][:lower])]
+            for x in (*MEZO_LRS, *([MEZO_LOWER_LR] if lower else []))]
 
 
 def needs_lower(root: Path, task: str) -> bool:
