@@ -131,7 +131,7 @@ def budget_rows(root: Path, parts: dict) -> tuple[list[str], list[str]]:
             kept = "**kept**" if flag(m, "--lr") == p["lr"] else ""
             at = ex.diverged(run_dir(root, m, m.seeds[0]), m)
             if at is not None:
-                kept, st = f"diverged at step {at}: stopped", []
+                kept, st = f"diverged at step {at}: out of the pick", []
             probes.append(f"| {task} | {flag(m, '--lr')} | {acc(st, 'dev')} | {acc(st)} | {kept} |")
     return rows, probes
 

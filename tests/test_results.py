@@ -399,4 +399,4 @@ def test_a_diverged_probe_reads_as_such_on_the_page(study, tmp_path):
     (out / "log.jsonl").write_text("".join(json.dumps(r) + "\n" for r in log))
     assert ex.diverged(out, other) == 4 and ex.task_lr(copy, "rte") == lr
     md = results.write_table(copy, tmp_path / "RESULTS.md", None, ex.TASKS)
-    assert cells(md, f"| rte | {ex.flag(other, '--lr')} |")[2:] == ["—", "—", "diverged at step 4: stopped"]
+    assert cells(md, f"| rte | {ex.flag(other, '--lr')} |")[2:] == ["—", "—", "diverged at step 4: out of the pick"]
