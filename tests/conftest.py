@@ -100,13 +100,14 @@ def load_tiny(model_dir, kind: str, **overrides):
     return set_up(model_dir(kind), **overrides)
 
 
-def set_up(folder: str, dtype=None, make_forward=None, **overrides):
+def set_up(folder: str, cast=None, make_forward=None, **overrides):
     """(cfg, model, tokenizer, params, forward) for the model in `folder`, set up exactly as mezo.train sets it
-    up; cast to `dtype` if one is given; `make_forward(model, label_ids, params)` (default mezo.PromptForward)."""
+    up (overrides: Config's fields, --dtype included); cast to the torch dtype `cast` after loading if one is
+    given; `make_forward(model, label_ids, params)` (default mezo.PromptForward)."""
     cfg = mezo.Config(model=folder, **overrides)
     model, tok, _, _ = models.load_model(cfg.model, cfg.dtype, cfg.head)
-    if dtype is not None:
-        model.to(dtype)
+    if cast is not None:
+        model.to(cast)
     template, words = tasks.prompt(cfg.task, "mlm" if models.model_kind(model) == "mlm" else "causal")
     cfg = dataclasses.replace(cfg, template=cfg.template or template, label_words=cfg.label_words or words)
     if cfg.head == "cls":
