@@ -154,10 +154,10 @@ def pick_lr(root: Path, candidates: list[Method]) -> str | None:
     """The candidate whose probe (first seed) ends with the higher dev accuracy, the smaller lr on a
     tie, a diverged one never; None until every probe has concluded, or when all diverged."""
     outs = [(m, run_dir(root, m, m.seeds[0])) for m in candidates]
-    if not all(concluded(out, m) for m, out in outs):
+    outs = [(m, out, diverged(out, m)) for m, out in outs]
+    if not all(at is not None or finished(out, m) for m, out, at in outs):
         return None
-    dev = {flag(m, "--lr"): run_stats(out, m.steps)["dev"] for m, out in outs
-           if finished(out, m) and diverged(out, m) is None}
+    dev = {flag(m, "--lr"): run_stats(out, m.steps)["dev"] for m, out, at in outs if at is None}
     return max(dev, key=lambda x: (dev[x], -float(x))) if dev else None
 
 
@@ -201,7 +201,8 @@ def task_methods(task: str, root: Path | None = None) -> list[Method]:
     first) and Adam-LoRA, as far as the runs in `root` have decided them: <task>/<method>."""
     seeds = SEEDS if task == "sst2" else TASK_SEEDS
     probes = task_probes(task, root is not None and needs_lower(root, task))
-    lr = task_lr(root, task) if root is not None else None
+    # task_lr's pick, on the probes just made
+    lr = pick_lr(root, probes) if root is not None else None
     chosen = [dataclasses.replace(m, name=f"{task}/mezo-lora", seeds=seeds, prune=False,
                                   folder=m.name) for m in probes if flag(m, "--lr") == lr]
     adam = ["--optimizer", "adam", "--mode", "lora", "--lr", "1e-3", "--eval-every", "8"]
@@ -374,8 +375,8 @@ def run_all(root: Path, threads: int, methods, runner=subprocess_runner,
             code = run_one(m, seed, out, stop, threads, runner)
             if (at := diverged(out, m)) is not None:
                 print(f"results: {m.name} seed {seed} diverged at step {at} (its training loss "
-                      f"over {DIVERGE_FACTOR}× its first {BUDGET[0]} steps'): stopped, and out of "
-                      "the lr pick", flush=True)
+                      f"over {DIVERGE_FACTOR}× its first {BUDGET[0]} steps'): out of the lr pick, "
+                      "its stops left are skipped", flush=True)
                 break
             if code:
                 print(f"results: {m.name} seed {seed} failed (exit {code}); fix and run again to "

@@ -101,9 +101,10 @@ def say(name: str, **values) -> str:
 
 def task_parts(root: Path, task: str) -> dict:
     """A task's methods (its lr once the probes decide it) and their numbers at each stop."""
-    lr = ex.task_lr(root, task)
     methods = {m.name.split("/", 1)[1]: m for m in ex.task_methods(task, root)}
+    # the chosen lr's method is there once the probes have picked it
     mezo = methods.get("mezo-lora")
+    lr = flag(mezo, "--lr") if mezo else None
     return dict(lr=lr, methods=methods, zero=stats_at(root, methods["zero-shot"], 0),
                 adam=stats_at(root, methods["adam-lora"], methods["adam-lora"].steps),
                 mezo={t: stats_at(root, mezo, t) for t in ex.BUDGET} if mezo else {},

@@ -78,9 +78,10 @@ def measure(case: str, args) -> dict:
                 trainable=sum(p.tensor.numel() for p in params))
 
 
-def bench_parser(cases: list[str], threads: int) -> argparse.ArgumentParser:
-    """The options a memory bench shares (bench/trainer_memory.py's too); cases[0] is the reference."""
-    p = argparse.ArgumentParser(description=sys.modules["__main__"].__doc__.split("\n\n")[0])
+def bench_parser(doc: str, cases: list[str], threads: int) -> argparse.ArgumentParser:
+    """The options a memory bench shares (bench/trainer_memory.py's too), described by the first
+    paragraph of its docstring `doc`; cases[0] is the reference."""
+    p = argparse.ArgumentParser(description=doc.split("\n\n")[0])
     p.add_argument("--model", default="smollm2-135m")
     p.add_argument("--batch-size", type=int, default=8)
     p.add_argument("--device", default="cpu")
@@ -113,7 +114,7 @@ def rows_of(args, cases: list[str], measure, script: str, flags: list[str]) -> l
 
 
 def main():
-    p = bench_parser(CASES, threads=2)
+    p = bench_parser(__doc__, CASES, threads=2)
     p.add_argument("--micro-batch", type=int, default=0, help="adam cases: examples per backward (default: the batch)")
     p.add_argument("--json", help="also write the rows to this file")
     args = p.parse_args()

@@ -99,7 +99,7 @@ def measure(case: str, args) -> dict:
 
 
 def main():
-    p = bench_parser(CASES, threads=1)
+    p = bench_parser(__doc__, CASES, threads=1)
     p.add_argument("--max-length", type=int, default=64)
     args = p.parse_args()
     rows = rows_of(args, CASES, measure, __file__, ["--max-length", str(args.max_length)])

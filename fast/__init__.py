@@ -90,7 +90,7 @@ class Fused:
         held = self.update_args
         if held is not None and held[2] is params and scale == held[1]:
             # the next step's +εz': restore, update and this perturbation in one pass
-            held_seed, eps, _, projected_grad, lr, weight_decay = self.update_args
+            held_seed, eps, _, projected_grad, lr, weight_decay = held
             self._restore_and_update(params, held_seed, eps, projected_grad, lr, weight_decay, seed)
             self.update_args, self.last = None, (seed, scale)
             return
