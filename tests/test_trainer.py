@@ -283,3 +283,8 @@ if __name__ == "__main__":  # the worker: python -m torch.distributed.run ... te
                         world=t.accelerator.num_processes,
                         batches=[len(b["input_ids"]) for b in t.batches]),
                    out / f"rank{os.environ['RANK']}.pt")
+    # the group the Trainer's accelerator made, closed by every rank together: left to the
+    # interpreter's exit, a rank's gloo threads were once torn down mid-use ("terminate called
+    # without an active exception", exit code -6, after the ranks had saved)
+    torch.distributed.barrier()
+    torch.distributed.destroy_process_group()
