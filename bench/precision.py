@@ -32,19 +32,14 @@ DTYPES = ("float16", "bfloat16")
 def projected_grads(cfg: mezo.Config, steps: int) -> list[float]:
     """projected_grad of steps 1..steps of a run of cfg at lr 0, without evaluations or files."""
     placement = mezo.Placement()
-
-    def trainables(model):
-        return mezo.select_trainables(model, cfg)
-
-    with runs.Run(cfg, placement, trainables, mezo.PromptForward) as run:
+    # as mezo.train sets a run up: the model and data, the tensors to train, the forward
+    loaded = runs.load(cfg, placement)
+    params = mezo.select_trainables(loaded.model, cfg)
+    forward = mezo.PromptForward(loaded.model, loaded.label_ids, params)
+    with runs.Run(cfg, placement, loaded, params, forward, mezo.objective_loss) as run:
         grads = []
         for step in range(1, steps + 1):
-            batch = run.batch(step)
-
-            def loss_fn() -> float:
-                return mezo.objective_loss(*run.logits(batch), cfg.objective)
-
-            samples = mezo.mezo_step(run.params, loss_fn, [mezo.step_seed(cfg.seed, step, 0)], cfg.eps,
+            samples = mezo.mezo_step(run.params, run.loss_fn(step), [mezo.step_seed(cfg.seed, step, 0)], cfg.eps,
                                      0.0, 0.0, mezo.TorchBackend())
             grads.append(samples[0]["projected_grad"])
         return grads

@@ -2,6 +2,7 @@
 
     python bench/step.py --sizes 135m --dtype float32     # CPU: the compiled backend against the reference
     python bench/step.py --device cuda --sizes 135m,1b    # GPU: compiled Triton kernels
+    python bench/step.py --sizes tiny --modes lora --backends original,reference   # seconds, not minutes
 
 (a) original: the original MeZO code's semantics (per tensor torch.manual_seed + torch.normal, out-of-place
     update), written as a backend object for mezo_step; (b) reference: mezo.TorchBackend; (c) fast:
@@ -123,7 +124,11 @@ def main():
     p.add_argument("--peak-gbs", type=float, default=None, help="memory bandwidth, GB/s (default: known GPUs)")
     p.add_argument("--max-reference-values", type=float, default=2e8,
                    help="skip the reference backend above this many trainable values (it is the specification)")
+    p.add_argument("--modes", default="lora,full", help="comma-separated: lora, full")
+    p.add_argument("--backends", default="",
+                   help="comma-separated names to time (default: all; compiled takes minutes to build on a CPU)")
     args = p.parse_args()
+    wanted = set(filter(None, args.backends.split(",")))
     device, dtype = torch.device(args.device), models.DTYPES[args.dtype]
     timed_fast = device.type == "cuda" and os.environ.get("TRITON_INTERPRET") != "1"
     backends = {"original": OriginalBackend(), "reference": mezo.TorchBackend()}
@@ -134,7 +139,7 @@ def main():
         backends["fast+exact"] = fast.TritonBackend(exact=True)  # ExactRestore's numbers, fused passes
     except ImportError as e:
         print(f"fast/ unavailable: {e}")
-    if device.type == "cpu":
+    if device.type == "cpu" and (not wanted or wanted & {"compiled", "compiled+exact"}):
         from mezo.fast.compiled import CompiledBackend, compiled_backend, window_noise
         t = time.perf_counter()
         backends["compiled"] = compiled_backend()
@@ -142,6 +147,10 @@ def main():
         if isinstance(backends["compiled"], CompiledBackend):
             backends["compiled+exact"] = mezo.ExactRestore(backends["compiled"])
         noise_rates(args.repeat, window_noise)
+    if wanted - backends.keys():
+        sys.exit(f"step.py: --backends {args.backends}: no {', '.join(sorted(wanted - backends.keys()))} here; "
+                 f"choose from {', '.join(backends)}")
+    backends = {k: v for k, v in backends.items() if not wanted or k in wanted}
     gen = torch.Generator().manual_seed(0)
     name = torch.cuda.get_device_name() if device.type == "cuda" else ""
     peak = args.peak_gbs or peak_gbs(name)
@@ -150,7 +159,7 @@ def main():
     print(f"{'model':6s} {'mode':5s} {'trainable':>13s} {'backend':15s} {'forward s':>10s} {'step s':>9s} {'R':>7s} "
           f"{'mem step/fwd':>13s} {'perturb GB/s':>13s} {'of peak':>8s}")
     for size in args.sizes.split(","):
-        for mode in ("lora", "full"):
+        for mode in args.modes.split(","):
             model, params = build(size, mode, device, dtype)
             n = sum(q.tensor.numel() for q in params)
             ids = torch.randint(0, 32000, (args.batch_size, args.seq_len), generator=gen).to(device)
