@@ -400,3 +400,13 @@ def test_a_diverged_probe_reads_as_such_on_the_page(study, tmp_path):
     assert ex.diverged(out, other) == 4 and ex.task_lr(copy, "rte") == lr
     md = results.write_table(copy, tmp_path / "RESULTS.md", None, ex.TASKS)
     assert cells(md, f"| rte | {ex.flag(other, '--lr')} |")[2:] == ["—", "—", "diverged at step 4: out of the pick"]
+
+
+@pytest.mark.parametrize("bad", [["--jobs", "0"], ["--threads", "-1"], ["--jobs", "two"]])
+def test_results_py_refuses_a_count_below_one_in_one_line_and_runs_nothing(bad, tmp_path, capsys):
+    import results
+    with pytest.raises(SystemExit) as e:
+        results.main(["run", "--root", str(tmp_path / "r"), *bad])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert e.value.code == 2 and bad[0] in err[-1] and "1 or more" in err[-1]
+    assert not (tmp_path / "r").exists()
