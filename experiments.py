@@ -419,14 +419,16 @@ def run_stages(root, threads, stages, runner=None) -> int:
 
 
 def chains(root: Path, threads: int, only: str = "all", runner=None) -> list:
-    """The study as chains of runs that do not wait on one another, in the page's order: SST-2 in
-    bfloat16, each task, each variant family, the full-parameter probes and then the run at the lr
-    they pick. Within a chain the runs go one after another, the probes before the lr they pick."""
+    """The study as chains of runs that do not wait on one another: SST-2 in bfloat16, each task,
+    each variant family, the full-parameter probes and then the run at the lr they pick. Within a
+    chain the runs go one after another, the probes before the lr they pick. SST-2's chain comes
+    after the other tasks': its 5 seeds are the most runs, so every task reaches the page first."""
     def chain(*stages):
         return lambda: run_stages(root, threads, stages, runner)
     picked = {
         "precision": [chain(lambda r: PRECISION)],
-        "tasks": [chain(lambda r, t=t: task_methods(t, r)) for t in TASKS],
+        "tasks": [chain(lambda r, t=t: task_methods(t, r))
+                  for t in sorted(TASKS, key=lambda t: t == "sst2")],
         "variants": [chain(lambda r, n=n, spec=spec: variant_methods(r, {n: spec}))
                      for n, spec in VARIANT_FAMILIES.items()],
         "full": [chain(lambda r: FULL_PROBES, lambda r: [m for m in [r and full_method(r)] if m])]}
