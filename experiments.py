@@ -30,7 +30,7 @@ import numpy as np
 ROOT = Path(__file__).resolve().parent
 sys.path.insert(0, str(ROOT))
 
-from mezo import baseline, checkpoints, rules, runs  # noqa: E402
+from mezo import baseline, checkpoints, errors, rules, runs  # noqa: E402
 
 # LM-BFF's data seeds, as in the paper
 SEEDS = (13, 21, 42, 87, 100)
@@ -370,7 +370,7 @@ def run_one(m: Method, seed: int, out: Path, stop: int, threads: int, runner) ->
     timing = dict(wall_s=timing["wall_s"] + time.time() - t, threads=threads,
                   command="python " + " ".join(m.command(seed, out, 2)),
                   processes=timing.get("processes", 0) + 1)
-    path.write_text(json.dumps(timing, indent=1))
+    checkpoints.atomic_write(path, lambda tmp: tmp.write_text(json.dumps(timing, indent=1)))
     return code
 
 
@@ -445,10 +445,21 @@ def run_chains(chain_list: list, jobs: int = 1) -> int:
 def cmd_run(args) -> int:
     """Every run of --only's part, --jobs chains at a time; after all of them, the memory table."""
     root, threads = Path(args.root), args.threads
-    code = run_chains(chains(root, threads, args.only), args.jobs)
-    if code or args.only != "all":
-        return code
-    return run_all(root, threads, [])
+    try:
+        root.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise errors.UsageError(f"--root {root}: cannot make it ({e.strerror}); pick another "
+                                "--root") from None
+    # one study per root: a second `results.py run` would start the same runs (each refused by the
+    # run folder's own lock, as a failed chain) and add to the same timing.json files
+    lock = runs.FolderLock(root, root, "--root")
+    try:
+        code = run_chains(chains(root, threads, args.only), args.jobs)
+        if code or args.only != "all":
+            return code
+        return run_all(root, threads, [])
+    finally:
+        lock.release()
 
 
 # -----------------------------------------------------------------------------

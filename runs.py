@@ -486,20 +486,20 @@ class FolderLock:
     never blocks a --resume. The file stays empty: the holder's PID comes from /proc/locks, so a
     refused command leaves the folder as it was."""
 
-    def __init__(self, folder: Path, shown: str | Path):
+    def __init__(self, folder: Path, shown: str | Path, flag: str = "--out"):
         self.path = folder / ".lock"
         try:
             self.fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
         except OSError as e:  # a read-only folder: refused before anything is loaded or written
-            raise UsageError(f"--out {shown}: cannot write there ({e.strerror}); make it writable "
-                             "or pick another --out") from None
+            raise UsageError(f"{flag} {shown}: cannot write there ({e.strerror}); make it "
+                             f"writable or pick another {flag}") from None
         try:
             fcntl.flock(self.fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
             pid = lock_holder(self.fd)
             os.close(self.fd)
             raise UsageError(f"{shown}: another run (PID {pid}) is writing this folder; wait for "
-                             "it to end, or pick another --out") from None
+                             f"it to end, or pick another {flag}") from None
 
     def release(self) -> None:
         if self.fd is not None:

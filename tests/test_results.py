@@ -410,3 +410,31 @@ def test_results_py_refuses_a_count_below_one_in_one_line_and_runs_nothing(bad, 
     err = capsys.readouterr().err.strip().splitlines()
     assert e.value.code == 2 and bad[0] in err[-1] and "1 or more" in err[-1]
     assert not (tmp_path / "r").exists()
+
+
+def test_a_second_results_py_run_on_the_same_root_is_refused_in_one_line(tmp_path, capsys):
+    """One study per --root: while a `results.py run` holds the root (its flock), a second one says so in one line,
+    names the holder's PID and starts nothing; a root that cannot be made is one line too."""
+    import subprocess
+    import sys
+
+    import results
+    root = tmp_path / "r"
+    root.mkdir()
+    holder = subprocess.Popen([sys.executable, "-c", "import fcntl, os, sys, time; "
+                               "fd = os.open(sys.argv[1], os.O_RDWR | os.O_CREAT); fcntl.flock(fd, fcntl.LOCK_EX); "
+                               "print('held', flush=True); time.sleep(60)", str(root / ".lock")],
+                              stdout=subprocess.PIPE, text=True)
+    try:
+        assert holder.stdout.readline().strip() == "held"
+        assert results.main(["run", "--root", str(root), "--only", "precision"]) == 2
+        err = capsys.readouterr().err.strip().splitlines()
+        assert len(err) == 1 and f"PID {holder.pid}" in err[0] and "--root" in err[0], err
+        assert [p.name for p in root.iterdir()] == [".lock"]  # nothing started
+    finally:
+        holder.kill()
+        holder.wait()
+    (tmp_path / "file").write_text("")
+    assert results.main(["run", "--root", str(tmp_path / "file" / "r")]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "--root" in err[0] and "cannot make it" in err[0], err
