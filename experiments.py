@@ -335,6 +335,10 @@ def subprocess_runner(cmd: list[str], threads: int, stop=None) -> int:
     """`python mezo.py ...` in a fresh process (its own memory and threads), from this folder;
     terminated once `stop()` holds (looked at every POLL_S seconds)."""
     env = {**os.environ, "OMP_NUM_THREADS": str(threads)}
+    if not sys.stderr.isatty():
+        # into a log file: the progress bar once a minute (tqdm reads TQDM_* from the environment),
+        # not a line a step from each of --jobs runs woven together
+        env.setdefault("TQDM_MININTERVAL", "60")
     with subprocess.Popen([sys.executable, str(ROOT / cmd[0]), *cmd[1:]], env=env) as process:
         try:
             while True:
