@@ -122,7 +122,7 @@ def budget_rows(root: Path, parts: dict) -> tuple[list[str], list[str]]:
         done = mezo.get(last) or []
         passes = f"{done[0]['forwards']:,} / {done[0]['backwards']}" if done else "—"
         adam_passes = f"{adam[0]['forwards']} / {adam[0]['backwards']}" if adam else "—"
-        test_n = (p["zero"] or adam or [{}])[0].get("test_n", "?")
+        test_n = (p["zero"] or adam or [{}])[0].get("test_n", "—")
         rows.append(f"| {task} | {tasks.num_classes(task)} | {test_n} | {acc(p['zero'])} | "
                     + " | ".join(acc(mezo.get(t, [])) for t in ex.BUDGET)
                     + f" | {acc(adam)} | {p['lr'] or '—'} | {passes} | {adam_passes} | "
