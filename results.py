@@ -343,6 +343,9 @@ def main(argv=None) -> int:
     except UsageError as e:
         print(f"results: error: {e}", file=sys.stderr)
         return 2
+    except BrokenPipeError:  # `results.py plan | head`: the reader left; say nothing more
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 0
 
 
 if __name__ == "__main__":
