@@ -40,8 +40,9 @@ def worker(args) -> None:
 
     torch.set_num_threads(args.threads)
     targets = tuple(args.lora_targets.split(",")) if args.lora_targets else None
+    # on CPUs (gloo) wherever it runs: on a machine with one GPU, auto would put rank 1 on a cuda:1 it lacks
     cfg = mezo.Config(model=args.model, mode=args.mode, tp=args.tp, dp=args.dp, batch_size=args.batch_size,
-                      threads=args.threads, lora_targets=targets)
+                      threads=args.threads, lora_targets=targets, device="cpu")
     placement = mezo.variants(cfg).get("placement", mezo.Placement())  # as the command line picks it
     torch.manual_seed(0)
     if args.model != "smollm2-shape":
