@@ -19,11 +19,16 @@ ROOT = Path(__file__).resolve().parents[1]
 BENCH = ROOT / "bench"
 
 
-def bench(name: str, *args: str, cwd: Path, env: dict | None = None) -> subprocess.CompletedProcess:
+def script(path: Path, *args: str, cwd: Path, env: dict | None = None) -> subprocess.CompletedProcess:
+    """`python path args...` in its own process, from cwd, on one thread and offline."""
     env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false",
            **(env or {})}
-    return subprocess.run([sys.executable, str(BENCH / name), *args], cwd=cwd, env=env, capture_output=True,
-                          text=True, timeout=600)
+    return subprocess.run([sys.executable, str(path), *args], cwd=cwd, env=env, capture_output=True, text=True,
+                          timeout=600)
+
+
+def bench(name: str, *args: str, cwd: Path, env: dict | None = None) -> subprocess.CompletedProcess:
+    return script(BENCH / name, *args, cwd=cwd, env=env)
 
 
 def ok(proc: subprocess.CompletedProcess) -> str:
@@ -88,13 +93,9 @@ def test_the_trainer_example_runs_from_a_foreign_folder(model_dir, tmp_path):
     """examples/finetune_smollm2.py on the tiny Llama: MeZOTrainer with PEFT-LoRA on the causal-LM loss, 5 steps on
     real SST-2 sentences; it prints the perplexity before and after. A missing --data is one line, not a traceback."""
     pytest.importorskip("peft")
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"}
-    example = [sys.executable, str(ROOT / "examples" / "finetune_smollm2.py")]
-    proc = subprocess.run([*example, "--model", model_dir("llama+tasks"), "--steps", "5", "--train", "16",
-                           "--out", str(tmp_path / "out")], cwd=tmp_path, env=env, capture_output=True, text=True,
-                          timeout=600)
-    out = ok(proc)
+    example = ROOT / "examples" / "finetune_smollm2.py"
+    out = ok(script(example, "--model", model_dir("llama+tasks"), "--steps", "5", "--train", "16", "--out",
+                    str(tmp_path / "out"), cwd=tmp_path))
     assert "held-out perplexity:" in out and out.count("training loss") == 5, out[-2000:]
-    proc = subprocess.run([*example, "--data", str(tmp_path / "none.tsv")], cwd=tmp_path, env=env,
-                          capture_output=True, text=True, timeout=600)
+    proc = script(example, "--data", str(tmp_path / "none.tsv"), cwd=tmp_path)
     assert proc.returncode == 2 and "Traceback" not in proc.stderr and "--data" in proc.stderr.splitlines()[-1]
