@@ -254,6 +254,18 @@ def steps_done(out: Path) -> int:
         return -1
 
 
+def reached(out: Path) -> int:
+    """The step a run would resume from: its checkpoint's (saved every 100 steps), or its last
+    stop's where that is later; 0 before it has begun. For the plan's progress, not for finished."""
+    step = max(steps_done(out), 0)
+    try:
+        from safetensors import safe_open
+        with safe_open(str(out / checkpoints.CHECKPOINT), "pt") as f:
+            return max(step, int((f.metadata() or {})["step"]))
+    except Exception:  # no checkpoint yet, or one being replaced: the last stop's step
+        return step
+
+
 def finished(out: Path, m: Method, at: int | None = None) -> bool:
     """The run reached step `at` (m.steps) and evaluated there on every test row: a stop of the run
     (it may have gone on since, from a resume)."""
@@ -305,7 +317,7 @@ def plan(root: Path, threads: int, methods=None, jobs: int = 1) -> list[tuple[Me
     todo = [(m, s, run_dir(root, m, s)) for m in methods for s in m.seeds]
     memory = 0.0 if (root / "memory.json").exists() else MEMORY_S
     # a run part done has the rest of its steps left
-    left = sum(expected_s(m) * (1 - max(steps_done(out), 0) / max(m.steps, 1))
+    left = sum(expected_s(m) * (1 - reached(out) / max(m.steps, 1))
                for m, _, out in todo if not concluded(out, m)) + memory
     total = sum(expected_s(m) for m, _, _ in todo) + MEMORY_S
     # a 1-thread run steps about as fast as a 2-thread one here (SST-2: 2.45 s a step against 2.4),
@@ -318,7 +330,7 @@ def plan(root: Path, threads: int, methods=None, jobs: int = 1) -> list[tuple[Me
 
 def cmd_plan(args) -> int:
     for m, s, out in plan(Path(args.root), args.threads, jobs=args.jobs):
-        done = max(steps_done(out), 0)
+        done = reached(out)
         state = ("done" if concluded(out, m) else f"~{expected_s(m) / 60:.1f} min" if not done
                  else f"{done}/{m.steps}")
         print(f"  [{state:>9s}] python {' '.join(m.command(s, out, args.threads))}")

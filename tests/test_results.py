@@ -438,3 +438,29 @@ def test_a_second_results_py_run_on_the_same_root_is_refused_in_one_line(tmp_pat
     assert results.main(["run", "--root", str(tmp_path / "file" / "r")]) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and "--root" in err[0] and "cannot make it" in err[0], err
+
+
+def test_the_plan_counts_a_killed_run_from_the_step_its_checkpoint_resumes_at(study, tmp_path, capsys):
+    """A run killed after a checkpoint and before its next stop resumes at the checkpoint's step: `plan` shows that
+    step as its progress (summary.json holds only the last stop's), and the last stop's once the checkpoint is gone."""
+    ex, results, root = study
+    copy = tmp_path / "results"
+    shutil.copytree(root, copy)
+    lr = ex.task_lr(copy, "rte")
+    m = next(m for m in ex.task_plan(copy) if m.name == f"rte/mezo-lora-lr{lr}")
+    out = ex.run_dir(copy, m, 21)
+    # its state had it been killed after the step-4 checkpoint, before its stop at 4 evaluated
+    summary = json.loads((out / "summary.json").read_text())
+    (out / "summary.json").write_text(json.dumps({**summary, "steps": 2}))
+    (out / "log.jsonl").write_text("".join(line for line in (out / "log.jsonl").read_text().splitlines(True)
+                                           if not ('"split"' in line and json.loads(line)["step"] == 4)))
+    assert ex.steps_done(out) == 2 and ex.reached(out) == 4 and not ex.finished(out, m)
+
+    def progress() -> str:
+        capsys.readouterr()
+        assert results.main(["plan", "--root", str(copy)]) == 0
+        line = next(x for x in capsys.readouterr().out.splitlines() if x.endswith(f"--out {out}"))
+        return line.split("]")[0].strip(" [")
+    assert progress() == "4/4"
+    (out / checkpoints.CHECKPOINT).unlink()
+    assert ex.reached(out) == 2 and progress() == "2/4"
