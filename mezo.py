@@ -768,11 +768,13 @@ def variants(cfg: Config) -> dict:
 
 
 def main(argv=None) -> int:
-    seams = {}
+    seams, cfg, trained = {}, None, False
     try:
         cfg, resume = parse_args(argv)
         seams = variants(cfg)
         train(cfg, resume, **seams)
+        trained = True
+        sys.stdout.flush()  # a closed stdout shows here, not at exit
     # the last good step's exact tensors are kept (rebuilt by a replay of the log)
     except NonFiniteLoss as e:
         e.__traceback__ = None  # (the failed run's model goes before the replay's comes)
@@ -782,6 +784,9 @@ def main(argv=None) -> int:
     except UsageError as e:
         print(f"mezo: error: {e}", file=sys.stderr)
         return 2
+    except BrokenPipeError:  # `python mezo.py ... | head`: stdout's reader left
+        print(f"mezo: error: {runs.stdout_closed(cfg, trained)}", file=sys.stderr)
+        return 1
     except RuntimeError as e:
         # Under torchrun, a collective that failed because another rank died or hung: tp/ knows them
         peer_failure = getattr(seams.get("placement"), "peer_failure", None)

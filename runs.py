@@ -17,6 +17,7 @@ import json
 import math
 import os
 import shutil
+import sys
 import time
 from pathlib import Path
 
@@ -596,6 +597,20 @@ def same_model_folder(was: str, now: str) -> bool:
     read = lambda folder: ((folder / "config.json").read_bytes()
                            if (folder / "config.json").is_file() else None)
     return read(old) is not None and read(old) == read(new)
+
+
+def stdout_closed(cfg, trained: bool) -> str:
+    """What to say when stdout's reader left mid-run (`python mezo.py ... | head`). stdout then
+    points at /dev/null: nothing left in its buffer fails again at exit."""
+    os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+    said = "stdout was closed (its reader left, as `| head` does): "
+    if trained:
+        return said + "the run finished, its last lines unprinted"
+    if not (cfg and cfg.out):
+        return said + "the run stopped"
+    if (Path(cfg.out) / checkpoints.CHECKPOINT).exists():
+        return said + f"the run stopped; --resume {cfg.out} goes on from its last checkpoint"
+    return said + "the run stopped before its first checkpoint; --overwrite starts it again"
 
 
 def keep_last_good(error: NonFiniteLoss, cfg, train) -> str:

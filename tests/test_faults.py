@@ -144,6 +144,33 @@ def test_4_one_writer_per_folder_a_stale_lock_does_not_block_and_kill_9_resumes_
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)  # the Adam buffers included
 
 
+def test_5_a_pipe_whose_reader_leaves_stops_the_run_in_one_line_and_it_resumes(model_dir, tmp_path):
+    """`python mezo.py ... | head`: when stdout's reader leaves, the run stops with one `mezo: error:` line (no
+    traceback, none at exit either) that says how to go on: --overwrite before the first checkpoint, --resume after
+    it, and that command goes on."""
+    said = "mezo: error: stdout was closed (its reader left, as `| head` does): the run stopped"
+    w = tmp_path / "W"
+    for wait_for_checkpoint in (False, True):
+        flags = ["--overwrite"] if wait_for_checkpoint else []
+        piped = _cli([*P(model_dir, out=w, steps=1_000_000, eval_every=2), *flags])
+        assert piped.stdout.readline().startswith("mezo: ")  # stdout is a pipe: block-buffered, read when flushed
+        deadline = time.time() + 300
+        while wait_for_checkpoint and time.time() < deadline and not (w / checkpoints.CHECKPOINT).exists():
+            time.sleep(0.2)  # (meanwhile the child may block on a full pipe: that is no error)
+        piped.stdout.close()  # the reader leaves
+        err = piped.stderr.read()
+        assert piped.wait(timeout=300) == 1, err[-2000:]
+        lines = [x for x in err.splitlines() if "error" in x.lower() or "Traceback" in x or "Exception" in x]
+        if (w / checkpoints.CHECKPOINT).exists():
+            assert lines == [f"{said}; --resume {w} goes on from its last checkpoint"], err[-2000:]
+        else:  # the first pass, when the reader left before step 2's checkpoint
+            assert lines == [f"{said} before its first checkpoint; --overwrite starts it again"], err[-2000:]
+    stopped = step_of(w)
+    resumed = _cli(["--resume", str(w), "--steps", str(stopped + 2)])
+    _, err = resumed.communicate(timeout=300)
+    assert resumed.returncode == 0 and step_of(w) == stopped + 2, err[-2000:]
+
+
 @pytest.fixture
 def tmpfs(tmp_path):
     """A small tmpfs (root, Linux), unmounted afterwards; else the test is skipped."""
