@@ -258,10 +258,14 @@ def rule_kernel(
     first, local, mask = _block(offset, n, block, BLOCK4)
     t = tl.load(theta_ptr + local, mask=mask, other=0.0).to(tl.float32)
     g = tl.zeros_like(t)
-    # the loop assigns only g: Triton types every loop-carried name, and a reused `_` (int64 here, a
-    # mask inside) did not compile for a GPU (the interpreter checks no types)
-    for k in range(n_samples):
+    # the loop assigns only g and k: Triton types every loop-carried name, and a reused `_` (int64
+    # here, a mask inside) did not compile for a GPU (the interpreter checks no types). A while, not
+    # range(n_samples): Triton 3.6's interpreter (torch 2.11's) reads a run-time int's range with
+    # int() of a 1-element array, a TypeError under NumPy 2.4; its `while` reads bool(), which works
+    k = 0
+    while k < n_samples:
         g += tl.load(coefs + k) * _z(tl.load(seeds + k), first, BLOCK4)
+        k += 1
     g = g + wd * decay.to(tl.float32) * t
     m = tl.load(m_ptr + local, mask=mask, other=0.0)
     if ADAM:
