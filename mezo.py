@@ -57,8 +57,7 @@ class Config:
     k: int = option(
         16, "training examples per class, sampled as LM-BFF does; 0 = the whole GLUE train set",
         min=0)
-    data_seed: int = option(
-        42, "LM-BFF split seed (paper: 13, 21, 42, 87, 100)", min=0, below=1 << 32)
+    data_seed: int = option(42, "LM-BFF split seed: 13, 21, 42, 87 or 100", min=0, below=1 << 32)
     template: str | None = option(
         None, "{sentence} (or {sentence1}, {sentence2}) and {mask}; default: the task's")
     label_words: tuple[str, ...] | None = option(
@@ -66,20 +65,17 @@ class Config:
     max_length: int = option(
         128, "tokens per example; a longer sentence is cut, the prompt never is", min=8)
     # model
-    model: str = option(
-        "smollm2-135m", "a local folder, a hub name, or the offline alias smollm2-135m")
+    model: str = option("smollm2-135m", "a local folder, a hub name, or the offline smollm2-135m")
     dtype: str = option("float32", "dtype of the model's tensors", choices=tuple(DTYPES))
     device: str = option("auto", "cpu, cuda, cuda:1, ...; auto = cuda when there is one")
     micro_batch: int = option(
         8, "examples per forward: length-sorted pieces of a batch (less padding)", min=1)
     head: str = option(
         "prompt", "LM head on the label words, or a fresh linear head", choices=("prompt", "cls"))
-    mode: str = option(
-        "lora", "LoRA, all of θ, a prefix, or the cls head",
-        choices=("lora", "full", "prefix", "head"))
+    mode: str = option("lora", "LoRA, all of θ, a prefix, or the cls head",
+                       choices=("lora", "full", "prefix", "head"))
     lora_r: int = option(8, "LoRA rank (paper: 8)", min=1)
-    lora_alpha: float = option(
-        16.0, "LoRA alpha; the update is scaled by alpha / r (paper: 16)", min=0)
+    lora_alpha: float = option(16.0, "LoRA alpha; updates scale by alpha / r (paper: 16)", min=0)
     lora_targets: tuple[str, ...] | None = option(
         None, "linear layers to adapt (default query,value or q_proj,v_proj)")
     lora_dtype: str | None = option(
@@ -113,8 +109,7 @@ class Config:
     seed: int = option(
         0, "run seed: LoRA init, batch order and every z derive from it", min=0, below=1 << 63)
     # evaluation, logging, checkpoints
-    eval_every: int = option(
-        100, "evaluate every N steps (0 = only at the start and the end)", min=0)
+    eval_every: int = option(100, "evaluate every N steps (0 = only at the start and end)", min=0)
     eval_max: int = option(
         200, "test rows evaluated during training (0 = all); the start and the end use all", min=0)
     eval_max_start: int = option(0, "test rows evaluated at step 0 (0 = all)", min=0)
