@@ -1,9 +1,9 @@
-# make install | run | test | test-long | test-transformers-low | kernels | bench | gpu | plot | results | lint
+# make install | run | test | test-long | test-transformers-low | test-torch-low | kernels | bench | gpu | plot | results | lint
 PY ?= python3
 # The CPU build of torch: on this kind of machine the wheel lies on disk; an unpinned torch pulls a CUDA build.
 TORCH ?= torch==2.13.0
 
-.PHONY: install run test test-long test-transformers-low kernels bench gpu plot results lint
+.PHONY: install run test test-long test-transformers-low test-torch-low kernels bench gpu plot results lint
 
 install:
 	$(PY) -m pip install -q $(TORCH)
@@ -36,6 +36,19 @@ test-transformers-low:
 	echo "$(TORCH)" > $(LOW_VENV)/constraints.txt
 	$(LOW_VENV)/bin/python -m pip install -q -c $(LOW_VENV)/constraints.txt transformers==$(TRANSFORMERS_LOW)
 	$(LOW_VENV)/bin/python -m pytest -q tests/test_prefix.py tests/test_tasks.py tests/test_model.py tests/test_cli.py
+
+# The lowest torch pyproject.toml admits, with the Triton it pins (3.6 for torch 2.11), for the tests of what
+# depends on their internals: the compiled CPU backend, the Triton kernels (interpreted, and compiled for sm_80 and
+# sm_90), the noise and the optimizer. A venv over this one; PyPI's torch 2.11 is a CUDA build (about 3 GB with its
+# CUDA libraries), and runs on a CPU.
+TORCH_LOW ?= 2.11.0
+TORCH_LOW_VENV ?= .venv-torch-low
+test-torch-low:
+	test -x $(TORCH_LOW_VENV)/bin/python || $(PY) -m venv --system-site-packages $(TORCH_LOW_VENV)
+	$(TORCH_LOW_VENV)/bin/python -m pip install -q torch==$(TORCH_LOW)
+	$(TORCH_LOW_VENV)/bin/python -c "import torch, triton; print('torch', torch.__version__, 'triton', triton.__version__)"
+	$(TORCH_LOW_VENV)/bin/python -m pytest -q tests/test_compiled.py tests/test_kernels.py tests/test_noise.py \
+		tests/test_optimizer.py tests/test_rules.py
 
 # On a machine with a CUDA GPU (issue 21): the compiled-kernel tests, the tables (bandwidth; R at the default
 # and the paper's batch, both dtypes, LoRA and full), the command line on CUDA (reference against --fast); it
