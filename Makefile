@@ -39,8 +39,8 @@ test-transformers-low:
 
 # The lowest torch pyproject.toml admits, with the Triton it pins (3.6 for torch 2.11), for the tests of what
 # depends on their internals: the compiled CPU backend, the Triton kernels (interpreted, and compiled for sm_80 and
-# sm_90), the noise and the optimizer. A venv over this one; PyPI's torch 2.11 is a CUDA build (about 3 GB with its
-# CUDA libraries), and runs on a CPU.
+# sm_90), the noise, the optimizer and the update rules. A venv over this one; PyPI's torch 2.11 is a CUDA build
+# (about 3 GB with its CUDA libraries), and runs on a CPU.
 TORCH_LOW ?= 2.11.0
 TORCH_LOW_VENV ?= .venv-torch-low
 test-torch-low:
