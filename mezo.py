@@ -57,7 +57,7 @@ class Config:
     k: int = option(
         16, "training examples per class, sampled as LM-BFF does; 0 = the whole GLUE train set",
         min=0)
-    data_seed: int = option(42, "LM-BFF split seed: 13, 21, 42, 87 or 100", min=0, below=1 << 32)
+    data_seed: int = option(42, "split seed (paper: 13, 21, 42, 87, 100)", min=0, below=1 << 32)
     template: str | None = option(
         None, "{sentence} (or {sentence1}, {sentence2}) and {mask}; default: the task's")
     label_words: tuple[str, ...] | None = option(
