@@ -1,9 +1,9 @@
-# make install | run | test | test-long | test-transformers-low | test-torch-low | kernels | bench | gpu | plot | results | lint
+# make install | run | test | test-long | test-deps-low | test-torch-low | kernels | bench | gpu | plot | results | lint
 PY ?= python3
 # The CPU build of torch: on this kind of machine the wheel lies on disk; an unpinned torch pulls a CUDA build.
 TORCH ?= torch==2.13.0
 
-.PHONY: install run test test-long test-transformers-low test-torch-low kernels bench gpu plot results lint
+.PHONY: install run test test-long test-deps-low test-torch-low kernels bench gpu plot results lint
 
 install:
 	$(PY) -m pip install -q $(TORCH)
@@ -27,15 +27,23 @@ bench:
 kernels:
 	TRITON_INTERPRET=0 $(PY) fast/gpu_compile.py
 
-# The lowest transformers pyproject.toml admits, for the model-facing tests: a venv on top of this one (its torch
-# included: pip never resolves torch here), with only transformers and its own dependencies at that version
-TRANSFORMERS_LOW ?= 5.17.0
-LOW_VENV ?= .venv-transformers-low
-test-transformers-low:
-	test -x $(LOW_VENV)/bin/python || $(PY) -m venv --system-site-packages $(LOW_VENV)
-	echo "$(TORCH)" > $(LOW_VENV)/constraints.txt
-	$(LOW_VENV)/bin/python -m pip install -q -c $(LOW_VENV)/constraints.txt transformers==$(TRANSFORMERS_LOW)
-	$(LOW_VENV)/bin/python -m pytest -q tests/test_prefix.py tests/test_tasks.py tests/test_model.py tests/test_cli.py
+# The lowest versions pyproject.toml declares, but torch's and Triton's (test-torch-low): a venv over this one (its
+# torch included) with each `>=` bound of the dependencies and of the test extras installed at exactly that version
+# (transformers 5.17, numpy 1.26, accelerate 1.3, peft 0.18, ...), read from pyproject.toml so the two cannot
+# drift; then the tests of what uses them: models, data, the command line, checkpoints, the Trainer, the results
+DEPS_LOW_VENV ?= .venv-deps-low
+test-deps-low:
+	test -x $(DEPS_LOW_VENV)/bin/python || $(PY) -m venv --system-site-packages $(DEPS_LOW_VENV)
+	echo "$(TORCH)" > $(DEPS_LOW_VENV)/constraints.txt
+	$(PY) -c "import re, tomllib; p = tomllib.load(open('pyproject.toml', 'rb'))['project']; \
+		print(*[re.sub(r'\s*>=\s*', '==', d) for d in p['dependencies'] + p['optional-dependencies']['test'] \
+		if '>=' in d and not d.startswith(('torch', 'triton'))], sep='\n')" > $(DEPS_LOW_VENV)/lowest.txt
+	$(DEPS_LOW_VENV)/bin/python -m pip install -q --only-binary :all: -c $(DEPS_LOW_VENV)/constraints.txt \
+		-r $(DEPS_LOW_VENV)/lowest.txt
+	echo "installed:" $$(cat $(DEPS_LOW_VENV)/lowest.txt)
+	$(DEPS_LOW_VENV)/bin/python -m pytest -q tests/test_prefix.py tests/test_tasks.py tests/test_model.py \
+		tests/test_cli.py tests/test_data.py tests/test_trainer.py tests/test_results.py tests/test_replay.py \
+		tests/test_faults.py tests/test_inputs.py tests/test_readme.py
 
 # The lowest torch pyproject.toml admits, with the Triton it pins (3.6 for torch 2.11), for the tests of what
 # depends on their internals: the compiled CPU backend, the Triton kernels (interpreted, and compiled for sm_80 and
