@@ -16,10 +16,11 @@ from .errors import UsageError
 CHECKPOINT = "checkpoint.safetensors"
 
 
-def atomic_write(path: Path, write) -> None:
+def atomic_write(path: Path, write, then: str = "") -> None:
     """write(tmp_path), fsync, then rename over path: a reader never sees a half-written file. A
     write the machine refuses (a full disk, a read-only folder) removes its temporary file and ends
-    in one line: the file as it was stays whole."""
+    in one line (then: what to do after the fix; default --resume the run): the file as it was
+    stays whole."""
     tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
     try:
         write(tmp)
@@ -32,14 +33,15 @@ def atomic_write(path: Path, write) -> None:
             raise
         with contextlib.suppress(OSError):
             tmp.unlink(missing_ok=True)
-        raise cannot_write(path, e) from None
+        raise cannot_write(path, e, then) from None
 
 
-def cannot_write(path: Path, e: Exception) -> UsageError:
+def cannot_write(path: Path, e: Exception, then: str = "") -> UsageError:
     """The one line for a write the machine refused; what was written before is whole."""
     why = getattr(e, "strerror", None) or str(e).splitlines()[0]
+    then = then or f"--resume {path.parent}"
     return UsageError(f"cannot write {path} ({why}); what was there is kept whole: free some "
-                      f"space or make {path.parent} writable, then --resume {path.parent}")
+                      f"space or make {path.parent} writable, then {then}")
 
 
 def own_storage(t: torch.Tensor) -> torch.Tensor:

@@ -23,7 +23,7 @@ from pathlib import Path
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from mezo import UsageError, runs  # noqa: E402
+from mezo import UsageError, checkpoints, runs  # noqa: E402
 
 
 def curves(path: Path) -> dict:
@@ -136,9 +136,20 @@ def plot_runs(runs: list[tuple[str, list[dict]]], path: Path | None = None, titl
         fig.suptitle(title, y=0.995)
     fig.tight_layout(rect=(0, 0, 1, 0.94))
     if path is not None:
-        Path(path).parent.mkdir(parents=True, exist_ok=True)
-        fig.savefig(path, dpi=110)
+        save(fig, Path(path), "plot.py", dpi=110)
     return fig
+
+
+def save(fig, path: Path, again: str, dpi: int) -> None:
+    """The figure as a PNG, written atomically: a full disk or a folder that cannot be made is one
+    line (again: the command to run after the fix), and a figure already there stays whole."""
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise UsageError(f"cannot create {path.parent} ({e.strerror}); pick a folder you can "
+                         "write to") from None
+    checkpoints.atomic_write(path, lambda tmp: fig.savefig(tmp, dpi=dpi, format="png"),
+                             then=f"run {again} again")
 
 
 def _curve(ax, x, mean, lo, hi, color, label, marker=None):

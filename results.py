@@ -26,8 +26,9 @@ import numpy as np
 from mezo.errors import UsageError
 
 import experiments as ex
+import plot
 from experiments import finished, flag, run_dir, run_stats
-from mezo import rules, runs, tasks
+from mezo import checkpoints, rules, runs, tasks
 
 TEMPLATE = ex.ROOT / "docs" / "RESULTS.template.md"
 
@@ -182,8 +183,7 @@ def figure(parts: dict, path: Path) -> Path | None:
         ax.set_ylabel("test accuracy, %")
     axes.flat[0].legend(fontsize=8)
     fig.tight_layout()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=80)
+    plot.save(fig, path, "results.py table", dpi=80)
     return path
 
 
@@ -301,7 +301,8 @@ def write_table(root: Path, path: Path, figures: Path | None = None, tasks_=ex.T
              precision="\n".join(precision_rows(root, parts)), variants=variants(root, parts),
              full=full(root), memory=memory_table(root),
              commands="\n".join(dict.fromkeys(commands)))
-    path.write_text(md + "\n")
+    checkpoints.atomic_write(path, lambda tmp: tmp.write_text(md + "\n"),
+                             then="run results.py table again")
     return md
 
 

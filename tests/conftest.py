@@ -7,6 +7,7 @@ import dataclasses
 import json
 import os
 import re
+import subprocess
 
 os.environ.setdefault("TRITON_INTERPRET", "1")  # before anything imports triton (transformers does)
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
@@ -209,3 +210,28 @@ def pytest_sessionfinish(session, exitstatus):
         for r in other:
             reporter.write_line(f"  {r.nodeid}: {r.longrepr}")
         session.exitstatus = 1
+
+
+@pytest.fixture
+def tmpfs(tmp_path):
+    """A small tmpfs (root, Linux), unmounted afterwards; else the test is skipped."""
+    where = tmp_path / "disk"
+    where.mkdir()
+    if os.geteuid() != 0 or subprocess.run(["mount", "-t", "tmpfs", "-o", "size=4m", "tmpfs", str(where)],
+                                           capture_output=True).returncode != 0:
+        pytest.skip("cannot mount a tmpfs here (needs root)")
+    yield where
+    subprocess.run(["umount", "-l", str(where)], check=False)
+
+
+def fill_disk(where: Path) -> Path:
+    """A file that takes the rest of where's disk (a tmpfs); unlink it to free the space."""
+    filler = where / "filler"
+    with open(filler, "wb") as f:
+        try:
+            while True:
+                f.write(b"\0" * 65536)
+                f.flush()
+        except OSError:
+            pass
+    return filler

@@ -9,9 +9,8 @@ import sys
 import time
 from pathlib import Path
 
-import pytest
 import torch
-from conftest import expect_error, run
+from conftest import expect_error, fill_disk, run
 from safetensors import safe_open
 from safetensors.torch import load_file
 
@@ -171,30 +170,11 @@ def test_5_a_pipe_whose_reader_leaves_stops_the_run_in_one_line_and_it_resumes(m
     assert resumed.returncode == 0 and step_of(w) == stopped + 2, err[-2000:]
 
 
-@pytest.fixture
-def tmpfs(tmp_path):
-    """A small tmpfs (root, Linux), unmounted afterwards; else the test is skipped."""
-    where = tmp_path / "disk"
-    where.mkdir()
-    if os.geteuid() != 0 or subprocess.run(["mount", "-t", "tmpfs", "-o", "size=4m", "tmpfs", str(where)],
-                                           capture_output=True).returncode != 0:
-        pytest.skip("cannot mount a tmpfs here (needs root)")
-    yield where
-    subprocess.run(["umount", "-l", str(where)], check=False)
-
-
 def test_6_a_full_disk_or_a_read_only_folder_is_one_line_and_the_checkpoint_stays_whole(model_dir, tmpfs, capsys):
     a = tmpfs / "A"
     assert run(P(model_dir, steps=2, eval_every=0, mode="full", out=a), capsys)[0] == 0
     checkpoint = (a / checkpoints.CHECKPOINT).read_bytes()
-    filler = tmpfs / "filler"
-    with open(filler, "wb") as f:  # the rest of the disk
-        try:
-            while True:
-                f.write(b"\0" * 65536)
-                f.flush()
-        except OSError:
-            pass
+    filler = fill_disk(tmpfs)
     line = expect_error(capsys, ["--resume", a, "--steps", 4], r"cannot write .* \(No space left on device\)")
     assert "--resume" in line
     assert (a / checkpoints.CHECKPOINT).read_bytes() == checkpoint

@@ -1,6 +1,7 @@
 """The first-order baseline (--optimizer adam) against a hand-written torch.optim loop, and the results table and
 plots made from logs of real short runs (tiny models, real SST-2 data)."""
 import json
+import re
 import shutil
 from pathlib import Path
 
@@ -8,7 +9,7 @@ import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
-from conftest import load_tiny, records, run, tiny_args
+from conftest import fill_disk, load_tiny, records, run, tiny_args
 from mezo.tasks import prompts, synthetic
 from safetensors.torch import load_file
 
@@ -464,3 +465,39 @@ def test_the_plan_counts_a_killed_run_from_the_step_its_checkpoint_resumes_at(st
     assert progress() == "4/4"
     (out / checkpoints.CHECKPOINT).unlink()
     assert ex.reached(out) == 2 and progress() == "2/4"
+
+
+def test_a_full_disk_or_an_output_that_cannot_be_made_keeps_the_page_and_figures_whole(study, tmpfs, capsys):
+    """RESULTS.md, figures/budget.png and plot.py's curves.png are written atomically: on a full disk, `results.py
+    table` and `plot.py` end in one line that says what to run after the fix, the page and figures already there stay
+    byte for byte as they were, and no temporary file is left; an -o that cannot be made is one line too."""
+    from mezo.errors import UsageError
+
+    import plot
+    import results
+    ex, _, root = study
+    page, figures, plots = tmpfs / "RESULTS.md", tmpfs / "figures", tmpfs / "plots"
+    table = ["table", "--root", str(root), "--output", str(page), "--figures", str(figures)]
+    curves = [str(root / "rte/adam-lora"), "-o", str(plots)]
+    assert results.main(table) == 0 and plot.main(curves) == 0
+    files = [page, figures / "budget.png", plots / "curves.png"]
+    before = [f.read_bytes() for f in files]
+    capsys.readouterr()
+    filler = fill_disk(tmpfs)
+    assert results.main(table) == 2  # the figure is written first: it is the one refused
+    assert plot.main(curves) == 2
+    with pytest.raises(UsageError, match=r"cannot write .*RESULTS.md \(No space left on device\).*run results.py "
+                                         r"table again"):
+        results.write_table(root, page)  # the page alone
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 2, err
+    assert re.match(r"results: error: cannot write .*budget.png \(No space left on device\); what was there is kept "
+                    r"whole: .* then run results.py table again$", err[0]), err
+    assert re.match(r"plot: error: cannot write .*curves.png \(No space left.* then run plot.py again$", err[1]), err
+    assert [f.read_bytes() for f in files] == before
+    assert not [p for p in tmpfs.rglob(".*tmp*")]
+    filler.unlink()
+    (tmpfs / "a-file").write_text("")
+    assert plot.main([str(root / "rte/adam-lora"), "-o", str(tmpfs / "a-file" / "plots")]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and re.match(r"plot: error: cannot create .*a-file/plots \(Not a directory\); pick a", err[0])
