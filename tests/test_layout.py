@@ -2,6 +2,7 @@
 loop import no variant except in `variants()`, the one place the command line picks them, and mezo.py stays a
 file a reader finishes in one sitting."""
 import ast
+import os
 import tomllib
 from pathlib import Path
 
@@ -46,8 +47,28 @@ def imports(path: Path) -> list[tuple[str, str | None]]:
     return found
 
 
-@pytest.mark.parametrize("path", sorted(p.relative_to(ROOT).as_posix() for p in ROOT.rglob("*.py")
-                                        if "build" not in p.parts))
+def own_sources(root: Path = ROOT) -> list[str]:
+    """The project's .py files, tracked or not, under root: not a virtual environment kept in the checkout (a folder
+    with pyvenv.cfg, however named: its site-packages hold thousands of other projects' files, some not even Python
+    3), hidden folders, build/ or the runs."""
+    found = []
+    for folder, dirs, files in os.walk(root):
+        dirs[:] = [d for d in dirs if not d.startswith(".") and d not in ("build", "runs", "__pycache__")
+                   and not (Path(folder) / d / "pyvenv.cfg").exists()]
+        found += [(Path(folder) / f).relative_to(root).as_posix() for f in files if f.endswith(".py")]
+    return sorted(found)
+
+
+def test_the_sources_checked_leave_out_a_venv_in_the_checkout_hidden_folders_build_and_runs(tmp_path):
+    for name in ("mezo.py", "tasks/lmbff.py", "env/lib/python3.11/site-packages/six.py", ".venv/lib/x.py",
+                 "build/lib/mezo.py", "runs/sst2/notes.py"):
+        (tmp_path / name).parent.mkdir(parents=True, exist_ok=True)
+        (tmp_path / name).write_text("import models\n")
+    (tmp_path / "env" / "pyvenv.cfg").write_text("home = /usr/bin\n")
+    assert own_sources(tmp_path) == ["mezo.py", "tasks/lmbff.py"]
+
+
+@pytest.mark.parametrize("path", own_sources())
 def test_the_project_is_imported_as_mezo_never_by_a_bare_top_level_name(path):
     """A user's own `models.py` or `tasks/` must not be able to stand in for ours, nor ours for theirs."""
     bare = []
