@@ -1,10 +1,11 @@
 """Installed as a user installs it: `pip install .` and `pip install -e .` into a fresh virtual environment, then
 `import mezo` from a folder of the user's own that holds a `models.py`, `tasks/`, `cache.py`, `runs.py` and
 `errors.py`. Each decoy raises if imported, so any of ours that resolved to theirs (or the reverse) fails loudly.
-The venv sees the system's packages (torch is not downloaded again); pip builds the project in its own isolated
+The venv sees the packages of the Python that runs the tests (torch is not downloaded again); pip builds the project in its own isolated
 build environment, as a user's pip does."""
 import os
 import shutil
+import site
 import subprocess
 import sys
 import venv
@@ -33,9 +34,16 @@ print(f"{first:.6f} {last:.6f}")
 
 
 def fresh_venv(tmp_path: Path) -> Path:
+    """A new venv that sees the packages of the Python running the tests (torch, transformers): the system's and,
+    when the tests run inside a venv of their own, that venv's too (a venv made from a venv sees only the base
+    Python's), through a .pth file after its own site-packages."""
     env_dir = tmp_path / "venv"
     venv.EnvBuilder(system_site_packages=True, with_pip=True).create(env_dir)
-    return env_dir / "bin"
+    bin_dir = env_dir / "bin"
+    own = subprocess.run([bin_dir / "python", "-c", "import sysconfig; print(sysconfig.get_paths()['purelib'])"],
+                         capture_output=True, text=True, check=True).stdout.strip()
+    Path(own, "tests-python.pth").write_text("\n".join(site.getsitepackages()) + "\n")
+    return bin_dir
 
 
 def user_folder(tmp_path: Path) -> Path:
