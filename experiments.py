@@ -169,8 +169,10 @@ def pick_lr(root: Path, candidates: list[Method]) -> str | None:
 def full_method(root: Path) -> Method | None:
     """The full-parameter row at the probed lr; None until every probe has finished."""
     lr = pick_lr(root, FULL_PROBES)
-    if lr is None:
-        return None
+    return None if lr is None else full_row(lr)
+
+
+def full_row(lr: str) -> Method:
     flags = ["--mode", "full", "--fast", "--lr", lr, "--eval-every", "100"]
     return Method("mezo-full", f"MeZO full-parameter (--fast, lr {lr})", flags, FULL_STEPS, 4.5,
                   "90.5", seeds=(42,))
@@ -311,8 +313,23 @@ def all_methods(root: Path) -> list[Method]:
     return task_plan(root) + PRECISION + variant_methods(root) + FULL_PROBES + full
 
 
+def undecided_s(root: Path) -> float:
+    """Expected seconds of the runs that wait on a pick, so not in the plan yet: each task's chosen
+    lr on its other seeds, each variant family's on its second, the full-parameter run. Not
+    counted: the lower lr's probe that a pick at the grid's edge adds."""
+    left = sum(expected_s(task_probes(t)[0]) * (len(SEEDS if t == "sst2" else TASK_SEEDS) - 1)
+               for t in TASKS if task_lr(root, t) is None)
+    for name, (title, flags, lrs, _) in VARIANT_FAMILIES.items():
+        if pick_lr(root, probed(name, title, flags, lrs)) is None:
+            left += expected_s(probed(name, title, flags, lrs)[0]) * (len(TASK_SEEDS) - 1)
+    if full_method(root) is None:
+        left += expected_s(full_row(flag(FULL_PROBES[0], "--lr")))
+    return left
+
+
 def plan(root: Path, threads: int, methods=None, jobs: int = 1) -> list[tuple[Method, int, Path]]:
-    if methods is None:
+    whole = methods is None
+    if whole:
         methods = all_methods(root)
     todo = [(m, s, run_dir(root, m, s)) for m in methods for s in m.seeds]
     memory = 0.0 if (root / "memory.json").exists() else MEMORY_S
@@ -320,11 +337,13 @@ def plan(root: Path, threads: int, methods=None, jobs: int = 1) -> list[tuple[Me
     left = sum(expected_s(m) * (1 - reached(out) / max(m.steps, 1))
                for m, _, out in todo if not concluded(out, m)) + memory
     total = sum(expected_s(m) for m, _, _ in todo) + MEMORY_S
+    waiting = undecided_s(root) if whole else 0.0
+    more = f" + {waiting / 60:.0f} min of runs that wait on a pick" if waiting else ""
     # a 1-thread run steps about as fast as a 2-thread one here (SST-2: 2.45 s a step against 2.4),
     # so --jobs 2 --threads 1 takes about half the time
-    wall = f" (about {left / 3600 / jobs:.1f} h at --jobs {jobs})" if jobs > 1 else ""
+    wall = f" (about {(left + waiting) / 3600 / jobs:.1f} h at --jobs {jobs})" if jobs > 1 else ""
     print(f"results: {len(todo)} runs + the memory table; expected {total / 60:.0f} min on 2 cores "
-          f"from scratch, {left / 60:.0f} min left{wall}", flush=True)
+          f"from scratch, {left / 60:.0f} min left{more}{wall}", flush=True)
     return todo
 
 
@@ -335,8 +354,9 @@ def cmd_plan(args) -> int:
                  else f"{done}/{m.steps}")
         print(f"  [{state:>9s}] python {' '.join(m.command(s, out, args.threads))}")
     print(f"  [~{MEMORY_S / 60:.1f} min] {' '.join(memory_command(Path(args.root), args.threads))}")
-    print("  (then each task's chosen lr on its other seeds, once its probes are done, and the "
-          "full-parameter run at the lr its probes pick)")
+    print("  (then the runs that wait on a pick, in the time above: each task's chosen lr on its "
+          "other seeds, once its probes are done, and the full-parameter run at the lr its probes "
+          "pick)")
     return 0
 
 

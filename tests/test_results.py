@@ -501,3 +501,26 @@ def test_a_full_disk_or_an_output_that_cannot_be_made_keeps_the_page_and_figures
     assert plot.main([str(root / "rte/adam-lora"), "-o", str(tmpfs / "a-file" / "plots")]) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and re.match(r"plot: error: cannot create .*a-file/plots \(Not a directory\); pick a", err[0])
+
+
+def test_the_plan_counts_the_runs_that_wait_on_a_pick(study, tmp_path, capsys):
+    """`plan`'s time left includes the runs no pick has put in the plan yet (each task's chosen lr on its other
+    seeds, each variant family's second seed, the full-parameter run), once each: none when every pick is made, and
+    a task whose probes are undone again counts its other seeds once more."""
+    import results
+    ex, _, root = study
+    assert ex.undecided_s(root) == 0
+    copy = tmp_path / "results"
+    shutil.copytree(root, copy)
+    rte = ex.task_probes("rte")
+    shutil.rmtree(ex.run_dir(copy, rte[0], 13))
+    assert ex.task_lr(copy, "rte") is None
+    assert ex.undecided_s(copy) == pytest.approx(ex.expected_s(rte[0]) * (len(ex.TASK_SEEDS) - 1))
+    assert results.main(["plan", "--root", str(copy)]) == 0
+    head = capsys.readouterr().out.splitlines()[0]
+    assert f"+ {ex.undecided_s(copy) / 60:.0f} min of runs that wait on a pick" in head, head
+    sst2 = ex.task_probes("sst2")[0]
+    assert ex.undecided_s(tmp_path / "empty") == pytest.approx(
+        ex.expected_s(sst2) * 2 + ex.expected_s(rte[0])
+        + sum(ex.expected_s(ex.probed(name, *family[:3])[0]) for name, family in ex.VARIANT_FAMILIES.items())
+        + ex.expected_s(ex.full_row("1e-5")))
