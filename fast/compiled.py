@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import functools
 import sys
+import threading
 import time
 
 import torch
@@ -138,11 +139,22 @@ class CompiledBackend:
                 theta.copy_(t)
 
 
+# The thread that compiled first. torch 2.11's dynamo crashes the process (SIGSEGV in
+# FakeTensor.__enter__) when it compiles again after that thread has ended, e.g. a thread pool's
+# worker; torch 2.13 does not (tests/test_compiled.py).
+_compiled_by: threading.Thread | None = None
+
+
 def compiled_backend(exact: bool = False):
     """A CompiledBackend (wrapped in mezo.ExactRestore for --exact-restore), compiled and checked
     against mezo.noise now; where that fails, one line on stderr and the reference backend (same
     numbers, slower)."""
+    global _compiled_by
     try:
+        old = torch.torch_version.TorchVersion(torch.__version__) < (2, 13)
+        if old and _compiled_by is not None and not _compiled_by.is_alive():
+            raise RuntimeError(f"torch {torch.__version__} can crash compiling again once the "
+                               "thread that compiled first has ended; torch 2.13 does not")
         t = time.perf_counter()
         # both window sizes, an offset past 2^32
         for n, g in ((SMALL, 1 << 33 | 3), (NOISE_CHUNK, 5)):
@@ -150,6 +162,7 @@ def compiled_backend(exact: bool = False):
             if not torch.equal(got, mezo.noise(12345, torch.arange(g, g + n))):
                 raise RuntimeError("the compiled noise differs from mezo.noise")
         backend, seconds = CompiledBackend(), time.perf_counter() - t
+        _compiled_by = _compiled_by or threading.current_thread()
         print(f"mezo: --fast: compiled CPU backend ready in {seconds:.1f} s", file=sys.stderr)
     except Exception as e:  # no C++ compiler, no inductor, or numbers that are not the reference's
         reason = str(e).strip().splitlines()[0][:200] if str(e).strip() else ""
