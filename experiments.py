@@ -320,8 +320,9 @@ def undecided_s(root: Path) -> float:
     left = sum(expected_s(task_probes(t)[0]) * (len(SEEDS if t == "sst2" else TASK_SEEDS) - 1)
                for t in TASKS if task_lr(root, t) is None)
     for name, (title, flags, lrs, _) in VARIANT_FAMILIES.items():
-        if pick_lr(root, probed(name, title, flags, lrs)) is None:
-            left += expected_s(probed(name, title, flags, lrs)[0]) * (len(TASK_SEEDS) - 1)
+        candidates = probed(name, title, flags, lrs)
+        if pick_lr(root, candidates) is None:
+            left += expected_s(candidates[0]) * (len(TASK_SEEDS) - 1)
     if full_method(root) is None:
         left += expected_s(full_row(flag(FULL_PROBES[0], "--lr")))
     return left

@@ -136,18 +136,15 @@ def plot_runs(runs: list[tuple[str, list[dict]]], path: Path | None = None, titl
         fig.suptitle(title, y=0.995)
     fig.tight_layout(rect=(0, 0, 1, 0.94))
     if path is not None:
-        save(fig, Path(path), "plot.py", dpi=110)
+        save(fig, Path(path), "--out", "plot.py", dpi=110)
     return fig
 
 
-def save(fig, path: Path, again: str, dpi: int) -> None:
-    """The figure as a PNG, written atomically: a full disk or a folder that cannot be made is one
-    line (again: the command to run after the fix), and a figure already there stays whole."""
-    try:
-        path.parent.mkdir(parents=True, exist_ok=True)
-    except OSError as e:
-        raise UsageError(f"cannot create {path.parent} ({e.strerror}); pick a folder you can "
-                         "write to") from None
+def save(fig, path: Path, flag: str, again: str, dpi: int) -> None:
+    """The figure as a PNG, written atomically: a full disk or a folder (given by flag) that cannot
+    be made is one line (again: the command to run after the fix), and a figure already there
+    stays whole."""
+    runs.make_out(path.parent, path.parent, flag)
     checkpoints.atomic_write(path, lambda tmp: fig.savefig(tmp, dpi=dpi, format="png"),
                              then=f"run {again} again")
 

@@ -183,7 +183,7 @@ def figure(parts: dict, path: Path) -> Path | None:
         ax.set_ylabel("test accuracy, %")
     axes.flat[0].legend(fontsize=8)
     fig.tight_layout()
-    plot.save(fig, path, "results.py table", dpi=80)
+    plot.save(fig, path, "--figures", "results.py table", dpi=80)
     return path
 
 

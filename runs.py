@@ -149,11 +149,11 @@ def load(cfg, placement) -> Loaded:
                   label_ids)
 
 
-def make_out(folder: Path, shown) -> None:
+def make_out(folder: Path, shown, flag: str = "--out") -> None:
     try:
         folder.mkdir(parents=True, exist_ok=True)
     except OSError as e:
-        raise UsageError(f"--out {shown}: cannot create it ({e.strerror}); "
+        raise UsageError(f"{flag} {shown}: cannot create it ({e.strerror}); "
                          "pick a folder you can write to") from None
 
 

@@ -1,8 +1,8 @@
 """Installed as a user installs it: `pip install .` and `pip install -e .` into a fresh virtual environment, then
 `import mezo` from a folder of the user's own that holds a `models.py`, `tasks/`, `cache.py`, `runs.py` and
 `errors.py`. Each decoy raises if imported, so any of ours that resolved to theirs (or the reverse) fails loudly.
-The venv sees the packages of the Python that runs the tests (torch is not downloaded again); pip builds the project in its own isolated
-build environment, as a user's pip does."""
+The venv sees the packages of the Python that runs the tests (torch is not downloaded again); pip builds the
+project in its own isolated build environment, as a user's pip does."""
 import os
 import shutil
 import site

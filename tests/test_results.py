@@ -500,7 +500,8 @@ def test_a_full_disk_or_an_output_that_cannot_be_made_keeps_the_page_and_figures
     (tmpfs / "a-file").write_text("")
     assert plot.main([str(root / "rte/adam-lora"), "-o", str(tmpfs / "a-file" / "plots")]) == 2
     err = capsys.readouterr().err.strip().splitlines()
-    assert len(err) == 1 and re.match(r"plot: error: cannot create .*a-file/plots \(Not a directory\); pick a", err[0])
+    assert len(err) == 1 and re.match(r"plot: error: --out .*a-file/plots: cannot create it \(Not a directory\); pick a "
+                                      r"folder you can write to$", err[0]), err
 
 
 def test_the_plan_counts_the_runs_that_wait_on_a_pick(study, tmp_path, capsys):
