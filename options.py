@@ -30,6 +30,9 @@ def check(cfg) -> None:
             bound, strict = meta["above"], True
         if isinstance(value, bool):
             continue
+        if isinstance(value, tuple) and not value:  # --label-words "$UNSET": not the default
+            raise UsageError(f"{flag} is empty; give comma-separated values, or leave {flag} out "
+                             "for the default")
         if bound is not None and isinstance(value, int) and value < bound:
             raise UsageError(f"{flag} {value} is out of range: it must be >= {bound}")
         if bound is not None and isinstance(value, float) and not (
@@ -47,7 +50,7 @@ def parser(config_class, prog: str, description: str) -> argparse.ArgumentParser
     """--flag-name for every field (tuples comma-separated, booleans as switches); unset flags stay
     absent."""
     p = argparse.ArgumentParser(prog=prog, description=description)
-    comma = lambda s: tuple(w for w in s.split(",") if w) if s else None
+    comma = lambda s: tuple(w for w in s.split(",") if w)
     for f in dataclasses.fields(config_class):
         meta, default = f.metadata, f.default
         shown = default

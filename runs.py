@@ -624,10 +624,11 @@ def keep_last_good(error: NonFiniteLoss, cfg, train) -> str:
         return str(error)
     good = s - 2
     if good < 0:
+        fix = (f"the model overflows in --dtype {cfg.dtype}: try float32" if cfg.dtype != "float32"
+               else "the model's weights or inputs are not finite: check --model")
         return (f"{error}: the run's first forwards, at its starting tensors ± ε·z, were not "
                 "finite, so there is no good step to keep. If step 0's evaluation printed a "
-                "finite loss, a smaller --eps may get past it; if not, the model overflows in "
-                f"--dtype {cfg.dtype}: try float32")
+                f"finite loss, a smaller --eps may get past it; if not, {fix}")
     if not out:
         return f"{error}. Without --out nothing was kept: run again with a lower --lr or --eps"
     again = (f"--resume {out} --steps {cfg.steps} with a lower --lr (step {s - 1}'s update led "

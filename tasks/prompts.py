@@ -30,6 +30,10 @@ def check_template(template: str, pair: bool) -> None:
         raise UsageError(f"--template {template!r}: unknown placeholder {', '.join(unknown)}; a "
                          "template takes {sentence} (or {sentence1} and {sentence2}, each may end "
                          "in :- or :l) and {mask}")
+    if template.count("{mask}") > 1:
+        raise UsageError(f"--template {template!r}: {{mask}} appears "
+                         f"{template.count('{mask}')} times; the label word is read at one place, "
+                         "so give one {mask}")
     fields = {"sentence1" if name == "sentence" else name for name, _ in FIELD.findall(template)}
     want = {"sentence1", "sentence2"} if pair else {"sentence1"}
     if want - fields or (not pair and "sentence2" in fields):

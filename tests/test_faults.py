@@ -9,6 +9,7 @@ import sys
 import time
 from pathlib import Path
 
+import pytest
 import torch
 from conftest import expect_error, fill_disk, run
 from safetensors import safe_open
@@ -75,6 +76,14 @@ def test_2_lora_at_lr_1e30_keeps_no_absurd_good_checkpoint(model_dir, tmp_path, 
         assert all(t.abs().max() < 100 for t in saved.values()), line
     else:
         assert "no good step to keep" in line and "--lr" not in line
+
+
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
+def test_2_no_finite_first_step_names_a_fix_the_run_does_not_already_have(model_dir, tmp_path, capsys, dtype):
+    """An ε so large the very first forwards overflow: a float32 run is not told to try float32."""
+    line = expect_error(capsys, P(model_dir, steps=2, eps=1e308, dtype=dtype, out=tmp_path / "N"),
+                        r"no good step to keep", code=1)
+    assert ("try float32" in line) == (dtype != "float32") and "smaller --eps" in line, line
 
 
 def test_3_replay_refuses_flags_that_change_the_update_and_leaves_out_as_it_was(model_dir, tmp_path, capsys):

@@ -211,6 +211,20 @@ def test_a_template_with_an_unknown_placeholder_is_refused(model_dir, capsys):
             r"--template .*: unknown placeholder \{foo\}; a template takes \{sentence\}")
 
 
+def test_a_template_with_two_masks_is_refused(model_dir, capsys):
+    refused(capsys, P(model_dir, "--template", "{sentence} {mask} {mask}", kind="roberta"),
+            r"--template .*: \{mask\} appears 2 times; .* give one \{mask\}")
+
+
+@pytest.mark.parametrize("flag", ["--label-words", "--lora-targets"])
+@pytest.mark.parametrize("value", ["", ","])
+def test_an_empty_list_is_refused_not_taken_for_the_default(model_dir, tmp_path, capsys, flag, value):
+    """`--label-words "$WORDS"` with WORDS unset would otherwise train on the task's words."""
+    refused(capsys, P(model_dir, flag, value, "--out", tmp_path / "run"),
+            rf"{flag} is empty; give comma-separated values, or leave {flag} out for the default")
+    assert nothing_written(tmp_path / "run")
+
+
 # -----------------------------------------------------------------------------
 # Case 8: the optimizer API refuses what its constructor refuses, keeps rules apart, and skips
 # frozen tensors
