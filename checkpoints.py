@@ -4,6 +4,7 @@ run's config, written atomically), and LoRA tensors in PEFT's adapter layout. Pl
 from __future__ import annotations
 
 import contextlib
+import errno
 import json
 import os
 from pathlib import Path
@@ -40,8 +41,11 @@ def cannot_write(path: Path, e: Exception, then: str = "") -> UsageError:
     """The one line for a write the machine refused; what was written before is whole."""
     why = getattr(e, "strerror", None) or str(e).splitlines()[0]
     then = then or f"--resume {path.parent}"
-    return UsageError(f"cannot write {path} ({why}); what was there is kept whole: free some "
-                      f"space or make {path.parent} writable, then {then}")
+    fix = {errno.EISDIR: "move that folder or pick another path for the file",
+           errno.ENOENT: f"create {path.parent}"}.get(
+        getattr(e, "errno", None), f"free some space or make {path.parent} writable")
+    return UsageError(f"cannot write {path} ({why}); what was there is kept whole: {fix}, "
+                      f"then {then}")
 
 
 def own_storage(t: torch.Tensor) -> torch.Tensor:

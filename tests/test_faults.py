@@ -12,6 +12,7 @@ from pathlib import Path
 import pytest
 import torch
 from conftest import expect_error, fill_disk, run
+from mezo.errors import UsageError
 from safetensors import safe_open
 from safetensors.torch import load_file
 
@@ -185,7 +186,7 @@ def test_6_a_full_disk_or_a_read_only_folder_is_one_line_and_the_checkpoint_stay
     checkpoint = (a / checkpoints.CHECKPOINT).read_bytes()
     filler = fill_disk(tmpfs)
     line = expect_error(capsys, ["--resume", a, "--steps", 4], r"cannot write .* \(No space left on device\)")
-    assert "--resume" in line
+    assert "--resume" in line and "free some space" in line
     assert (a / checkpoints.CHECKPOINT).read_bytes() == checkpoint
     assert not [p for p in a.rglob(".*tmp*")]  # no half-written temporary file left behind
     filler.unlink()
@@ -196,6 +197,18 @@ def test_6_a_full_disk_or_a_read_only_folder_is_one_line_and_the_checkpoint_stay
     assert snapshot(a) == before
     subprocess.run(["mount", "-o", "remount,rw", str(tmpfs)], check=True)
     assert run(["--resume", a, "--steps", 4], capsys)[0] == 0  # space again: the run goes on
+
+
+def test_6_a_file_written_over_a_folder_or_into_a_missing_one_names_that_fix(tmp_path):
+    """results.py --output a folder, or a path whose folder does not exist: the line says what to change."""
+    (tmp_path / "R.md").mkdir()
+    (tmp_path / "R.md" / "kept").write_text("x")
+    write = lambda tmp: tmp.write_text("new")
+    with pytest.raises(UsageError, match=r"\(Is a directory\); .*: move that folder or pick another path"):
+        checkpoints.atomic_write(tmp_path / "R.md", write, then="run it again")
+    with pytest.raises(UsageError, match=rf"\(No such file or directory\); .*: create {tmp_path}/no/such, then"):
+        checkpoints.atomic_write(tmp_path / "no" / "such" / "R.md", write, then="run it again")
+    assert sorted(p.name for p in tmp_path.rglob("*")) == ["R.md", "kept"]  # nothing left behind
 
 
 def test_7_replay_of_a_missing_folder_says_replay(tmp_path, capsys):
