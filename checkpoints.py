@@ -28,13 +28,13 @@ def atomic_write(path: Path, write, then: str = "") -> None:
         with open(tmp, "rb") as f:
             os.fsync(f.fileno())
         os.replace(tmp, path)
-    # OSError, or safetensors' SafetensorError around one ("... (os error 28)")
-    except Exception as e:
-        if not isinstance(e, OSError) and "os error" not in str(e):
-            raise
+    except BaseException as e:  # a refused write, or Ctrl-C: no temporary file is left behind
         with contextlib.suppress(OSError):
             tmp.unlink(missing_ok=True)
-        raise cannot_write(path, e, then) from None
+        # OSError, or safetensors' SafetensorError around one ("... (os error 28)")
+        if isinstance(e, OSError) or (isinstance(e, Exception) and "os error" in str(e)):
+            raise cannot_write(path, e, then) from None
+        raise
 
 
 def cannot_write(path: Path, e: Exception, then: str = "") -> UsageError:

@@ -203,9 +203,7 @@ def box_muller(u_a: torch.Tensor, u_b: torch.Tensor) -> tuple[torch.Tensor, torc
 def randn4x(seed: int, counter: torch.Tensor) -> tuple[torch.Tensor, ...]:
     """Triton's tl.randn4x(seed, counter): four normals per counter."""
     u0, u1, u2, u3 = (uniform(w) for w in philox(seed, counter))
-    n0, n1 = box_muller(u0, u1)
-    n2, n3 = box_muller(u2, u3)
-    return n0, n1, n2, n3
+    return (*box_muller(u0, u1), *box_muller(u2, u3))
 
 
 def noise(seed: int, index: torch.Tensor, chunk: int | None = None) -> torch.Tensor:
@@ -309,6 +307,9 @@ def make_trainables(named_params) -> list[Trainable]:
     order."""
     params, offset = [], 0
     for name, p in named_params:
+        if not (p.is_contiguous() and p.is_floating_point()):  # perturbed through a flat view
+            raise ValueError(f"{name}: MeZO trains contiguous floating-point tensors, got "
+                             f"{p.dtype}{'' if p.is_contiguous() else ', not contiguous'}")
         whole = dict(full_shape=tuple(p.shape), shard_start=(0,) * p.dim())
         params.append(Trainable(name, p, offset, p.dim() >= 2, **whole))
         offset += p.numel()
@@ -329,13 +330,12 @@ def add_lora(model: nn.Module, names: list[str], r: int, alpha: float, seed: int
     gen = torch.Generator().manual_seed(seed)
     for name in names:
         layer = model.get_submodule(name)
-        w, dtype_ = layer.weight, dtype or layer.weight.dtype
+        like = dict(device=layer.weight.device, dtype=dtype or layer.weight.dtype)
         # kaiming_uniform_(a=sqrt(5)), written out to take a generator
         bound = 1 / math.sqrt(layer.in_features)
         a = (torch.rand(r, layer.in_features, generator=gen) * 2 - 1) * bound
-        layer.lora_A = nn.Parameter(a.to(w.device, dtype_))
-        b = torch.zeros(layer.out_features, r, device=w.device, dtype=dtype_)
-        layer.lora_B = nn.Parameter(b)
+        layer.lora_A = nn.Parameter(a.to(**like))
+        layer.lora_B = nn.Parameter(torch.zeros(layer.out_features, r, **like))
         layer.lora_scaling = alpha / r
         layer.register_forward_hook(_lora_hook)
 
@@ -410,13 +410,19 @@ def mezo_step(params: list[Trainable], loss_fn, seeds: list[int], eps: float, lr
               backend=None, rule=None) -> list[dict]:
     """One step: a projected gradient per seed (n seeds: Algorithm 2), then the update rule (ZO-SGD
     unless rules.py's). lr and weight_decay: one value, or one per tensor (MeZO's param groups)."""
-    backend, rule = backend or TorchBackend(), rule or ZO_SGD
-    samples = []
+    backend, rule, samples = backend or TorchBackend(), rule or ZO_SGD, []
     for seed in seeds:
         backend.perturb(params, seed, +eps)  # θ + εz
-        loss_plus = loss_fn()
-        backend.perturb(params, seed, -2 * eps)  # θ − εz
-        loss_minus = loss_fn()
+        at = eps  # where θ stands: a forward that raises (Ctrl-C, out of memory) steps back
+        try:
+            loss_plus = loss_fn()
+            backend.perturb(params, seed, -2 * eps)  # θ − εz
+            at = -eps
+            loss_minus = loss_fn()
+        except BaseException:
+            backend.perturb(params, seed, -at)
+            backend.settle(params)
+            raise
         backend.perturb(params, seed, +eps)  # back to θ (up to rounding; see the tests)
         if not (math.isfinite(loss_plus) and math.isfinite(loss_minus)):
             raise NonFiniteLoss(f"loss_plus={loss_plus}, loss_minus={loss_minus}")
@@ -449,9 +455,7 @@ ZO_SGD = SGD()
 
 def per_tensor(value, n: int) -> list:
     """One value per tensor: a list or tuple as given, a single value repeated."""
-    if isinstance(value, (list, tuple)):
-        return list(value)
-    return [value] * n
+    return list(value) if isinstance(value, (list, tuple)) else [value] * n
 
 
 def rate_groups(params: list[Trainable], lr,
@@ -563,13 +567,9 @@ class MeZO(torch.optim.Optimizer):
         lrs = [g["lr"] for g in self.param_groups for p in g["params"] if p.requires_grad]
         wds = [g["weight_decay"] for g in self.param_groups for p in g["params"] if p.requires_grad]
         seeds = [step_seed(self.seed, self.steps + 1, k) for k in range(self.n_samples)]
-
-        def loss_fn() -> float:
-            return float(closure())
-
         try:
-            samples = mezo_step(params, loss_fn, seeds, self.eps, lrs, wds, self.backend,
-                                rule=self.rule)
+            samples = mezo_step(params, lambda: float(closure()), seeds, self.eps, lrs, wds,
+                                self.backend, rule=self.rule)
         except NonFiniteLoss as e:
             raise NonFiniteLoss(f"non-finite loss at step {self.steps + 1} ({e}); the parameters "
                                 f"are as step {self.steps} left them. Lower lr or eps") from None
@@ -618,8 +618,7 @@ class PromptForward:
         self.model, self.label_ids = model, torch.tensor(label_ids)
         self.body = model.base_model
         heads = [m for m in model.children() if m is not self.body]
-        # e.g. lm_head (Llama, RoBERTa), cls (BERT)
-        self.lm_head = heads[0] if len(heads) == 1 else None
+        self.lm_head = heads[0] if len(heads) == 1 else None  # lm_head (Llama, RoBERTa), cls (BERT)
 
     def __call__(self, batch: dict) -> torch.Tensor:
         out = self.body(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"])
@@ -634,12 +633,10 @@ class PromptForward:
         if "target" not in batch:
             # (B, V) -> (B, C)
             return in_compute_dtype(self.lm_head(h)[:, self.label_ids.to(h.device)])
-        # (N,)
-        logp = in_compute_dtype(self.lm_head(h)).log_softmax(-1)
-        logp = logp.gather(1, batch["target"][:, None])[:, 0]
-        # (B, C)
+        logp = in_compute_dtype(self.lm_head(h)).log_softmax(-1)  # (N, V)
+        logp = logp.gather(1, batch["target"][:, None])[:, 0]  # (N,)
         summed = logp.new_zeros(hidden.size(0)).index_add_(0, rows, logp)
-        return summed.view(len(batch["labels"]), -1)
+        return summed.view(len(batch["labels"]), -1)  # (B, C)
 
 
 def objective_loss(logits: torch.Tensor, labels: torch.Tensor, objective: str) -> float:
@@ -779,9 +776,9 @@ def main(argv=None) -> int:
     except UsageError as e:
         print(f"mezo: error: {e}", file=sys.stderr)
         return 2
-    except BrokenPipeError:  # `python mezo.py ... | head`: stdout's reader left
-        print(f"mezo: error: {runs.stdout_closed(cfg, trained)}", file=sys.stderr)
-        return 1
+    except (BrokenPipeError, KeyboardInterrupt) as e:  # `mezo.py ... | head`'s reader left; Ctrl-C
+        print(f"mezo: error: {runs.stopped(cfg, trained, e)}", file=sys.stderr)
+        return 1 if isinstance(e, BrokenPipeError) else 130
     except RuntimeError as e:
         # Under torchrun, a collective that failed because another rank died or hung: tp/ knows them
         peer_failure = getattr(seams.get("placement"), "peer_failure", None)

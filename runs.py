@@ -599,11 +599,13 @@ def same_model_folder(was: str, now: str) -> bool:
     return read(old) is not None and read(old) == read(new)
 
 
-def stdout_closed(cfg, trained: bool) -> str:
-    """What to say when stdout's reader left mid-run (`python mezo.py ... | head`). stdout then
-    points at /dev/null: nothing left in its buffer fails again at exit."""
-    os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
-    said = "stdout was closed (its reader left, as `| head` does): "
+def stopped(cfg, trained: bool, why: BaseException) -> str:
+    """What to say when a run stops early: stdout's reader left (`python mezo.py ... | head`; stdout
+    then points at /dev/null, so nothing left in its buffer fails again at exit), or Ctrl-C."""
+    said = "interrupted (Ctrl-C): "
+    if isinstance(why, BrokenPipeError):
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        said = "stdout was closed (its reader left, as `| head` does): "
     if trained:
         return said + "the run finished, its last lines unprinted"
     if not (cfg and cfg.out):

@@ -180,6 +180,46 @@ def test_5_a_pipe_whose_reader_leaves_stops_the_run_in_one_line_and_it_resumes(m
     assert resumed.returncode == 0 and step_of(w) == stopped + 2, err[-2000:]
 
 
+def test_5_ctrl_c_stops_the_run_in_one_line_and_it_resumes_bit_for_bit(model_dir, tmp_path):
+    """SIGINT (Ctrl-C) mid-run: exit 130 with one `mezo: error:` line that names the --resume, no traceback, no
+    temporary file and no lock held; the resumed run ends with the tensors of an unbroken one."""
+    w, straight = tmp_path / "W", tmp_path / "straight"
+    flags = dict(steps=1_000_000, eval_every=0, save_every=2)
+    run_ = _cli(P(model_dir, out=w, **flags))
+    deadline = time.time() + 300
+    while time.time() < deadline and not ((w / checkpoints.CHECKPOINT).exists() and step_of(w) >= 4):
+        time.sleep(0.2)
+    run_.send_signal(signal.SIGINT)
+    _, err = run_.communicate(timeout=300)
+    lines = [x for x in err.splitlines() if "error" in x.lower() or "Traceback" in x or "Interrupt" in x]
+    assert run_.returncode == 130, err[-2000:]
+    assert lines == [f"mezo: error: interrupted (Ctrl-C): the run stopped; --resume {w} goes on from its last "
+                     "checkpoint"], err[-2000:]
+    assert not [p for p in w.rglob(".*tmp*")]
+    stopped = step_of(w)
+    resumed = _cli(["--resume", str(w), "--steps", str(stopped + 2)])
+    _, err = resumed.communicate(timeout=300)
+    assert resumed.returncode == 0 and step_of(w) == stopped + 2, err[-2000:]
+    unbroken = _cli(P(model_dir, out=straight, **dict(flags, steps=stopped + 2)))
+    _, err = unbroken.communicate(timeout=300)
+    assert unbroken.returncode == 0, err[-2000:]
+    a, b = load_file(w / checkpoints.CHECKPOINT), load_file(straight / checkpoints.CHECKPOINT)
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_5_ctrl_c_while_a_file_is_written_leaves_the_old_file_whole_and_no_temporary_one(tmp_path):
+    target = tmp_path / "checkpoint.safetensors"
+    target.write_text("the last good one")
+
+    def interrupted(tmp):
+        tmp.write_text("half")
+        raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):
+        checkpoints.atomic_write(target, interrupted)
+    assert [p.name for p in tmp_path.iterdir()] == [target.name] and target.read_text() == "the last good one"
+
+
 def test_6_a_full_disk_or_a_read_only_folder_is_one_line_and_the_checkpoint_stays_whole(model_dir, tmpfs, capsys):
     a = tmpfs / "A"
     assert run(P(model_dir, steps=2, eval_every=0, mode="full", out=a), capsys)[0] == 0

@@ -148,6 +148,59 @@ def test_a_nan_loss_raises_the_command_lines_error_and_keeps_theta(exact):
     assert opt.steps == 2 and math.isfinite(opt.last["loss"])
 
 
+@pytest.mark.parametrize("backend", ["reference", "exact", "fused"])
+@pytest.mark.parametrize("raises_at", [1, 2])
+def test_a_forward_that_raises_leaves_theta_where_it_was_and_the_next_step_is_the_reference(backend, raises_at):
+    """Ctrl-C (or out of memory) in the closure's first or second forward: the exception goes on to the caller with θ
+    restored (as the step's own restore would: bit for bit with ExactRestore) and settled (fast.Fused holds nothing
+    back), the step count unchanged; the next step is then the one an uninterrupted optimizer takes."""
+    fast = pytest.importorskip("mezo.fast") if backend == "fused" else None
+
+    def make(model):
+        inner = mezo.TorchBackend()
+        chosen = dict(reference=inner, exact=mezo.ExactRestore(inner), fused=fast and fast.Fused(inner))[backend]
+        return mezo.MeZO(model.parameters(), lr=0.1, eps=1e-3, backend=chosen)
+
+    model, twin = mlp([4, 5, 2], torch.float32), mlp([4, 5, 2], torch.float32)
+    opt, twin_opt = make(model), make(twin)
+    loss, twin_loss = regression_loss(model), regression_loss(twin)
+    for o, f in ((opt, loss), (twin_opt, twin_loss)):
+        o.step(f)
+    before = [p.detach().clone() for p in model.parameters()]
+    calls = []
+
+    def interrupted():
+        calls.append(1)
+        if len(calls) == raises_at:
+            raise KeyboardInterrupt
+        return loss()
+
+    with pytest.raises(KeyboardInterrupt):
+        opt.step(interrupted)
+    assert opt.steps == 1
+    for p, b, t in zip(model.parameters(), before, opt.trainables):
+        bound = 3 * 2.0**-24 * (b.abs() + 2e-3 * z_of(t, mezo.step_seed(0, 2, 0)).abs())
+        assert torch.equal(p, b) if backend == "exact" else bool(((p - b).abs() <= bound).all()), (p - b).abs().max()
+    if backend == "exact":  # θ is bit for bit the twin's: so is the next step
+        opt.step(loss), twin_opt.step(twin_loss)
+        twin_opt.backend.settle(twin_opt.trainables)
+        assert all(torch.equal(p, q) for p, q in zip(model.parameters(), twin.parameters()))
+    else:
+        assert opt.step(loss) == pytest.approx(twin_opt.step(twin_loss), rel=1e-5)
+
+
+def test_a_tensor_that_is_not_contiguous_or_not_floating_point_is_refused_in_one_line():
+    """θ is perturbed in place through a flat view: a transposed view cannot take that, and is named."""
+    kept = nn.Parameter(torch.randn(3, 4))
+    transposed = nn.Parameter(torch.randn(4, 3).t())
+    with pytest.raises(ValueError, match=r"^1.0: MeZO trains contiguous floating-point tensors, got torch.float32, "
+                                         r"not contiguous$"):
+        mezo.MeZO([dict(params=[kept]), dict(params=[transposed])], lr=0.1)
+    with pytest.raises(ValueError, match=r"^0.0: .* got torch.complex64$"):
+        mezo.MeZO([nn.Parameter(torch.ones(3, dtype=torch.complex64))], lr=0.1)
+    mezo.MeZO([kept, nn.Parameter(transposed.data.contiguous())], lr=0.1).step(lambda: torch.tensor(1.0))
+
+
 def test_bad_arguments_are_refused():
     model = nn.Linear(2, 2)
     for kw in (dict(lr=-1.0), dict(eps=0.0), dict(n_samples=0), dict(seed=-1), dict(eps=float("nan"))):
