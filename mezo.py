@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import functools
 import math
+import numbers
 import os
 import sys
 from dataclasses import dataclass
@@ -517,12 +518,14 @@ class MeZO(torch.optim.Optimizer):
 
     def __init__(self, params, lr: float = 1e-3, eps: float = 1e-3, weight_decay: float = 0.0,
                  n_samples: int = 1, seed: int = 0, backend=None, rule=None):
-        valid = lr >= 0 and eps > 0 and weight_decay >= 0 and n_samples >= 1
+        whole = all(isinstance(v, numbers.Integral) for v in (n_samples, seed))
+        valid = lr >= 0 and eps > 0 and weight_decay >= 0 and whole and n_samples >= 1
         if not (valid and 0 <= seed < 1 << 63):
-            raise ValueError(f"MeZO needs lr >= 0, eps > 0, weight_decay >= 0, n_samples >= 1, "
-                             f"0 <= seed < 2^63; got {lr=}, {eps=}, {weight_decay=}, {n_samples=}, "
-                             f"{seed=}")
-        self.eps, self.n_samples, self.seed, self.steps, self.last = eps, n_samples, seed, 0, None
+            raise ValueError(f"MeZO needs lr >= 0, eps > 0, weight_decay >= 0, whole numbers "
+                             f"n_samples >= 1 and 0 <= seed < 2^63; got {lr=}, {eps=}, "
+                             f"{weight_decay=}, {n_samples=}, {seed=}")
+        self.eps, self.n_samples, self.seed = eps, int(n_samples), int(seed)
+        self.steps, self.last = 0, None
         self.backend, self.rule = backend or TorchBackend(), rule
         super().__init__(params, dict(lr=lr, weight_decay=weight_decay))
 

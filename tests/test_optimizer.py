@@ -3,6 +3,7 @@ the same losses and tensors over K steps, param groups and lr schedulers, state_
 nn.Module that no transformers code touches, and a NaN loss."""
 import math
 
+import numpy as np
 import pytest
 import torch
 import torch.nn as nn
@@ -203,13 +204,22 @@ def test_a_tensor_that_is_not_contiguous_or_not_floating_point_is_refused_in_one
 
 def test_bad_arguments_are_refused():
     model = nn.Linear(2, 2)
-    for kw in (dict(lr=-1.0), dict(eps=0.0), dict(n_samples=0), dict(seed=-1), dict(eps=float("nan"))):
+    for kw in (dict(lr=-1.0), dict(eps=0.0), dict(n_samples=0), dict(seed=-1), dict(eps=float("nan")),
+               dict(seed=1.5), dict(n_samples=2.0)):
         with pytest.raises(ValueError, match="MeZO needs"):
             mezo.MeZO(model.parameters(), **kw)
     with pytest.raises(ValueError, match="only lr and weight_decay can differ between groups, not \\['eps'\\]"):
         mezo.MeZO([dict(params=model.parameters(), eps=1e-2)])
     with pytest.raises(ValueError, match="needs a closure"):
         mezo.MeZO(model.parameters()).step(None)
+    # numpy's integers are whole numbers: the same steps as Python's
+    steps = []
+    for seed, n in ((7, 2), (np.int64(7), np.int32(2))):
+        model = nn.Linear(2, 2)
+        nn.init.ones_(model.weight)
+        mezo.MeZO(model.parameters(), lr=0.1, seed=seed, n_samples=n).step(lambda: model.weight.sum() ** 2)
+        steps.append(model.weight.detach().clone())
+    assert torch.equal(*steps)
 
 
 @pytest.mark.parametrize("groups", [1, 2])
