@@ -130,9 +130,9 @@ def load(cfg, placement) -> Loaded:
     print(f"mezo: model {source}: {type(model).__name__}, "
           f"{sum(p.numel() for p in model.parameters()) / 1e6:.1f}M parameters, "
           f"{cfg.dtype}, {device}")
-    note = precision_note(cfg)
+    note = precision_note(cfg.dtype, cfg.eps) if cfg.optimizer == "mezo" else None
     if note and placement.is_main:
-        print(note)
+        print(f"mezo: note: {note}")
     # a body without an LM head (--head cls) reads its last token
     kind = "mlm" if kind == "mlm" else "causal"
     # the task's, unless --template / --label-words say
@@ -716,20 +716,20 @@ PRECISION_ERROR = {
 }
 
 
-def precision_note(cfg) -> str | None:
-    """One line when --dtype is float16 or bfloat16 and the measured error of projected_grad at the
-    nearest measured ε is over 1: the estimate is then mostly the forwards' rounding. The run goes
-    on."""
-    errors = PRECISION_ERROR.get(cfg.dtype)
-    if not errors or cfg.optimizer != "mezo":
+def precision_note(dtype: str, eps: float, flag: str = "--eps ") -> str | None:
+    """One line when the forwards run in float16 or bfloat16 and the measured error of
+    projected_grad at the measured ε nearest to eps is over 1: the estimate is then mostly the
+    forwards' rounding. The run goes on. flag: how the caller's user spells ε."""
+    errors = PRECISION_ERROR.get(dtype)
+    if not errors:
         return None
-    nearest = min(errors, key=lambda eps: abs(math.log(eps / cfg.eps)))
+    nearest = min(errors, key=lambda e: abs(math.log(e / eps)))
     if errors[nearest] <= 1:
         return None
     best = min(errors, key=errors.get)
-    return (f"mezo: note: in {cfg.dtype}, projected_grad at --eps {nearest:g} was measured "
+    return (f"in {dtype}, projected_grad at {flag}{nearest:g} was measured "
             f"{errors[nearest]:.1f}x its own size away from float32's (docs/precision.md); "
-            f"--eps {best:g} measured {errors[best]:.2f}: consider it")
+            f"{flag}{best:g} measured {errors[best]:.2f}: consider it")
 
 
 def step_record(samples: list[dict], lr: float) -> dict:

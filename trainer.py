@@ -33,12 +33,14 @@ FSDP (they shard for a backward), and a model with no trainable parameters.
 """
 import dataclasses
 import functools
+import warnings
 
 import torch
 import torch.distributed as dist
 from transformers import Trainer, TrainingArguments
 
 import mezo
+from mezo import runs
 
 
 def field(default, help: str):
@@ -150,6 +152,13 @@ class MeZOTrainer(Trainer):
             else:
                 from mezo.rules import make
                 rule = make(rule, setting(a, "beta"))
+            # the forwards' precision (mixed precision's, else the model's): one warning if ε is
+            # too small for it (runs.PRECISION_ERROR, docs/precision.md)
+            dtype = "bfloat16" if a.bf16 else "float16" if a.fp16 else \
+                str(getattr(self.model, "dtype", torch.float32)).removeprefix("torch.")
+            note = runs.precision_note(dtype, setting(a, "eps"), "eps=")
+            if note:
+                warnings.warn(f"MeZOTrainer: {note}", stacklevel=2)
             self.optimizer = TrainerMeZO(trainable(self.model), lr=a.learning_rate,
                                          eps=setting(a, "eps"), weight_decay=a.weight_decay,
                                          n_samples=setting(a, "n_samples"), seed=a.seed,

@@ -246,6 +246,25 @@ def test_bad_input_gets_one_line(tmp_path, bad, words):
     assert words in str(e.value) and "\n" not in str(e.value)
 
 
+@pytest.mark.parametrize("model_dtype, bf16", [(torch.bfloat16, False), (torch.float32, True),
+                                               (torch.float32, False)], ids=["bf16-model", "bf16=True", "float32"])
+def test_an_eps_too_small_for_the_forwards_precision_warns_once_and_training_goes_on(tmp_path, model_dtype, bf16):
+    """As --dtype bfloat16 with a small --eps on the command line (runs.PRECISION_ERROR, docs/precision.md): a
+    bfloat16 model, or bf16=True's mixed precision, with eps=1e-3 gets one warning naming the eps the table
+    recommends; eps=3e-2, or float32, gets none."""
+    import warnings
+    for eps in (1e-3, 3e-2):
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            t = run(tiny(False).to(model_dtype), tmp_path / f"{eps}", eps=eps, bf16=bf16, max_steps=1)
+        said = [str(w.message) for w in caught if "MeZOTrainer" in str(w.message)]
+        assert len(t.mezo_history) == 1
+        if eps == 1e-3 and (bf16 or model_dtype == torch.bfloat16):
+            assert len(said) == 1 and "in bfloat16" in said[0] and "eps=0.03 measured 0.19" in said[0], said
+        else:
+            assert said == [], said
+
+
 def test_two_gloo_processes_follow_the_one_process_trajectory(tmp_path):
     """torchrun, 2 ranks of batch 4 each against one process of batch 8: the ranks average L± (two
     scalars a step), each applies the update itself, and both end with the one-process tensors
