@@ -41,7 +41,14 @@ def read_rows(task, path: Path) -> list:
         rows = fields = list(csv.reader(io.StringIO(text, newline="")))
         first = 1
     need = max(task.columns) + 1
-    for n, (row, cells) in enumerate(zip(rows, fields), first):
+    # blank lines (an editor's trailing newline) are no rows
+    kept = [(n, row, cells) for n, (row, cells) in enumerate(zip(rows, fields), first)
+            if "".join(cells).strip()]
+    if not kept:
+        raise UsageError(f"{path} holds no examples{' after its header' if first == 2 else ''}; "
+                         "point --data-dir at a folder with the task's full files")
+    rows = [row for _, row, _ in kept]
+    for n, row, cells in kept:
         label = label_of(task, row) if task.layout == "glue" else cells[0] if cells else ""
         if len(cells) < need or label not in [str(x) for x in task.labels]:
             labels = ", ".join(str(x) for x in task.labels)
@@ -63,7 +70,13 @@ def kshot(task, rows: list, k: int, seed: int) -> tuple[list, list]:
     by_label: dict = {}
     for row in rows:  # labels in order of first appearance, as LM-BFF's dict does
         by_label.setdefault(label_of(task, row), []).append(row)
-    short = {label: len(rows) for label, rows in by_label.items() if len(rows) < 2 * k}
+    counts = {str(label): len(by_label.get(label, [])) for label in by_label}
+    counts.update({str(label): 0 for label in task.labels if str(label) not in counts})
+    short = {label: n for label, n in counts.items() if n < 2 * k}  # a class with none, too
+    missing = [label for label, n in counts.items() if n == 0]
+    if missing:  # no --k helps
+        raise UsageError(f"{task.name}'s training file has no example of class "
+                         f"{', '.join(missing)}; point --data-dir at the task's full files")
     if short:  # LM-BFF would return fewer rows than asked for, silently
         raise UsageError(f"--k {k} needs 2k = {2 * k} examples of every class (k for train, k for "
                          "dev), but "

@@ -140,6 +140,38 @@ def test_a_data_file_with_an_unknown_label_is_one_line(model_dir, tmp_path, caps
     assert nothing_written(tmp_path / "run")
 
 
+def test_a_data_file_without_examples_or_without_a_class_is_one_line(model_dir, tmp_path, capsys):
+    """An empty or header-only file, train or test, and a training file that lacks a class (no --k can help:
+    the line does not say to lower it)."""
+    for which, edit in (("train", lambda text: "sentence\tlabel\n"), ("test", lambda text: ""),
+                        ("class", lambda text: "".join(r for r in text.splitlines(True) if not r.endswith("\t1\n")))):
+        data = sst2_data(tmp_path / which)
+        path = data / ("sst2/dev.tsv" if which == "test" else "lm-bff/SST-2/train.tsv")
+        path.write_text(edit(path.read_text()))
+        want = (r"sst2's training file has no example of class 1; point --data-dir at the task's full files"
+                if which == "class" else rf"{re.escape(str(path))} holds no examples( after its header)?; point "
+                r"--data-dir at a folder with the task's full files")
+        refused(capsys, sst2(model_dir, data, "--steps", 1, "--out", tmp_path / f"run-{which}"), want)
+        assert nothing_written(tmp_path / f"run-{which}")
+
+
+def test_blank_lines_in_a_data_file_are_no_rows(model_dir, tmp_path, capsys):
+    """An editor's trailing newlines (here also one in the middle): the same run as without them."""
+    clean, blank = sst2_data(tmp_path / "clean"), sst2_data(tmp_path / "blank")
+    train = blank / "lm-bff" / "SST-2" / "train.tsv"
+    lines = train.read_text().splitlines(True)
+    train.write_text("".join(lines[:5]) + "\n" + "".join(lines[5:]) + "\n  \n")
+    summaries = []
+    for data in (clean, blank):
+        assert mezo.main([str(a) for a in sst2(model_dir, data, "--steps", 2, "--out", data / "run")]) == 0
+        summaries.append(json.loads((data / "run" / "summary.json").read_text()))
+    capsys.readouterr()
+    assert summaries[0]["evals"] == summaries[1]["evals"] and summaries[0]["evals"]  # dev and test accuracies
+    logs = [(d / "run" / "log.jsonl").read_text().splitlines() for d in (clean, blank)]
+    steps = [[json.loads(x)["loss_plus"] for x in log if "loss_plus" in json.loads(x)] for log in logs]
+    assert steps[0] == steps[1] and len(steps[0]) == 2
+
+
 def test_a_data_file_that_is_not_utf8_is_one_line(model_dir, tmp_path, capsys):
     data = sst2_data(tmp_path / "data")
     dev = data / "sst2" / "dev.tsv"
