@@ -533,6 +533,15 @@ def claim(folder: Path, overwrite: bool, flag: str, locked: bool = False) -> Non
         return
     if not locked and (folder / ".lock").exists():
         FolderLock(folder, folder).release()  # only to ask: is another run writing it now?
+    own = (*RUN_FILES, ".lock", ".rebuild")  # and a killed write's .NAME.tmpPID
+    foreign = sorted(p.name for p in folder.iterdir()
+                     if p.name not in own and not (p.name.startswith(".") and ".tmp" in p.name))
+    if foreign and flag != "--out":  # a replay's result replaces the whole folder
+        more = len(foreign) - 3
+        shown = ", ".join(foreign[:3]) + (f" and {more} more" if more > 0 else "")
+        raise UsageError(f"{flag} {folder} holds files that are not a run's ({shown}); a replay "
+                         "replaces the whole folder: give it a new or empty one (nothing was "
+                         "changed)")
     old = [name for name in RUN_FILES if (folder / name).exists()]
     if old and not overwrite:
         raise UsageError(f"{flag} {folder} already holds a run ({', '.join(old)}): --resume "

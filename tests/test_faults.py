@@ -3,6 +3,7 @@
 changes an update, a non-finite loss keeps the exact tensors of the last good step, one writer per folder, and a
 full or read-only disk keeps the last checkpoint whole."""
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -115,6 +116,24 @@ def test_4_a_replay_into_a_run_and_a_fresh_run_over_a_run_are_refused(model_dir,
     assert snapshot(a) == before and snapshot(c) == theirs
     assert run(["--replay", a, "--out", c, "--overwrite"], capsys)[0] == 0  # explicit: replaced
     assert step_of(c) == 2 and not (tmp_path / ".C.replay").exists() and not (tmp_path / ".C.old").exists()
+
+
+@pytest.mark.parametrize("theirs", ["thesis.txt", ".git/HEAD", "checkpoint.safetensors+notes.md"])
+def test_4_a_replay_never_removes_files_that_are_not_a_runs(model_dir, tmp_path, capsys, theirs):
+    """A replay's result replaces its --out whole: into a folder that holds anything else (a user's file, a .git,
+    beside a run's files) it is refused, --overwrite or not, and every file stays."""
+    a, c = tmp_path / "A", tmp_path / "C"
+    assert run(P(model_dir, steps=2, eval_every=0, out=a), capsys)[0] == 0
+    for name in theirs.split("+"):
+        (c / name).parent.mkdir(parents=True, exist_ok=True)
+        (c / name).write_text("the user's own")
+    before = snapshot(c)
+    foreign = theirs.split("+")[-1].split("/")[0]
+    for flags in ([], ["--overwrite"]):
+        expect_error(capsys, ["--replay", a, "--out", c, *flags],
+                     rf"--replay … --out .*C holds files that are not a run's \({re.escape(foreign)}\); a replay "
+                     r"replaces the whole folder: give it a new or empty one \(nothing was changed\)")
+        assert snapshot(c) == before
 
 
 def _cli(args, **kw):
