@@ -556,7 +556,7 @@ def move_into_place(built: Path, into: Path, overwrite: bool) -> None:
     """A replay's checked folder becomes --out: whatever was there (nothing, an empty folder, or
     with --overwrite a run) is moved aside first and removed last, so --out always holds one whole
     folder."""
-    aside = into.with_name(f".{into.name}.old")
+    aside = into.with_name(f".{into.name}.old{os.getpid()}")  # (never an earlier one's leftover)
     if into.exists():
         # asked again: a run may have started there meanwhile
         claim(into, overwrite, "--replay … --out")
