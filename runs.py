@@ -305,8 +305,13 @@ class Run(ReplayMixin):
                 raise UsageError("--overwrite starts a run afresh and --resume goes on with one: "
                                  "drop one of them")
             if not (resume and Path(resume).resolve() == self.out.resolve()):
-                # a fresh run: a folder without one
+                # a fresh run, or a branch of --resume's run: a folder without one
                 claim(self.out, self.cfg.overwrite, "--out", locked=True)
+                trunk = Path(resume or "") / "log.jsonl"
+                if resume and trunk.is_file():  # a branch's log starts with its trunk's steps
+                    log = trunk.read_bytes()  # (a replay of the branch reads them)
+                    checkpoints.atomic_write(self.out / "log.jsonl",
+                                             lambda tmp: tmp.write_bytes(log))
         self.start = self.resume(resume) if resume else 0
         # a finished run resumed again: no writes
         self.idle = bool(resume) and self.start == self.cfg.steps

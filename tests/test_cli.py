@@ -68,6 +68,24 @@ def test_resume_continues_the_identical_trajectory(model_dir, tmp_path, capsys, 
         assert (halves / "adapter" / "adapter_model.safetensors").exists()
 
 
+def test_resume_into_another_folder_branches_the_run_with_its_whole_log(model_dir, tmp_path, capsys):
+    """--resume A --out B: B is A's run continued (A unchanged), its log holds A's steps before its own, so it equals
+    the straight run's and a --replay of B rebuilds B's tensors bit for bit."""
+    straight, trunk, branch = tmp_path / "straight", tmp_path / "trunk", tmp_path / "branch"
+    assert run(tiny_args(model_dir, straight), capsys)[0] == 0
+    assert run(tiny_args(model_dir, trunk, steps=3), capsys)[0] == 0
+    before = (trunk / "log.jsonl").read_bytes()
+    assert run(["--resume", trunk, "--out", branch, "--steps", 6], capsys)[0] == 0
+    assert (trunk / "log.jsonl").read_bytes() == before
+    keys = ("step", "seed", "loss_plus", "loss_minus", "projected_grad", "split", "accuracy", "loss")
+    strip = lambda log: [{k: r[k] for k in keys if k in r} for r in log]
+    assert strip(records(branch)) == strip(records(straight))
+    assert run(["--replay", branch, "--out", tmp_path / "rebuilt"], capsys)[0] == 0
+    for other in (straight, tmp_path / "rebuilt"):
+        a, b = load_file(branch / checkpoints.CHECKPOINT), load_file(other / checkpoints.CHECKPOINT)
+        assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
 @pytest.mark.parametrize("flags,pattern", [
     (["--task", "imdb"], r"unknown --task 'imdb'; choose one of sst2, sst5, mr, cr, mpqa, subj, trec, rte, mnli"),
     (["--eps", "0"], r"--eps must be a finite number > 0, got 0.0"),
