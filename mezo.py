@@ -99,8 +99,7 @@ class Config:
         "ce", "cross-entropy over the label words, or 1 − accuracy", choices=("ce", "accuracy"))
     optimizer: str = option(
         "mezo", "or adam: the first-order baseline, backprop + AdamW", choices=("mezo", "adam"))
-    fast: bool = option(
-        False, "fast/'s backend, same numbers: compiled on CPUs, Triton kernels on GPUs")
+    fast: bool = option(False, "fast/'s backend, same numbers: compiled on CPUs, Triton on GPUs")
     exact_restore: bool = option(
         False, "keep a copy of θ during a step so ±ε never drifts (low-precision full)")
     cache: bool = option(
@@ -280,7 +279,8 @@ def noise_chunks(params: list[Trainable], seed: int, chunk: int | None = None):
     """(trainable, flat piece of its tensor, its z), about `chunk` elements at a time (default:
     noise_chunk of the tensors' device). One call of noise() may span many small tensors (LoRA has
     hundreds), which keeps its fixed cost off each; z is a function of the index, so the grouping
-    changes nothing."""
+    changes nothing. It is made on the first piece's device and moved to each piece's (a model
+    spread over devices by device_map)."""
     pieces, size = [], 0
     for p in params:
         flat = p.tensor.data.view(-1)
@@ -297,10 +297,10 @@ def noise_chunks(params: list[Trainable], seed: int, chunk: int | None = None):
 
 def _with_noise(pieces, seed: int, chunk: int | None):
     if pieces:
-        z = noise(seed, torch.cat([index for _, _, index in pieces]), chunk)
+        z = noise(seed, torch.cat([i.to(pieces[0][2].device) for _, _, i in pieces]), chunk)
         sizes = [theta.numel() for _, theta, _ in pieces]
         for (p, theta, _), z_piece in zip(pieces, z.split(sizes)):
-            yield p, theta, z_piece
+            yield p, theta, z_piece.to(theta.device)
 
 
 def make_trainables(named_params) -> list[Trainable]:

@@ -25,8 +25,9 @@ part() {  # part NAME SECONDS COMMAND...: run it, record a failure, go on
   [ "$rc" -eq 0 ] || failed+=("$name (exit $rc)")
 }
 
-# 1. the compiled-kernel tests on the GPU, and every kernel compiled for sm_80/sm_90
-part "compiled tests" 150 "$PY" -m pytest -q tests/test_fast.py tests/test_rules.py -k cuda
+# 1. the compiled-kernel tests on the GPU (and MeZO over a model spread across the CPU and the GPU), and every
+# kernel compiled for sm_80/sm_90
+part "compiled tests" 150 "$PY" -m pytest -q tests/test_fast.py tests/test_rules.py tests/test_optimizer.py -k cuda
 part "kernels for sm_80/sm_90" 120 "$PY" fast/gpu_compile.py
 part "ptx per element" 60 "$PY" bench/ptx.py
 

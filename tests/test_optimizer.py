@@ -202,6 +202,39 @@ def test_a_tensor_that_is_not_contiguous_or_not_floating_point_is_refused_in_one
     mezo.MeZO([kept, nn.Parameter(transposed.data.contiguous())], lr=0.1).step(lambda: torch.tensor(1.0))
 
 
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA GPU")
+@pytest.mark.parametrize("first", ["cpu", "cuda"])
+@pytest.mark.parametrize("rule", [None, "momentum"])
+def test_a_model_spread_over_cpu_and_cuda_takes_the_steps_of_one_on_the_cpu(first, rule):
+    """A model placed as accelerate's device_map places it, its layers on two devices: z for each tensor is made where
+    its chunk's first tensor lives and moved to it, so the steps are those of the same model on the CPU (within the
+    rounding of two devices' forwards)."""
+    from mezo import rules
+
+    class Spread(nn.Module):
+        def __init__(self, devices):
+            super().__init__()
+            self.devices = devices
+            self.a, self.b = (nn.Linear(6, 5).to(devices[0]), nn.Linear(5, 2).to(devices[1]))
+
+        def forward(self, x):
+            return self.b(torch.tanh(self.a(x.to(self.devices[0]))).to(self.devices[1])).cpu()
+
+    g = torch.Generator().manual_seed(3)
+    x, y = torch.randn(16, 6, generator=g), torch.randn(16, 2, generator=g)
+    spread = Spread([first, "cuda" if first == "cpu" else "cpu"])
+    on_cpu = Spread(["cpu", "cpu"])
+    on_cpu.load_state_dict({k: v.cpu() for k, v in spread.state_dict().items()})
+    losses = []
+    for model in (spread, on_cpu):
+        opt = mezo.MeZO(model.named_parameters(), lr=0.05, eps=1e-3, rule=rules.make(rule) if rule else None)
+        losses.append([opt.step(lambda: F.mse_loss(model(x), y)) for _ in range(5)])
+    assert losses[0] == pytest.approx(losses[1], rel=1e-4)
+    for (name, p), q in zip(spread.named_parameters(), on_cpu.parameters()):
+        assert p.device.type == dict(a=first, b="cuda" if first == "cpu" else "cpu")[name[0]]  # none moved
+        assert torch.allclose(p.detach().cpu(), q.detach(), rtol=1e-4, atol=1e-6), name
+
+
 def test_bad_arguments_are_refused():
     model = nn.Linear(2, 2)
     for kw in (dict(lr=-1.0), dict(eps=0.0), dict(n_samples=0), dict(seed=-1), dict(eps=float("nan")),
