@@ -19,6 +19,7 @@ import torch
 import torch.nn as nn
 
 from .errors import UsageError
+from .models import max_tokens
 
 NAME = "mezo_prefix"  # the attention implementation registered with transformers
 SUFFIXES = (".prefix_key", ".prefix_value")
@@ -82,6 +83,11 @@ def add_prefix(model: nn.Module, num_prefix: int, seed: int, dtype=None) -> list
     of num_prefix random vocabulary tokens; return the modules' names."""
     register()
     modules = attention_modules(model)
+    positions = max_tokens(model)
+    if positions and num_prefix > positions:  # the initialisation runs them as one sequence
+        raise UsageError(f"--num-prefix {num_prefix} is more than the model's {positions} "
+                         f"positions (the prefix starts from their activations in one sequence); "
+                         f"pick at most {positions} (paper: 5)")
     model.config._attn_implementation = NAME
     for _, m in modules:
         m.config._attn_implementation = NAME

@@ -10,7 +10,7 @@ from safetensors.torch import load_file
 from transformers import DynamicCache
 
 import mezo
-from mezo import checkpoints, prefix
+from mezo import checkpoints, models, prefix
 
 P = 3
 
@@ -158,3 +158,9 @@ def test_prefix_refusals_are_one_line(model_dir, tmp_path, capsys):
     expect_error(capsys, base + ["--cache"], r"--mode prefix .* drop --cache \(it reuses frozen layers' states")
     expect_error(capsys, base + ["--tp", "2"], r"drop --tp \(the prefix is not sharded")
     expect_error(capsys, base + ["--top-layers", "1"], r"drop --top-layers")
+    # more virtual tokens than the model has positions: its initialisation runs them as one sequence
+    positions = models.max_tokens(make_model("roberta"))
+    expect_error(capsys, tiny_args(model_dir, tmp_path / "b", model=model_dir("roberta"), mode="prefix",
+                                   num_prefix=positions + 1),
+                 rf"--num-prefix {positions + 1} is more than the model's {positions} positions .*pick at most "
+                 rf"{positions} \(paper: 5\)")
