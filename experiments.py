@@ -509,9 +509,19 @@ def cmd_run(args) -> int:
 def run_stats(out: Path, at: int | None = None) -> dict:
     """Dev/test accuracy at step `at` (the run's last by default), the passes up to it, wall time,
     peak memory and trainable values of one run."""
-    from safetensors import safe_open
+    from safetensors import SafetensorError, safe_open
     log = runs.read_log(out / "log.jsonl")
-    summary = json.loads((out / "summary.json").read_text())
+    try:
+        summary = json.loads((out / "summary.json").read_text())
+        with safe_open(str(out / checkpoints.CHECKPOINT), "pt") as f:
+            trainable = sum(int(np.prod(f.get_slice(k).get_shape())) for k in f.keys()
+                            if not k.startswith(baseline.ADAM))
+            config = json.loads(f.metadata()["config"])
+    except (OSError, ValueError, KeyError, SafetensorError) as e:  # deleted to save space, damaged
+        why = str(e).splitlines()[0] if str(e) else type(e).__name__
+        raise errors.UsageError(f"{out}: cannot read its summary.json or "
+                                f"{checkpoints.CHECKPOINT} ({why}); remove the folder, and "
+                                "`python results.py run` runs it again") from None
     at = summary["steps"] if at is None else at
     final = {r["split"]: r for r in log if "split" in r and r["step"] == at}
     passes = next((r for r in reversed(log) if "forwards" in r and r["step"] <= at), {})
@@ -519,10 +529,6 @@ def run_stats(out: Path, at: int | None = None) -> dict:
     timing = {}
     if (out / "timing.json").exists():
         timing = json.loads((out / "timing.json").read_text())
-    with safe_open(str(out / checkpoints.CHECKPOINT), "pt") as f:
-        trainable = sum(int(np.prod(f.get_slice(k).get_shape())) for k in f.keys()
-                        if not k.startswith(baseline.ADAM))
-        config = json.loads(f.metadata()["config"])
     return dict(test=final["test"]["accuracy"], test_n=final["test"]["n"],
                 dev=final["dev"]["accuracy"], dev_n=final["dev"]["n"],
                 dev0=start.get("dev", {}).get("accuracy"), steps=at,

@@ -467,6 +467,25 @@ def test_the_plan_counts_a_killed_run_from_the_step_its_checkpoint_resumes_at(st
     assert ex.reached(out) == 2 and progress() == "2/4"
 
 
+def test_a_finished_run_whose_checkpoint_was_deleted_is_one_line_that_says_what_to_do(study, tmp_path, capsys):
+    """A user who deleted a run's checkpoint to save space: `results.py table` names the run and the way out (remove
+    the folder and run again, which then runs it) instead of a traceback, and writes no page."""
+    import results
+    ex, _, root = study
+    copy = tmp_path / "results"
+    shutil.copytree(root, copy)
+    adam = next(m for m in ex.task_methods("rte") if m.name == "rte/adam-lora")
+    out = ex.run_dir(copy, adam, 13)
+    (out / "checkpoint.safetensors").unlink()
+    page = tmp_path / "RESULTS.md"
+    assert results.main(["table", "--root", str(copy), "--output", str(page), "--figures", str(tmp_path / "f")]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and re.match(rf"results: error: {re.escape(str(out))}: cannot read its summary.json or "
+                                      r"checkpoint.safetensors \(No such file .*\); remove the folder, and "
+                                      r"`python results.py run` runs it again$", err[0]), err
+    assert not page.exists()
+
+
 def test_a_full_disk_or_an_output_that_cannot_be_made_keeps_the_page_and_figures_whole(study, tmpfs, capsys):
     """RESULTS.md, figures/budget.png and plot.py's curves.png are written atomically: on a full disk, `results.py
     table` and `plot.py` end in one line that says what to run after the fix, the page and figures already there stay
