@@ -78,7 +78,7 @@ def continuation(model, tokenizer, text: str, words: int = 6) -> str:
 
 
 def main() -> None:
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p = argparse.ArgumentParser(description=" ".join(__doc__.split("\n\n")[0].split()))
     p.add_argument("--data", type=Path, help="SST-2's train.tsv (default: found as mezo.py finds "
                    "its data: $MEZO_DATA, ../shared/data, the cache, else downloaded)")
     p.add_argument("--train", type=int, default=256, help="training sentences")
