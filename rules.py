@@ -221,12 +221,16 @@ class Conservative(Stateful):
             for p, theta in zip(params, saved):
                 p.tensor.copy_(theta)
 
-        losses = [loss_fn()]  # θ
-        mezo.sgd_update(backend, samples, groups)  # θ − lr·ĝ
-        losses.append(loss_fn())
-        restore()
-        mezo.sgd_update(backend, samples, [(g, -lr, wd) for g, lr, wd in groups])  # θ + lr·ĝ
-        losses.append(loss_fn())
+        try:
+            losses = [loss_fn()]  # θ
+            mezo.sgd_update(backend, samples, groups)  # θ − lr·ĝ
+            losses.append(loss_fn())
+            restore()
+            mezo.sgd_update(backend, samples, [(g, -lr, wd) for g, lr, wd in groups])  # θ + lr·ĝ
+            losses.append(loss_fn())
+        except BaseException:  # a forward that raises (Ctrl-C, out of memory): θ as it was
+            restore()
+            raise
         best = min(range(3), key=lambda i: (losses[i] if math.isfinite(losses[i]) else math.inf, i))
         if best != 2:
             restore()

@@ -190,6 +190,30 @@ def test_a_forward_that_raises_leaves_theta_where_it_was_and_the_next_step_is_th
         assert opt.step(loss) == pytest.approx(twin_opt.step(twin_loss), rel=1e-5)
 
 
+@pytest.mark.parametrize("raises_at", [3, 4, 5])
+def test_a_candidate_forward_of_the_conservative_rule_that_raises_leaves_theta_as_the_step_found_it(raises_at):
+    """--rule conservative runs three more forwards (θ, θ − lr·ĝ, θ + lr·ĝ) after the two of the estimate: one that
+    raises leaves θ bit for bit as the rule found it, and the step count unchanged."""
+    from mezo import rules
+    model = mlp([4, 5, 2], torch.float32)
+    opt = mezo.MeZO(model.parameters(), lr=0.1, eps=1e-3, rule=rules.make("conservative"),
+                    backend=mezo.ExactRestore(mezo.TorchBackend()))
+    loss = regression_loss(model)
+    opt.step(loss)
+    before = [p.detach().clone() for p in model.parameters()]
+    calls = []
+
+    def interrupted():
+        calls.append(1)
+        if len(calls) == raises_at:
+            raise KeyboardInterrupt
+        return loss()
+
+    with pytest.raises(KeyboardInterrupt):
+        opt.step(interrupted)
+    assert opt.steps == 1 and all(torch.equal(p, b) for p, b in zip(model.parameters(), before))
+
+
 def test_a_tensor_that_is_not_contiguous_or_not_floating_point_is_refused_in_one_line():
     """θ is perturbed in place through a flat view: a transposed view cannot take that, and is named."""
     kept = nn.Parameter(torch.randn(3, 4))
