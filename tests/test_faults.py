@@ -204,7 +204,9 @@ def test_5_ctrl_c_stops_the_run_in_one_line_and_it_resumes_bit_for_bit(model_dir
     temporary file and no lock held; the resumed run ends with the tensors of an unbroken one."""
     w, straight = tmp_path / "W", tmp_path / "straight"
     flags = dict(steps=1_000_000, eval_every=0, save_every=2)
-    run_ = _cli(P(model_dir, out=w, **flags))
+    # as a terminal starts it: a shell's background job (nohup ... &, as CI may run the tests) inherits SIGINT
+    # ignored, and Python then raises no KeyboardInterrupt
+    run_ = _cli(P(model_dir, out=w, **flags), preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
     deadline = time.time() + 300
     while time.time() < deadline and not ((w / checkpoints.CHECKPOINT).exists() and step_of(w) >= 4):
         time.sleep(0.2)
