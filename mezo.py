@@ -725,7 +725,7 @@ def train(cfg: Config, resume: str | None = None, *, backend=None, forward=Promp
 
 def parse_args(argv=None) -> tuple[Config, str | None]:
     p = options.parser(Config, "mezo", __doc__.split("\n\n")[0].strip())
-    p.add_argument("--resume", default=None, help="continue the run whose --out folder this is")
+    p.add_argument("--resume", default=None, help="go on with this folder's run (--out: a branch)")
     args = vars(p.parse_args(argv))
     resume = args.pop("resume")
     if resume or args.get("replay"):
