@@ -149,6 +149,23 @@ def test_a_nan_loss_raises_the_command_lines_error_and_keeps_theta(exact):
     assert opt.steps == 2 and math.isfinite(opt.last["loss"])
 
 
+def interrupt(opt, model, loss, raises_at: int) -> list[torch.Tensor]:
+    """opt.step with a closure that raises KeyboardInterrupt at its `raises_at`-th forward (as Ctrl-C would), which
+    reaches the caller; the parameters from before that step."""
+    before = [p.detach().clone() for p in model.parameters()]
+    calls = []
+
+    def interrupted():
+        calls.append(1)
+        if len(calls) == raises_at:
+            raise KeyboardInterrupt
+        return loss()
+
+    with pytest.raises(KeyboardInterrupt):
+        opt.step(interrupted)
+    return before
+
+
 @pytest.mark.parametrize("backend", ["reference", "exact", "fused"])
 @pytest.mark.parametrize("raises_at", [1, 2])
 def test_a_forward_that_raises_leaves_theta_where_it_was_and_the_next_step_is_the_reference(backend, raises_at):
@@ -167,17 +184,7 @@ def test_a_forward_that_raises_leaves_theta_where_it_was_and_the_next_step_is_th
     loss, twin_loss = regression_loss(model), regression_loss(twin)
     for o, f in ((opt, loss), (twin_opt, twin_loss)):
         o.step(f)
-    before = [p.detach().clone() for p in model.parameters()]
-    calls = []
-
-    def interrupted():
-        calls.append(1)
-        if len(calls) == raises_at:
-            raise KeyboardInterrupt
-        return loss()
-
-    with pytest.raises(KeyboardInterrupt):
-        opt.step(interrupted)
+    before = interrupt(opt, model, loss, raises_at)
     assert opt.steps == 1
     for p, b, t in zip(model.parameters(), before, opt.trainables):
         bound = 3 * 2.0**-24 * (b.abs() + 2e-3 * z_of(t, mezo.step_seed(0, 2, 0)).abs())
@@ -200,17 +207,7 @@ def test_a_candidate_forward_of_the_conservative_rule_that_raises_leaves_theta_a
                     backend=mezo.ExactRestore(mezo.TorchBackend()))
     loss = regression_loss(model)
     opt.step(loss)
-    before = [p.detach().clone() for p in model.parameters()]
-    calls = []
-
-    def interrupted():
-        calls.append(1)
-        if len(calls) == raises_at:
-            raise KeyboardInterrupt
-        return loss()
-
-    with pytest.raises(KeyboardInterrupt):
-        opt.step(interrupted)
+    before = interrupt(opt, model, loss, raises_at)
     assert opt.steps == 1 and all(torch.equal(p, b) for p, b in zip(model.parameters(), before))
 
 
