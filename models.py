@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import importlib.util
 import os
+import shutil
 import sys
 from pathlib import Path
 
@@ -117,9 +118,19 @@ def resolve_model_path(name: str) -> str:
     if hasattr(model.config, "quantization_config"):
         del model.config.quantization_config
     tmp = target.with_name(target.name + f".tmp{os.getpid()}")
-    model.save_pretrained(tmp)
-    tokenizer.save_pretrained(tmp)
-    os.replace(tmp, target)  # atomic: a half-written copy is never found
+    try:
+        model.save_pretrained(tmp)
+        tokenizer.save_pretrained(tmp)
+        os.replace(tmp, target)  # atomic: a half-written copy is never found
+    except BaseException as e:
+        shutil.rmtree(tmp, ignore_errors=True)
+        if (target / "config.json").exists():  # another process converted it meanwhile
+            return str(target)
+        if not isinstance(e, OSError):
+            raise
+        raise UsageError(f"cannot write the converted {SMOLLM2['alias']} into {target.parent} "
+                         f"({e.strerror or e}): free some space, or set MEZO_CACHE to a folder "
+                         "you can write to") from None
     return str(target)
 
 

