@@ -124,10 +124,10 @@ def resolve_model_path(name: str) -> str:
         os.replace(tmp, target)  # atomic: a half-written copy is never found
     except BaseException as e:
         shutil.rmtree(tmp, ignore_errors=True)
+        if not isinstance(e, OSError):  # Ctrl-C goes on up
+            raise
         if (target / "config.json").exists():  # another process converted it meanwhile
             return str(target)
-        if not isinstance(e, OSError):
-            raise
         raise UsageError(f"cannot write the converted {SMOLLM2['alias']} into {target.parent} "
                          f"({e.strerror or e}): free some space, or set MEZO_CACHE to a folder "
                          "you can write to") from None

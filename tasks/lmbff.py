@@ -70,7 +70,7 @@ def kshot(task, rows: list, k: int, seed: int) -> tuple[list, list]:
     by_label: dict = {}
     for row in rows:  # labels in order of first appearance, as LM-BFF's dict does
         by_label.setdefault(label_of(task, row), []).append(row)
-    counts = {str(label): len(by_label.get(label, [])) for label in by_label}
+    counts = {str(label): len(rows) for label, rows in by_label.items()}
     counts.update({str(label): 0 for label in task.labels if str(label) not in counts})
     short = {label: n for label, n in counts.items() if n < 2 * k}  # a class with none, too
     missing = [label for label, n in counts.items() if n == 0]
