@@ -539,9 +539,10 @@ def claim(folder: Path, overwrite: bool, flag: str, locked: bool = False) -> Non
     if not locked and (folder / ".lock").exists():
         FolderLock(folder, folder).release()  # only to ask: is another run writing it now?
     own = (*RUN_FILES, ".lock", ".rebuild")  # and a killed write's .NAME.tmpPID
-    foreign = sorted(p.name for p in folder.iterdir()
-                     if p.name not in own and not (p.name.startswith(".") and ".tmp" in p.name))
-    if foreign and flag != "--out":  # a replay's result replaces the whole folder
+    foreign = [] if flag == "--out" else sorted(  # a replay's result replaces the whole folder
+        p.name for p in folder.iterdir()
+        if p.name not in own and not (p.name.startswith(".") and ".tmp" in p.name))
+    if foreign:
         more = len(foreign) - 3
         shown = ", ".join(foreign[:3]) + (f" and {more} more" if more > 0 else "")
         raise UsageError(f"{flag} {folder} holds files that are not a run's ({shown}); a replay "
