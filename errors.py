@@ -1,4 +1,4 @@
-"""The two ways a run stops on purpose, shared by the reference and its harness. The command line
+"""The ways a run stops on purpose, shared by the reference and its harness. The command line
 prints either as one line (`mezo: error: ...`); anything else is a bug and keeps its traceback."""
 
 
@@ -9,3 +9,13 @@ class UsageError(ValueError):
 class NonFiniteLoss(RuntimeError):
     """A loss came back NaN or infinite: the step is abandoned and θ is left as the last good step
     left it."""
+
+
+class Stopped(KeyboardInterrupt):
+    """Ctrl-C or SIGTERM during a run with --out (runs.StopOnSignal). `signal` names the signal;
+    `step` is the step whose checkpoint was written before the stop, or None for a second signal,
+    which stops at once; `code` is the shell's exit status for the signal (128 + its number)."""
+
+    def __init__(self, signal: str, step: int | None, code: int):
+        super().__init__(signal if step is None else f"{signal} after step {step}")
+        self.signal, self.step, self.code = signal, step, code

@@ -779,9 +779,9 @@ def main(argv=None) -> int:
     except UsageError as e:
         print(f"mezo: error: {e}", file=sys.stderr)
         return 2
-    except (BrokenPipeError, KeyboardInterrupt) as e:  # `mezo.py ... | head`'s reader left; Ctrl-C
+    except (BrokenPipeError, KeyboardInterrupt) as e:  # `... | head`'s reader left; Ctrl-C; SIGTERM
         print(f"mezo: error: {runs.stopped(cfg, trained, e)}", file=sys.stderr)
-        return 1 if isinstance(e, BrokenPipeError) else 130
+        return 1 if isinstance(e, BrokenPipeError) else getattr(e, "code", 130)  # 128 + signal
     except RuntimeError as e:
         # Under torchrun, a collective that failed because another rank died or hung: tp/ knows them
         peer_failure = getattr(seams.get("placement"), "peer_failure", None)

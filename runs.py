@@ -17,7 +17,9 @@ import json
 import math
 import os
 import shutil
+import signal
 import sys
+import threading
 import time
 from pathlib import Path
 
@@ -28,7 +30,7 @@ from tqdm import tqdm
 
 from . import checkpoints, models, options, tasks
 from .baseline import adam_state, restore_adam_state
-from .errors import NonFiniteLoss, UsageError
+from .errors import NonFiniteLoss, Stopped, UsageError
 from .tasks.prompts import batch_logits, check_template, encode_splits, label_tokens, micro_batches
 
 
@@ -188,6 +190,7 @@ class Run(ReplayMixin):
         self.out = Path(cfg.out) if cfg.out else None
         # --replay: the folder moved into place at the end; out's lock
         self.into, self.lock = None, None
+        self.stop = StopOnSignal()  # Ctrl-C or SIGTERM: finish the step, checkpoint, stop
         # a replay writes beside --out and moves there once it has checked itself
         if self.out and cfg.replay:
             self.into, self.out = self.out, self.out.with_name(f".{self.out.name}.replay")
@@ -268,8 +271,14 @@ class Run(ReplayMixin):
 
     def saves_at(self, step: int) -> bool:
         """θ itself is needed after this step (an evaluation or a checkpoint, the last step's
-        included, which a replay writes without evaluating): no perturbation may carry over."""
-        return (self.evaluates_at(step) or step == self.cfg.steps
+        included, which a replay writes without evaluating): no perturbation may carry over. The
+        loop asks once a step, before θ is settled: a stop asked for by a signal is fixed here."""
+        if self.stop.signal and self.stop.step is None:
+            self.stop.step = step
+        return self._saves(step)
+
+    def _saves(self, step: int) -> bool:
+        return (self.evaluates_at(step) or step in (self.cfg.steps, self.stop.step)
                 or bool(self.cfg.save_every and step % self.cfg.save_every == 0))
 
     def __enter__(self):
@@ -287,11 +296,17 @@ class Run(ReplayMixin):
             except BaseException:
                 self.__exit__(None, None, None)
                 raise
+            # one process (torchrun's ranks would stop at different steps); not a replay, which
+            # has nothing of its own to keep
+            if not self.into and self.cfg.tp * max(self.cfg.dp, 1) * int(
+                    os.environ.get("WORLD_SIZE", "1")) == 1:
+                self.stop.install()
         return self
 
     def __exit__(self, *exc) -> None:
         """The folder's lock goes when the run ends; a replay that did not finish leaves --out as it
         was."""
+        self.stop.restore()
         if self.into and self.out.exists():  # (once it has moved into place it is not there)
             shutil.rmtree(self.out, ignore_errors=True)
         if self.lock:
@@ -357,8 +372,11 @@ class Run(ReplayMixin):
                              acc=f"{shown.get('test', float('nan')):.3f}")
         if self.evaluates_at(step):
             self.evals[step] = self.evaluate(step)
-        if self.saves_at(step):
+        if self._saves(step):
             self.checkpoint(step)
+        if self.stop.signal and self.last_saved == step < self.cfg.steps:
+            self.bar.close()
+            raise Stopped(self.stop.signal, step, self.stop.code)
 
     @torch.no_grad()
     def evaluate(self, step: int) -> dict:
@@ -484,6 +502,39 @@ class Run(ReplayMixin):
 
 # a folder with one holds a run
 RUN_FILES = (checkpoints.CHECKPOINT, "log.jsonl", "summary.json", "adapter")
+
+
+class StopOnSignal:
+    """Ctrl-C (SIGINT) or SIGTERM (a scheduler's preemption, `kill`, `timeout`, `docker stop`) while
+    a run with --out trains: the step under way finishes, its checkpoint is written, and
+    errors.Stopped goes up, so no step trained is lost. The signal asks; Run.saves_at fixes the
+    step, whose θ the loop then settles. A second signal stops at once, from the last checkpoint.
+    Installed only from the main thread, and not over a signal the process was started to ignore
+    (a `nohup` job's SIGINT)."""
+    NAMES = {signal.SIGINT: "Ctrl-C", signal.SIGTERM: "SIGTERM"}
+
+    def __init__(self):
+        self.signal, self.step, self.code, self.previous = None, None, None, {}
+
+    def install(self) -> None:
+        if threading.current_thread() is not threading.main_thread():
+            return
+        for signum in self.NAMES:
+            if signal.getsignal(signum) not in (signal.SIG_IGN, None):
+                self.previous[signum] = signal.signal(signum, self._asked)
+
+    def _asked(self, signum, frame) -> None:
+        name = self.NAMES[signum]
+        if self.signal:  # asked twice: stop now
+            raise Stopped(name, None, 128 + signum)
+        self.signal, self.code = name, 128 + signum
+        print(f"\nmezo: {name}: stopping after this step, once its checkpoint is written ({name} "
+              "again stops at once, from the last checkpoint)", file=sys.stderr, flush=True)
+
+    def restore(self) -> None:
+        for signum, previous in self.previous.items():
+            signal.signal(signum, previous)
+        self.previous = {}
 
 
 class FolderLock:
@@ -616,8 +667,12 @@ def same_model_folder(was: str, now: str) -> bool:
 
 def stopped(cfg, trained: bool, why: BaseException) -> str:
     """What to say when a run stops early: stdout's reader left (`python mezo.py ... | head`; stdout
-    then points at /dev/null, so nothing left in its buffer fails again at exit), or Ctrl-C."""
-    said = "interrupted (Ctrl-C): "
+    then points at /dev/null, so nothing left in its buffer fails again at exit), Ctrl-C or SIGTERM
+    (errors.Stopped: after the step under way and its checkpoint, or at once when asked twice)."""
+    if isinstance(why, Stopped) and why.step is not None:
+        return (f"stopped by {why.signal} after step {why.step}, its checkpoint written: --resume "
+                f"{cfg.out} goes on from there")
+    said = f"interrupted ({getattr(why, 'signal', 'Ctrl-C')}): "
     if isinstance(why, BrokenPipeError):
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
         said = "stdout was closed (its reader left, as `| head` does): "
