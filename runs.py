@@ -766,9 +766,14 @@ def check_config(cfg) -> None:
     if cfg.cache and cfg.tp > 1:
         raise UsageError("--cache runs the model's layers itself and does not take tensor-parallel "
                          "shards: drop --cache, or use --dp alone")
-    if cfg.optimizer == "adam" and (cfg.objective != "ce" or cfg.fast):
-        raise UsageError("--optimizer adam backpropagates the cross-entropy: drop --objective "
-                         "accuracy and --fast")
+    zeroth_order = [flag for flag, given in (
+        ("--objective accuracy", cfg.objective != "ce"), ("--fast", cfg.fast),
+        ("--exact-restore", cfg.exact_restore), (f"--n-samples {cfg.n_samples}", cfg.n_samples > 1))
+        if given]
+    if cfg.optimizer == "adam" and zeroth_order:
+        raise UsageError(f"--optimizer adam backpropagates the cross-entropy, and "
+                         f"{' and '.join(zeroth_order)} {'are' if len(zeroth_order) > 1 else 'is'} "
+                         "MeZO's: drop " + ("them" if len(zeroth_order) > 1 else "it"))
     if cfg.optimizer == "adam" and cfg.rule != "sgd":
         raise UsageError(f"--rule {cfg.rule} is a zeroth-order update rule; --optimizer adam is "
                          "the first-order baseline: drop one of them (MeZO-Adam is --rule adam)")

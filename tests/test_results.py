@@ -142,7 +142,10 @@ def test_adam_refuses_what_it_cannot_do(model_dir, tmp_path, capsys):
     expect_error(capsys, tiny_args(model_dir, tmp_path, optimizer="sgd"), r"unknown --optimizer 'sgd'; choose one of "
                  "mezo, adam")
     expect_error(capsys, tiny_args(model_dir, tmp_path, optimizer="adam", objective="accuracy"),
-                 r"--optimizer adam backpropagates the cross-entropy")
+                 r"--optimizer adam backpropagates the cross-entropy, and --objective accuracy is MeZO's: drop it$")
+    # MeZO's drift-free restore and its directions per step have no meaning for a backward: refused, not ignored
+    expect_error(capsys, [*tiny_args(model_dir, tmp_path, optimizer="adam", n_samples=4), "--exact-restore"],
+                 r"--optimizer adam .* --exact-restore and --n-samples 4 are MeZO's: drop them$")
 
 # -----------------------------------------------------------------------------
 # experiments.py, results.py and plot.py on real short runs
