@@ -183,7 +183,10 @@ def figure(parts: dict, path: Path) -> Path | None:
         ax.set_ylabel("test accuracy, %")
     axes.flat[0].legend(fontsize=8)
     fig.tight_layout()
-    plot.save(fig, path, "--figures", "results.py table", dpi=80)
+    try:
+        plot.save(fig, path, "--figures", "results.py table", dpi=80)
+    finally:
+        plt.close(fig)  # (pyplot keeps every figure it made open: a caller's loop would hold them)
     return path
 
 
