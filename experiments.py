@@ -18,8 +18,10 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
+import signal
 import subprocess
 import sys
+import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
@@ -367,15 +369,59 @@ def memory_command(root: Path, threads: int) -> list[str]:
             "--json", str(root / "memory.json")]
 
 
+class Stopping:
+    """Ctrl-C, SIGTERM or SIGHUP to `results.py run`: every run under way is asked to stop (SIGTERM:
+    mezo.py finishes the step under way and checkpoints it), no run starts after, and `results.py
+    run` again resumes them. A second signal kills them at once: each resumes from its last
+    checkpoint. The runs are in sessions of their own, so a terminal's Ctrl-C reaches this process
+    alone, and it asks each run once."""
+    NAMES = {signal.SIGINT: "Ctrl-C", signal.SIGTERM: "SIGTERM", signal.SIGHUP: "SIGHUP"}
+
+    def __init__(self):
+        self.signal, self.code, self.processes, self.previous = None, 0, set(), {}
+
+    def install(self) -> None:
+        if threading.current_thread() is threading.main_thread():
+            for signum in self.NAMES:
+                if signal.getsignal(signum) not in (signal.SIG_IGN, None):  # (nohup's SIGHUP)
+                    self.previous[signum] = signal.signal(signum, self._asked)
+
+    def restore(self) -> None:
+        for signum, previous in self.previous.items():
+            signal.signal(signum, previous)
+        self.previous, self.signal, self.code = {}, None, 0
+
+    def _asked(self, signum, frame) -> None:
+        again, name = self.signal is not None, self.NAMES[signum]
+        if not again:
+            self.signal, self.code = name, 128 + signum
+            print(f"results: {name}: each run under way stops once its step is done and "
+                  f"checkpointed, and no other starts ({name} again kills them at once)",
+                  file=sys.stderr, flush=True)
+        for process in list(self.processes):
+            process.kill() if again else process.terminate()
+
+    def started(self, process) -> None:
+        self.processes.add(process)
+        if self.signal:  # (asked while this one started)
+            process.terminate()
+
+
+STOP = Stopping()
+
+
 def subprocess_runner(cmd: list[str], threads: int, stop=None) -> int:
-    """`python mezo.py ...` in a fresh process (its own memory and threads), from this folder;
-    terminated once `stop()` holds (looked at every POLL_S seconds)."""
+    """`python mezo.py ...` in a fresh process (its own memory and threads, its own session), from
+    this folder; terminated once `stop()` holds (looked at every POLL_S seconds) or STOP is
+    asked."""
     env = {**os.environ, "OMP_NUM_THREADS": str(threads)}
     if not sys.stderr.isatty():
         # into a log file: the progress bar once a minute (tqdm reads TQDM_* from the environment),
         # not a line a step from each of --jobs runs woven together
         env.setdefault("TQDM_MININTERVAL", "60")
-    with subprocess.Popen([sys.executable, str(ROOT / cmd[0]), *cmd[1:]], env=env) as process:
+    with subprocess.Popen([sys.executable, str(ROOT / cmd[0]), *cmd[1:]], env=env,
+                          start_new_session=True) as process:
+        STOP.started(process)
         try:
             while True:
                 try:
@@ -383,9 +429,11 @@ def subprocess_runner(cmd: list[str], threads: int, stop=None) -> int:
                 except subprocess.TimeoutExpired:
                     if stop is not None and stop():
                         process.terminate()
-        except BaseException:  # Ctrl-C or a kill of this process: the run goes with it
+        except BaseException:  # an error here: the run goes with it
             process.kill()
             raise
+        finally:
+            STOP.processes.discard(process)
 
 
 def run_one(m: Method, seed: int, out: Path, stop: int, threads: int, runner) -> int:
@@ -419,12 +467,16 @@ def run_all(root: Path, threads: int, methods, runner=subprocess_runner,
     todo = plan(root, threads, methods)
     t_all = time.time()
     for i, (m, seed, out) in enumerate(todo, 1):
+        if STOP.signal:
+            return STOP.code
         if concluded(out, m):
             print(f"results: [{i}/{len(todo)}] {m.name} seed {seed}: done, skipped", flush=True)
             continue
         for stop in [s for s in m.stops or (m.steps,) if not finished(out, m, s)]:
             print(f"results: [{i}/{len(todo)}] {m.name} seed {seed}, to step {stop}", flush=True)
             code = run_one(m, seed, out, stop, threads, runner)
+            if STOP.signal:
+                return STOP.code
             if (at := diverged(out, m)) is not None:
                 print(f"results: {m.name} seed {seed} diverged at step {at} (its training loss "
                       f"over {DIVERGE_FACTOR}× its first {BUDGET[0]} steps'): out of the lr pick, "
@@ -493,12 +545,17 @@ def cmd_run(args) -> int:
     # one study per root: a second `results.py run` would start the same runs (each refused by the
     # run folder's own lock, as a failed chain) and add to the same timing.json files
     lock = runs.FolderLock(root, root, "--root")
+    STOP.install()
     try:
         code = run_chains(chains(root, threads, args.only), args.jobs)
-        if code or args.only != "all":
-            return code
-        return run_all(root, threads, [])
+        if not code and args.only == "all":
+            code = run_all(root, threads, [])
+        if STOP.signal:
+            print(f"results: stopped by {STOP.signal}: each run kept its last step; `python "
+                  f"results.py run` again goes on with them", file=sys.stderr)
+        return code
     finally:
+        STOP.restore()
         lock.release()
 
 

@@ -1,8 +1,13 @@
 """The first-order baseline (--optimizer adam) against a hand-written torch.optim loop, and the results table and
 plots made from logs of real short runs (tiny models, real SST-2 data)."""
+import dataclasses
 import json
+import os
 import re
 import shutil
+import signal
+import threading
+import time
 from pathlib import Path
 
 import numpy as np
@@ -11,6 +16,7 @@ import torch
 import torch.nn.functional as F
 from conftest import fill_disk, load_tiny, records, run, tiny_args
 from mezo.tasks import prompts, synthetic
+from safetensors import safe_open
 from safetensors.torch import load_file
 
 import mezo
@@ -383,6 +389,43 @@ def test_a_probe_whose_loss_runs_away_is_stopped_and_out_of_the_lr_pick(model_di
     assert ex.run_all(tmp_path, 1, probes, memory=False) == 0
     assert capsys.readouterr().out.count("done, skipped") == 2
     assert {p: p.stat().st_mtime_ns for p in tmp_path.rglob("log.jsonl")} == before
+
+
+def test_sigterm_to_the_study_stops_each_run_at_a_checkpointed_step_and_starts_no_other(model_dir, tmp_path,
+                                                                                        monkeypatch, capsys):
+    """SIGTERM to this process, as `results.py run` installs its handler (experiments.STOP), while a real `python
+    mezo.py` run of a chain trains: the run (in a session of its own) is asked to stop, checkpoints the step it was
+    on and exits 143; the chain starts no other run and returns 143. Run again, the run resumes from that step."""
+    import experiments as ex
+    monkeypatch.setattr(ex, "COMMON", ["--model", model_dir("llama"), "--device", "cpu", "--eval-max", "8",
+                                       "--eval-max-start", "8"])
+    monkeypatch.setattr(ex, "POLL_S", 0.05)
+    long, after = (ex.Method(name, name, ["--eval-every", "0"], steps, 0.0, "", seeds=(13,), task="synthetic")
+                   for name, steps in (("long", 1_000_000), ("after", 4)))
+    log = ex.run_dir(tmp_path, long, 13) / "log.jsonl"
+
+    def signal_once_it_trains():
+        deadline = time.time() + 300
+        while time.time() < deadline and not (log.exists() and '"step": 2,' in log.read_text()):
+            time.sleep(0.1)
+        os.kill(os.getpid(), signal.SIGTERM)
+
+    ex.STOP.install()
+    try:
+        threading.Thread(target=signal_once_it_trains, daemon=True).start()
+        code = ex.run_chains([lambda: ex.run_all(tmp_path, 1, [long, after], memory=False)])
+        assert (code, ex.STOP.signal) == (143, "SIGTERM") and not ex.STOP.processes
+    finally:
+        ex.STOP.restore()
+    err = capsys.readouterr().err
+    assert "results: SIGTERM: each run under way stops once its step is done" in err and "failed" not in err
+    stopped = records(ex.run_dir(tmp_path, long, 13))[-1]["step"]
+    with safe_open(str(ex.run_dir(tmp_path, long, 13) / checkpoints.CHECKPOINT), "pt") as f:
+        assert int(f.metadata()["step"]) == stopped >= 2  # the step it was on, whole
+    assert not ex.run_dir(tmp_path, after, 13).exists()
+    short = dataclasses.replace(long, steps=stopped + 2)
+    assert ex.run_all(tmp_path, 1, [short], memory=False) == 0
+    assert "(resuming)" in capsys.readouterr().out and records(ex.run_dir(tmp_path, long, 13))[-1]["step"] > stopped
 
 
 def test_a_diverged_probe_reads_as_such_on_the_page(study, tmp_path):
