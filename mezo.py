@@ -143,9 +143,8 @@ PHILOX_ROUND_A, PHILOX_ROUND_B = 0xD2511F53, 0xCD9E8D57  # multipliers
 PHILOX_KEY_A, PHILOX_KEY_B = 0x9E3779B9, 0xBB67AE85  # key increments (golden ratio, sqrt(3) - 1)
 # elements of z made at once on a CPU: a chunk's temporaries stay in its cache
 NOISE_CHUNK = 1 << 16
-# On a GPU one chunk is a few hundred small launches, so 65,536 elements a chunk leave it idle
-# between them; a chunk of 2^24 (about 1 GB of temporaries) keeps it busy. z depends only on the
-# index: no number changes.
+# On a GPU, chunks of 65,536 leave it idle between a chunk's few hundred small launches; 2^24
+# (about 1 GB of temporaries) keeps it busy. z depends only on the index: no number changes.
 NOISE_CHUNK_CUDA = 1 << 24
 
 
@@ -229,8 +228,7 @@ def _noise_chunk(seed: int, index: torch.Tensor) -> torch.Tensor:
         counters = torch.arange(j0, ((first + n - 1) >> 2) + 1, device=index.device)
         z4 = torch.stack(randn4x(seed, counters), dim=1).reshape(-1)  # (4 * num counters,)
         return z4[first - 4 * j0:first - 4 * j0 + n]
-    # Scattered indices (a tensor-parallel shard's rows): one call per element, keep output
-    # index % 4.
+    # Scattered indices (a tensor-parallel shard's rows): one call per element, output index % 4
     n0, n1, n2, n3 = randn4x(seed, index >> 2)
     lane = index & 3
     return torch.where(lane < 2, torch.where(lane == 0, n0, n1), torch.where(lane == 2, n2, n3))
@@ -368,9 +366,8 @@ def select_trainables(model: nn.Module, cfg: Config) -> list[Trainable]:
     return make_trainables(chosen)
 
 # -----------------------------------------------------------------------------
-# The noise/update backend (seam 1): θ += scale·z in place, and the update. The reference walks the
-# tensors chunk by chunk, computes in float32 (float64 stays float64), and rounds once into the
-# tensor's own dtype.
+# The noise/update backend (seam 1): θ += scale·z in place, and the update. The reference walks
+# the tensors in chunks, computes in float32 (float64 stays so) and rounds once into their dtype.
 
 
 def in_compute_dtype(theta: torch.Tensor) -> torch.Tensor:
@@ -649,8 +646,8 @@ def objective_loss(logits: torch.Tensor, labels: torch.Tensor, objective: str) -
 
 # -----------------------------------------------------------------------------
 # Placement (seam 3): where the model's tensors live, which examples this process runs, how a loss
-# is reduced, and who writes. One process: everything here, nothing to reduce. tp/ replaces it under
-# torchrun.
+# is reduced, who writes, and whether any process was asked to stop. One process: everything here,
+# nothing to reduce. tp/ replaces it under torchrun.
 
 
 class Placement:
@@ -671,6 +668,9 @@ class Placement:
 
     def gather(self, params: list[Trainable]) -> list[Trainable]:
         return params  # full tensors, as checkpoints hold them
+
+    def any_rank(self, flag: bool) -> bool:
+        return flag  # (a signal's stop: every rank stops after the same step)
 
     def close(self) -> None:
         pass

@@ -272,9 +272,12 @@ class Run(ReplayMixin):
     def saves_at(self, step: int) -> bool:
         """θ itself is needed after this step (an evaluation or a checkpoint, the last step's
         included, which a replay writes without evaluating): no perturbation may carry over. The
-        loop asks once a step, before θ is settled: a stop asked for by a signal is fixed here."""
-        if self.stop.signal and self.stop.step is None:
+        loop asks once a step, before θ is settled: a stop asked for by a signal is fixed here, on
+        every rank at once."""
+        if self.stop.step is None and self.placement.any_rank(self.stop.signal is not None):
             self.stop.step = step
+            self.stop.signal = self.stop.signal or "another rank's signal"
+            self.stop.code = self.stop.code or 128 + signal.SIGTERM
         return self._saves(step)
 
     def _saves(self, step: int) -> bool:
@@ -296,11 +299,8 @@ class Run(ReplayMixin):
             except BaseException:
                 self.__exit__(None, None, None)
                 raise
-            # one process (torchrun's ranks would stop at different steps); not a replay, which
-            # has nothing of its own to keep
-            if not self.into and self.cfg.tp * max(self.cfg.dp, 1) * int(
-                    os.environ.get("WORLD_SIZE", "1")) == 1:
-                self.stop.install()
+        if self.out and not self.into:  # (a replay keeps nothing of its own)
+            self.stop.install()  # every rank: they agree on the step in saves_at
         return self
 
     def __exit__(self, *exc) -> None:
@@ -374,7 +374,7 @@ class Run(ReplayMixin):
             self.evals[step] = self.evaluate(step)
         if self._saves(step):
             self.checkpoint(step)
-        if self.stop.signal and self.last_saved == step < self.cfg.steps:
+        if self.stop.step == step < self.cfg.steps:
             self.bar.close()
             raise Stopped(self.stop.signal, step, self.stop.code)
 

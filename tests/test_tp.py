@@ -9,6 +9,7 @@ float32 roundings of θ. Run as a script (under torchrun), this file is the work
 """
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -18,6 +19,7 @@ from pathlib import Path
 import pytest
 import torch
 from conftest import records, z_of
+from safetensors import safe_open
 from safetensors.torch import load_file
 
 import mezo
@@ -228,6 +230,28 @@ def test_killed_rank_ends_the_job(model_dir, tmp_path):
     out, _ = proc.communicate(timeout=60)
     assert proc.returncode != 0 and time.time() - t0 < 60
     assert "rank      : 1" in out and "SIGKILL" in out, out[-2000:]
+
+
+def test_sigterm_to_one_rank_stops_every_rank_after_the_same_checkpointed_step(model_dir, tmp_path):
+    """SIGTERM to rank 1 alone of a --dp 2 job mid-training (as a scheduler may deliver it): the ranks agree on the
+    step (Placement.any_rank), rank 0 checkpoints it, both exit 143 naming it, and the run resumes from there."""
+    proc = torchrun(2, "mezo.py", *cli_args(model_dir("llama"), tmp_path, steps=100000, eval_every=0), "--dp", 2)
+    log = tmp_path / "log.jsonl"
+    deadline = time.time() + 60
+    while not (log.exists() and '"step": 2,' in log.read_text()):
+        assert time.time() < deadline and proc.poll() is None, "the job did not start training"
+        time.sleep(0.2)
+    workers = Path(f"/proc/{proc.pid}/task/{proc.pid}/children").read_text().split()
+    rank1 = [int(p) for p in workers if "RANK=1" in Path(f"/proc/{p}/environ").read_bytes().decode().split("\0")]
+    os.kill(rank1[0], signal.SIGTERM)
+    out, _ = proc.communicate(timeout=60)
+    stopped = [int(m) for m in re.findall(r"mezo: error: stopped by .* after step (\d+), its checkpoint written", out)]
+    assert proc.returncode != 0 and len(stopped) == 2 and stopped[0] == stopped[1], out[-3000:]
+    assert "stopped by SIGTERM after step" in out and "stopped by another rank's signal after step" in out
+    assert "exitcode  : 143" in out, out[-3000:]
+    with safe_open(str(tmp_path / "checkpoint.safetensors"), "pt") as f:
+        assert int(f.metadata()["step"]) == stopped[0] == records(tmp_path)[-1]["step"]
+    assert mezo.main(["--resume", str(tmp_path), "--steps", str(stopped[0] + 2), "--dp", "1"]) == 0
 
 
 if __name__ == "__main__":  # the worker: python -m torch.distributed.run ... tests/test_tp.py OUT SPEC

@@ -193,6 +193,13 @@ class DistributedPlacement(mezo.Placement):
                                     shard_start=(0,) * len(p.full_shape))
                 for p in params]
 
+    def any_rank(self, flag: bool) -> bool:
+        """Whether any rank holds flag (a signal asked it to stop): one scalar's all-reduce a step,
+        so that every rank stops after the same step."""
+        t = torch.tensor([float(flag)], device=self.comm_device)
+        dist.all_reduce(t, op=dist.ReduceOp.MAX)
+        return bool(t.item())
+
     def peer_failure(self, error: BaseException) -> str | None:
         return peer_failure(error)
 
