@@ -63,22 +63,47 @@ class ReplayMixin:
                              f"{missing - 1} at most")
         return {t: records[t] for t in range(1, cfg.steps + 1)}
 
+    def _read_tail(self, folder: str, start: int, saved: dict) -> dict:
+        """--resume of a run killed between checkpoints (kill -9, out of memory, a lost machine):
+        the steps its log holds past the checkpoint's, rebuilt as --replay rebuilds them (their
+        logged L±, no forward) rather than run again. Only where they are this resume's own steps:
+        MeZO, one process, none of the step's flags changed since the checkpoint (SAME_STEPS), and
+        each record's lr, directions and projected_grad those of this --lr, --n-samples and --eps
+        (a resume with a lower --lr or --eps runs them again)."""
+        cfg, path = self.cfg, Path(folder) / "log.jsonl"
+        defaults = {f.name: f.default for f in dataclasses.fields(cfg)}
+        if (cfg.optimizer != "mezo" or cfg.replay or not path.is_file()
+                or cfg.tp * max(cfg.dp, 1) * int(os.environ.get("WORLD_SIZE", "1")) != 1
+                or any(saved.get(k, defaults[k]) != getattr(cfg, k) for k in SAME_STEPS)):
+            return {}
+        logged = {r["step"]: r for r in read_log(path) if "projected_grad" in r}
+        tail = {}
+        for t in range(start + 1, cfg.steps + 1):
+            samples = (logged[t].get("samples") or [logged[t]]) if t in logged else []
+            if not (samples and logged[t]["lr"] == cfg.lr and len(samples) == cfg.n_samples and all(
+                    (s["loss_plus"] - s["loss_minus"]) / (2 * cfg.eps) == s["projected_grad"]
+                    for s in samples)):
+                break
+            tail[t] = logged[t]
+        return tail
+
     def replayed(self, step: int):
         """The logged losses of a step, in the order mezo_step asks for them (L+, L− of each
         sample)."""
-        record = self.replay[step]
+        record = self.tail.get(step) or self.replay[step]
         losses = iter([v for s in record.get("samples") or [record]
                        for v in (s["loss_plus"], s["loss_minus"])]
                       + record.get("candidate_losses", []))  # --rule conservative's three more
         return lambda: next(losses)
 
     def _check_replayed(self, step: int, record: dict) -> None:
-        logged = self.replay[step]
+        logged = self.tail.get(step) or self.replay[step]
         keys = ("seed", "projected_grad", "lr")
         if any(logged.get(k) != record.get(k) for k in keys):
             got = {k: (logged.get(k), record.get(k)) for k in keys
                    if logged.get(k) != record.get(k)}
-            raise UsageError(f"--replay {self.cfg.replay}: step {step}'s record does not match its "
+            flag = f"--replay {self.cfg.replay}" if self.replay is not None else "--resume"
+            raise UsageError(f"{flag}: step {step}'s record does not match its "
                              f"own replay ({got}, logged vs replayed): the log was edited, or the "
                              "run had another --seed, --eps or --lr")
 
@@ -226,6 +251,7 @@ class Run(ReplayMixin):
         self.step_times, self.forward_times, self.last_saved, self.evals = [], [], None, {}
         self.start, self.log, self.counts, self.idle = 0, None, {}, False
         self.replay = self._read_replay() if cfg.replay else None
+        self.tail = {}  # a resume's steps rebuilt from the log (ReplayMixin._read_tail)
 
     # --- the data of a step -----------------------------------------------------------------------
 
@@ -238,7 +264,7 @@ class Run(ReplayMixin):
     def loss_fn(self, step: int) -> StepLoss:
         """The step's loss at the current θ: a forward on this process's examples of the step, or in
         a --replay the logged L± (ReplayMixin), served in the order mezo_step asks for them."""
-        if self.replay is not None:
+        if self.replay is not None or step in self.tail:
             return self.replayed(step)
         return StepLoss(self, self.batch(step))
 
@@ -328,6 +354,9 @@ class Run(ReplayMixin):
                     checkpoints.atomic_write(self.out / "log.jsonl",
                                              lambda tmp: tmp.write_bytes(log))
         self.start = self.resume(resume) if resume else 0
+        if resume and self.tail:
+            print(f"mezo: steps {self.start + 1}-{max(self.tail)}, logged after the checkpoint, "
+                  f"rebuilt from {resume}/log.jsonl (their logged losses: no forward)")
         # a finished run resumed again: no writes
         self.idle = bool(resume) and self.start == self.cfg.steps
         writes = self.placement.is_main and not self.idle
@@ -356,13 +385,14 @@ class Run(ReplayMixin):
             error = NonFiniteLoss(f"non-finite loss at step {step} ({e})")
             error.step, error.saved = step, self.last_saved  # what keep_last_good starts from
             raise error from None
-        self.step_times.append(time.perf_counter() - t)
+        if step not in self.tail:  # (a step rebuilt from the log ran no forward)
+            self.step_times.append(time.perf_counter() - t)
 
     def record(self, step: int, record: dict) -> None:
         """Log the step (with the passes over a training batch so far), then evaluate and save when
         due."""
         self.counts = {k: self.counts[k] + n for k, n in self.per_step.items()}
-        if self.replay is not None:
+        if self.replay is not None or step in self.tail:
             self._check_replayed(step, record)
         samples = record.pop("samples", None)  # n > 1 directions: each sample's numbers go last
         self.log.write(dict(step=step, **record, **self.counts)
@@ -458,6 +488,7 @@ class Run(ReplayMixin):
                 raise UsageError(f"--resume {folder}: {e}") from None
         print(f"mezo: resumed from {folder} at step {start}")
         self.last_saved = start
+        self.tail = self._read_tail(folder, start, saved)
         return start
 
     def finish(self) -> dict:

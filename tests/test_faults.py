@@ -5,6 +5,7 @@ full or read-only disk keeps the last checkpoint whole."""
 import json
 import os
 import re
+import shutil
 import signal
 import subprocess
 import sys
@@ -171,6 +172,42 @@ def test_4_one_writer_per_folder_a_stale_lock_does_not_block_and_kill_9_resumes_
     assert straight_run.returncode == 0, err[-2000:]
     a, b = load_file(w / checkpoints.CHECKPOINT), load_file(straight / checkpoints.CHECKPOINT)
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)  # the Adam buffers included
+
+
+def test_4_kill_9_between_checkpoints_rebuilds_the_logged_steps_from_the_log_bit_for_bit(model_dir, tmp_path):
+    """kill -9 with steps logged past the checkpoint (none is due before the end): --resume rebuilds them from their
+    logged losses, without their forwards, and ends with the tensors and pass counts of an unbroken run. A resume
+    with another --lr runs them again: the logged losses are not that run's."""
+    w, straight, other = tmp_path / "W", tmp_path / "straight", tmp_path / "other"
+    flags = dict(eval_every=0, lr="1e-2")
+    first = _cli(P(model_dir, out=w, steps=4, **flags))
+    assert first.wait(timeout=300) == 0 and step_of(w) == 4
+    longer = _cli(["--resume", str(w), "--steps", "1000000"])
+    log, deadline = w / "log.jsonl", time.time() + 300
+    while time.time() < deadline and '"step": 12,' not in log.read_text():
+        time.sleep(0.1)
+    longer.send_signal(signal.SIGKILL)
+    longer.wait()
+    logged = [json.loads(x)["step"] for x in log.read_text().splitlines() if x.endswith("}")]
+    assert step_of(w) == 4 and logged[-1] >= 12
+    shutil.copytree(w, other)
+    last = logged[-1]
+    resumed = _cli(["--resume", str(w), "--steps", str(last + 3)])
+    out, err = resumed.communicate(timeout=300)
+    assert resumed.returncode == 0, err[-2000:]
+    assert f"mezo: steps 5-{last}, logged after the checkpoint, rebuilt from {w}/log.jsonl" in out, out
+    assert "median" in out and f"{3} steps, median" in out  # only the steps that ran forwards are timed
+    unbroken = _cli(P(model_dir, out=straight, steps=last + 3, **flags))
+    assert unbroken.wait(timeout=300) == 0
+    a, b = load_file(w / checkpoints.CHECKPOINT), load_file(straight / checkpoints.CHECKPOINT)
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    summary = lambda folder: json.loads((folder / "summary.json").read_text())
+    assert summary(w)["forwards"] == summary(straight)["forwards"] == 2 * (last + 3)
+    again = _cli(["--resume", str(other), "--steps", str(last + 3), "--lr", "5e-3"])
+    out, err = again.communicate(timeout=300)
+    assert again.returncode == 0 and "rebuilt" not in out, err[-2000:]
+    assert [r["lr"] for r in map(json.loads, (other / "log.jsonl").read_text().splitlines())
+            if "lr" in r][4:] == [5e-3] * (last - 1)
 
 
 def test_5_a_pipe_whose_reader_leaves_stops_the_run_in_one_line_and_it_resumes(model_dir, tmp_path):
