@@ -69,7 +69,8 @@ class ReplayMixin:
         logged L±, no forward) rather than run again. Only where they are this resume's own steps:
         MeZO, one process, none of the step's flags changed since the checkpoint (SAME_STEPS), and
         each record's lr, directions and projected_grad those of this --lr, --n-samples and --eps
-        (a resume with a lower --lr or --eps runs them again)."""
+        (a resume with a lower --lr or --eps runs them again). The log keeps their records, and the
+        tail ends before a step that evaluates (its records would be written twice)."""
         cfg, path = self.cfg, Path(folder) / "log.jsonl"
         defaults = {f.name: f.default for f in dataclasses.fields(cfg)}
         if (cfg.optimizer != "mezo" or cfg.replay or not path.is_file()
@@ -80,9 +81,10 @@ class ReplayMixin:
         tail = {}
         for t in range(start + 1, cfg.steps + 1):
             samples = (logged[t].get("samples") or [logged[t]]) if t in logged else []
-            if not (samples and logged[t]["lr"] == cfg.lr and len(samples) == cfg.n_samples and all(
-                    (s["loss_plus"] - s["loss_minus"]) / (2 * cfg.eps) == s["projected_grad"]
-                    for s in samples)):
+            same = samples and logged[t]["lr"] == cfg.lr and len(samples) == cfg.n_samples
+            if not same or self.evaluates_at(t) or any(
+                    (s["loss_plus"] - s["loss_minus"]) / (2 * cfg.eps) != s["projected_grad"]
+                    for s in samples):
                 break
             tail[t] = logged[t]
         return tail
@@ -360,7 +362,9 @@ class Run(ReplayMixin):
         # a finished run resumed again: no writes
         self.idle = bool(resume) and self.start == self.cfg.steps
         writes = self.placement.is_main and not self.idle
-        self.log = Log(self.out if writes else None, self.start if resume else None)
+        # (a resume keeps the log's records of the steps it rebuilds from them)
+        self.log = Log(self.out if writes else None,
+                       max(self.tail, default=self.start) if resume else None)
         self.counts = {k: self.log.last_step.get(k, n * self.start)
                        for k, n in self.per_step.items()}
         self.t0 = time.time()
@@ -391,12 +395,17 @@ class Run(ReplayMixin):
     def record(self, step: int, record: dict) -> None:
         """Log the step (with the passes over a training batch so far), then evaluate and save when
         due."""
-        self.counts = {k: self.counts[k] + n for k, n in self.per_step.items()}
-        if self.replay is not None or step in self.tail:
+        if step in self.tail:  # rebuilt from the log, which keeps its record: checked against it
             self._check_replayed(step, record)
-        samples = record.pop("samples", None)  # n > 1 directions: each sample's numbers go last
-        self.log.write(dict(step=step, **record, **self.counts)
-                       | (dict(samples=samples) if samples else {}))
+            self.counts = {k: self.tail[step].get(k, self.counts[k] + n)
+                           for k, n in self.per_step.items()}
+        else:
+            self.counts = {k: self.counts[k] + n for k, n in self.per_step.items()}
+            if self.replay is not None:
+                self._check_replayed(step, record)
+            samples = record.pop("samples", None)  # n > 1 directions: each sample's numbers last
+            self.log.write(dict(step=step, **record, **self.counts)
+                           | (dict(samples=samples) if samples else {}))
         shown = self.evals[max(self.evals)] if self.evals else {}
         self.bar.set_postfix(loss=f"{record['loss']:.4f}",
                              acc=f"{shown.get('test', float('nan')):.3f}")

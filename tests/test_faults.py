@@ -203,6 +203,9 @@ def test_4_kill_9_between_checkpoints_rebuilds_the_logged_steps_from_the_log_bit
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
     summary = lambda folder: json.loads((folder / "summary.json").read_text())
     assert summary(w)["forwards"] == summary(straight)["forwards"] == 2 * (last + 3)
+    steps = lambda folder: [(r["step"], r["forwards"]) for r in map(json.loads, (folder / "log.jsonl").read_text()
+                                                                     .splitlines()) if "forwards" in r]
+    assert steps(w) == steps(straight) == [(t, 2 * t) for t in range(1, last + 4)]  # each once, its counts
     again = _cli(["--resume", str(other), "--steps", str(last + 3), "--lr", "5e-3"])
     out, err = again.communicate(timeout=300)
     assert again.returncode == 0 and "rebuilt" not in out, err[-2000:]
