@@ -15,6 +15,9 @@ from .errors import UsageError
 
 # format "mezo-1": tensors by qualified name; metadata step, config, offsets
 CHECKPOINT = "checkpoint.safetensors"
+# the config a run started with: a run killed before its first checkpoint resumes from its start
+# and its log (runs.Run.resume)
+RUN_CONFIG = "run.json"
 
 
 def atomic_write(path: Path, write, then: str = "") -> None:
@@ -124,8 +127,19 @@ def save_peft_adapter(folder: Path, lora: dict, r: int, alpha: float, base: str,
 def saved_config(folder: Path, flag: str = "--resume") -> dict:
     """A checkpoint's config for --resume and --replay: lists back to tuples, no world size (tp, dp:
     a checkpoint holds full tensors and resumes at any), no replay (a replayed run's folder resumes
-    as a run) and no overwrite (an order to one command, not a setting of the run)."""
-    _, _, config = read_checkpoint(folder, flag)
+    as a run) and no overwrite (an order to one command, not a setting of the run). A run with no
+    checkpoint yet: the config it started with."""
+    path = folder / RUN_CONFIG
+    if (folder / CHECKPOINT).is_file() or not path.is_file():
+        _, _, config = read_checkpoint(folder, flag)
+    else:
+        try:
+            config = json.loads(path.read_text())
+            if not isinstance(config, dict):
+                raise ValueError("not a JSON object")
+        except ValueError as e:  # (UnicodeDecodeError and JSONDecodeError are ValueErrors)
+            raise UsageError(f"{flag} {folder}: {RUN_CONFIG} is damaged ({e}); --overwrite "
+                             "with the run's flags starts it again") from None
     dropped = ("tp", "dp", "replay", "overwrite")
     return {k: tuple(v) if isinstance(v, list) else v
             for k, v in config.items() if k not in dropped}

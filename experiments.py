@@ -439,10 +439,11 @@ def subprocess_runner(cmd: list[str], threads: int, stop=None) -> int:
 def run_one(m: Method, seed: int, out: Path, stop: int, threads: int, runner) -> int:
     """One run of m to step `stop`: afresh, or resumed from its folder. Its wall time adds up in
     timing.json over the processes it took."""
-    resume = (out / checkpoints.CHECKPOINT).exists() and (out / "log.jsonl").exists()
+    resume = ((out / checkpoints.CHECKPOINT).exists() or (out / checkpoints.RUN_CONFIG).exists()
+              ) and (out / "log.jsonl").exists()
     cmd = m.command(seed, out, threads, stop)
     if not resume and out.exists() and any(out.iterdir()):
-        # killed before its first checkpoint: nothing to resume, so it starts again
+        # killed before its first step was logged: nothing to resume, so it starts again
         cmd.append("--overwrite")
     if resume:
         cmd = ["mezo.py", "--resume", str(out), "--steps", str(stop), "--threads", str(threads)]

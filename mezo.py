@@ -114,7 +114,7 @@ class Config:
         200, "test rows evaluated during training (0 = all); the start and the end use all", min=0)
     eval_max_start: int = option(0, "test rows evaluated at step 0 (0 = all)", min=0)
     out: str | None = option(
-        None, "folder for log.jsonl, checkpoint.safetensors, summary.json and the adapter")
+        None, "folder for log.jsonl, run.json, checkpoint.safetensors, summary.json, adapter/")
     save_every: int = option(
         0, "also checkpoint every N steps (0 = at each evaluation and at the end)", min=0)
     replay: str | None = option(

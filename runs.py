@@ -357,19 +357,25 @@ class Run(ReplayMixin):
                                              lambda tmp: tmp.write_bytes(log))
         self.start = self.resume(resume) if resume else 0
         if resume and self.tail:
-            print(f"mezo: steps {self.start + 1}-{max(self.tail)}, logged after the checkpoint, "
-                  f"rebuilt from {resume}/log.jsonl (their logged losses: no forward)")
+            print(f"mezo: steps {self.start + 1}-{max(self.tail)} rebuilt from {resume}/log.jsonl "
+                  "(their logged losses: no forward)")
         # a finished run resumed again: no writes
         self.idle = bool(resume) and self.start == self.cfg.steps
         writes = self.placement.is_main and not self.idle
+        # at step 0 with nothing to rebuild, a resume starts the log afresh
+        fresh = not resume or (self.start == 0 and not self.tail)
         # (a resume keeps the log's records of the steps it rebuilds from them)
         self.log = Log(self.out if writes else None,
-                       max(self.tail, default=self.start) if resume else None)
+                       None if fresh else max(self.tail, default=self.start))
+        if writes and self.out and not self.into:  # what a resume before any checkpoint reads
+            config = json.dumps(dataclasses.asdict(self.cfg), indent=1)
+            checkpoints.atomic_write(self.out / checkpoints.RUN_CONFIG,
+                                     lambda tmp: tmp.write_text(config))
         self.counts = {k: self.log.last_step.get(k, n * self.start)
                        for k, n in self.per_step.items()}
         self.t0 = time.time()
         peak_memory_mb(self.device, reset=True)  # from here on: evaluations and steps, not loading
-        if self.start == 0 and self.replay is None and not self.idle:
+        if fresh and self.replay is None and not self.idle:
             self.evals[0] = self.evaluate(0)
         self.bar = tqdm(range(self.start + 1, self.cfg.steps + 1), initial=self.start,
                         total=self.cfg.steps, desc="mezo", dynamic_ncols=True,
@@ -471,7 +477,15 @@ class Run(ReplayMixin):
 
     def resume(self, folder: str) -> int:
         """Load a checkpoint's tensors (and AdamW's state) into this run; return the step it was
-        taken at."""
+        taken at. A run killed before its first checkpoint goes on from its start (the model and
+        the run seed make its first tensors), its logged steps rebuilt."""
+        if not (Path(folder) / checkpoints.CHECKPOINT).is_file() and (
+                Path(folder) / checkpoints.RUN_CONFIG).is_file():
+            saved = checkpoints.saved_config(Path(folder))
+            check_same_run(self.cfg, saved, "--resume", folder)
+            print(f"mezo: resumed from {folder} at step 0 (it stopped before its first checkpoint)")
+            self.tail = self._read_tail(folder, 0, saved)
+            return 0
         tensors, start, saved = checkpoints.read_checkpoint(Path(folder))
         check_same_run(self.cfg, saved, "--resume", folder)
         if start > self.cfg.steps:  # never relabel step `start`'s tensors as an earlier step's
@@ -541,7 +555,7 @@ class Run(ReplayMixin):
 # --- the run folder: one writer, no run written over, the same run resumed or replayed ------------
 
 # a folder with one holds a run
-RUN_FILES = (checkpoints.CHECKPOINT, "log.jsonl", "summary.json", "adapter")
+RUN_FILES = (checkpoints.CHECKPOINT, "log.jsonl", "summary.json", "adapter", checkpoints.RUN_CONFIG)
 
 
 class StopOnSignal:
@@ -722,6 +736,8 @@ def stopped(cfg, trained: bool, why: BaseException) -> str:
         return said + "the run stopped"
     if (Path(cfg.out) / checkpoints.CHECKPOINT).exists():
         return said + f"the run stopped; --resume {cfg.out} goes on from its last checkpoint"
+    if (Path(cfg.out) / checkpoints.RUN_CONFIG).exists():
+        return said + f"the run stopped before its first checkpoint; --resume {cfg.out} goes on"
     return said + "the run stopped before its first checkpoint; --overwrite starts it again"
 
 

@@ -114,7 +114,7 @@ def test_4_a_replay_into_a_run_and_a_fresh_run_over_a_run_are_refused(model_dir,
     before, theirs = snapshot(a), snapshot(c)
     expect_error(capsys, ["--replay", a, "--out", c], r"--out .*C already holds a run .*--overwrite")
     expect_error(capsys, P(model_dir, steps=2, out=c), r"--out .*C already holds a run \(checkpoint.safetensors, "
-                 r"log.jsonl, summary.json, adapter\): --resume .*C to go on with it, --overwrite to replace it")
+                 r"log.jsonl, summary.json, adapter, run.json\): --resume .*C to go on with it, --overwrite to replace it")
     assert snapshot(a) == before and snapshot(c) == theirs
     assert run(["--replay", a, "--out", c, "--overwrite"], capsys)[0] == 0  # explicit: replaced
     assert step_of(c) == 2 and not (tmp_path / ".C.replay").exists() and not list(tmp_path.glob(".C.old*"))
@@ -195,7 +195,7 @@ def test_4_kill_9_between_checkpoints_rebuilds_the_logged_steps_from_the_log_bit
     resumed = _cli(["--resume", str(w), "--steps", str(last + 3)])
     out, err = resumed.communicate(timeout=300)
     assert resumed.returncode == 0, err[-2000:]
-    assert f"mezo: steps 5-{last}, logged after the checkpoint, rebuilt from {w}/log.jsonl" in out, out
+    assert f"mezo: steps 5-{last} rebuilt from {w}/log.jsonl (their logged losses: no forward)" in out, out
     assert "median" in out and f"{3} steps, median" in out  # only the steps that ran forwards are timed
     unbroken = _cli(P(model_dir, out=straight, steps=last + 3, **flags))
     assert unbroken.wait(timeout=300) == 0
@@ -211,6 +211,38 @@ def test_4_kill_9_between_checkpoints_rebuilds_the_logged_steps_from_the_log_bit
     assert again.returncode == 0 and "rebuilt" not in out, err[-2000:]
     assert [r["lr"] for r in map(json.loads, (other / "log.jsonl").read_text().splitlines())
             if "lr" in r][4:] == [5e-3] * (last - 1)
+
+
+def test_4_kill_9_before_the_first_checkpoint_resumes_from_the_start_and_the_log(model_dir, tmp_path, capsys):
+    """kill -9 before any checkpoint (--eval-every 0): the run's config (run.json) and log are all there is, and
+    --resume rebuilds its logged steps from the model and the run seed, bit for bit an unbroken run. A damaged
+    run.json is one line that changes nothing."""
+    w, straight = tmp_path / "W", tmp_path / "straight"
+    flags = dict(eval_every=0, lr="1e-2", rule="momentum")
+    first = _cli(P(model_dir, out=w, steps=1_000_000, **flags))
+    log, deadline = w / "log.jsonl", time.time() + 300
+    while time.time() < deadline and not (log.exists() and '"step": 6,' in log.read_text()):
+        time.sleep(0.1)
+    first.send_signal(signal.SIGKILL)
+    first.wait()
+    assert not (w / checkpoints.CHECKPOINT).exists() and json.loads((w / "run.json").read_text())["rule"] == "momentum"
+    last = [json.loads(x)["step"] for x in log.read_text().splitlines() if x.endswith("}")][-1]
+    good = (w / "run.json").read_bytes()
+    (w / "run.json").write_text('{"task": ')
+    before = snapshot(w)
+    expect_error(capsys, ["--resume", w, "--steps", last + 2], r"--resume .*W: run.json is damaged .*--overwrite")
+    assert snapshot(w) == before
+    (w / "run.json").write_bytes(good)
+    resumed = _cli(["--resume", str(w), "--steps", str(last + 2)])
+    out, err = resumed.communicate(timeout=300)
+    assert resumed.returncode == 0, err[-2000:]
+    assert "at step 0 (it stopped before its first checkpoint)" in out and f"steps 1-{last} rebuilt" in out, out
+    unbroken = _cli(P(model_dir, out=straight, steps=last + 2, **flags))
+    assert unbroken.wait(timeout=300) == 0
+    a, b = load_file(w / checkpoints.CHECKPOINT), load_file(straight / checkpoints.CHECKPOINT)
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)  # the momentum buffers included
+    records = lambda folder: [json.loads(x) for x in (folder / "log.jsonl").read_text().splitlines()]
+    assert [(r["step"], r.get("split")) for r in records(w)] == [(r["step"], r.get("split")) for r in records(straight)]
 
 
 def test_5_a_pipe_whose_reader_leaves_stops_the_run_in_one_line_and_it_resumes(model_dir, tmp_path):
@@ -232,7 +264,9 @@ def test_5_a_pipe_whose_reader_leaves_stops_the_run_in_one_line_and_it_resumes(m
         lines = [x for x in err.splitlines() if "error" in x.lower() or "Traceback" in x or "Exception" in x]
         if (w / checkpoints.CHECKPOINT).exists():
             assert lines == [f"{said}; --resume {w} goes on from its last checkpoint"], err[-2000:]
-        else:  # the first pass, when the reader left before step 2's checkpoint
+        elif (w / checkpoints.RUN_CONFIG).exists():  # the first pass, the reader gone before step 2's checkpoint
+            assert lines == [f"{said} before its first checkpoint; --resume {w} goes on"], err[-2000:]
+        else:  # (gone before the run started: nothing to go on with)
             assert lines == [f"{said} before its first checkpoint; --overwrite starts it again"], err[-2000:]
     stopped = step_of(w)
     resumed = _cli(["--resume", str(w), "--steps", str(stopped + 2)])
