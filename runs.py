@@ -69,8 +69,8 @@ class ReplayMixin:
         logged L±, no forward) rather than run again. Only where they are this resume's own steps:
         MeZO, one process, none of the step's flags changed since the checkpoint (SAME_STEPS), and
         each record's lr, directions and projected_grad those of this --lr, --n-samples and --eps
-        (a resume with a lower --lr or --eps runs them again). The log keeps their records, and the
-        tail ends before a step that evaluates (its records would be written twice)."""
+        (a resume with a lower --lr or --eps runs them again). All of them, from start + 1 on:
+        resume cuts them before a step that evaluates, whose records would be written twice."""
         cfg, path = self.cfg, Path(folder) / "log.jsonl"
         defaults = {f.name: f.default for f in dataclasses.fields(cfg)}
         if (cfg.optimizer != "mezo" or cfg.replay or not path.is_file()
@@ -78,16 +78,29 @@ class ReplayMixin:
                 or any(saved.get(k, defaults[k]) != getattr(cfg, k) for k in SAME_STEPS)):
             return {}
         logged = {r["step"]: r for r in read_log(path) if "projected_grad" in r}
-        tail = {}
-        for t in range(start + 1, cfg.steps + 1):
-            samples = (logged[t].get("samples") or [logged[t]]) if t in logged else []
-            same = samples and logged[t]["lr"] == cfg.lr and len(samples) == cfg.n_samples
-            if not same or self.evaluates_at(t) or any(
+        tail, t = {}, start + 1
+        while t in logged:
+            samples = logged[t].get("samples") or [logged[t]]
+            if not (logged[t]["lr"] == cfg.lr and len(samples) == cfg.n_samples) or any(
                     (s["loss_plus"] - s["loss_minus"]) / (2 * cfg.eps) != s["projected_grad"]
                     for s in samples):
                 break
-            tail[t] = logged[t]
+            tail[t], t = logged[t], t + 1
         return tail
+
+    def _rebuilds(self, folder: str, start: int, saved: dict) -> dict:
+        """The steps a resume from `start` rebuilds from the log (_read_tail), up to the first that
+        evaluates. A log that holds more steps than --steps asks for is refused, as a checkpoint
+        past it is: the resume would drop them."""
+        tail = self._read_tail(folder, start, saved) if start < self.cfg.steps else {}
+        if tail and max(tail) > self.cfg.steps:
+            last, steps = max(tail), self.cfg.steps
+            raise UsageError(f"--resume {folder} --steps {steps}: its log holds steps up to "
+                             f"{last}, which a resume rebuilds and goes on from: give --steps "
+                             f"{last} or more (step {steps}'s tensors: --replay {folder} --out "
+                             f"NEW_DIR --steps {steps})")
+        cut = next((t for t in tail if self.evaluates_at(t)), max(tail, default=start) + 1)
+        return {t: r for t, r in tail.items() if t < cut}
 
     def replayed(self, step: int):
         """The logged losses of a step, in the order mezo_step asks for them (L+, L− of each
@@ -484,7 +497,7 @@ class Run(ReplayMixin):
             saved = checkpoints.saved_config(Path(folder))
             check_same_run(self.cfg, saved, "--resume", folder)
             print(f"mezo: resumed from {folder} at step 0 (it stopped before its first checkpoint)")
-            self.tail = self._read_tail(folder, 0, saved)
+            self.tail = self._rebuilds(folder, 0, saved)
             return 0
         tensors, start, saved = checkpoints.read_checkpoint(Path(folder))
         check_same_run(self.cfg, saved, "--resume", folder)
@@ -511,7 +524,7 @@ class Run(ReplayMixin):
                 raise UsageError(f"--resume {folder}: {e}") from None
         print(f"mezo: resumed from {folder} at step {start}")
         self.last_saved = start
-        self.tail = self._read_tail(folder, start, saved)
+        self.tail = self._rebuilds(folder, start, saved)
         return start
 
     def finish(self) -> dict:

@@ -233,6 +233,10 @@ def test_4_kill_9_before_the_first_checkpoint_resumes_from_the_start_and_the_log
     expect_error(capsys, ["--resume", w, "--steps", last + 2], r"--resume .*W: run.json is damaged .*--overwrite")
     assert snapshot(w) == before
     (w / "run.json").write_bytes(good)
+    # to fewer steps than the log holds: refused (the resume would drop them), as past a checkpoint
+    expect_error(capsys, ["--resume", w, "--steps", last - 1], rf"--resume .*W --steps {last - 1}: its log holds "
+                 rf"steps up to {last}, .*give --steps {last} or more .*--replay .*W --out NEW_DIR --steps {last - 1}")
+    assert snapshot(w) == before | {"run.json": good}
     resumed = _cli(["--resume", str(w), "--steps", str(last + 2)])
     out, err = resumed.communicate(timeout=300)
     assert resumed.returncode == 0, err[-2000:]
