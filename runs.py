@@ -341,7 +341,7 @@ class Run(ReplayMixin):
                 self.__exit__(None, None, None)
                 raise
         if self.out and not self.into:  # (a replay keeps nothing of its own)
-            self.stop.install()  # every rank: they agree on the step in saves_at
+            self.stop.install(say=self.placement.is_main)  # every rank: saves_at agrees the step
         return self
 
     def __exit__(self, *exc) -> None:
@@ -581,9 +581,11 @@ class StopOnSignal:
     NAMES = {signal.SIGINT: "Ctrl-C", signal.SIGTERM: "SIGTERM"}
 
     def __init__(self):
-        self.signal, self.step, self.code, self.previous = None, None, None, {}
+        self.signal, self.step, self.code, self.previous, self.say = None, None, None, {}, True
 
-    def install(self) -> None:
+    def install(self, say: bool = True) -> None:
+        """say: this process announces the stop (under torchrun, rank 0 alone)."""
+        self.say = say
         if threading.current_thread() is not threading.main_thread():
             return
         for signum in self.NAMES:
@@ -595,8 +597,10 @@ class StopOnSignal:
         if self.signal:  # asked twice: stop now
             raise Stopped(name, None, 128 + signum)
         self.signal, self.code = name, 128 + signum
-        print(f"\nmezo: {name}: stopping after this step, once its checkpoint is written ({name} "
-              "again stops at once, from the last checkpoint)", file=sys.stderr, flush=True)
+        if self.say:
+            print(f"\nmezo: {name}: stopping after this step, once its checkpoint is written "
+                  f"({name} again stops at once, from the last checkpoint)", file=sys.stderr,
+                  flush=True)
 
     def restore(self) -> None:
         for signum, previous in self.previous.items():
