@@ -21,7 +21,6 @@ import os
 import signal
 import subprocess
 import sys
-import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
@@ -369,27 +368,21 @@ def memory_command(root: Path, threads: int) -> list[str]:
             "--json", str(root / "memory.json")]
 
 
-class Stopping:
+class Stopping(runs.StopOnSignal):
     """Ctrl-C, SIGTERM or SIGHUP to `results.py run`: every run under way is asked to stop (SIGTERM:
     mezo.py finishes the step under way and checkpoints it), no run starts after, and `results.py
     run` again resumes them. A second signal kills them at once: each resumes from its last
-    checkpoint. The runs are in sessions of their own, so a terminal's Ctrl-C reaches this process
-    alone, and it asks each run once."""
-    NAMES = {signal.SIGINT: "Ctrl-C", signal.SIGTERM: "SIGTERM", signal.SIGHUP: "SIGHUP"}
+    checkpoint and its log. The runs are in sessions of their own, so a terminal's Ctrl-C reaches
+    this process alone, and it asks each run once."""
+    NAMES = {**runs.StopOnSignal.NAMES, signal.SIGHUP: "SIGHUP"}
 
     def __init__(self):
-        self.signal, self.code, self.processes, self.previous = None, 0, set(), {}
-
-    def install(self) -> None:
-        if threading.current_thread() is threading.main_thread():
-            for signum in self.NAMES:
-                if signal.getsignal(signum) not in (signal.SIG_IGN, None):  # (nohup's SIGHUP)
-                    self.previous[signum] = signal.signal(signum, self._asked)
+        super().__init__()
+        self.processes = set()
 
     def restore(self) -> None:
-        for signum, previous in self.previous.items():
-            signal.signal(signum, previous)
-        self.previous, self.signal, self.code = {}, None, 0
+        super().restore()
+        self.signal = self.code = None
 
     def _asked(self, signum, frame) -> None:
         again, name = self.signal is not None, self.NAMES[signum]
