@@ -39,6 +39,8 @@ def load_model(name: str, dtype: str = "float32", head: str = "prompt"):
     try:
         config = AutoConfig.from_pretrained(path)
     except (OSError, ValueError) as e:
+        if local and (hint := not_a_model(Path(path))):
+            raise UsageError(f"cannot load model {name!r}: {hint}") from None
         if local:
             problem = (f"the folder has no readable config.json ({_first_line(e)}); pass a folder "
                        "that save_pretrained wrote")
@@ -88,6 +90,28 @@ def load_model(name: str, dtype: str = "float32", head: str = "prompt"):
 
 def _files(folder: str, patterns: tuple[str, ...]) -> list[str]:
     return sorted({f.name for pattern in patterns for f in Path(folder).glob(pattern)})
+
+
+def not_a_model(folder: Path) -> str | None:
+    """What a folder that is not a model is, when it is what mezo writes: a run's --out, or the
+    PEFT adapter in it (a user's honest --model for "the model I trained")."""
+    import json
+
+    def field(file: Path, key: str, then: str) -> str:
+        try:
+            return then.format(json.loads(file.read_text())[key])
+        except (OSError, ValueError, KeyError, TypeError):
+            return ""
+    if (folder / "run.json").is_file() or (folder / "checkpoint.safetensors").is_file():
+        model = field(folder / "run.json", "model", " (its model: {})")
+        adapter = ", and peft loads its adapter/" if (folder / "adapter").is_dir() else ""
+        return (f"it is a mezo run's folder{model}, not a model: --resume {folder} goes on "
+                f"training it{adapter}")
+    if (folder / "adapter_config.json").is_file():
+        base = field(folder / "adapter_config.json", "base_model_name_or_path", " of {}")
+        return (f"it is a PEFT adapter{base}, not a model: peft loads it onto its base model "
+                "(PeftModel.from_pretrained), or --resume the run folder it is in goes on training")
+    return None
 
 
 def _first_line(e: Exception) -> str:

@@ -316,3 +316,18 @@ def test_parameters_that_do_not_require_grad_are_neither_perturbed_nor_updated()
     ours[0].requires_grad_(True)
     opt.step(loss)
     assert not torch.equal(ours[0].weight, frozen)
+
+
+def test_a_run_folder_or_its_adapter_given_as_the_model_names_what_it_is_and_what_to_do(model_dir, tmp_path, capsys):
+    """--model pointed at a run's --out (the honest "the model I trained") or at its adapter/: one line that says
+    what the folder is, with the --resume that goes on training it, instead of a missing config.json."""
+    run = tmp_path / "run"
+    assert mezo.main([str(a) for a in P(model_dir, "--steps", 2, "--out", run)]) == 0
+    capsys.readouterr()
+    before = snapshot(run)
+    refused(capsys, P(model_dir, "--steps", 2)[:3] + [run] + P(model_dir)[4:],
+            rf"cannot load model '{re.escape(str(run))}': it is a mezo run's folder \(its model: .*llama.*\), "
+            rf"not a model: --resume {re.escape(str(run))} goes on training it, and peft loads its adapter/$")
+    refused(capsys, P(model_dir, "--steps", 2)[:3] + [run / "adapter"] + P(model_dir)[4:],
+            r"it is a PEFT adapter of .*llama.*, not a model: peft loads it onto its base model .*--resume the run")
+    assert snapshot(run) == before
