@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import difflib
 import math
 
 from .errors import UsageError
@@ -46,10 +47,37 @@ def check(cfg) -> None:
                              f"{f'2^{below.bit_length() - 1}' if power else below}")
 
 
+class Parser(argparse.ArgumentParser):
+    """argparse, with a mistaken flag told in one line: the whole usage is --help's."""
+
+    def error(self, message: str):
+        flags = [w.split("=")[0] for w in message.split() if w.startswith("--")]
+        near = [m for w in flags if message.startswith("unrecognized")
+                for m in difflib.get_close_matches(w, list(self._option_string_actions), 1)]
+        hint = f"did you mean {' '.join(near)}? " if near else ""
+        self.exit(2, f"{self.prog}: error: {message} ({hint}--help lists every flag)\n")
+
+
+def whole(text: str) -> int:
+    """An integer flag's value: 1e5 is 100000, as step counts are written (the paper's 100K steps);
+    2.5 is refused."""
+    try:
+        return int(text)
+    except ValueError:
+        pass
+    try:
+        value = float(text)
+    except ValueError:
+        value = math.nan
+    if not (math.isfinite(value) and value.is_integer()):
+        raise argparse.ArgumentTypeError(f"invalid int value: {text!r}, not a whole number")
+    return int(value)
+
+
 def parser(config_class, prog: str, description: str) -> argparse.ArgumentParser:
     """--flag-name for every field (tuples comma-separated, booleans as switches); unset flags stay
     absent."""
-    p = argparse.ArgumentParser(prog=prog, description=description)
+    p = Parser(prog=prog, description=description)
     comma = lambda s: tuple(w for w in s.split(",") if w)
     for f in dataclasses.fields(config_class):
         meta, default = f.metadata, f.default
@@ -68,7 +96,7 @@ def parser(config_class, prog: str, description: str) -> argparse.ArgumentParser
         elif meta.get("parse"):
             kw["type"] = meta["parse"]
         else:
-            scalar = {"int": int, "float": float}.get(kind.split(" ")[0], str)
+            scalar = {"int": whole, "float": float}.get(kind.split(" ")[0], str)
             kw["type"] = comma if "tuple" in kind else scalar
         p.add_argument("--" + f.name.replace("_", "-"), **kw)
     return p

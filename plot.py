@@ -15,7 +15,6 @@ compute. Needs matplotlib: pip install -e ".[plot]".
 """
 from __future__ import annotations
 
-import argparse
 import os
 import sys
 from pathlib import Path
@@ -23,7 +22,7 @@ from pathlib import Path
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from mezo import UsageError, checkpoints, runs  # noqa: E402
+from mezo import UsageError, checkpoints, options, runs  # noqa: E402
 
 
 def curves(path: Path) -> dict:
@@ -156,7 +155,7 @@ def _curve(ax, x, mean, lo, hi, color, label, marker=None):
 
 
 def main(argv=None) -> int:
-    p = argparse.ArgumentParser(prog="plot.py", description=__doc__.split("\n\n")[0])
+    p = options.Parser(prog="plot.py", description=__doc__.split("\n\n")[0])
     p.add_argument("paths", nargs="+",
                    help="run folders (mezo.py --out), log.jsonl files, or folders holding runs")
     p.add_argument("-o", "--out", default="plots", help="folder for curves.png (default plots)")

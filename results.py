@@ -28,7 +28,7 @@ from mezo.errors import UsageError
 import experiments as ex
 import plot
 from experiments import finished, flag, run_dir, run_stats
-from mezo import checkpoints, rules, runs, tasks
+from mezo import checkpoints, options, rules, runs, tasks
 
 TEMPLATE = ex.ROOT / "docs" / "RESULTS.template.md"
 
@@ -327,7 +327,7 @@ def positive(text: str) -> int:
 
 
 def main(argv=None) -> int:
-    p = argparse.ArgumentParser(prog="results.py", description=__doc__.split("\n\n")[0])
+    p = options.Parser(prog="results.py", description=__doc__.split("\n\n")[0])
     p.add_argument("command", choices=("plan", "run", "table"))
     p.add_argument("--root", default="runs/results",
                    help="where the runs live (default runs/results)")

@@ -229,3 +229,17 @@ def test_help_explains_every_option_and_lists_the_choices(capsys):
     assert "mnli, snli, qnli (the same archive" in text and "lm-bff/datasets.tar" in text.replace("- ", "-")
     for f in dataclasses.fields(mezo.Config):  # every option has words, not only its default
         assert f.metadata["help"] and "--" + f.name.replace("_", "-") in text
+
+
+def test_a_mistaken_flag_is_one_line_and_a_step_count_may_be_written_1e3(capsys):
+    """argparse's refusals in one line (not the whole usage), with the flag a typo was near; an integer flag takes
+    1e3 (as the paper writes 100K steps: 1e5), and refuses 2.5."""
+    assert mezo.parse_args(["--steps", "1e3", "--eval-every", "2e2"])[0].steps == 1000
+    for argv, said in ((["--steps", "2.5"], "argument --steps: invalid int value: '2.5', not a whole number"),
+                       (["--stepz", "3"], "unrecognized arguments: --stepz 3 (did you mean --steps? "),
+                       (["--lr"], "argument --lr: expected one argument")):
+        with pytest.raises(SystemExit) as exit_:
+            mezo.parse_args(argv)
+        err = capsys.readouterr().err.strip().splitlines()
+        assert exit_.value.code == 2 and len(err) == 1 and err[0].startswith(f"mezo: error: {said}"), err
+        assert err[0].endswith("--help lists every flag)")
