@@ -392,12 +392,20 @@ class Stopping(runs.StopOnSignal):
                   f"checkpointed, and no other starts ({name} again kills them at once)",
                   file=sys.stderr, flush=True)
         for process in list(self.processes):
-            process.kill() if again else process.terminate()
+            process.kill() if again else ask_to_stop(process)
 
     def started(self, process) -> None:
         self.processes.add(process)
         if self.signal:  # (asked while this one started)
-            process.terminate()
+            ask_to_stop(process)
+
+
+def ask_to_stop(process) -> None:
+    """SIGTERM, once: mezo.py stops after the step under way, checkpointed (a second signal would
+    stop it at once)."""
+    if not getattr(process, "asked", False):
+        process.asked = True
+        process.terminate()
 
 
 STOP = Stopping()
@@ -420,8 +428,8 @@ def subprocess_runner(cmd: list[str], threads: int, stop=None) -> int:
                 try:
                     return process.wait(POLL_S)
                 except subprocess.TimeoutExpired:
-                    if stop is not None and stop():
-                        process.terminate()
+                    if stop is not None and stop():  # a probe whose loss ran away
+                        ask_to_stop(process)
         except BaseException:  # an error here: the run goes with it
             process.kill()
             raise
