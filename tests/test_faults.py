@@ -218,7 +218,7 @@ def test_4_kill_9_before_the_first_checkpoint_resumes_from_the_start_and_the_log
     --resume rebuilds its logged steps from the model and the run seed, bit for bit an unbroken run. A damaged
     run.json is one line that changes nothing."""
     w, straight = tmp_path / "W", tmp_path / "straight"
-    flags = dict(eval_every=0, lr="1e-2", rule="momentum")
+    flags = dict(eval_every=0, lr="1e-2", rule="momentum", n_samples=2)
     first = _cli(P(model_dir, out=w, steps=1_000_000, **flags))
     log, deadline = w / "log.jsonl", time.time() + 300
     while time.time() < deadline and not (log.exists() and '"step": 6,' in log.read_text()):
