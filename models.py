@@ -4,6 +4,7 @@ baseline."""
 from __future__ import annotations
 
 import importlib.util
+import json
 import os
 import shutil
 import sys
@@ -95,8 +96,6 @@ def _files(folder: str, patterns: tuple[str, ...]) -> list[str]:
 def not_a_model(folder: Path) -> str | None:
     """What a folder that is not a model is, when it is what mezo writes: a run's --out, or the
     PEFT adapter in it (a user's honest --model for "the model I trained")."""
-    import json
-
     def field(file: Path, key: str, then: str) -> str:
         try:
             return then.format(json.loads(file.read_text())[key])
