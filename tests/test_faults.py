@@ -323,6 +323,7 @@ def test_5_a_second_signal_stops_at_once_and_an_ignored_one_stays_ignored():
         stop = runs.StopOnSignal()
         stop.install()
         assert signal.getsignal(signal.SIGINT) is signal.SIG_IGN and signal.SIGINT not in stop.previous
+        assert signal.getsignal(signal.SIGTERM) == stop._asked  # (else the signal below would end pytest)
         os.kill(os.getpid(), signal.SIGTERM)
         assert stop.signal == "SIGTERM" and stop.code == 143  # asked: nothing raised
         with pytest.raises(Stopped) as e:
