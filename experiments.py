@@ -15,6 +15,7 @@ loading included, summed over its stops) is kept in timing.json beside its log.
 """
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 import os
@@ -258,15 +259,23 @@ def steps_done(out: Path) -> int:
 
 
 def reached(out: Path) -> int:
-    """The step a run would resume from: its checkpoint's (saved every 100 steps), or its last
-    stop's where that is later; 0 before it has begun. For the plan's progress, not for finished."""
+    """The step a run would resume from: its checkpoint's (saved every 100 steps), its last stop's,
+    or, where its config is there to resume with (run.json or the checkpoint), its last logged
+    step's, which a resume rebuilds from the log without forwards: the latest of them; 0 before it
+    has begun. For the plan's progress, not for finished."""
     step = max(steps_done(out), 0)
     try:
         from safetensors import safe_open
         with safe_open(str(out / checkpoints.CHECKPOINT), "pt") as f:
-            return max(step, int((f.metadata() or {})["step"]))
-    except Exception:  # no checkpoint yet, or one being replaced: the last stop's step
-        return step
+            step = max(step, int((f.metadata() or {})["step"]))
+    except Exception:  # no checkpoint yet, or one being replaced
+        pass
+    if ((out / checkpoints.CHECKPOINT).exists() or (out / checkpoints.RUN_CONFIG).exists()) and (
+            out / "log.jsonl").exists():
+        with contextlib.suppress(errors.UsageError):  # (a damaged log: the resume will say so)
+            step = max([step] + [r["step"] for r in runs.read_log(out / "log.jsonl")
+                                 if "projected_grad" in r])
+    return step
 
 
 def finished(out: Path, m: Method, at: int | None = None) -> bool:

@@ -489,7 +489,8 @@ def test_a_second_results_py_run_on_the_same_root_is_refused_in_one_line(tmp_pat
 
 def test_the_plan_counts_a_killed_run_from_the_step_its_checkpoint_resumes_at(study, tmp_path, capsys):
     """A run killed after a checkpoint and before its next stop resumes at the checkpoint's step: `plan` shows that
-    step as its progress (summary.json holds only the last stop's), and the last stop's once the checkpoint is gone."""
+    step as its progress (summary.json holds only the last stop's). With the checkpoint gone, run.json and the log
+    still rebuild its logged steps; with run.json gone too, the last stop's step is its progress."""
     ex, results, root = study
     copy = tmp_path / "results"
     shutil.copytree(root, copy)
@@ -509,7 +510,9 @@ def test_the_plan_counts_a_killed_run_from_the_step_its_checkpoint_resumes_at(st
         line = next(x for x in capsys.readouterr().out.splitlines() if x.endswith(f"--out {out}"))
         return line.split("]")[0].strip(" [")
     assert progress() == "4/4"
-    (out / checkpoints.CHECKPOINT).unlink()
+    (out / checkpoints.CHECKPOINT).unlink()  # a resume rebuilds steps 1-4 from run.json and the log
+    assert (out / checkpoints.RUN_CONFIG).exists() and ex.reached(out) == 4 and progress() == "4/4"
+    (out / checkpoints.RUN_CONFIG).unlink()  # nothing to resume with
     assert ex.reached(out) == 2 and progress() == "2/4"
 
 
