@@ -22,7 +22,6 @@ from __future__ import annotations
 import functools
 import math
 import numbers
-import os
 import sys
 from dataclasses import dataclass
 from pathlib import Path
@@ -756,7 +755,7 @@ def variants(cfg: Config) -> dict:
     if cfg.cache:
         from mezo.cache import CachedForward
         seams["forward"] = functools.partial(CachedForward, max_bytes=cfg.cache_mb << 20)
-    if cfg.tp > 1 or cfg.dp > 1 or int(os.environ.get("WORLD_SIZE", "1")) > 1:
+    if runs.distributed(cfg):
         from mezo.tp import DistributedPlacement
         seams["placement"] = DistributedPlacement(cfg)
     return seams

@@ -72,10 +72,8 @@ class ReplayMixin:
         (a resume with a lower --lr or --eps runs them again). All of them, from start + 1 on:
         resume cuts them before a step that evaluates, whose records would be written twice."""
         cfg, path = self.cfg, Path(folder) / "log.jsonl"
-        defaults = {f.name: f.default for f in dataclasses.fields(cfg)}
-        if (cfg.optimizer != "mezo" or cfg.replay or not path.is_file()
-                or cfg.tp * max(cfg.dp, 1) * int(os.environ.get("WORLD_SIZE", "1")) != 1
-                or any(saved.get(k, defaults[k]) != getattr(cfg, k) for k in SAME_STEPS)):
+        if (cfg.optimizer != "mezo" or cfg.replay or not path.is_file() or distributed(cfg)
+                or any(changed(cfg, saved, SAME_STEPS))):
             return {}
         logged = {r["step"]: r for r in read_log(path) if "projected_grad" in r}
         tail, t = {}, start + 1
@@ -707,20 +705,33 @@ SAME_STEPS = ("lr", "eps", "weight_decay", "n_samples", "beta", "batch_size", "o
 def check_same_run(cfg, saved: dict, flag: str, folder) -> None:
     """cfg against the config a run's checkpoint keeps (a field it lacks had its default): one line
     on a change."""
-    defaults = {f.name: f.default for f in dataclasses.fields(cfg)}
-    for name in SAME_RUN + (SAME_STEPS if flag == "--replay" else ()):
-        was, now = saved.get(name, defaults[name]), getattr(cfg, name)
-        was = tuple(was) if isinstance(was, list) else was
+    for name, was, now in changed(cfg, saved, SAME_RUN + (SAME_STEPS if flag == "--replay"
+                                                           else ())):
         if name == "model" and same_model_folder(str(was), str(now)):
             # the model's folder moved or was copied: --model says where; check_match compares
             # tensors
             continue
+        show = lambda v: ",".join(v) if isinstance(v, tuple) else v
+        option = "--" + name.replace("_", "-")
+        raise UsageError(f"{flag} {folder}: the run was trained with {option} {show(was)}; "
+                         f"{flag[2:]} it with the same {name.replace('_', ' ')} (drop {option} "
+                         f"{show(now)})")
+
+
+def changed(cfg, saved: dict, names):
+    """(name, was, now) for each of names whose value in a saved config (a field it lacks had its
+    default) differs from cfg's."""
+    defaults = {f.name: f.default for f in dataclasses.fields(cfg)}
+    for name in names:
+        was, now = saved.get(name, defaults[name]), getattr(cfg, name)
+        was = tuple(was) if isinstance(was, list) else was
         if was != now:
-            show = lambda v: ",".join(v) if isinstance(v, tuple) else v
-            option = "--" + name.replace("_", "-")
-            raise UsageError(f"{flag} {folder}: the run was trained with {option} {show(was)}; "
-                             f"{flag[2:]} it with the same {name.replace('_', ' ')} (drop {option} "
-                             f"{show(now)})")
+            yield name, was, now
+
+
+def distributed(cfg) -> bool:
+    """Whether the run is one of several processes under torchrun (--tp, --dp or WORLD_SIZE)."""
+    return cfg.tp > 1 or cfg.dp > 1 or int(os.environ.get("WORLD_SIZE", "1")) > 1
 
 
 def same_model_folder(was: str, now: str) -> bool:
@@ -778,7 +789,7 @@ def keep_last_good(error: NonFiniteLoss, cfg, train) -> str:
         return f"{error}. Without --out nothing was kept: run again with a lower --lr or --eps"
     again = (f"--resume {out} --steps {cfg.steps} with a lower --lr (step {s - 1}'s update led "
              "there) or --eps gets past it")
-    if saved != good and (cfg.tp > 1 or cfg.dp > 1 or int(os.environ.get("WORLD_SIZE", "1")) > 1):
+    if saved != good and distributed(cfg):
         return (f"{error}: rebuild step {good}'s exact tensors, the last whose forwards were "
                 f"finite, with one process: --replay {out} --out NEW_DIR --steps {good}; then "
                 f"--resume NEW_DIR --steps {cfg.steps} with a lower --lr or --eps")
