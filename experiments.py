@@ -579,15 +579,19 @@ def run_stats(out: Path, at: int | None = None) -> dict:
     peak memory and trainable values of one run."""
     from safetensors import SafetensorError, safe_open
     log = runs.read_log(out / "log.jsonl")
-    try:
+    try:  # (a clone holds no checkpoint: runs/results keeps the records, not the tensors)
         summary = json.loads((out / "summary.json").read_text())
-        with safe_open(str(out / checkpoints.CHECKPOINT), "pt") as f:
-            trainable = sum(int(np.prod(f.get_slice(k).get_shape())) for k in f.keys()
-                            if not k.startswith(baseline.ADAM))
-            config = json.loads(f.metadata()["config"])
+        trainable, path = summary.get("trainable"), out / checkpoints.RUN_CONFIG
+        config = json.loads(path.read_text()) if path.is_file() else None
+        if config is None or trainable is None and (out / checkpoints.CHECKPOINT).is_file():
+            # a run older than run.json or than summary.json's count: its checkpoint says
+            with safe_open(str(out / checkpoints.CHECKPOINT), "pt") as f:
+                trainable = sum(int(np.prod(f.get_slice(k).get_shape())) for k in f.keys()
+                                if not k.startswith((baseline.ADAM, "rule.")))
+                config = json.loads(f.metadata()["config"])
     except (OSError, ValueError, KeyError, SafetensorError) as e:  # deleted to save space, damaged
         why = str(e).splitlines()[0] if str(e) else type(e).__name__
-        raise errors.UsageError(f"{out}: cannot read its summary.json or "
+        raise errors.UsageError(f"{out}: cannot read its summary.json, run.json or "
                                 f"{checkpoints.CHECKPOINT} ({why}); remove the folder, and "
                                 "`python results.py run` runs it again") from None
     at = summary["steps"] if at is None else at

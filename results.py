@@ -243,7 +243,8 @@ def full(root: Path) -> str:
         return say("not run")
     return say("full", lr=flag(m, "--lr"), steps=m.steps, test=acc(st), dev=acc(st, "dev"),
                seed=m.seeds[0], probe_steps=probes[0][0].steps,
-               values=f"{st[0]['trainable']:,}", step_time=f"{st[0]['step_time']:.2f}",
+               values=f"{st[0]['trainable']:,}" if st[0]["trainable"] else "—",
+               step_time=f"{st[0]['step_time']:.2f}",
                probes=", ".join(f"lr {flag(p, '--lr')}: dev {acc(s, 'dev')}" for p, s in probes))
 
 

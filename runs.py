@@ -70,7 +70,7 @@ class ReplayMixin:
         MeZO, one process, none of the step's flags changed since the checkpoint (SAME_STEPS), and
         each record's lr, directions and projected_grad those of this --lr, --n-samples and --eps
         (a resume with a lower --lr or --eps runs them again). All of them, from start + 1 on:
-        resume cuts them before a step that evaluates, whose records would be written twice."""
+        _rebuilds cuts them where an evaluation is due that the log does not hold."""
         cfg, path = self.cfg, Path(folder) / "log.jsonl"
         if (cfg.optimizer != "mezo" or cfg.replay or not path.is_file() or distributed(cfg)
                 or any(changed(cfg, saved, SAME_STEPS))):
@@ -88,8 +88,10 @@ class ReplayMixin:
 
     def _rebuilds(self, folder: str, start: int, saved: dict) -> dict:
         """The steps a resume from `start` rebuilds from the log (_read_tail), up to the first that
-        evaluates. A log that holds more steps than --steps asks for is refused, as a checkpoint
-        past it is: the resume would drop them."""
+        evaluates where the log holds no whole evaluation (dev and test) of that step: a logged one
+        is kept, not run again (a run folder whose checkpoint is gone, its log and run.json kept,
+        is rebuilt to its last step). A log that holds more steps than --steps asks for is
+        refused, as a checkpoint past it is: the resume would drop them."""
         tail = self._read_tail(folder, start, saved) if start < self.cfg.steps else {}
         if tail and max(tail) > self.cfg.steps:
             last, steps = max(tail), self.cfg.steps
@@ -97,7 +99,13 @@ class ReplayMixin:
                              f"{last}, which a resume rebuilds and goes on from: give --steps "
                              f"{last} or more (step {steps}'s tensors: --replay {folder} --out "
                              f"NEW_DIR --steps {steps})")
-        cut = next((t for t in tail if self.evaluates_at(t)), max(tail, default=start) + 1)
+        evals = {}  # step: {split: accuracy}, as a resume from a checkpoint keeps them
+        for r in read_log(Path(folder) / "log.jsonl") if tail else []:
+            if "split" in r:
+                evals.setdefault(r["step"], {})[r["split"]] = r["accuracy"]
+        cut = next((t for t in tail if self.evaluates_at(t) and not {"dev", "test"} <= evals.get(
+            t, {}).keys()), max(tail, default=start) + 1)
+        self.logged_evals = {t: evals[t] for t in tail if t < cut and self.evaluates_at(t)}
         return {t: r for t, r in tail.items() if t < cut}
 
     def replayed(self, step: int):
@@ -265,6 +273,7 @@ class Run(ReplayMixin):
         self.start, self.log, self.counts, self.idle = 0, None, {}, False
         self.replay = self._read_replay() if cfg.replay else None
         self.tail = {}  # a resume's steps rebuilt from the log (ReplayMixin._read_tail)
+        self.logged_evals = {}  # and the evaluations the log holds of them
 
     # --- the data of a step -----------------------------------------------------------------------
 
@@ -426,8 +435,8 @@ class Run(ReplayMixin):
         shown = self.evals[max(self.evals)] if self.evals else {}
         self.bar.set_postfix(loss=f"{record['loss']:.4f}",
                              acc=f"{shown.get('test', float('nan')):.3f}")
-        if self.evaluates_at(step):
-            self.evals[step] = self.evaluate(step)
+        if self.evaluates_at(step):  # (a step rebuilt from the log: its logged evaluation)
+            self.evals[step] = self.logged_evals.get(step) or self.evaluate(step)
         if self._saves(step):
             self.checkpoint(step)
         if self.stop.step == step < self.cfg.steps:
@@ -541,7 +550,8 @@ class Run(ReplayMixin):
             self.checkpoint(self.cfg.steps)
         wall_time, per_step = time.time() - self.t0, self.per_step["forwards"]
         summary = dict(optimizer=self.cfg.optimizer, steps=self.cfg.steps, wall_time=wall_time,
-                       evals=self.evals, **self.counts, peak_memory_mb=peak_memory_mb(self.device))
+                       evals=self.evals, **self.counts, peak_memory_mb=peak_memory_mb(self.device),
+                       trainable=sum(math.prod(p.full_shape) for p in self.params))
         if self.step_times and self.forward_times:  # (a replay runs no forward)
             s, f = float(np.median(self.step_times)), float(np.median(self.forward_times))
             summary.update(step_time=s, forward_time=f, ratio=s / (per_step * f))

@@ -249,6 +249,41 @@ def test_4_kill_9_before_the_first_checkpoint_resumes_from_the_start_and_the_log
     assert [(r["step"], r.get("split")) for r in records(w)] == [(r["step"], r.get("split")) for r in records(straight)]
 
 
+def test_4_a_run_folder_without_its_checkpoint_is_rebuilt_through_its_logged_evaluations(model_dir, tmp_path, capsys):
+    """A run's folder as a clone of the repository holds it (results.py's runs/results keeps run.json, log.jsonl,
+    summary.json and timing.json, not the tensors): --resume rebuilds every logged step, evaluations included,
+    which it keeps from the log rather than running again (the whole test set at an earlier stop's last step
+    too), and ends equal to a run that kept its checkpoints: tensors, log and pass counts. A step whose
+    evaluation the log does not hold whole runs again, with its forwards."""
+    kept, bare, cut = tmp_path / "kept", tmp_path / "bare", tmp_path / "cut"
+    flags = dict(eval_every=2, lr="1e-2", eval_max=4)
+    for steps in (4, 6):  # two stops, as results.py makes them: the first one's last evaluation is the whole test set
+        argv = P(model_dir, out=kept, steps=steps, **flags) if steps == 4 else ["--resume", kept, "--steps", steps]
+        assert run(argv, capsys)[0] == 0
+    shutil.copytree(kept, bare)
+    for name in (checkpoints.CHECKPOINT, "adapter"):
+        shutil.rmtree(bare / name) if (bare / name).is_dir() else (bare / name).unlink(missing_ok=True)
+    shutil.copytree(bare, cut)
+    assert run(["--resume", kept, "--steps", 8], capsys)[0] == 0
+    code, out, _ = run(["--resume", bare, "--steps", 8], capsys)
+    assert code == 0 and f"steps 1-6 rebuilt from {bare}/log.jsonl" in out, out
+    assert "2 steps, median" in out and "step      2 | dev" not in out  # steps 7 and 8 ran; no evaluation rerun
+    a, b = load_file(kept / checkpoints.CHECKPOINT), load_file(bare / checkpoints.CHECKPOINT)
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    records = lambda folder: [json.loads(x) for x in (folder / "log.jsonl").read_text().splitlines()]
+    n = {r["step"]: r["n"] for r in records(kept) if r.get("split") == "test"}
+    assert n[2] == 4 < n[4] == n[6] == n[8]  # steps 4 and 6 ended a stop: the whole test set
+    assert records(bare) == records(kept)  # the same records, the evaluations' accuracies included
+    assert json.loads((bare / "summary.json").read_text())["forwards"] == 16
+    # step 6's test evaluation lost (a kill during it): steps 1-5 are rebuilt, step 6 runs again and evaluates
+    lines = (cut / "log.jsonl").read_text().splitlines()
+    (cut / "log.jsonl").write_text("".join(x + "\n" for x in lines if not ('"step": 6,' in x and '"test"' in x)))
+    code, out, _ = run(["--resume", cut, "--steps", 8], capsys)
+    assert code == 0 and "steps 1-5 rebuilt" in out and "step      6 | test" in out, out
+    assert [(r["step"], r.get("split")) for r in records(cut)] == [(r["step"], r.get("split")) for r in records(kept)]
+    assert torch.equal(load_file(cut / checkpoints.CHECKPOINT)[next(iter(a))], a[next(iter(a))])
+
+
 def test_5_a_pipe_whose_reader_leaves_stops_the_run_in_one_line_and_it_resumes(model_dir, tmp_path):
     """`python mezo.py ... | head`: when stdout's reader leaves, the run stops with one `mezo: error:` line (no
     traceback, none at exit either) that says how to go on: --overwrite before the first checkpoint, --resume after

@@ -6,6 +6,7 @@ import os
 import re
 import shutil
 import signal
+import subprocess
 import threading
 import time
 from pathlib import Path
@@ -516,21 +517,44 @@ def test_the_plan_counts_a_killed_run_from_the_step_its_checkpoint_resumes_at(st
     assert ex.reached(out) == 2 and progress() == "2/4"
 
 
-def test_a_finished_run_whose_checkpoint_was_deleted_is_one_line_that_says_what_to_do(study, tmp_path, capsys):
-    """A user who deleted a run's checkpoint to save space: `results.py table` names the run and the way out (remove
-    the folder and run again, which then runs it) instead of a traceback, and writes no page."""
+def test_the_records_the_repository_keeps_give_the_same_page_and_resume_and_a_lost_one_is_one_line(study, tmp_path,
+                                                                                                      capsys):
+    """runs/results is kept in the repository without its tensors: .gitignore keeps each run's run.json, log.jsonl,
+    summary.json and timing.json, and memory.json, and no checkpoint, adapter or lock. Over what a clone holds,
+    `results.py table` writes the page it writes over the runs with their checkpoints, and `results.py run` finds
+    every run done. A run folder left with neither run.json nor checkpoint is one line that names it and says what
+    to do, and writes no page."""
     import results
     ex, _, root = study
-    copy = tmp_path / "results"
-    shutil.copytree(root, copy)
+    kept = ("log.jsonl", "run.json", "summary.json", "timing.json")
+    if (ROOT / ".git").exists():  # the rule itself, as git reads it
+        names = [f"runs/results/sst2/mezo-lora-lr5e-4/seed13/{n}" for n in kept] + ["runs/results/memory.json"] + [
+            f"runs/results/sst2/mezo-lora-lr5e-4/seed13/{n}" for n in (
+                "checkpoint.safetensors", "adapter/adapter_model.safetensors", "adapter/adapter_config.json", ".lock")]
+        git = subprocess.run(["git", "check-ignore", "--no-index", "--stdin"], cwd=ROOT, input="\n".join(names),
+                             capture_output=True, text=True)
+        assert git.stdout.split() == names[5:], git.stderr
+    clone = tmp_path / "clone"
+    for f in root.rglob("*"):
+        if f.is_file() and f.name in (*kept, "memory.json"):
+            (clone / f.relative_to(root)).parent.mkdir(parents=True, exist_ok=True)
+            shutil.copy2(f, clone / f.relative_to(root))
+    assert list(root.rglob("*.safetensors")) and not list(clone.rglob("*.safetensors"))
+    page = lambda r, name: re.sub(r"\(\d{4}-\d\d-\d\d \d\d:\d\d UTC\)", "", results.write_table(
+        r, tmp_path / name, None, ex.TASKS)).replace(str(r), "ROOT")
+    assert page(clone, "clone.md") == page(root, "runs.md")
+    before = {p: p.read_bytes() for p in clone.rglob("*") if p.is_file()}
+    assert ex.run_chains(ex.chains(clone, 1, "tasks", in_process)) == 0
+    assert {p: p.read_bytes() for p in clone.rglob("*") if p.is_file()} == before  # nothing ran again
     adam = next(m for m in ex.task_methods("rte") if m.name == "rte/adam-lora")
-    out = ex.run_dir(copy, adam, 13)
-    (out / "checkpoint.safetensors").unlink()
+    out = ex.run_dir(clone, adam, 13)
+    (out / "run.json").unlink()
     page = tmp_path / "RESULTS.md"
-    assert results.main(["table", "--root", str(copy), "--output", str(page), "--figures", str(tmp_path / "f")]) == 2
+    capsys.readouterr()
+    assert results.main(["table", "--root", str(clone), "--output", str(page), "--figures", str(tmp_path / "f")]) == 2
     err = capsys.readouterr().err.strip().splitlines()
-    assert len(err) == 1 and re.match(rf"results: error: {re.escape(str(out))}: cannot read its summary.json or "
-                                      r"checkpoint.safetensors \(No such file .*\); remove the folder, and "
+    assert len(err) == 1 and re.match(rf"results: error: {re.escape(str(out))}: cannot read its summary.json, run.json "
+                                      r"or checkpoint.safetensors \(No such file .*\); remove the folder, and "
                                       r"`python results.py run` runs it again$", err[0]), err
     assert not page.exists()
 
