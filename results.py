@@ -181,7 +181,10 @@ def figure(parts: dict, path: Path) -> Path | None:
         ax.set_title(task)
         ax.set_xlabel("passes over a training batch")
         ax.set_ylabel("test accuracy, %")
-    axes.flat[0].legend(fontsize=8)
+    # one legend, in the first panel, of every kind drawn in any (SST-2's runs come last)
+    shown = {label: h for ax in axes.flat for h, label in zip(*ax.get_legend_handles_labels())}
+    if shown:
+        axes.flat[0].legend(shown.values(), shown.keys(), fontsize=8)
     fig.tight_layout()
     try:
         plot.save(fig, path, "--figures", "results.py table", dpi=80)

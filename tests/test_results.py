@@ -345,6 +345,21 @@ def test_plots_exist_open_and_carry_the_runs_labels(study, tmp_path):
     assert plot.main([str(tmp_path / "nothing-here"), "-o", str(tmp_path)]) == 2
 
 
+def test_the_budget_figure_has_one_legend_of_every_kind_drawn_while_sst2_has_not_run(study, tmp_path, monkeypatch):
+    """SST-2's runs come last, and its panel is the first: the legend there names every kind any panel draws."""
+    import plot
+    ex, results, root = study
+    parts = {t: results.task_parts(root, t) for t in ("sst2", "rte")}
+    parts["sst2"] = dict(parts["sst2"], mezo={}, adam=[], zero=[])  # as before SST-2's chain has run
+    drawn = []
+    monkeypatch.setattr(plot, "save", lambda fig, *a, **k: drawn.append(fig))
+    results.figure(parts, tmp_path / "budget.png")
+    legend = drawn[0].axes[0].get_legend()
+    assert legend is not None and sorted(t.get_text() for t in legend.get_texts()) == ["Adam-LoRA", "MeZO-LoRA",
+                                                                                         "zero-shot"]
+    assert not drawn[0].axes[0].lines  # the SST-2 panel itself is empty
+
+
 def test_a_run_killed_before_its_first_checkpoint_starts_again(study, tmp_path):
     """A fresh run killed while it evaluated step 0 leaves log.jsonl and no checkpoint: nothing to resume, and
     `run` starts it again (--overwrite) instead of stopping at mezo.py's refusal of a folder that holds a run."""
