@@ -63,19 +63,24 @@ class ReplayMixin:
                              f"{missing - 1} at most")
         return {t: records[t] for t in range(1, cfg.steps + 1)}
 
-    def _read_tail(self, folder: str, start: int, saved: dict) -> dict:
+    def _read_tail(self, folder: str, start: int, saved: dict) -> tuple[dict, dict]:
         """--resume of a run killed between checkpoints (kill -9, out of memory, a lost machine):
         the steps its log holds past the checkpoint's, rebuilt as --replay rebuilds them (their
         logged L±, no forward) rather than run again. Only where they are this resume's own steps:
         MeZO, one process, none of the step's flags changed since the checkpoint (SAME_STEPS), and
         each record's lr, directions and projected_grad those of this --lr, --n-samples and --eps
         (a resume with a lower --lr or --eps runs them again). All of them, from start + 1 on:
-        _rebuilds cuts them where an evaluation is due that the log does not hold."""
+        _rebuilds cuts them where an evaluation is due that the log does not hold. With them, the
+        log's evaluations: {step: {split: accuracy}}, as a resume from a checkpoint keeps them."""
         cfg, path = self.cfg, Path(folder) / "log.jsonl"
         if (cfg.optimizer != "mezo" or cfg.replay or not path.is_file() or distributed(cfg)
                 or any(changed(cfg, saved, SAME_STEPS))):
-            return {}
-        logged = {r["step"]: r for r in read_log(path) if "projected_grad" in r}
+            return {}, {}
+        records, evals = read_log(path), {}
+        for r in records:
+            if "split" in r:
+                evals.setdefault(r["step"], {})[r["split"]] = r["accuracy"]
+        logged = {r["step"]: r for r in records if "projected_grad" in r}
         tail, t = {}, start + 1
         while t in logged:
             samples = logged[t].get("samples") or [logged[t]]
@@ -84,7 +89,7 @@ class ReplayMixin:
                     for s in samples):
                 break
             tail[t], t = logged[t], t + 1
-        return tail
+        return tail, evals
 
     def _rebuilds(self, folder: str, start: int, saved: dict) -> dict:
         """The steps a resume from `start` rebuilds from the log (_read_tail), up to the first that
@@ -92,17 +97,13 @@ class ReplayMixin:
         is kept, not run again (a run folder whose checkpoint is gone, its log and run.json kept,
         is rebuilt to its last step). A log that holds more steps than --steps asks for is
         refused, as a checkpoint past it is: the resume would drop them."""
-        tail = self._read_tail(folder, start, saved) if start < self.cfg.steps else {}
+        tail, evals = self._read_tail(folder, start, saved) if start < self.cfg.steps else ({}, {})
         if tail and max(tail) > self.cfg.steps:
             last, steps = max(tail), self.cfg.steps
             raise UsageError(f"--resume {folder} --steps {steps}: its log holds steps up to "
                              f"{last}, which a resume rebuilds and goes on from: give --steps "
                              f"{last} or more (step {steps}'s tensors: --replay {folder} --out "
                              f"NEW_DIR --steps {steps})")
-        evals = {}  # step: {split: accuracy}, as a resume from a checkpoint keeps them
-        for r in read_log(Path(folder) / "log.jsonl") if tail else []:
-            if "split" in r:
-                evals.setdefault(r["step"], {})[r["split"]] = r["accuracy"]
         cut = next((t for t in tail if self.evaluates_at(t) and not {"dev", "test"} <= evals.get(
             t, {}).keys()), max(tail, default=start) + 1)
         self.logged_evals = {t: evals[t] for t in tail if t < cut and self.evaluates_at(t)}
