@@ -19,7 +19,6 @@ import contextlib
 import dataclasses
 import json
 import os
-import signal
 import subprocess
 import sys
 import time
@@ -383,7 +382,6 @@ class Stopping(runs.StopOnSignal):
     run` again resumes them. A second signal kills them at once: each resumes from its last
     checkpoint and its log. The runs are in sessions of their own, so a terminal's Ctrl-C reaches
     this process alone, and it asks each run once."""
-    NAMES = {**runs.StopOnSignal.NAMES, signal.SIGHUP: "SIGHUP"}
 
     def __init__(self):
         super().__init__()

@@ -581,13 +581,13 @@ RUN_FILES = (checkpoints.CHECKPOINT, "log.jsonl", "summary.json", "adapter", che
 
 
 class StopOnSignal:
-    """Ctrl-C (SIGINT) or SIGTERM (a scheduler's preemption, `kill`, `timeout`, `docker stop`) while
-    a run with --out trains: the step under way finishes, its checkpoint is written, and
-    errors.Stopped goes up, so no step trained is lost. The signal asks; Run.saves_at fixes the
-    step, whose θ the loop then settles. A second signal stops at once, from the last checkpoint.
-    Installed only from the main thread, and not over a signal the process was started to ignore
-    (a `nohup` job's SIGINT)."""
-    NAMES = {signal.SIGINT: "Ctrl-C", signal.SIGTERM: "SIGTERM"}
+    """Ctrl-C (SIGINT), SIGTERM (a scheduler's preemption, `kill`, `timeout`, `docker stop`) or
+    SIGHUP (its terminal or ssh session closed) while a run with --out trains: the step under way
+    finishes, its checkpoint is written, and errors.Stopped goes up, so no step trained is lost.
+    The signal asks; Run.saves_at fixes the step, whose θ the loop then settles. A second signal
+    stops at once, from the last checkpoint. Installed only from the main thread, and not over a
+    signal the process was started to ignore (a `nohup` job's SIGHUP, a background job's SIGINT)."""
+    NAMES = {signal.SIGINT: "Ctrl-C", signal.SIGTERM: "SIGTERM", signal.SIGHUP: "SIGHUP"}
 
     def __init__(self):
         self.signal, self.step, self.code, self.previous, self.say = None, None, None, {}, True

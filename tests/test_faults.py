@@ -313,18 +313,20 @@ def test_5_a_pipe_whose_reader_leaves_stops_the_run_in_one_line_and_it_resumes(m
     assert resumed.returncode == 0 and step_of(w) == stopped + 2, err[-2000:]
 
 
-@pytest.mark.parametrize("sig, name, code", [(signal.SIGINT, "Ctrl-C", 130), (signal.SIGTERM, "SIGTERM", 143)])
-def test_5_ctrl_c_or_sigterm_checkpoints_the_step_under_way_and_it_resumes_bit_for_bit(model_dir, tmp_path, sig,
-                                                                                        name, code):
-    """SIGINT (Ctrl-C) or SIGTERM (a scheduler's preemption) mid-run, with no checkpoint due (--eval-every 0, no
+@pytest.mark.parametrize("sig, name, code", [(signal.SIGINT, "Ctrl-C", 130), (signal.SIGTERM, "SIGTERM", 143),
+                                             (signal.SIGHUP, "SIGHUP", 129)])
+def test_5_ctrl_c_sigterm_or_sighup_checkpoints_the_step_under_way_and_it_resumes_bit_for_bit(model_dir, tmp_path,
+                                                                                              sig, name, code):
+    """SIGINT (Ctrl-C), SIGTERM (a scheduler's preemption) or SIGHUP (the terminal closed) mid-run, with no checkpoint due (--eval-every 0, no
     --save-every): the step under way finishes and is checkpointed, so no step is lost; exit 128 + the signal with one
     `mezo: error:` line that names the step and the --resume, no traceback, no temporary file and no lock held; the
     resumed run ends with the tensors of an unbroken one."""
     w, straight = tmp_path / "W", tmp_path / "straight"
     flags = dict(steps=1_000_000, eval_every=0)
-    # as a terminal starts it: a shell's background job (nohup ... &, as CI may run the tests) inherits SIGINT
-    # ignored, and the run then leaves it ignored
-    run_ = _cli(P(model_dir, out=w, **flags), preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
+    # as a terminal starts it: a shell's background job (nohup ... &, as CI may run the tests) inherits SIGINT and
+    # SIGHUP ignored, and the run then leaves them ignored
+    run_ = _cli(P(model_dir, out=w, **flags), preexec_fn=lambda: [signal.signal(s, signal.SIG_DFL)
+                                                                  for s in (signal.SIGINT, signal.SIGHUP)])
     log, deadline = w / "log.jsonl", time.time() + 300
     while time.time() < deadline and not (log.exists() and len(log.read_text().splitlines()) >= 3):
         time.sleep(0.2)
