@@ -325,9 +325,13 @@ def all_methods(root: Path) -> list[Method]:
 def undecided_s(root: Path) -> float:
     """Expected seconds of the runs that wait on a pick, so not in the plan yet: each task's chosen
     lr on its other seeds, each variant family's on its second, the full-parameter run. Not
-    counted: the lower lr's probe that a pick at the grid's edge adds."""
+    counted: the lower lr's probe that a pick at the grid's edge adds, and a task whose every probe
+    diverged (nothing waits on it)."""
+    def waits(task: str) -> bool:
+        probes = task_probes(task, needs_lower(root, task))
+        return not all(concluded(run_dir(root, m, m.seeds[0]), m) for m in probes)
     left = sum(expected_s(task_probes(t)[0]) * (len(SEEDS if t == "sst2" else TASK_SEEDS) - 1)
-               for t in TASKS if task_lr(root, t) is None)
+               for t in TASKS if task_lr(root, t) is None and waits(t))
     for name, (title, flags, lrs, _) in VARIANT_FAMILIES.items():
         candidates = probed(name, title, flags, lrs)
         if pick_lr(root, candidates) is None:

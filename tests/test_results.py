@@ -465,6 +465,30 @@ def test_a_diverged_probe_reads_as_such_on_the_page(study, tmp_path):
     assert cells(md, f"| rte | {ex.flag(other, '--lr')} |")[2:] == ["—", "—", "diverged at step 4: out of the pick"]
 
 
+def test_the_plan_counts_no_wait_for_a_task_whose_every_probe_diverged(study, tmp_path):
+    """Every RTE probe diverged (its training losses of steps 3 and 4 doubled in a copy of the study, as above; the
+    lower lr's probe, which a grid that all diverged adds, is the first probe's folder where the study did not need
+    it): no pick will come, so nothing waits on one, and `plan` counts no time for RTE's other seeds."""
+    ex, _, root = study
+    copy = tmp_path / "results"
+    shutil.copytree(root, copy)
+    first = ex.run_dir(copy, ex.task_probes("rte")[0], 13)
+    probes = ex.task_probes("rte", lower=True)
+    for out in [ex.run_dir(copy, m, 13) for m in probes]:
+        if not out.exists():
+            shutil.copytree(first, out)
+    for m in probes:
+        out = ex.run_dir(copy, m, 13)
+        log = records(out)
+        for r in log:
+            if "loss_plus" in r and r["step"] in (3, 4):
+                r["loss"] *= 2
+        (out / "log.jsonl").write_text("".join(json.dumps(r) + "\n" for r in log))
+        assert ex.diverged(out, m) == 4
+    assert ex.needs_lower(copy, "rte") and ex.task_lr(copy, "rte") is None
+    assert ex.undecided_s(copy) == ex.undecided_s(root) == 0
+
+
 @pytest.mark.parametrize("bad", [["--jobs", "0"], ["--threads", "-1"], ["--jobs", "two"]])
 def test_results_py_refuses_a_count_below_one_in_one_line_and_runs_nothing(bad, tmp_path, capsys):
     import results
