@@ -314,7 +314,9 @@ def write_table(root: Path, path: Path, figures: Path | None = None, tasks_=ex.T
 
 
 def cmd_table(args) -> int:
-    write_table(Path(args.root), Path(args.output), Path(args.figures))
+    output = Path(args.output)
+    # the figure beside the page it is in: another --output leaves the repository's figure alone
+    write_table(Path(args.root), output, Path(args.figures or output.parent / "figures"))
     print(f"results: wrote {args.output}")
     return 0
 
@@ -342,8 +344,9 @@ def main(argv=None) -> int:
                    "rule, ...), each run with --threads threads (default 1)")
     p.add_argument("--only", choices=("all", "precision", "tasks", "variants", "full"),
                    default="all", help="run: every run (default), or one part of the page")
-    p.add_argument("--output", default="RESULTS.md")
-    p.add_argument("--figures", default="figures")
+    p.add_argument("--output", default="RESULTS.md", help="table: the page (default RESULTS.md)")
+    p.add_argument("--figures", default=None,
+                   help="table: the figure's folder (default: figures/ beside --output)")
     args = p.parse_args(argv)
     try:
         commands = {"plan": ex.cmd_plan, "run": ex.cmd_run, "table": cmd_table}

@@ -465,6 +465,23 @@ def test_a_diverged_probe_reads_as_such_on_the_page(study, tmp_path):
     assert cells(md, f"| rte | {ex.flag(other, '--lr')} |")[2:] == ["—", "—", "diverged at step 4: out of the pick"]
 
 
+def test_a_page_written_elsewhere_gets_its_figure_beside_it_and_leaves_the_checkouts_alone(study, tmp_path,
+                                                                                           monkeypatch, capsys):
+    """`results.py table --output OTHER/page.md` (a look at the page before it is committed): the figure goes to
+    OTHER/figures/ and the page links it there; the figures/ of the folder it is run from stays byte for byte."""
+    ex, results, root = study
+    here = tmp_path / "checkout"
+    (here / "figures").mkdir(parents=True)
+    (here / "figures" / "budget.png").write_bytes(b"committed")
+    monkeypatch.chdir(here)
+    page = tmp_path / "elsewhere" / "page.md"
+    page.parent.mkdir()
+    assert results.main(["table", "--root", str(root), "--output", str(page)]) == 0
+    assert (here / "figures" / "budget.png").read_bytes() == b"committed"
+    assert (page.parent / "figures" / "budget.png").read_bytes()[:4] == b"\x89PNG"
+    assert "](figures/budget.png)" in page.read_text()
+
+
 def test_the_plan_counts_no_wait_for_a_task_whose_every_probe_diverged(study, tmp_path):
     """Every RTE probe diverged (its training losses of steps 3 and 4 doubled in a copy of the study, as above; the
     lower lr's probe, which a grid that all diverged adds, is the first probe's folder where the study did not need
