@@ -12,7 +12,6 @@ the first epoch, their ratios reference / cache, the time to evaluate dev + a te
 (test rows were never seen: misses; dev rows neither), and both runs' accuracies and largest |ΔL±|. The
 ceiling on the step ratio is about (number of layers) / K: the cache runs K of the layers per pass.
 """
-import argparse
 import os
 import statistics
 import sys
@@ -22,6 +21,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+import _cli  # bench/_cli.py, beside this file: the shared command line
 from mezo.cache import CachedForward  # noqa: E402
 from mezo.tasks import prompts  # noqa: E402
 
@@ -88,11 +88,12 @@ def compare(cfg: mezo.Config, test_rows: int) -> dict:
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--k-layers", default="1,2,4,8,30", help="comma-separated K (LoRA on the top K layers)")
-    ap.add_argument("--steps", type=int, default=20)
-    ap.add_argument("--test-rows", type=int, default=64, help="test rows evaluated after training")
-    ap.add_argument("--threads", type=int, default=1)
+    ap = _cli.parser(__doc__)
+    ap.add_argument("--k-layers", type=_cli.listed(_cli.count(1)), default="1,2,4,8,30",
+                    help="comma-separated K (LoRA on the top K layers)")
+    ap.add_argument("--steps", type=_cli.count(1), default=20)
+    ap.add_argument("--test-rows", type=_cli.count(1), default=64, help="test rows evaluated after training")
+    ap.add_argument("--threads", type=_cli.count(1), default=1)
     ap.add_argument("--model", default="smollm2-135m")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
@@ -101,7 +102,7 @@ def main() -> None:
     print(f"{'K':>3} | {'step ref':>8} {'step cache':>10} {'ratio':>6} | {'loop ref':>8} {'loop cache':>10} "
           f"{'ratio':>6} | {'eval ref':>8} {'eval cache':>10} | {'dev ref/cache':>13} {'test ref/cache':>14} | "
           f"{'max |dL|':>8} | {'hits':>5} {'misses':>6} {'MB':>5}")
-    for k in [int(x) for x in args.k_layers.split(",")]:
+    for k in args.k_layers:
         cfg = mezo.Config(model=args.model, top_layers=k, steps=args.steps)
         r = compare(cfg, args.test_rows)
         (sr, sc), (lr_, lc), (er, ec), (ar, ac), s = r["step"], r["loop"], r["eval"], r["acc"], r["stats"]
@@ -115,4 +116,4 @@ def main() -> None:
 
 if __name__ == "__main__":
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
-    main()
+    _cli.main(main)

@@ -8,25 +8,29 @@ or float16 the rounding error is not small next to εz. Printed per dtype and ba
 |θ_N − θ_0| relative to RMS(θ_0), and the fraction of elements changed; "+exact" rows use the drift-free mode
 (--exact-restore: ±ε start from a copy of θ, and the restore is the copy), whose drift must be exactly 0.
 """
-import argparse
 import sys
 from pathlib import Path
 
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+import _cli  # bench/_cli.py, beside this file: the shared command line
+
 import mezo  # noqa: E402
 
 
 def main():
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--numel", type=int, default=1 << 16)
-    p.add_argument("--steps", type=int, default=100)
-    p.add_argument("--eps", type=float, default=1e-3)
-    p.add_argument("--std", type=float, default=0.02, help="scale of θ (a typical weight initialisation)")
-    p.add_argument("--device", default="cpu")
+    p = _cli.parser(__doc__)
+    p.add_argument("--numel", type=_cli.count(1), default=1 << 16)
+    p.add_argument("--steps", type=_cli.count(1), default=100)
+    p.add_argument("--eps", type=_cli.number(above=0), default=1e-3)
+    p.add_argument("--std", type=_cli.number(above=0), default=0.02,
+                   help="scale of θ (a typical weight initialisation)")
+    p.add_argument("--device", type=_cli.device, default="cpu")
     p.add_argument("--fast", action="store_true")
     args = p.parse_args()
+    if args.fast:
+        _cli.needs_triton(args.device, "--fast")
     # "+exact": --exact-restore, a copy of θ for the step and the restore exact
     backends = {"reference": mezo.TorchBackend, "reference+exact": lambda: mezo.ExactRestore(mezo.TorchBackend())}
     if args.fast:
@@ -52,4 +56,4 @@ def main():
 
 
 if __name__ == "__main__":
-    main()
+    _cli.main(main)

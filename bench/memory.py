@@ -19,6 +19,7 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+import _cli  # bench/_cli.py, beside this file: the shared command line
 
 RULES = ("momentum", "adam", "sign", "conservative")  # rules.py: --rule, a MeZO step with each
 CASES = ["inference", "mezo-lora", "mezo-full", "backward-lora", "adam-lora", "adam-full",
@@ -81,11 +82,11 @@ def measure(case: str, args) -> dict:
 def bench_parser(doc: str, cases: list[str], threads: int) -> argparse.ArgumentParser:
     """The options a memory bench shares (bench/trainer_memory.py's too), described by the first
     paragraph of its docstring `doc`; cases[0] is the reference."""
-    p = argparse.ArgumentParser(description=doc.split("\n\n")[0])
+    p = _cli.parser(doc)
     p.add_argument("--model", default="smollm2-135m")
-    p.add_argument("--batch-size", type=int, default=8)
-    p.add_argument("--device", default="cpu")
-    p.add_argument("--threads", type=int, default=threads)
+    p.add_argument("--batch-size", type=_cli.count(1), default=8)
+    p.add_argument("--device", type=_cli.device, default="cpu")
+    p.add_argument("--threads", type=_cli.count(1), default=threads)
     p.add_argument("--cases", default=",".join(cases), help="comma-separated, from " + ", ".join(cases))
     p.add_argument("--case", help=argparse.SUPPRESS)
     return p
@@ -100,13 +101,18 @@ def rows_of(args, cases: list[str], measure, script: str, flags: list[str]) -> l
         return None
     picked = args.cases.split(",")
     if picked[0] != cases[0] or not set(picked) <= set(cases):
-        sys.exit(f"--cases: start with {cases[0]} (the reference) and choose from {', '.join(cases)}")
+        raise _cli.UsageError(f"--cases {args.cases}: start with {cases[0]} (the reference) and choose from "
+                              f"{', '.join(cases)}")
     shared = ["--model", args.model, "--batch-size", str(args.batch_size), "--device", args.device,
               "--threads", str(args.threads)]
     rows = []
     for case in picked:
         cmd = [sys.executable, script, "--case", case, *shared, *flags]
         out = subprocess.run(cmd, capture_output=True, text=True, env={**os.environ, "TQDM_DISABLE": "1"})
+        said = [line for line in out.stderr.splitlines() if line.startswith(f"{_cli.PROG}: error: ")]
+        if out.returncode and said:  # a UsageError in the case's process (a --model not there): its one line
+            print(said[-1], file=sys.stderr)
+            sys.exit(2)
         if out.returncode:
             sys.exit(f"{case} failed:\n{out.stderr[-2000:]}")
         rows.append(json.loads(out.stdout.strip().splitlines()[-1]))
@@ -115,7 +121,8 @@ def rows_of(args, cases: list[str], measure, script: str, flags: list[str]) -> l
 
 def main():
     p = bench_parser(__doc__, CASES, threads=2)
-    p.add_argument("--micro-batch", type=int, default=0, help="adam cases: examples per backward (default: the batch)")
+    p.add_argument("--micro-batch", type=_cli.count(0), default=0,
+                   help="adam cases: examples per backward (default: the batch)")
     p.add_argument("--json", help="also write the rows to this file")
     args = p.parse_args()
     rows = rows_of(args, CASES, measure, __file__, ["--micro-batch", str(args.micro_batch)])
@@ -135,4 +142,4 @@ def main():
 
 
 if __name__ == "__main__":
-    main()
+    _cli.main(main)

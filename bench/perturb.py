@@ -6,7 +6,6 @@
 Prints the median time of θ += scale·z over one tensor for each backend, the ratio reference / fast, and
 the kernel's effective bandwidth (one read and one write of θ) against the device's peak if given.
 """
-import argparse
 import statistics
 import sys
 import time
@@ -15,6 +14,8 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+import _cli  # bench/_cli.py, beside this file: the shared command line
+
 import mezo  # noqa: E402
 
 
@@ -33,13 +34,15 @@ def timed(fn, device, repeat):
 
 
 def main():
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    p.add_argument("--numel", type=int, default=256 * 2**20)
-    p.add_argument("--repeat", type=int, default=10)
-    p.add_argument("--peak-gbs", type=float, default=0.0, help="device memory bandwidth, GB/s (default: known GPUs)")
+    p = _cli.parser(__doc__)
+    p.add_argument("--device", type=_cli.device, default="auto", help="default: cuda where there is one, else cpu")
+    p.add_argument("--numel", type=_cli.count(1), default=256 * 2**20)
+    p.add_argument("--repeat", type=_cli.count(1), default=10)
+    p.add_argument("--peak-gbs", type=_cli.number(low=0), default=0.0,
+                   help="device memory bandwidth, GB/s (default: known GPUs)")
     p.add_argument("--skip-reference", action="store_true")
     args = p.parse_args()
+    _cli.needs_triton(args.device, "this benchmark")
     from mezo import fast
 
     device = torch.device(args.device)
@@ -61,4 +64,4 @@ def main():
 
 
 if __name__ == "__main__":
-    main()
+    _cli.main(main)

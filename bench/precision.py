@@ -11,7 +11,6 @@ low-precision logits, as mezo.PromptForward does (the LM head's output is cast b
 
 Prints a table (markdown) and, per dtype, the ε with the least error: the recommendation docs/precision.md gives.
 """
-import argparse
 import dataclasses
 import json
 import math
@@ -22,6 +21,8 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+import _cli  # bench/_cli.py, beside this file: the shared command line
+
 import mezo  # noqa: E402
 from mezo import runs  # noqa: E402
 
@@ -54,13 +55,14 @@ def compare(g: list[float], ref: list[float]) -> tuple[float, float]:
 
 
 def main() -> None:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p = _cli.parser(__doc__)
     p.add_argument("--model", default="smollm2-135m")
     p.add_argument("--task", default="sst2")
-    p.add_argument("--steps", type=int, default=50)
-    p.add_argument("--batch-size", type=int, default=8)
-    p.add_argument("--threads", type=int, default=2)
-    p.add_argument("--eps", default=",".join(map(str, EPS)))
+    p.add_argument("--steps", type=_cli.count(2), default=50, help="at least 2: a correlation needs two")
+    p.add_argument("--batch-size", type=_cli.count(1), default=8)
+    p.add_argument("--threads", type=_cli.count(1), default=2)
+    p.add_argument("--eps", type=_cli.listed(_cli.number(above=0)), default=",".join(map(str, EPS)),
+                   help="comma-separated ε")
     p.add_argument("--json", help="also write the rows to this file")
     args = p.parse_args()
     torch.set_num_threads(args.threads)
@@ -71,7 +73,7 @@ def main() -> None:
           f"at lr 0, LoRA in float32, the loss in float32 from the model dtype's logits")
     print("| model dtype | ε | relative error of projected_grad | correlation with float32 | s |")
     print("|---|---|---|---|---|")
-    for eps in map(float, args.eps.split(",")):
+    for eps in args.eps:
         ref = projected_grads(dataclasses.replace(base, eps=eps, dtype="float32"), args.steps)
         for dtype in DTYPES:
             t = time.perf_counter()
@@ -90,4 +92,4 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    main()
+    _cli.main(main)

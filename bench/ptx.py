@@ -10,7 +10,6 @@ handles (4·BLOCK4 over the program's threads). rule_kernel's loop body counts o
 counts global loads and stores of θ's width and whether they are vector ones (ld.global.v*).
 """
 
-import argparse
 import os
 import re
 import sys
@@ -20,7 +19,8 @@ if os.environ.get("TRITON_INTERPRET") == "1":
     sys.exit("bench/ptx.py compiles for GPUs: run it with TRITON_INTERPRET=0 (or unset)")
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from mezo.fast import gpu_compile, kernels  # noqa: E402
+import _cli  # bench/_cli.py, beside this file: the shared command line
+from mezo.fast import gpu_compile, kernels
 
 INSTRUCTION = re.compile(r"^\s*(@!?%p\d+\s+)?[a-z]")
 MEMORY = re.compile(r"\b(ld|st)\.global(\.nc)?(\.v\d)?\.b(16|32)\b")
@@ -34,7 +34,7 @@ def instructions(ptx: str) -> int:
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap = _cli.parser(__doc__.splitlines()[0])
     ap.add_argument("--target", default="sm_90", choices=sorted(gpu_compile.TARGETS))
     args = ap.parse_args()
     target = gpu_compile.TARGETS[args.target]
@@ -64,4 +64,4 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    main()
+    _cli.main(main)

@@ -9,13 +9,13 @@ median of --repeat calls for each backend and the ratio reference / fast. The co
 update is ZO-SGD's three times plus three forwards. On a CPU the backends make the same bits, so the ratio is
 speed alone; on a GPU Triton's z is the reference's within 1e-6.
 """
-import argparse
 import sys
 from pathlib import Path
 
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+import _cli  # bench/_cli.py, beside this file: the shared command line
 from perturb import timed  # noqa: E402  (bench/perturb.py: warm-ups, then the median)
 
 import mezo  # noqa: E402
@@ -29,13 +29,17 @@ def update(rule, params, backend, i):
 
 
 def main():
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    p.add_argument("--numel", type=int, default=8 * 2**20, help="values in all (SmolLM2-135M full: 134515008)")
-    p.add_argument("--tensors", type=int, default=32)
-    p.add_argument("--repeat", type=int, default=5)
-    p.add_argument("--threads", type=int, default=0, help="torch threads on a CPU (default: torch's)")
+    p = _cli.parser(__doc__)
+    p.add_argument("--device", type=_cli.device, default="auto", help="default: cuda where there is one, else cpu")
+    p.add_argument("--numel", type=_cli.count(1), default=8 * 2**20,
+                   help="values in all (SmolLM2-135M full: 134515008)")
+    p.add_argument("--tensors", type=_cli.count(1), default=32)
+    p.add_argument("--repeat", type=_cli.count(1), default=5)
+    p.add_argument("--threads", type=_cli.count(0), default=0, help="torch threads on a CPU (default: torch's)")
     args = p.parse_args()
+    if args.numel < 64 * args.tensors:
+        raise _cli.UsageError(f"--numel {args.numel} cuts into --tensors {args.tensors} of 64 columns: give "
+                              f"--numel {64 * args.tensors} or more, or fewer --tensors")
     if args.threads:
         torch.set_num_threads(args.threads)
     device = torch.device(args.device)
@@ -57,4 +61,4 @@ def main():
 
 
 if __name__ == "__main__":
-    main()
+    _cli.main(main)

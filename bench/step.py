@@ -19,7 +19,6 @@ H200). The forwards at the default batch are launch-bound on a GPU: for realisti
 --batch-size 16 --seq-len 256 (the paper's batch of 16). Noise: elements of z a second for each backend's way of
 making it, against torch.randn's (which makes other numbers: the yardstick, not a candidate).
 """
-import argparse
 import os
 import statistics
 import sys
@@ -29,6 +28,8 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+import _cli  # bench/_cli.py, beside this file: the shared command line
+
 import mezo  # noqa: E402
 from mezo import models  # noqa: E402
 
@@ -114,17 +115,20 @@ def noise_rates(repeat: int, window_noise, n: int = 1 << 22) -> None:
 
 
 def main():
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--device", default="cpu")
-    p.add_argument("--sizes", default="tiny,smol")
-    p.add_argument("--dtype", default="float32")
-    p.add_argument("--batch-size", type=int, default=8)
-    p.add_argument("--seq-len", type=int, default=64)
-    p.add_argument("--repeat", type=int, default=5)
-    p.add_argument("--peak-gbs", type=float, default=None, help="memory bandwidth, GB/s (default: known GPUs)")
-    p.add_argument("--max-reference-values", type=float, default=2e8,
+    p = _cli.parser(__doc__)
+    p.add_argument("--device", type=_cli.device, default="cpu")
+    p.add_argument("--sizes", type=_cli.listed(str, list(SIZES)), default="tiny,smol",
+                   help=f"comma-separated, from {', '.join(SIZES)}")
+    p.add_argument("--dtype", default="float32", choices=list(models.DTYPES))
+    p.add_argument("--batch-size", type=_cli.count(1), default=8)
+    p.add_argument("--seq-len", type=_cli.count(1), default=64)
+    p.add_argument("--repeat", type=_cli.count(1), default=5)
+    p.add_argument("--peak-gbs", type=_cli.number(above=0), default=None,
+                   help="memory bandwidth, GB/s (default: known GPUs)")
+    p.add_argument("--max-reference-values", type=_cli.number(low=0), default=2e8,
                    help="skip the reference backend above this many trainable values (it is the specification)")
-    p.add_argument("--modes", default="lora,full", help="comma-separated: lora, full")
+    p.add_argument("--modes", type=_cli.listed(str, ("lora", "full")), default="lora,full",
+                   help="comma-separated: lora, full")
     p.add_argument("--backends", default="",
                    help="comma-separated names to time (default: all; compiled takes minutes to build on a CPU)")
     args = p.parse_args()
@@ -148,8 +152,8 @@ def main():
             backends["compiled+exact"] = mezo.ExactRestore(backends["compiled"])
         noise_rates(args.repeat, window_noise)
     if wanted - backends.keys():
-        sys.exit(f"step.py: --backends {args.backends}: no {', '.join(sorted(wanted - backends.keys()))} here; "
-                 f"choose from {', '.join(backends)}")
+        raise _cli.UsageError(f"--backends {args.backends}: no {', '.join(sorted(wanted - backends.keys()))} "
+                              f"here; choose from {', '.join(backends)}")
     backends = {k: v for k, v in backends.items() if not wanted or k in wanted}
     gen = torch.Generator().manual_seed(0)
     name = torch.cuda.get_device_name() if device.type == "cuda" else ""
@@ -158,8 +162,8 @@ def main():
           f"batch {args.batch_size} x {args.seq_len} tokens" + (f", peak {peak:.0f} GB/s" if peak else ""))
     print(f"{'model':6s} {'mode':5s} {'trainable':>13s} {'backend':15s} {'forward s':>10s} {'step s':>9s} {'R':>7s} "
           f"{'mem step/fwd':>13s} {'perturb GB/s':>13s} {'of peak':>8s}")
-    for size in args.sizes.split(","):
-        for mode in args.modes.split(","):
+    for size in args.sizes:
+        for mode in args.modes:
             model, params = build(size, mode, device, dtype)
             n = sum(q.tensor.numel() for q in params)
             ids = torch.randint(0, 32000, (args.batch_size, args.seq_len), generator=gen).to(device)
@@ -206,4 +210,4 @@ def main():
 
 
 if __name__ == "__main__":
-    main()
+    _cli.main(main)

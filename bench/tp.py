@@ -24,7 +24,7 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
-
+import _cli  # bench/_cli.py, beside this file: the shared command line
 
 COLLECTIVES = ("all_reduce", "allreduce", "all_gather", "allgather", "reduce_scatter", "broadcast", "all_to_all")
 
@@ -119,23 +119,28 @@ def launch(args, nproc: int, threads: int, extra: list[str]) -> dict:
     env = {**os.environ, "OMP_NUM_THREADS": str(threads), "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"}
     out = subprocess.run(cmd, env=env, capture_output=True, text=True)
     lines = [line for line in out.stdout.splitlines() if line.startswith("RESULT ")]
+    said = [line for line in out.stderr.splitlines() if line.startswith(f"{_cli.PROG}: error: ")]
+    if out.returncode and said:  # a UsageError in the worker (a --model not there): its one line
+        print(said[-1], file=sys.stderr)
+        sys.exit(2)
     if out.returncode or not lines:
         sys.exit(f"bench/tp.py: {' '.join(cmd)} failed:\n{out.stdout[-2000:]}\n{out.stderr[-3000:]}")
     return json.loads(lines[-1][len("RESULT "):])
 
 
 def main() -> None:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p = _cli.parser(__doc__)
     p.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
     p.add_argument("--model", default="smollm2-shape", help="a model folder, or smollm2-shape (random weights)")
     p.add_argument("--mode", default="lora", choices=("lora", "full"))
-    p.add_argument("--steps", type=int, default=5, help="timed steps (after one warm-up step)")
-    p.add_argument("--batch-size", type=int, default=8)
-    p.add_argument("--length", type=int, default=48, help="tokens per example (SST-2 prompts are about 49)")
-    p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--steps", type=_cli.count(1), default=5, help="timed steps (after one warm-up step)")
+    p.add_argument("--batch-size", type=_cli.count(2), default=8, help="at least 2: DP = 2 splits it")
+    p.add_argument("--length", type=_cli.count(4), default=48,
+                   help="tokens per example (SST-2 prompts are about 49)")
+    p.add_argument("--threads", type=_cli.count(1), default=2, help=argparse.SUPPRESS)  # (a worker's)
     p.add_argument("--lora-targets", default="", help="comma-separated (default: q_proj,v_proj)")
-    p.add_argument("--tp", type=int, default=1)
-    p.add_argument("--dp", type=int, default=0)
+    p.add_argument("--tp", type=int, default=1, help=argparse.SUPPRESS)  # (a worker's: main runs each placement)
+    p.add_argument("--dp", type=int, default=0, help=argparse.SUPPRESS)
     args = p.parse_args()
     if args.worker:
         return worker(args)
@@ -159,4 +164,4 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    main()
+    _cli.main(main)

@@ -18,6 +18,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+import _cli  # bench/_cli.py, beside this file: the shared command line
 from memory import bench_parser, rows_of  # bench/memory.py, beside this file
 
 CASES = ["forward", "mezo-lora", "mezo-full", "adamw-lora", "adamw-full"]
@@ -100,7 +101,7 @@ def measure(case: str, args) -> dict:
 
 def main():
     p = bench_parser(__doc__, CASES, threads=1)
-    p.add_argument("--max-length", type=int, default=64)
+    p.add_argument("--max-length", type=_cli.count(8), default=64)
     args = p.parse_args()
     rows = rows_of(args, CASES, measure, __file__, ["--max-length", str(args.max_length)])
     if rows is None:
@@ -116,4 +117,4 @@ def main():
 
 
 if __name__ == "__main__":
-    main()
+    _cli.main(main)

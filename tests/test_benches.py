@@ -8,6 +8,7 @@ test_compiled.py tests those). bench/gpu.sh needs a GPU, bench/same_steps.sh an 
 """
 import json
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -60,9 +61,53 @@ CASES = {
 }
 NOT_HERE = {"compare_logs.py"}  # below, on two real logs
 
+# a user's honest mistake with each benchmark: (its name, its arguments with {missing} for a path that is not there,
+# what its one line says after "bench/NAME: error: ", extra environment)
+MISTAKES = [
+    ("cache.py", ["--steps", "0"], r"argument --steps: '0': give a whole number of 1 or more", {}),
+    ("cache.py", ["--model", "{missing}", "--steps", "1", "--k-layers", "1"],
+     r"cannot load model '.*missing': no such folder", {}),
+    ("drift.py", ["--eps", "0"], r"argument --eps: '0': give a finite number over 0", {}),
+    ("drift.py", ["--device", "cuda:7"], r"argument --device: .*cuda.*use --device cpu", {}),
+    ("memory.py", ["--model", "{missing}", "--cases", "inference", "--device", "cpu", "--threads", "1"],
+     r"cannot load model '.*missing': no such folder", {}),
+    ("memory.py", ["--cases", "mezo-lora"], r"--cases mezo-lora: start with inference \(the reference\)", {}),
+    ("trainer_memory.py", ["--max-length", "2"], r"argument --max-length: '2': give a whole number of 8 or more", {}),
+    ("perturb.py", ["--device", "cpu"], r"this benchmark runs the Triton kernels: use --device cuda on a GPU, or set "
+     r"TRITON_INTERPRET=1", {"TRITON_INTERPRET": "0"}),
+    ("perturb.py", ["--numel", "-5"], r"argument --numel: '-5': give a whole number of 1 or more", {}),
+    ("rules.py", ["--device", "cpu", "--numel", "10"], r"--numel 10 cuts into --tensors 32 of 64 columns", {}),
+    ("precision.py", ["--eps", "1e-3,abc"], r"argument --eps: 'abc': give a finite number over 0", {}),
+    ("step.py", ["--sizes", "tiny,huge"], r"argument --sizes: huge: choose from tiny, smol, 135m, 1b", {}),
+    ("tp.py", ["--model", "{missing}", "--steps", "1", "--batch-size", "4", "--length", "8"],
+     r"cannot load model '.*missing': no such folder", {}),
+    ("ptx.py", ["--target", "sm_70"], r"argument --target: invalid choice: 'sm_70'", {"TRITON_INTERPRET": "0"}),
+    ("compare_logs.py", ["{missing}", "{missing}"], r".*missing: no log.jsonl there; give a run's folder", {}),
+    ("compare_logs.py", ["{text}", "{text}"], r".*text.md: line 1 is not a log record", {}),
+    ("compare_logs.py", ["{steps0}", "{steps0}"], r".*log.jsonl: no MeZO step logged in it", {}),
+]
+
 
 def test_every_benchmark_is_run_here():
-    assert {p.name for p in BENCH.glob("*.py")} == set(CASES) | NOT_HERE
+    benchmarks = {p.name for p in BENCH.glob("*.py") if not p.name.startswith("_")}  # (_cli.py: their shared part)
+    assert benchmarks == set(CASES) | NOT_HERE == {name for name, *_ in MISTAKES}
+
+
+@pytest.mark.parametrize("name, args, said, env", MISTAKES, ids=[f"{m[0]}:{m[1][1]}" for m in MISTAKES])
+def test_a_benchmark_given_a_wrong_value_says_what_in_one_line(name, args, said, env, tmp_path):
+    """A wrong value (out of range, not a number, not among the choices, a device or model not there, an unreadable
+    log) is one line that names it, exit status 2, no traceback: checked by the benchmark's command line
+    (bench/_cli.py) or by mezo's own checks in the code it calls."""
+    if name in ("perturb.py", "ptx.py"):
+        pytest.importorskip("triton")
+    (tmp_path / "text.md").write_text("# not\na log\n")
+    (tmp_path / "steps0").mkdir()  # a run of --steps 0: its evaluation, no step
+    (tmp_path / "steps0" / "log.jsonl").write_text(json.dumps(dict(step=0, split="dev", accuracy=0.5, n=8)) + "\n")
+    paths = dict(missing=tmp_path / "missing", text=tmp_path / "text.md", steps0=tmp_path / "steps0")
+    proc = bench(name, *(a.format(**paths) for a in args), cwd=tmp_path, env=env)
+    errors = [line for line in proc.stderr.splitlines() if "error" in line.lower()]
+    assert proc.returncode == 2 and "Traceback" not in proc.stderr and len(errors) == 1, proc.stderr[-3000:]
+    assert re.match(rf"bench/{re.escape(name)}: error: {said}", errors[0]), errors[0]
 
 
 @pytest.mark.parametrize("name", sorted(CASES))

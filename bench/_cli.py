@@ -1,0 +1,87 @@
+"""The command line every benchmark shares: a wrong value is one line that names the flag and what it
+takes, not a traceback from deep in the benchmark. argparse reads each value with a type below, and
+`main` turns a mezo.errors.UsageError from the code a benchmark calls (a model that is not there, a
+--device this machine lacks) into the same one line, exit status 2."""
+from __future__ import annotations
+
+import argparse
+import math
+import os
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from mezo.errors import UsageError  # noqa: E402
+
+from mezo import models, options  # noqa: E402
+
+PROG = f"bench/{Path(sys.argv[0]).name}"
+
+
+def parser(doc: str) -> argparse.ArgumentParser:
+    """argparse with mezo's one-line errors, described by the first paragraph of `doc`."""
+    return options.Parser(prog=PROG, description=doc.split("\n\n")[0])
+
+
+def count(low: int = 1):
+    """argparse type: a whole number of `low` or more (1e6 reads as 1000000)."""
+    def parse(text: str) -> int:
+        n = options.whole(text)
+        if n < low:
+            raise argparse.ArgumentTypeError(f"{text!r}: give a whole number of {low} or more")
+        return n
+    return parse
+
+
+def number(above: float | None = None, low: float | None = None):
+    """argparse type: a finite number over `above` (or of `low` or more)."""
+    def parse(text: str) -> float:
+        try:
+            x = float(text)
+        except ValueError:
+            x = math.nan
+        if not math.isfinite(x) or (above is not None and x <= above) or (low is not None and x < low):
+            bound = f"over {above:g}" if above is not None else f"of {low:g} or more"
+            raise argparse.ArgumentTypeError(f"{text!r}: give a finite number {bound}")
+        return x
+    return parse
+
+
+def listed(item, choices=None):
+    """argparse type: comma-separated values, each read by `item` (and among `choices`), one at least."""
+    def parse(text: str) -> list:
+        words = [w for w in text.split(",") if w]
+        if not words:
+            raise argparse.ArgumentTypeError(f"{text!r}: give one value or more, comma-separated")
+        bad = [w for w in words if choices is not None and w not in choices]
+        if bad:
+            raise argparse.ArgumentTypeError(f"{', '.join(bad)}: choose from {', '.join(choices)}")
+        return [item(w) for w in words]
+    return parse
+
+
+def device(text: str) -> str:
+    """argparse type: auto, cpu, or an accelerator this machine has (mezo's --device rule)."""
+    try:
+        models.check_device(text)
+    except UsageError as e:
+        raise argparse.ArgumentTypeError(str(e).removeprefix(f"--device {text}: ")) from None
+    return models.resolve_device(text)
+
+
+def needs_triton(dev: str, what: str) -> None:
+    """The Triton kernels run on a GPU, or on a CPU under Triton's interpreter (slow: it checks, it
+    does not time)."""
+    if dev == "cpu" and os.environ.get("TRITON_INTERPRET") != "1":
+        raise UsageError(f"{what} runs the Triton kernels: use --device cuda on a GPU, or set "
+                         "TRITON_INTERPRET=1 to run them interpreted on this CPU")
+
+
+def main(body) -> None:
+    """Run a benchmark's `body()` and exit with its status; a UsageError is one line, status 2."""
+    try:
+        code = body()
+    except UsageError as e:
+        print(f"{PROG}: error: {e}", file=sys.stderr)
+        sys.exit(2)
+    sys.exit(code or 0)
