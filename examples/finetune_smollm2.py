@@ -24,13 +24,13 @@ from pathlib import Path
 import torch
 import transformers
 from peft import LoraConfig, get_peft_model
-from transformers import AutoModelForCausalLM, AutoTokenizer, DataCollatorForLanguageModeling
+from transformers import AutoModelForCausalLM, DataCollatorForLanguageModeling
 
 ROOT = Path(__file__).resolve().parents[1]
 # Installed (pip install .), `mezo` is found anywhere; from a checkout, next to this folder.
 sys.path.append(str(ROOT))
 from mezo.errors import UsageError  # noqa: E402
-from mezo.models import resolve_model_path  # noqa: E402
+from mezo.models import open_model  # noqa: E402
 from mezo.tasks.files import find_data  # noqa: E402
 from mezo.trainer import MeZOTrainer, MeZOTrainingArguments  # noqa: E402
 
@@ -100,12 +100,27 @@ def main() -> None:
                 "or set $MEZO_DATA to the folder that holds lm-bff/SST-2/")
     if a.steps < 5:
         p.error(f"--steps {a.steps}: give 5 or more (the loss is printed every steps/5)")
+    counts = (("--train", a.train), ("--batch-size", a.batch_size), ("--threads", a.threads))
+    for flag, value in counts:
+        if value < 1:
+            p.error(f"{flag} {value}: give 1 or more")
+    if not (math.isfinite(a.lr) and a.lr >= 0):
+        p.error(f"--lr {a.lr}: give a finite number of 0 or more (measured here: 1e-3)")
+    try:
+        Path(a.out).mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        p.error(f"--out {a.out}: cannot create it ({e.strerror}); pick a folder you can write to")
     torch.set_num_threads(a.threads)
 
     texts = sentences(a.data, a.train + 64)
     train, held_out = texts[:a.train], texts[a.train:]
-    path = resolve_model_path(a.model)
-    tokenizer = AutoTokenizer.from_pretrained(path)
+    if not held_out:
+        p.error(f"--train {a.train}: {a.data} has {len(texts)} sentences of at most 16 words, "
+                f"and 64 are held out; give --train {max(len(texts) - 64, 0)} or fewer")
+    try:
+        path, _, tokenizer = open_model(a.model)  # or one line that says what --model is
+    except UsageError as e:
+        p.error(str(e))
     tokenizer.pad_token = tokenizer.pad_token or tokenizer.eos_token
     torch.manual_seed(0)  # LoRA's A initialisation
     base = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32)
