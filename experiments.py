@@ -396,6 +396,7 @@ class Stopping(runs.StopOnSignal):
         self.signal = self.code = None
 
     def _asked(self, signum, frame) -> None:
+        runs.quiet_if_hung_up()  # (a closed terminal: no write to it may end this process)
         again, name = self.signal is not None, self.NAMES[signum]
         if not again:
             self.signal, self.code = name, 128 + signum

@@ -603,6 +603,7 @@ class StopOnSignal:
 
     def _asked(self, signum, frame) -> None:
         name = self.NAMES[signum]
+        quiet_if_hung_up()
         if self.signal:  # asked twice: stop now
             raise Stopped(name, None, 128 + signum)
         self.signal, self.code = name, 128 + signum
@@ -615,6 +616,20 @@ class StopOnSignal:
         for signum, previous in self.previous.items():
             signal.signal(signum, previous)
         self.previous = {}
+
+
+def quiet_if_hung_up() -> None:
+    """stdout and stderr to /dev/null where they take no more writes: a terminal that hung up (a
+    closed window or ssh session, SIGHUP's usual cause) fails each write with EIO, and the next
+    progress bar would end the run mid-step instead of at its checkpoint. A write of no bytes
+    asks."""
+    for fd in (1, 2):
+        try:
+            os.write(fd, b"")
+        except OSError:
+            devnull = os.open(os.devnull, os.O_WRONLY)
+            os.dup2(devnull, fd)
+            os.close(devnull)
 
 
 class FolderLock:

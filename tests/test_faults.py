@@ -351,6 +351,37 @@ def test_5_ctrl_c_sigterm_or_sighup_checkpoints_the_step_under_way_and_it_resume
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
 
 
+def test_5_a_closed_terminal_stops_the_run_at_a_checkpointed_step(model_dir, tmp_path):
+    """The run's terminal is a real pseudo-terminal, its controlling one (as a shell in a window or an ssh session
+    starts it). Closing it hangs it up: the kernel sends SIGHUP, and every later write to the terminal fails (EIO),
+    which had ended the run at its next progress bar, mid-step, with no checkpoint. Now the run goes on writing to
+    /dev/null, finishes the step under way, checkpoints it, and exits 129; the checkpoint's step is the log's last."""
+    import fcntl
+    import pty
+    import select
+    import termios
+
+    w = tmp_path / "W"
+    master, slave = pty.openpty()
+
+    def own_terminal():
+        os.setsid()
+        fcntl.ioctl(0, termios.TIOCSCTTY, 0)
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    run_ = subprocess.Popen([sys.executable, str(ROOT / "mezo.py"), *P(model_dir, out=w, steps=1_000_000, eval_every=0)],
+                            cwd=ROOT, env=env, stdin=slave, stdout=slave, stderr=slave, preexec_fn=own_terminal)
+    os.close(slave)
+    log, deadline, shown = w / "log.jsonl", time.time() + 300, b""
+    while time.time() < deadline and not (log.exists() and len(log.read_text().splitlines()) >= 4):
+        if select.select([master], [], [], 0.2)[0]:
+            shown += os.read(master, 1 << 16)  # (a terminal that is not read fills, and blocks the run)
+    os.close(master)
+    assert run_.wait(timeout=300) == 129, shown.decode(errors="replace")[-2000:]
+    steps = [json.loads(line)["step"] for line in log.read_text().splitlines() if "projected_grad" in line]
+    assert step_of(w) == steps[-1] >= 3
+    assert not [p for p in w.rglob(".*tmp*")]
+
+
 def test_5_a_second_signal_stops_at_once_and_an_ignored_one_stays_ignored():
     """runs.StopOnSignal with real signals to this process: the first only asks (the step under way goes on), the
     second raises errors.Stopped at once; SIGINT ignored before (a nohup job) is not taken over; restore puts back
