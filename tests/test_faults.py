@@ -364,9 +364,10 @@ def test_5_a_closed_terminal_stops_the_run_at_a_checkpointed_step(model_dir, tmp
     w = tmp_path / "W"
     master, slave = pty.openpty()
 
-    def own_terminal():
+    def own_terminal():  # (and SIGHUP as a terminal's shell leaves it: a nohup'ed test run ignores it)
         os.setsid()
         fcntl.ioctl(0, termios.TIOCSCTTY, 0)
+        signal.signal(signal.SIGHUP, signal.SIG_DFL)
     env = dict(os.environ, OMP_NUM_THREADS="1")
     run_ = subprocess.Popen([sys.executable, str(ROOT / "mezo.py"), *P(model_dir, out=w, steps=1_000_000, eval_every=0)],
                             cwd=ROOT, env=env, stdin=slave, stdout=slave, stderr=slave, preexec_fn=own_terminal)
