@@ -74,6 +74,20 @@ def whole(text: str) -> int:
     return int(value)
 
 
+def count(low: int = 1):
+    """argparse type of a script's count (results.py's --jobs, a benchmark's --steps): a whole
+    number of `low` or more (1e6 reads as 1000000), else one line that says so."""
+    def parse(text: str) -> int:
+        try:
+            n = whole(text)
+        except argparse.ArgumentTypeError:
+            n = None
+        if n is None or n < low:
+            raise argparse.ArgumentTypeError(f"{text!r}: give a whole number of {low} or more")
+        return n
+    return parse
+
+
 def parser(config_class, prog: str, description: str) -> argparse.ArgumentParser:
     """--flag-name for every field (tuples comma-separated, booleans as switches); unset flags stay
     absent."""

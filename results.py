@@ -12,7 +12,6 @@ bench/memory.py's output; the paper's figures are cited as such.
 """
 from __future__ import annotations
 
-import argparse
 import datetime
 import json
 import os
@@ -321,25 +320,14 @@ def cmd_table(args) -> int:
     return 0
 
 
-def positive(text: str) -> int:
-    """argparse type: an int of 1 or more (0 threads or jobs runs nothing, or fails every run)"""
-    try:
-        n = int(text)
-    except ValueError:
-        n = 0
-    if n < 1:
-        raise argparse.ArgumentTypeError(f"{text!r}: give a whole number of 1 or more")
-    return n
-
-
 def main(argv=None) -> int:
     p = options.Parser(prog="results.py", description=__doc__.split("\n\n")[0])
     p.add_argument("command", choices=("plan", "run", "table"))
     p.add_argument("--root", default="runs/results",
                    help="where the runs live (default runs/results)")
-    p.add_argument("--threads", type=positive, default=os.cpu_count() or 1,
+    p.add_argument("--threads", type=options.count(1), default=os.cpu_count() or 1,
                    help="torch threads per run (default: cores)")
-    p.add_argument("--jobs", type=positive, default=1,
+    p.add_argument("--jobs", type=options.count(1), default=1,
                    help="run: chains of runs at a time (a task, the bfloat16 runs, an update "
                    "rule, ...), each run with --threads threads (default 1)")
     p.add_argument("--only", choices=("all", "precision", "tasks", "variants", "full"),

@@ -23,14 +23,8 @@ def parser(doc: str) -> argparse.ArgumentParser:
     return options.Parser(prog=PROG, description=doc.split("\n\n")[0])
 
 
-def count(low: int = 1):
-    """argparse type: a whole number of `low` or more (1e6 reads as 1000000)."""
-    def parse(text: str) -> int:
-        n = options.whole(text)
-        if n < low:
-            raise argparse.ArgumentTypeError(f"{text!r}: give a whole number of {low} or more")
-        return n
-    return parse
+# argparse type: a whole number of `low` or more (mezo.options', as results.py's counts)
+count = options.count
 
 
 def number(above: float | None = None, low: float | None = None):
@@ -75,6 +69,14 @@ def needs_triton(dev: str, what: str) -> None:
     if dev == "cpu" and os.environ.get("TRITON_INTERPRET") != "1":
         raise UsageError(f"{what} runs the Triton kernels: use --device cuda on a GPU, or set "
                          "TRITON_INTERPRET=1 to run them interpreted on this CPU")
+
+
+def pass_on_error(process) -> None:
+    """A benchmark's own process (a memory case, a tp worker) that failed on a UsageError (a
+    --model not there): its one line, as this process's, status 2."""
+    said = [line for line in process.stderr.splitlines() if line.startswith(f"{PROG}: error: ")]
+    if process.returncode and said:
+        raise UsageError(said[-1].removeprefix(f"{PROG}: error: "))
 
 
 def main(body) -> None:

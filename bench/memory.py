@@ -109,10 +109,7 @@ def rows_of(args, cases: list[str], measure, script: str, flags: list[str]) -> l
     for case in picked:
         cmd = [sys.executable, script, "--case", case, *shared, *flags]
         out = subprocess.run(cmd, capture_output=True, text=True, env={**os.environ, "TQDM_DISABLE": "1"})
-        said = [line for line in out.stderr.splitlines() if line.startswith(f"{_cli.PROG}: error: ")]
-        if out.returncode and said:  # a UsageError in the case's process (a --model not there): its one line
-            print(said[-1], file=sys.stderr)
-            sys.exit(2)
+        _cli.pass_on_error(out)
         if out.returncode:
             sys.exit(f"{case} failed:\n{out.stderr[-2000:]}")
         rows.append(json.loads(out.stdout.strip().splitlines()[-1]))

@@ -119,10 +119,7 @@ def launch(args, nproc: int, threads: int, extra: list[str]) -> dict:
     env = {**os.environ, "OMP_NUM_THREADS": str(threads), "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"}
     out = subprocess.run(cmd, env=env, capture_output=True, text=True)
     lines = [line for line in out.stdout.splitlines() if line.startswith("RESULT ")]
-    said = [line for line in out.stderr.splitlines() if line.startswith(f"{_cli.PROG}: error: ")]
-    if out.returncode and said:  # a UsageError in the worker (a --model not there): its one line
-        print(said[-1], file=sys.stderr)
-        sys.exit(2)
+    _cli.pass_on_error(out)
     if out.returncode or not lines:
         sys.exit(f"bench/tp.py: {' '.join(cmd)} failed:\n{out.stdout[-2000:]}\n{out.stderr[-3000:]}")
     return json.loads(lines[-1][len("RESULT "):])
