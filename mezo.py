@@ -407,7 +407,7 @@ def mezo_step(params: list[Trainable], loss_fn, seeds: list[int], eps: float, lr
               backend=None, rule=None) -> list[dict]:
     """One step: a projected gradient per seed (n seeds: Algorithm 2), then the update rule (ZO-SGD
     unless rules.py's). lr and weight_decay: one value, or one per tensor (MeZO's param groups)."""
-    backend, rule, samples = backend or TorchBackend(), rule or ZO_SGD, []
+    backend, rule, samples = backend or TorchBackend(), rule or SGD(), []
     for seed in seeds:
         backend.perturb(params, seed, +eps)  # θ + εz
         at = eps  # where θ stands: a forward that raises (Ctrl-C, out of memory) steps back
@@ -442,25 +442,16 @@ def sgd_update(backend, samples: list[dict], groups) -> None:
 class SGD:
     """MeZO's own rule, ZO-SGD: the default of mezo_step. rules.py's rules take the same call."""
 
-    def update(self, params: list[Trainable], samples: list[dict], groups, backend,
-               loss_fn) -> None:
+    def update(self, params, samples, groups, backend, loss_fn) -> None:
         sgd_update(backend, samples, groups)
-
-
-ZO_SGD = SGD()
-
-
-def per_tensor(value, n: int) -> list:
-    """One value per tensor: a list or tuple as given, a single value repeated."""
-    return list(value) if isinstance(value, (list, tuple)) else [value] * n
 
 
 def rate_groups(params: list[Trainable], lr,
                 weight_decay) -> list[tuple[list[Trainable], float, float]]:
     """(tensors, lr, weight decay) for runs of tensors that share them; one run keeps the list
     (fast/ keys on it)."""
-    groups = []
-    lrs, wds = per_tensor(lr, len(params)), per_tensor(weight_decay, len(params))
+    groups, n = [], len(params)
+    lrs, wds = ([*v] if isinstance(v, (list, tuple)) else [v] * n for v in (lr, weight_decay))
     for p, rates in zip(params, zip(lrs, wds)):
         if groups and groups[-1][1:] == rates:
             groups[-1][0].append(p)
@@ -502,24 +493,36 @@ class ExactRestore:
 # parameters in the order given (group after group), with seeds from (seed, step count).
 
 
+def loss_value(loss) -> float:
+    try:  # MeZO.step's closure's loss: a number or a one-element tensor
+        return float(loss)
+    except (TypeError, ValueError, RuntimeError):  # None, a vector of losses, ...
+        got = f"a tensor of shape {tuple(loss.shape)}" if torch.is_tensor(loss) else repr(loss)[:60]
+        raise TypeError(f"MeZO.step's closure must return the loss, a number or a one-element "
+                        f"tensor (e.g. loss.mean()); it returned {got}") from None
+
+
 class MeZO(torch.optim.Optimizer):
     """opt = MeZO(model.parameters(), lr=1e-3, eps=1e-3); loss = opt.step(lambda: loss_fn(model,
     batch)). params: parameters, (name, parameter) pairs, or groups with their own lr and
-    weight_decay (lr schedulers work). step(closure) runs the closure (a forward: a float or 0-d
-    tensor) twice per sample without autograd and returns the loss at θ, (L+ + L−)/2; `last` holds
-    the step's record. Weight decay skips 1-D tensors, as in mezo_step. Parameters with
-    requires_grad=False are skipped, as torch's optimizers skip those without a gradient: z is laid
-    out over the others, at each step. state_dict(): step count, seed, the rule's name and buffers.
-    backend= takes fast/'s; rule= rules.py's (rules.make)."""
+    weight_decay (lr schedulers work). step(closure) runs the closure (a forward: a number or a
+    one-element tensor) twice per sample without autograd and returns the loss at θ, (L+ + L−)/2;
+    `last` holds the step's record. Weight decay skips 1-D tensors. Parameters with
+    requires_grad=False are skipped, as torch's optimizers skip those without a gradient.
+    state_dict(): step count, seed, the rule's name and buffers. backend= takes fast/'s; rule=
+    rules.py's (rules.make)."""
 
     def __init__(self, params, lr: float = 1e-3, eps: float = 1e-3, weight_decay: float = 0.0,
                  n_samples: int = 1, seed: int = 0, backend=None, rule=None):
         whole = all(isinstance(v, numbers.Integral) for v in (n_samples, seed))
-        valid = lr >= 0 and eps > 0 and weight_decay >= 0 and whole and n_samples >= 1
+        real = all(isinstance(v, (numbers.Real, torch.Tensor)) for v in (lr, eps, weight_decay))
+        valid = real and whole and lr >= 0 and eps > 0 and weight_decay >= 0 and n_samples >= 1
         if not (valid and 0 <= seed < 1 << 63):
             raise ValueError(f"MeZO needs lr >= 0, eps > 0, weight_decay >= 0, whole numbers "
                              f"n_samples >= 1 and 0 <= seed < 2^63; got {lr=}, {eps=}, "
                              f"{weight_decay=}, {n_samples=}, {seed=}")
+        if not (rule is None or callable(getattr(rule, "update", None))):  # e.g. rule="adam"
+            raise TypeError(f"MeZO's rule= takes mezo.rules.make(name) or None; got {rule!r}")
         self.eps, self.n_samples, self.seed = eps, int(n_samples), int(seed)
         self.steps, self.last = 0, None
         self.backend, self.rule = backend or TorchBackend(), rule
@@ -561,13 +564,12 @@ class MeZO(torch.optim.Optimizer):
     def step(self, closure) -> float:
         if closure is None:
             raise ValueError("MeZO.step needs a closure that runs a forward and returns the loss")
-        params = self.layout()
-        # The trainables' rates, tensor by tensor
+        params = self.layout()  # the trainables, and their rates tensor by tensor:
         lrs = [g["lr"] for g in self.param_groups for p in g["params"] if p.requires_grad]
         wds = [g["weight_decay"] for g in self.param_groups for p in g["params"] if p.requires_grad]
         seeds = [step_seed(self.seed, self.steps + 1, k) for k in range(self.n_samples)]
         try:
-            samples = mezo_step(params, lambda: float(closure()), seeds, self.eps, lrs, wds,
+            samples = mezo_step(params, lambda: loss_value(closure()), seeds, self.eps, lrs, wds,
                                 self.backend, rule=self.rule)
         except NonFiniteLoss as e:
             raise NonFiniteLoss(f"non-finite loss at step {self.steps + 1} ({e}); the parameters "
@@ -682,8 +684,7 @@ class Placement:
 def train(cfg: Config, resume: str | None = None, *, backend=None, forward=PromptForward,
           placement: Placement | None = None, rule=None) -> dict:
     """Train as the command line does and return the run's summary. The seams default to the
-    reference's; `variants(cfg)` makes the ones a config asks for (the command line passes them in).
-    """
+    reference's; `variants(cfg)` makes those a config asks for (the command line passes them)."""
     placement, backend = placement or Placement(), backend or TorchBackend()
     # the task's data, the model and the prompt (runs.py); the tensors to train, this process's
     loaded = runs.load(cfg, placement)

@@ -276,6 +276,27 @@ def test_bad_arguments_are_refused():
     assert torch.equal(*steps)
 
 
+def test_a_users_mistakes_with_the_optimizer_get_one_line_that_names_the_fix_and_theta_is_kept():
+    """A string for lr, a rule's name for rule=, a closure that returns None or an unreduced loss: each is refused
+    in one line that says what to pass, and a refused step leaves θ bit for bit as it was."""
+    model, x = nn.Linear(4, 2), torch.randn(8, 4)
+    with pytest.raises(ValueError, match=r"^MeZO needs lr >= 0.*got lr='1e-3'"):
+        mezo.MeZO(model.parameters(), lr="1e-3")
+    with pytest.raises(TypeError, match=r"^MeZO's rule= takes mezo.rules.make\(name\) or None; got 'adam'$"):
+        mezo.MeZO(model.parameters(), rule="adam")
+    opt, before = mezo.MeZO(model.parameters(), lr=0.1), [p.detach().clone() for p in model.parameters()]
+    for closure, got in ((lambda: model(x), r"a tensor of shape \(8, 2\)"), (lambda: None, "None")):
+        with pytest.raises(TypeError, match=rf"^MeZO.step's closure must return the loss, a number or a one-element "
+                                            rf"tensor \(e.g. loss.mean\(\)\); it returned {got}$"):
+            opt.step(closure)
+        assert all(torch.equal(a, b) for a, b in zip(before, model.parameters())) and opt.steps == 0
+    # what it asks for works: a one-element tensor, a Python float, a numpy scalar, a 0-d tensor with autograd
+    for closure in (lambda: model(x).mean().reshape(1), lambda: float(model(x).mean()),
+                    lambda: np.float32(model(x).mean()), lambda: model(x).mean().requires_grad_()):
+        assert math.isfinite(opt.step(closure))
+    assert opt.steps == 4
+
+
 @pytest.mark.parametrize("groups", [1, 2])
 def test_fast_backend_in_the_optimizer_equals_mezo_step_with_it(groups):
     """backend= takes fast/'s Triton backend (interpreter on a CPU); the numbers are mezo_step's with that backend."""
