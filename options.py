@@ -34,6 +34,8 @@ def check(cfg) -> None:
         if isinstance(value, tuple) and not value:  # --label-words "$UNSET": not the default
             raise UsageError(f"{flag} is empty; give comma-separated values, or leave {flag} out "
                              "for the default")
+        if isinstance(value, str) and not value.strip():  # Config(out=""): not "no folder"
+            raise UsageError(f"{flag} is empty; give a value, or leave {flag} out for the default")
         if bound is not None and isinstance(value, int) and value < bound:
             raise UsageError(f"{flag} {value} is out of range: it must be >= {bound}")
         if bound is not None and isinstance(value, float) and not (
@@ -56,6 +58,19 @@ class Parser(argparse.ArgumentParser):
                 for m in difflib.get_close_matches(w, list(self._option_string_actions), 1)]
         hint = f"did you mean {' '.join(near)}? " if near else ""
         self.exit(2, f"{self.prog}: error: {message} ({hint}--help lists every flag)\n")
+
+    def parse_known_args(self, args=None, namespace=None):
+        """argparse's, and a text flag given empty (`--out "$UNSET"`) is refused: it is not the
+        flag left out (a run without --out would keep nothing). A subcommand's parser checks its
+        own."""
+        parsed, extra = super().parse_known_args(args, namespace)
+        for a in self._actions:
+            value = getattr(parsed, a.dest, None)
+            if isinstance(value, str) and not value.strip() and value != a.default:
+                unset = ", or leave it out for its default" if a.option_strings else ""
+                self.exit(2, f"{self.prog}: error: {(a.option_strings or [a.dest])[-1]} is empty; "
+                             f"give a value{unset}\n")
+        return parsed, extra
 
 
 def whole(text: str) -> int:

@@ -85,6 +85,7 @@ MISTAKES = [
     ("compare_logs.py", ["{missing}", "{missing}"], r".*missing: no log.jsonl there; give a run's folder", {}),
     ("compare_logs.py", ["{text}", "{text}"], r".*text.md: line 1 is not a log record", {}),
     ("compare_logs.py", ["{steps0}", "{steps0}"], r".*log.jsonl: no MeZO step logged in it", {}),
+    ("compare_logs.py", ["", "{steps0}"], r"reference is empty; give a value$", {}),
 ]
 
 

@@ -257,6 +257,24 @@ def test_an_empty_list_is_refused_not_taken_for_the_default(model_dir, tmp_path,
     assert nothing_written(tmp_path / "run")
 
 
+@pytest.mark.parametrize("flag", ["--out", "--resume", "--replay", "--data-dir", "--model", "--device", "--template"])
+@pytest.mark.parametrize("value", ["", " "])
+def test_an_empty_text_flag_is_refused_not_taken_for_the_flag_left_out(model_dir, tmp_path, capsys, flag, value):
+    """`--out "$OUT"` with OUT unset ran the whole run and kept nothing; `--resume ""` started a fresh run that kept
+    nothing; `--data-dir ""` and `--device ""` fell back to the defaults. Each is one line now, before anything runs;
+    and mezo.Config refuses an empty text field in the same words."""
+    argv = [x for x in P(model_dir, "--out", tmp_path / "run") if x != "--device"]
+    argv = [*argv[:argv.index("cpu")], *argv[argv.index("cpu") + 1:]] if flag == "--device" else argv
+    with pytest.raises(SystemExit) as e:  # argparse's exit, as for any mistaken flag
+        mezo.main([str(a) for a in argv] + [f"{flag}={value}"])
+    err = capsys.readouterr().err.splitlines()
+    assert e.value.code == 2 and err == [f"mezo: error: {flag} is empty; give a value, or leave it out for its default"]
+    assert nothing_written(tmp_path / "run")
+    if flag not in ("--resume", "--replay"):  # (not Config's fields)
+        with pytest.raises(mezo.UsageError, match=rf"^{flag} is empty; give a value, or leave {flag} out for the "):
+            mezo.Config(**{flag[2:].replace("-", "_"): value})
+
+
 # -----------------------------------------------------------------------------
 # Case 8: the optimizer API refuses what its constructor refuses, keeps rules apart, and skips
 # frozen tensors

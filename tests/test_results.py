@@ -516,6 +516,18 @@ def test_results_py_refuses_a_count_below_one_in_one_line_and_runs_nothing(bad, 
     assert not (tmp_path / "r").exists()
 
 
+@pytest.mark.parametrize("command", ["run", "plan", "table"])
+def test_results_py_refuses_an_empty_root_which_would_be_the_working_folder(command, tmp_path, capsys, monkeypatch):
+    import results
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(SystemExit) as e:
+        results.main([command, "--root", ""])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert e.value.code == 2 and err == ["results.py: error: --root is empty; give a value, or leave it "
+                                         "out for its default"]
+    assert not any(tmp_path.iterdir())
+
+
 def test_a_second_results_py_run_on_the_same_root_is_refused_in_one_line(tmp_path, capsys):
     """One study per --root: while a `results.py run` holds the root (its flock), a second one says so in one line,
     names the holder's PID and starts nothing; a root that cannot be made is one line too."""
