@@ -104,6 +104,9 @@ def main() -> None:
     for flag, value in counts:
         if value < 1:
             p.error(f"{flag} {value}: give 1 or more")
+    for flag, text in (("--out", a.out), ("--model", a.model)):  # "$UNSET": not the default
+        if not text.strip():
+            p.error(f"{flag} is empty; give a value, or leave it out for its default")
     if not (math.isfinite(a.lr) and a.lr >= 0):
         p.error(f"--lr {a.lr}: give a finite number of 0 or more (measured here: 1e-3)")
     try:

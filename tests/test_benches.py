@@ -150,7 +150,8 @@ def test_the_trainer_example_runs_from_a_foreign_folder(model_dir, tmp_path):
     for mistake, said in [(["--train", "0"], r"--train 0: give 1 or more"),
                           (["--train", "100000"], r"--train 100000: .* has \d+ sentences .*give --train \d+ or fewer"),
                           (["--model", str(tmp_path / "gone")], r"cannot load model '.*gone': no such folder"),
-                          (["--out", str(tmp_path / "a-file" / "out")], r"--out .*: cannot create it \(Not a directory\)")]:
+                          (["--out", str(tmp_path / "a-file" / "out")], r"--out .*: cannot create it \(Not a directory\)"),
+                          (["--out", ""], r"--out is empty; give a value, or leave it out for its default$")]:
         proc = script(example, *mistake, cwd=tmp_path)
         last = proc.stderr.strip().splitlines()[-1]
         assert proc.returncode == 2 and "Traceback" not in proc.stderr, proc.stderr[-3000:]
