@@ -33,6 +33,8 @@ FSDP (they shard for a backward), and a model with no trainable parameters.
 """
 import dataclasses
 import functools
+import math
+import numbers
 import warnings
 
 import torch
@@ -100,6 +102,16 @@ def check_args(args: TrainingArguments, kwargs: dict) -> None:
     if setting(args, "rule") not in RULES:
         raise ValueError(f"MeZOTrainer: rule={setting(args, 'rule')!r}; the rules are "
                          f"{', '.join(RULES)}")
+    # MeZO's numbers, in the Trainer's words and before train() makes the optimizer
+    real = lambda v: isinstance(v, numbers.Real) and math.isfinite(v)  # noqa: E731
+    lr, eps, n, beta = args.learning_rate, *(setting(args, k) for k in ("eps", "n_samples", "beta"))
+    for name, value, ok, want in (
+            ("learning_rate", lr, real(lr) and lr >= 0, "a finite number >= 0"),
+            ("eps", eps, real(eps) and eps > 0, "a finite number > 0 (the paper's: 1e-3)"),
+            ("n_samples", n, isinstance(n, numbers.Integral) and n >= 1, "a whole number >= 1"),
+            ("beta", beta, real(beta) and 0 <= beta < 1, "0 <= beta < 1")):
+        if not ok:
+            raise ValueError(f"MeZOTrainer: {name}={value!r}; give {want}")
 
 
 def trainable(model) -> list[tuple[str, torch.nn.Parameter]]:
