@@ -110,7 +110,7 @@ class Config:
     # evaluation, logging, checkpoints
     eval_every: int = option(100, "evaluate every N steps (0 = only at the start and end)", min=0)
     eval_max: int = option(
-        200, "test rows evaluated during training (0 = all); the start and the end use all", min=0)
+        200, "test rows evaluated in training, evenly spread (0 = all); the end uses all", min=0)
     eval_max_start: int = option(0, "test rows evaluated at step 0 (0 = all)", min=0)
     out: str | None = option(
         None, "folder for log.jsonl, run.json, checkpoint.safetensors, summary.json, adapter/")

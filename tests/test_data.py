@@ -6,6 +6,8 @@ from collections import Counter
 from pathlib import Path
 
 import pytest
+from hypothesis import given
+from hypothesis import strategies as st
 from mezo.errors import UsageError
 from mezo.tasks import files, lmbff, synthetic
 
@@ -53,6 +55,34 @@ def test_every_task_loads_balanced_disjoint_splits(name):
     assert all((b is not None) == task.pair and isinstance(a, str) for a, b, _ in data["train"] + data["dev"])
     sizes = dict(sst2=872, sst5=2210, mr=2000, cr=2000, mpqa=2000, subj=2000, trec=500, rte=277)
     assert len(data["test"]) == sizes[name] and {y for *_, y in data["test"]} == set(range(n))
+
+
+@needs_data
+@pytest.mark.parametrize("name", HERE)
+def test_the_test_rows_evaluated_during_training_give_each_class_its_share(name):
+    """--eval-max's rows (runs.spread_rows). LM-BFF's test files of MR, CR, MPQA and Subj are sorted by label: their
+    first 200 rows were all class 0, and the test accuracy a run printed during training measured one class. Spread
+    through the file, each class has its share: within one row of it on the sorted files, and within 10 % of the rows
+    (total variation) on every task at the default 200."""
+    test = tasks.load(name, 16, 42, str(SHARED))["test"]
+    whole = Counter(y for *_, y in test)
+    for limit in (32, 200):
+        chosen = runs.spread_rows(test, limit)
+        assert len(chosen) == limit and len(set(map(id, chosen))) == limit
+        share = Counter(y for *_, y in chosen)
+        off = {y: share[y] - n * limit / len(test) for y, n in whole.items()}
+        if name in ("mr", "cr", "mpqa", "subj"):
+            assert all(abs(d) <= 1 for d in off.values()), off
+        if limit == 200:
+            assert sum(abs(d) for d in off.values()) / 2 / limit <= 0.1, off
+
+
+@given(st.integers(1, 500), st.integers(1, 600))
+def test_spread_rows_are_evenly_spaced_distinct_rows_in_order(n, limit):
+    """limit rows (all of them when limit >= n), in the file's order, no row twice, consecutive ones n/limit apart."""
+    chosen = runs.spread_rows(list(range(n)), limit)
+    assert len(chosen) == min(n, limit) and chosen == sorted(set(chosen))
+    assert all(n // limit <= b - a <= -(-n // limit) for a, b in zip(chosen, chosen[1:]))
 
 
 @needs_data
