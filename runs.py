@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
-import fcntl
 import json
 import math
 import os
@@ -27,6 +26,11 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 from tqdm import tqdm
+
+try:
+    import fcntl
+except ImportError:  # Windows: FolderLock takes msvcrt's lock instead
+    fcntl = None
 
 from . import checkpoints, models, options, tasks
 from .baseline import adam_state, restore_adam_state
@@ -595,7 +599,9 @@ class StopOnSignal:
     The signal asks; Run.saves_at fixes the step, whose θ the loop then settles. A second signal
     stops at once, from the last checkpoint. Installed only from the main thread, and not over a
     signal the process was started to ignore (a `nohup` job's SIGHUP, a background job's SIGINT)."""
-    NAMES = {signal.SIGINT: "Ctrl-C", signal.SIGTERM: "SIGTERM", signal.SIGHUP: "SIGHUP"}
+    NAMES = {signal.SIGINT: "Ctrl-C", signal.SIGTERM: "SIGTERM"}
+    if hasattr(signal, "SIGHUP"):  # (Windows has none)
+        NAMES[signal.SIGHUP] = "SIGHUP"
 
     def __init__(self):
         self.signal, self.step, self.code, self.previous, self.say = None, None, None, {}, True
@@ -641,10 +647,10 @@ def quiet_if_hung_up() -> None:
 
 
 class FolderLock:
-    """One writer per run folder: an flock on FOLDER/.lock, held until release() (Run: the run's
-    whole life). The kernel drops it when its process ends, a kill -9 included, so a stale .lock
-    never blocks a --resume. The file stays empty: the holder's PID comes from /proc/locks, so a
-    refused command leaves the folder as it was."""
+    """One writer per run folder: an flock on FOLDER/.lock (on Windows, msvcrt's lock, not tested
+    here), held until release() (Run: the run's whole life). The kernel drops it when its process
+    ends, a kill -9 included, so a stale .lock never blocks a --resume. The file stays empty: the
+    holder's PID comes from /proc/locks, so a refused command leaves the folder as it was."""
 
     def __init__(self, folder: Path, shown: str | Path, flag: str = "--out"):
         self.path = folder / ".lock"
@@ -654,8 +660,12 @@ class FolderLock:
             raise UsageError(f"{flag} {shown}: cannot write there ({e.strerror}); make it "
                              f"writable or pick another {flag}") from None
         try:
-            fcntl.flock(self.fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
+            if fcntl:
+                fcntl.flock(self.fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            else:  # Windows: a lock on byte 0, also dropped when the process ends
+                import msvcrt
+                msvcrt.locking(self.fd, msvcrt.LK_NBLCK, 1)
+        except (BlockingIOError, PermissionError):  # (msvcrt: EACCES)
             pid = lock_holder(self.fd)
             os.close(self.fd)
             raise UsageError(f"{shown}: another run (PID {pid}) is writing this folder; wait for "

@@ -85,3 +85,28 @@ def test_the_checkout_runs_as_a_script_from_a_folder_with_decoys(tmp_path):
     out = subprocess.run([sys.executable, str(ROOT / "mezo.py"), "--help"], cwd=user_folder(tmp_path),
                          capture_output=True, text=True)
     assert out.returncode == 0 and "--task" in out.stdout, out.stderr[-2000:]
+
+
+WITHOUT_POSIX = """
+import signal, sys
+sys.modules["fcntl"] = None  # `import fcntl` raises ImportError, as on Windows
+del signal.SIGHUP  # as on Windows
+sys.path.insert(0, sys.argv.pop(1))
+import mezo
+exec(sys.argv.pop(1))  # USE: mezo.MeZO in a loop of one's own
+sys.exit(mezo.main(sys.argv[1:]))
+"""
+
+
+def test_mezo_imports_learns_and_runs_without_fcntl_or_sighup_as_on_windows(model_dir, tmp_path):
+    """Windows has neither fcntl nor SIGHUP, and `import mezo` failed there before any code of the user's ran. A
+    Python without them imports mezo, learns with mezo.MeZO, and runs the command line (without --out: a run folder's
+    lock takes msvcrt's on Windows, which this machine has not)."""
+    from conftest import tiny_args
+    args = tiny_args(model_dir, tmp_path / "unused")
+    args = [str(a) for a in args[:args.index("--out")] + ["--device", "cpu", "--threads", "1"]]
+    out = subprocess.run([sys.executable, "-c", WITHOUT_POSIX, str(ROOT), USE, *args], cwd=user_folder(tmp_path),
+                         capture_output=True, text=True)
+    assert out.returncode == 0 and "done in" in out.stdout, out.stderr[-3000:]
+    first, last = map(float, out.stdout.splitlines()[2].split())
+    assert last < 0.1 * first
