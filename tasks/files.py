@@ -1,8 +1,9 @@
 """Where task data are found, and the downloads that fill the cache when they are not.
 
-Order: an explicit --data-dir; else $MEZO_DATA, ../shared/data beside the checkout, ./shared/data,
-and the cache folder (~/.cache/mezo/data, or $MEZO_CACHE/data), downloading into the cache when
-there is a network.
+Order: an explicit --data-dir, else $MEZO_DATA, and nothing else when either is given (a mistyped
+one would train on other data); else ../shared/data beside the checkout, ./shared/data, and the
+cache folder (~/.cache/mezo/data, or $MEZO_CACHE/data), downloading into the cache when there is a
+network.
 """
 from __future__ import annotations
 
@@ -34,16 +35,16 @@ def find_data(needed: list[str], data_dir: str | None = None, what: str = "SST-2
               folders=("SST-2",)) -> Path:
     """The first folder holding every needed file (paths relative to it), downloading when none does
     (folders: the tasks' folders in LM-BFF's archive)."""
-    if data_dir:
-        candidates = [Path(data_dir)]
+    given = data_dir or os.environ.get("MEZO_DATA")
+    if given:
+        candidates = [Path(given).expanduser()]
     else:
-        candidates = [Path(p) for p in [os.environ.get("MEZO_DATA")] if p]
-        candidates += [ROOT.parent / "shared" / "data", ROOT / "shared" / "data",
-                       cache_dir() / "data"]
+        candidates = [ROOT.parent / "shared" / "data", ROOT / "shared" / "data",
+                      cache_dir() / "data"]
     for c in candidates:
         if all((c / f).is_file() for f in needed):
             return c
-    if not data_dir:
+    if not given:
         try:
             root = download_data(cache_dir() / "data", needed, folders)
             if all((root / f).is_file() for f in needed):
@@ -53,7 +54,8 @@ def find_data(needed: list[str], data_dir: str | None = None, what: str = "SST-2
         except OSError as e:
             reason = f"download failed: {e}"
     else:
-        reason = "--data-dir was given, so nothing else was tried"
+        reason = ("--data-dir was given" if data_dir else "$MEZO_DATA is set") + \
+            ", so nothing else was tried"
     raise UsageError(f"{what} data not found: looked for {', '.join(needed)} in "
                      f"{', '.join(map(str, candidates))} ({reason}). Pass --data-dir DIR (or set "
                      "MEZO_DATA) pointing at a folder with those files (LM-BFF's "

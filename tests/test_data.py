@@ -132,9 +132,16 @@ def test_tasks_without_data_here_say_where_to_get_it(name, tmp_path):
 
 
 @needs_data
-def test_data_is_found_through_the_environment(monkeypatch, tmp_path):
+def test_data_is_found_through_the_environment_and_a_mistyped_one_is_not_passed_over(monkeypatch, tmp_path):
+    """$MEZO_DATA, like --data-dir, is the one folder looked in: one that lacks the files is an error that names it,
+    even where ../shared/data beside the checkout has them (before, the run went on with those, other data than
+    the user named)."""
     monkeypatch.setenv("MEZO_DATA", str(SHARED))
     assert files.find_data(["sst2/dev.tsv"]) == SHARED
+    monkeypatch.setenv("MEZO_DATA", str(tmp_path / "my-data"))
+    with pytest.raises(UsageError, match=rf"^SST-2 data not found: looked for sst2/dev.tsv in {tmp_path}/my-data "
+                                         r"\(\$MEZO_DATA is set, so nothing else was tried\)"):
+        files.find_data(["sst2/dev.tsv"])
 
 
 def test_missing_data_says_where_it_looked_and_what_to_do(monkeypatch, tmp_path):
