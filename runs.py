@@ -189,8 +189,10 @@ def load(cfg, placement) -> Loaded:
     # a body without an LM head (--head cls) reads its last token
     kind = "mlm" if kind == "mlm" else "causal"
     # the task's, unless --template / --label-words say
-    template, words = tasks.prompt(cfg.task, kind)
-    template, words = cfg.template or template, cfg.label_words or words
+    default, words = tasks.prompt(cfg.task, kind)
+    template, words = cfg.template or default, cfg.label_words or words
+    if kind == "causal":
+        tasks.prompts.check_causal_template(template, default)
     if cfg.head == "prompt" and kind == "mlm" and "{mask}" not in template:
         raise UsageError(f"a masked LM needs {{mask}} in --template, got {template!r}")
     if cfg.head == "cls":

@@ -43,6 +43,17 @@ def check_template(template: str, pair: bool) -> None:
                          f"{'pairs' if pair else 'single sentences'}, so the template needs {need}")
 
 
+def check_causal_template(template: str, default: str) -> None:
+    """A causal LM reads the label word as the token after the text before {mask}, and the rest is
+    cut (encode): a sentence after {mask} (LM-BFF's masked-LM templates of RTE, TREC, ...) would
+    never be seen, so it is refused in one line."""
+    after = [m.group(0) for m in FIELD.finditer(template.partition("{mask}")[2])]
+    if "{mask}" in template and after:
+        raise UsageError(f"--template {template!r}: a causal LM predicts the label word after the "
+                         f"text before {{mask}}, so what follows it is cut, {', '.join(after)} "
+                         f"with it; put every sentence before {{mask}} (the task's: {default!r})")
+
+
 def fill(template: str, texts: tuple[str, ...], mask: str) -> str:
     """The template with the sentences and the mask token in it; `:-` drops a final punctuation mark
     (LM-BFF's `sent-`), `:l` lower-cases the first letter (LM-BFF's `sentl`)."""

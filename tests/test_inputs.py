@@ -248,6 +248,21 @@ def test_a_template_with_two_masks_is_refused(model_dir, capsys):
             r"--template .*: \{mask\} appears 2 times; .* give one \{mask\}")
 
 
+@pytest.mark.parametrize("template, cut", [("{mask}: {sentence}", "{sentence}"),
+                                           ("It was {mask}, said {sentence:l}", "{sentence:l}")])
+def test_a_sentence_after_the_mask_is_refused_for_a_causal_lm_and_taken_by_a_masked_one(model_dir, tmp_path, capsys,
+                                                                                     template, cut):
+    """A causal LM predicts the label word after the text before {mask}, and the rest is cut: a masked-LM template
+    with a sentence after {mask} (LM-BFF's TREC and RTE ones) trained on the prompt alone, the sentence never seen.
+    It is one line that names what would be cut and the task's own template; a masked LM takes it."""
+    refused(capsys, P(model_dir, "--template", template, "--out", tmp_path / "run"),
+            rf"--template .*: a causal LM predicts the label word after the text before \{{mask\}}, so what follows "
+            rf"it is cut, {re.escape(cut)} with it; put every sentence before \{{mask\}} \(the task's: ")
+    assert nothing_written(tmp_path / "run")
+    code = mezo.main([str(a) for a in P(model_dir, "--template", template, "--steps", 0, kind="roberta")])
+    assert code == 0, capsys.readouterr().err[-2000:]
+
+
 @pytest.mark.parametrize("flag", ["--label-words", "--lora-targets"])
 @pytest.mark.parametrize("value", ["", ","])
 def test_an_empty_list_is_refused_not_taken_for_the_default(model_dir, tmp_path, capsys, flag, value):
