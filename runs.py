@@ -184,8 +184,8 @@ def load(cfg, placement) -> Loaded:
           f"{sum(p.numel() for p in model.parameters()) / 1e6:.1f}M parameters, "
           f"{cfg.dtype}, {device}")
     note = precision_note(cfg.dtype, cfg.eps) if cfg.optimizer == "mezo" else None
-    if note and placement.is_main:
-        print(f"mezo: note: {note}")
+    for line in ([note] if note else []) + idle_flags(cfg) if placement.is_main else ():
+        print(f"mezo: note: {line}")
     # a body without an LM head (--head cls) reads its last token
     kind = "mlm" if kind == "mlm" else "causal"
     # the task's, unless --template / --label-words say
@@ -919,6 +919,23 @@ PRECISION_ERROR = {
     "bfloat16": {0.001: 4.876, 0.003: 1.705, 0.01: 0.429, 0.03: 0.188},
     "float16": {0.001: 0.588, 0.003: 0.237, 0.01: 0.065, 0.03: 0.023},
 }
+
+
+def idle_flags(cfg) -> list[str]:
+    """Flags set away from their defaults that the run's other flags leave without effect: a note
+    each (a script may pass them always), so that none is believed to act."""
+    default = {f.name: f.default for f in dataclasses.fields(cfg)}
+    idle = [(("lora_r", "lora_alpha", "lora_targets", "lora_dtype"), cfg.mode != "lora",
+             f"--mode {cfg.mode} trains no LoRA"),
+            (("num_prefix",), cfg.mode != "prefix", f"--mode {cfg.mode} trains no prefix"),
+            (("eps", "n_samples"), cfg.optimizer == "adam", "--optimizer adam perturbs nothing"),
+            (("beta",), cfg.rule not in ("momentum", "adam"), f"--rule {cfg.rule} has no β"),
+            (("cache_mb",), not cfg.cache, "there is no --cache"),
+            (("save_every",), not cfg.out, "there is no --out to save into")]
+    shown = lambda v: ",".join(v) if isinstance(v, tuple) else v  # noqa: E731 (as given)
+    return [f"--{name.replace('_', '-')} {shown(getattr(cfg, name))} has no effect: {why}"
+            for names, unused, why in idle if unused for name in names
+            if getattr(cfg, name) != default[name]]
 
 
 def precision_note(dtype: str, eps: float, flag: str = "--eps ") -> str | None:

@@ -263,6 +263,28 @@ def test_a_sentence_after_the_mask_is_refused_for_a_causal_lm_and_taken_by_a_mas
     assert code == 0, capsys.readouterr().err[-2000:]
 
 
+def test_a_flag_the_others_leave_without_effect_gets_a_note_and_the_run_goes_on(model_dir, tmp_path, capsys):
+    """`--mode full --lora-r 4`, `--mode lora --num-prefix 3`, `--beta` without a rule that has one, `--save-every`
+    without `--out`: each was dropped without a word, and a user believed it acted. Each is a note now; the run goes
+    on (a script may always pass them), and a run with the defaults prints none."""
+    code, out, _ = run_captured(capsys, P(model_dir, "--steps", 0, "--mode", "full", "--lora-r", 4, "--lora-targets",
+                                          "q_proj,v_proj", "--num-prefix", 3, "--beta", 0.5, "--save-every", 5))
+    assert code == 0 and [line for line in out.splitlines() if "note" in line] == [
+        "mezo: note: --lora-r 4 has no effect: --mode full trains no LoRA",
+        "mezo: note: --lora-targets q_proj,v_proj has no effect: --mode full trains no LoRA",
+        "mezo: note: --num-prefix 3 has no effect: --mode full trains no prefix",
+        "mezo: note: --beta 0.5 has no effect: --rule sgd has no β",
+        "mezo: note: --save-every 5 has no effect: there is no --out to save into"]
+    code, out, _ = run_captured(capsys, P(model_dir, "--steps", 0, "--rule", "momentum", "--beta", 0.5))
+    assert code == 0 and "note" not in out
+
+
+def run_captured(capsys, argv):
+    code = mezo.main([str(a) for a in argv])
+    out, err = capsys.readouterr()
+    return code, out, err
+
+
 @pytest.mark.parametrize("flag", ["--label-words", "--lora-targets"])
 @pytest.mark.parametrize("value", ["", ","])
 def test_an_empty_list_is_refused_not_taken_for_the_default(model_dir, tmp_path, capsys, flag, value):
