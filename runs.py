@@ -184,7 +184,8 @@ def load(cfg, placement) -> Loaded:
           f"{sum(p.numel() for p in model.parameters()) / 1e6:.1f}M parameters, "
           f"{cfg.dtype}, {device}")
     note = precision_note(cfg.dtype, cfg.eps) if cfg.optimizer == "mezo" else None
-    for line in ([note] if note else []) + idle_flags(cfg) if placement.is_main else ():
+    notes = ([note] if note else []) + idle_flags(cfg)
+    for line in notes if placement.is_main else ():
         print(f"mezo: note: {line}")
     # a body without an LM head (--head cls) reads its last token
     kind = "mlm" if kind == "mlm" else "causal"

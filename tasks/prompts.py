@@ -48,7 +48,7 @@ def check_causal_template(template: str, default: str) -> None:
     cut (encode): a sentence after {mask} (LM-BFF's masked-LM templates of RTE, TREC, ...) would
     never be seen, so it is refused in one line."""
     after = [m.group(0) for m in FIELD.finditer(template.partition("{mask}")[2])]
-    if "{mask}" in template and after:
+    if after:
         raise UsageError(f"--template {template!r}: a causal LM predicts the label word after the "
                          f"text before {{mask}}, so what follows it is cut, {', '.join(after)} "
                          f"with it; put every sentence before {{mask}} (the task's: {default!r})")

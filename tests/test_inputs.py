@@ -12,6 +12,7 @@ from pathlib import Path
 import pytest
 import torch
 import torch.nn as nn
+from conftest import run
 
 import mezo
 from mezo import rules
@@ -267,22 +268,16 @@ def test_a_flag_the_others_leave_without_effect_gets_a_note_and_the_run_goes_on(
     """`--mode full --lora-r 4`, `--mode lora --num-prefix 3`, `--beta` without a rule that has one, `--save-every`
     without `--out`: each was dropped without a word, and a user believed it acted. Each is a note now; the run goes
     on (a script may always pass them), and a run with the defaults prints none."""
-    code, out, _ = run_captured(capsys, P(model_dir, "--steps", 0, "--mode", "full", "--lora-r", 4, "--lora-targets",
-                                          "q_proj,v_proj", "--num-prefix", 3, "--beta", 0.5, "--save-every", 5))
+    code, out, _ = run(P(model_dir, "--steps", 0, "--mode", "full", "--lora-r", 4, "--lora-targets", "q_proj,v_proj",
+                         "--num-prefix", 3, "--beta", 0.5, "--save-every", 5), capsys)
     assert code == 0 and [line for line in out.splitlines() if "note" in line] == [
         "mezo: note: --lora-r 4 has no effect: --mode full trains no LoRA",
         "mezo: note: --lora-targets q_proj,v_proj has no effect: --mode full trains no LoRA",
         "mezo: note: --num-prefix 3 has no effect: --mode full trains no prefix",
         "mezo: note: --beta 0.5 has no effect: --rule sgd has no β",
         "mezo: note: --save-every 5 has no effect: there is no --out to save into"]
-    code, out, _ = run_captured(capsys, P(model_dir, "--steps", 0, "--rule", "momentum", "--beta", 0.5))
+    code, out, _ = run(P(model_dir, "--steps", 0, "--rule", "momentum", "--beta", 0.5), capsys)
     assert code == 0 and "note" not in out
-
-
-def run_captured(capsys, argv):
-    code = mezo.main([str(a) for a in argv])
-    out, err = capsys.readouterr()
-    return code, out, err
 
 
 @pytest.mark.parametrize("flag", ["--label-words", "--lora-targets"])
@@ -300,10 +295,8 @@ def test_an_empty_text_flag_is_refused_not_taken_for_the_flag_left_out(model_dir
     """`--out "$OUT"` with OUT unset ran the whole run and kept nothing; `--resume ""` started a fresh run that kept
     nothing; `--data-dir ""` and `--device ""` fell back to the defaults. Each is one line now, before anything runs;
     and mezo.Config refuses an empty text field in the same words."""
-    argv = [x for x in P(model_dir, "--out", tmp_path / "run") if x != "--device"]
-    argv = [*argv[:argv.index("cpu")], *argv[argv.index("cpu") + 1:]] if flag == "--device" else argv
     with pytest.raises(SystemExit) as e:  # argparse's exit, as for any mistaken flag
-        mezo.main([str(a) for a in argv] + [f"{flag}={value}"])
+        mezo.main([str(a) for a in P(model_dir, "--out", tmp_path / "run", flag, value)])
     err = capsys.readouterr().err.splitlines()
     assert e.value.code == 2 and err == [f"mezo: error: {flag} is empty; give a value, or leave it out for its default"]
     assert nothing_written(tmp_path / "run")
