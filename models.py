@@ -196,7 +196,8 @@ def check_device(name: str) -> None:
                          f"{torch.__version__} can use; use --device cpu (or auto)")
     if device.index is not None and device.index >= count:
         raise UsageError(f"--device {name}: this machine has {count} {device.type} device(s), "
-                         f"{device.type}:0 to {device.type}:{count - 1}")
+                         f"{device.type}:0 to {device.type}:{count - 1}; use one of them or "
+                         "--device cpu")
 
 
 def max_tokens(model: nn.Module) -> int | None:

@@ -267,6 +267,9 @@ class Run(ReplayMixin):
                                                for name, rows in self.splits.items()))
         # what batch_indices gives a step
         batch_size = min(cfg.batch_size, len(self.splits["train"]))
+        if batch_size < cfg.batch_size and placement.is_main:
+            print(f"mezo: note: --batch-size {cfg.batch_size} is more than the "
+                  f"{batch_size} training examples; each step takes all {batch_size}")
         if batch_size < placement.dp:  # decided alike on every rank
             raise UsageError(f"a step's batch has {batch_size} examples (--batch-size "
                              f"{cfg.batch_size}, {len(self.splits['train'])} training examples), "

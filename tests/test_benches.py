@@ -68,7 +68,7 @@ MISTAKES = [
     ("cache.py", ["--model", "{missing}", "--steps", "1", "--k-layers", "1"],
      r"cannot load model '.*missing': no such folder", {}),
     ("drift.py", ["--eps", "0"], r"argument --eps: '0': give a finite number over 0", {}),
-    ("drift.py", ["--device", "cuda:7"], r"argument --device: .*cuda.*use --device cpu", {}),
+    ("drift.py", ["--device", "cuda:7"], r"argument --device: .*cuda.*use .*--device cpu", {}),  # no GPU, or fewer than 8
     ("memory.py", ["--model", "{missing}", "--cases", "inference", "--device", "cpu", "--threads", "1"],
      r"cannot load model '.*missing': no such folder", {}),
     ("memory.py", ["--cases", "mezo-lora"], r"--cases mezo-lora: start with inference \(the reference\)", {}),

@@ -160,12 +160,13 @@ def test_kernel_noise_is_the_reference_noise(device):
         assert (t - want).abs().max() <= 1e-6, (offset, (t - want).abs().max())
 
 
-def _run(model_dir, out, flags, **kw):
-    args = dict(task="synthetic", model=model_dir("llama"), template="{sentence} It was {mask}",
+def _run(model_dir, out, flags, device, **kw):
+    args = dict(device=device, task="synthetic", model=model_dir("llama"), template="{sentence} It was {mask}",
                 label_words=" bad, good", k=8, batch_size=8, steps=5, eval_every=0, eval_max=0, lr=1e-2, out=out)
     args.update(kw)
     argv = [str(x) for k, v in args.items() for x in (f"--{k.replace('_', '-')}", v)]
-    argv += flags + ["--device", "cpu"]  # the interpreter's kernels against the reference, both on the CPU
+    # both on the device: on the CPU, the interpreter's kernels against the reference; on a GPU, compiled ones
+    argv += flags
     assert mezo.main(argv) == 0
     log = [json.loads(line) for line in (out / "log.jsonl").read_text().splitlines()]
     from safetensors.torch import load_file

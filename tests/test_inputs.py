@@ -266,16 +266,19 @@ def test_a_sentence_after_the_mask_is_refused_for_a_causal_lm_and_taken_by_a_mas
 
 def test_a_flag_the_others_leave_without_effect_gets_a_note_and_the_run_goes_on(model_dir, tmp_path, capsys):
     """`--mode full --lora-r 4`, `--mode lora --num-prefix 3`, `--beta` without a rule that has one, `--save-every`
-    without `--out`: each was dropped without a word, and a user believed it acted. Each is a note now; the run goes
-    on (a script may always pass them), and a run with the defaults prints none."""
+    without `--out`, a `--batch-size` past the training set: each was dropped without a word, and a user believed it
+    acted. Each is a note now; the run goes on (a script may always pass them), and a run with the defaults prints
+    none."""
     code, out, _ = run(P(model_dir, "--steps", 0, "--mode", "full", "--lora-r", 4, "--lora-targets", "q_proj,v_proj",
-                         "--num-prefix", 3, "--beta", 0.5, "--save-every", 5), capsys)
+                         "--num-prefix", 3, "--beta", 0.5, "--save-every", 5, "--k", 4, "--batch-size", 9), capsys)
     assert code == 0 and [line for line in out.splitlines() if "note" in line] == [
         "mezo: note: --lora-r 4 has no effect: --mode full trains no LoRA",
         "mezo: note: --lora-targets q_proj,v_proj has no effect: --mode full trains no LoRA",
         "mezo: note: --num-prefix 3 has no effect: --mode full trains no prefix",
         "mezo: note: --beta 0.5 has no effect: --rule sgd has no β",
-        "mezo: note: --save-every 5 has no effect: there is no --out to save into"]
+        "mezo: note: --save-every 5 has no effect: there is no --out to save into",
+        # k 4 of each of 2 classes: 8 training examples
+        "mezo: note: --batch-size 9 is more than the 8 training examples; each step takes all 8"]
     code, out, _ = run(P(model_dir, "--steps", 0, "--rule", "momentum", "--beta", 0.5), capsys)
     assert code == 0 and "note" not in out
 

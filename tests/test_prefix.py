@@ -118,7 +118,7 @@ def test_at_lr_zero_the_loss_is_the_fresh_prefix_loss(kind, model_dir, tmp_path,
     code, _, err = run(argv + ["--mode", "prefix", "--num-prefix", P], capsys)
     assert code == 0, err
     cfg, _ = mezo.parse_args([str(a) for a in argv] + ["--mode", "prefix", "--num-prefix", str(P), "--out",
-                                                       str(tmp_path / "hand")])
+                                                       str(tmp_path / "hand"), "--device", "cpu"])
     loaded = runs.load(cfg, mezo.Placement())
     params = mezo.select_trainables(loaded.model, cfg)
     hand = runs.Run(cfg, mezo.Placement(), loaded, params, CachePathForward(loaded.model, loaded.label_ids, params),

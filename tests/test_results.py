@@ -191,7 +191,7 @@ def study(model_dir, tmp_path_factory):
     lrs, Method = ("3e-2", "1e-2"), ex.Method
     with pytest.MonkeyPatch.context() as mp:
         for name, value in dict(
-                COMMON=[*ex.COMMON, "--model", model_dir("llama+tasks"), "--max-length", "48"],
+                COMMON=[*ex.COMMON, "--model", model_dir("llama+tasks"), "--max-length", "48", "--device", "cpu"],
                 TASKS=("sst2", "rte"), SEEDS=(13, 21, 42), TASK_SEEDS=(13, 21), MEZO_LRS=lrs, MEZO_LOWER_LR="3e-3",
                 PRECISION_LR="3e-2",
                 BUDGET=(2, 4), ADAM_STEPS=4, FULL_STEPS=4,
@@ -385,7 +385,7 @@ def test_a_probe_whose_loss_runs_away_is_stopped_and_out_of_the_lr_pick(model_di
         pytest.skip("no ../shared/data")
     import experiments as ex
     for name, value in dict(BUDGET=(5, 10, 300), POLL_S=0.05,
-                            COMMON=[*ex.COMMON, "--model", model_dir("llama+tasks"), "--max-length", "48"]).items():
+                            COMMON=[*ex.COMMON, "--model", model_dir("llama+tasks"), "--max-length", "48", "--device", "cpu"]).items():
         monkeypatch.setattr(ex, name, value)
     probes = [ex.Method(f"sst2/probe-lr{lr}", lr, ["--mode", "full", "--lr", lr, "--eval-every", "5"], 300, 0.0, "",
                         seeds=(13,), stops=(5, 10, 300), prune=True) for lr in ("3e-2", "1e-4")]

@@ -268,7 +268,7 @@ if __name__ == "__main__":  # the worker: python -m torch.distributed.run ... te
     for kind, path in spec["models"].items():
         for mode in ("lora", "full"):
             model, params = setup(kind, path, mode)
-            shards = DistributedPlacement(mezo.Config(model=path, tp=2)).shard(model, params)
+            shards = DistributedPlacement(mezo.Config(model=path, tp=2, device="cpu")).shard(model, params)
             torch.save({p.name: (p.shard_start, z_of(p, SEED)) for p in shards},
                        out / f"noise-{kind}-{mode}-{os.environ['RANK']}.pt")
     dist.destroy_process_group()
