@@ -14,6 +14,7 @@ import torch
 from .errors import UsageError
 
 # format "mezo-1": tensors by qualified name; metadata step, config, offsets
+FORMAT = "mezo-1"
 CHECKPOINT = "checkpoint.safetensors"
 # the config a run started with: a run killed before its first checkpoint resumes from its start
 # and its log (runs.Run.resume)
@@ -65,7 +66,7 @@ def save_checkpoint(out: Path, tensors: dict, step: int, config: dict, offsets: 
     """out/checkpoint.safetensors: the tensors (full, never shards) and what a resume needs to go
     on."""
     from safetensors.torch import save_file
-    meta = dict(format="mezo-1", step=str(step), config=json.dumps(config),
+    meta = dict(format=FORMAT, step=str(step), config=json.dumps(config),
                 offsets=json.dumps(offsets))
     tensors = {name: own_storage(t) for name, t in tensors.items()}
     atomic_write(out / CHECKPOINT, lambda tmp: save_file(tensors, str(tmp), metadata=meta))
@@ -77,13 +78,18 @@ def read_checkpoint(folder: Path, flag: str = "--resume") -> tuple[dict, int, di
     from safetensors import safe_open
     path = folder / CHECKPOINT
     if not path.is_file():
-        raise UsageError(f"{flag} {folder}: no {CHECKPOINT} there; point {flag} at a run's "
-                         "--out folder")
+        what = f"no {CHECKPOINT} there" if folder.is_dir() else "no such folder"
+        raise UsageError(f"{flag} {folder}: {what}; point {flag} at a run's --out folder")
     try:
         with safe_open(str(path), "pt") as f:
             meta = f.metadata() or {}
+            if meta.get("format", FORMAT) != FORMAT:  # (a checkpoint before "format" was mezo-1)
+                raise UsageError(f"{flag} {folder}: {CHECKPOINT} is format {meta['format']!r}, "
+                                 f"written by another version of mezo; this one reads {FORMAT!r}")
             tensors = {k: f.get_tensor(k) for k in f.keys()}
         return tensors, int(meta["step"]), json.loads(meta["config"])
+    except UsageError:
+        raise
     except Exception as e:
         raise UsageError(f"{flag} {folder}: {CHECKPOINT} is corrupt or not a mezo checkpoint "
                          f"({type(e).__name__}: "

@@ -727,11 +727,11 @@ def parse_args(argv=None) -> tuple[Config, str | None]:
     p = options.parser(Config, "mezo", __doc__.split("\n\n")[0].strip())
     p.add_argument("--resume", default=None, help="go on with this folder's run (--out: a branch)")
     args = vars(p.parse_args(argv))
-    resume = args.pop("resume")
+    resume = runs.user_path(args.pop("resume"))
     if resume or args.get("replay"):
         flag = "--resume" if resume else "--replay"
         # the run's config, not its world size
-        saved = checkpoints.saved_config(Path(resume or args["replay"]), flag)
+        saved = checkpoints.saved_config(Path(resume or runs.user_path(args["replay"])), flag)
         saved = {k: v for k, v in saved.items() if k in Config.__dataclass_fields__}
         args = {**saved, "out": resume, **args}
     return Config(**args), resume

@@ -15,6 +15,7 @@ import dataclasses
 import json
 import math
 import os
+import shlex
 import shutil
 import signal
 import sys
@@ -106,8 +107,8 @@ class ReplayMixin:
             last, steps = max(tail), self.cfg.steps
             raise UsageError(f"--resume {folder} --steps {steps}: its log holds steps up to "
                              f"{last}, which a resume rebuilds and goes on from: give --steps "
-                             f"{last} or more (step {steps}'s tensors: --replay {folder} --out "
-                             f"NEW_DIR --steps {steps})")
+                             f"{last} or more (step {steps}'s tensors: --replay "
+                             f"{shlex.quote(str(folder))} --out NEW_DIR --steps {steps})")
         cut = next((t for t in tail if self.evaluates_at(t) and not {"dev", "test"} <= evals.get(
             t, {}).keys()), max(tail, default=start) + 1)
         self.logged_evals = {t: evals[t] for t in tail if t < cut and self.evaluates_at(t)}
@@ -522,8 +523,8 @@ class Run(ReplayMixin):
         if start > self.cfg.steps:  # never relabel step `start`'s tensors as an earlier step's
             raise UsageError(f"--resume {folder} --steps {self.cfg.steps}: the run is at step "
                              f"{start} already and a resume only goes on from there: give --steps "
-                             f"{start} or more (step {self.cfg.steps}'s tensors: --replay {folder} "
-                             f"--out NEW_DIR --steps {self.cfg.steps})")
+                             f"{start} or more (step {self.cfg.steps}'s tensors: --replay "
+                             f"{shlex.quote(folder)} --out NEW_DIR --steps {self.cfg.steps})")
         adam = {k: tensors.pop(k) for k in list(tensors) if k.startswith("adam:")}
         rule = {k[len("rule."):]: tensors.pop(k) for k in list(tensors) if k.startswith("rule.")}
         checkpoints.check_match(Path(folder), tensors,
@@ -572,8 +573,8 @@ class Run(ReplayMixin):
             summary["cache"] = self.forward.stats()
             print("mezo: cache: " + ", ".join(f"{k} {v}" for k, v in summary["cache"].items()))
         last = self.evals[max(self.evals)] if self.evals else {}
-        print(f"mezo: done in {wall_time:.0f} s; " + ", ".join(f"{k} accuracy {v:.4f}"
-                                                               for k, v in last.items()))
+        accuracies = ", ".join(f"{k} accuracy {v:.4f}" for k, v in last.items())  # (a replay: none)
+        print(f"mezo: done in {wall_time:.0f} s" + (f"; {accuracies}" if accuracies else ""))
         # this process's part of the run (a resumed run writes its own)
         if self.out and self.placement.is_main:
             write = lambda tmp: tmp.write_text(json.dumps(summary, indent=1))
@@ -588,6 +589,7 @@ class Run(ReplayMixin):
 
 # a folder with one holds a run
 RUN_FILES = (checkpoints.CHECKPOINT, "log.jsonl", "summary.json", "adapter", checkpoints.RUN_CONFIG)
+ADAPTER_FILES = ("adapter_model.safetensors", "adapter_config.json")  # adapter/'s
 
 
 def spread_rows(rows: list, limit: int) -> list:
@@ -656,29 +658,40 @@ class FolderLock:
     """One writer per run folder: an flock on FOLDER/.lock (on Windows, msvcrt's lock, not tested
     here), held until release() (Run: the run's whole life). The kernel drops it when its process
     ends, a kill -9 included, so a stale .lock never blocks a --resume. The file stays empty: the
-    holder's PID comes from /proc/locks, so a refused command leaves the folder as it was."""
+    holder's PID comes from /proc/locks; and the lock that made it removes it, so a refused
+    command leaves the folder as it was."""
 
     def __init__(self, folder: Path, shown: str | Path, flag: str = "--out"):
         self.path = folder / ".lock"
-        try:
-            self.fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
-        except OSError as e:  # a read-only folder: refused before anything is loaded or written
-            raise UsageError(f"{flag} {shown}: cannot write there ({e.strerror}); make it "
-                             f"writable or pick another {flag}") from None
-        try:
-            if fcntl:
-                fcntl.flock(self.fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-            else:  # Windows: a lock on byte 0, also dropped when the process ends
-                import msvcrt
-                msvcrt.locking(self.fd, msvcrt.LK_NBLCK, 1)
-        except (BlockingIOError, PermissionError):  # (msvcrt: EACCES)
-            pid = lock_holder(self.fd)
-            os.close(self.fd)
-            raise UsageError(f"{shown}: another run (PID {pid}) is writing this folder; wait for "
-                             f"it to end, or pick another {flag}") from None
+        while True:
+            self.created = not self.path.exists()
+            try:
+                self.fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
+            except OSError as e:  # a read-only folder: refused before anything is loaded or written
+                raise UsageError(f"{flag} {shown}: cannot write there ({e.strerror}); make it "
+                                 f"writable or pick another {flag}") from None
+            try:
+                if fcntl:
+                    fcntl.flock(self.fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                else:  # Windows: a lock on byte 0, also dropped when the process ends
+                    import msvcrt
+                    msvcrt.locking(self.fd, msvcrt.LK_NBLCK, 1)
+            except (BlockingIOError, PermissionError):  # (msvcrt: EACCES)
+                pid = lock_holder(self.fd)
+                os.close(self.fd)
+                raise UsageError(f"{shown}: another run (PID {pid}) is writing this folder; wait "
+                                 f"for it to end, or pick another {flag}") from None
+            if self.path.exists() and os.path.samestat(os.fstat(self.fd), os.stat(self.path)):
+                return
+            os.close(self.fd)  # its holder removed that file as this one locked it (release): again
 
     def release(self) -> None:
+        """The lock goes, and the .lock file with it where this lock made it: a refused command
+        leaves a user's folder as it was."""
         if self.fd is not None:
+            if self.created:
+                with contextlib.suppress(OSError):
+                    self.path.unlink()
             os.close(self.fd)
             self.fd = None
 
@@ -721,11 +734,17 @@ def claim(folder: Path, overwrite: bool, flag: str, locked: bool = False) -> Non
     old = [name for name in RUN_FILES if (folder / name).exists()]
     if old and not overwrite:
         raise UsageError(f"{flag} {folder} already holds a run ({', '.join(old)}): --resume "
-                         f"{folder} to go on with it, --overwrite to replace it, or pick another "
-                         "--out (nothing was changed)")
+                         f"{shlex.quote(str(folder))} to go on with it, --overwrite to replace it, "
+                         "or pick another --out (nothing was changed)")
     # (a replay's result replaces the folder when it moves in)
     for name in old if flag == "--out" else ():
-        shutil.rmtree(folder / name) if (folder / name).is_dir() else (folder / name).unlink()
+        if name == "adapter":  # its two files; a file of the user's in it stays, and the folder
+            for file in ADAPTER_FILES:
+                (folder / name / file).unlink(missing_ok=True)
+            with contextlib.suppress(OSError):  # (not empty)
+                (folder / name).rmdir()
+        elif not (folder / name).is_dir():  # (a folder of that name: the write names it)
+            (folder / name).unlink()
 
 
 def move_into_place(built: Path, into: Path, overwrite: bool) -> None:
@@ -803,7 +822,7 @@ def stopped(cfg, trained: bool, why: BaseException) -> str:
     (errors.Stopped: after the step under way and its checkpoint, or at once when asked twice)."""
     if isinstance(why, Stopped) and why.step is not None:
         return (f"stopped by {why.signal} after step {why.step}, its checkpoint written: --resume "
-                f"{cfg.out} goes on from there")
+                f"{shlex.quote(cfg.out)} goes on from there")
     said = f"interrupted ({getattr(why, 'signal', 'Ctrl-C')}): "
     if isinstance(why, BrokenPipeError):
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
@@ -812,10 +831,11 @@ def stopped(cfg, trained: bool, why: BaseException) -> str:
         return said + "the run finished, its last lines unprinted"
     if not (cfg and cfg.out):
         return said + "the run stopped"
+    out = shlex.quote(cfg.out)  # as a command takes it
     if (Path(cfg.out) / checkpoints.CHECKPOINT).exists():
-        return said + f"the run stopped; --resume {cfg.out} goes on from its last checkpoint"
+        return said + f"the run stopped; --resume {out} goes on from its last checkpoint"
     if (Path(cfg.out) / checkpoints.RUN_CONFIG).exists():
-        return said + f"the run stopped before its first checkpoint; --resume {cfg.out} goes on"
+        return said + f"the run stopped before its first checkpoint; --resume {out} goes on"
     return said + "the run stopped before its first checkpoint; --overwrite starts it again"
 
 
@@ -837,11 +857,12 @@ def keep_last_good(error: NonFiniteLoss, cfg, train) -> str:
                 f"finite loss, a smaller --eps may get past it; if not, {fix}")
     if not out:
         return f"{error}. Without --out nothing was kept: run again with a lower --lr or --eps"
-    again = (f"--resume {out} --steps {cfg.steps} with a lower --lr (step {s - 1}'s update led "
+    quoted = shlex.quote(out)  # as a command takes it
+    again = (f"--resume {quoted} --steps {cfg.steps} with a lower --lr (step {s - 1}'s update led "
              "there) or --eps gets past it")
     if saved != good and distributed(cfg):
         return (f"{error}: rebuild step {good}'s exact tensors, the last whose forwards were "
-                f"finite, with one process: --replay {out} --out NEW_DIR --steps {good}; then "
+                f"finite, with one process: --replay {quoted} --out NEW_DIR --steps {good}; then "
                 f"--resume NEW_DIR --steps {cfg.steps} with a lower --lr or --eps")
     if saved != good:
         rebuilt = Path(out) / ".rebuild"
@@ -874,10 +895,20 @@ def keep_last_good(error: NonFiniteLoss, cfg, train) -> str:
             f"{out}. {again}")
 
 
+def user_path(text: str | None) -> str | None:
+    """A folder the user named, as an absolute path with ~ expanded (a quoted or --out=~/... one is
+    not expanded by the shell): run.json keeps it, and a --resume from another folder finds it."""
+    return os.path.abspath(os.path.expanduser(text)) if text and text.strip() else text
+
+
 def check_config(cfg) -> None:
     """Each option among its choices and in its range (options.check), and no two that cannot go
-    together: any refusal is one line that says what to change."""
+    together: any refusal is one line that says what to change. The folders it names become
+    absolute (user_path); --model too where it is a local folder, not a hub name."""
     options.check(cfg)
+    cfg.out, cfg.data_dir, cfg.replay = map(user_path, (cfg.out, cfg.data_dir, cfg.replay))
+    if Path(cfg.model).expanduser().is_dir():
+        cfg.model = user_path(cfg.model)
     task = tasks.TASKS.get(tasks.canonical(cfg.task))
     if cfg.template is not None:
         check_template(cfg.template, pair=bool(task and task.pair))

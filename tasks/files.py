@@ -39,8 +39,9 @@ def find_data(needed: list[str], data_dir: str | None = None, what: str = "SST-2
     if given:
         candidates = [Path(given).expanduser()]
     else:
-        candidates = [ROOT.parent / "shared" / "data", ROOT / "shared" / "data",
-                      cache_dir() / "data"]
+        # beside a checkout (those that are there: an installed package has none), then the cache
+        candidates = [c for c in (ROOT.parent / "shared" / "data", ROOT / "shared" / "data")
+                      if c.is_dir()] + [cache_dir() / "data"]
     for c in candidates:
         if all((c / f).is_file() for f in needed):
             return c

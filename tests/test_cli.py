@@ -129,11 +129,21 @@ def test_non_finite_loss_stops_and_keeps_the_last_good_checkpoint(model_dir, tmp
 
 
 def test_corrupt_or_mismatched_checkpoint_is_refused(model_dir, tmp_path, capsys):
-    expect_error(capsys, ["--resume", tmp_path / "empty"], r"no checkpoint.safetensors there")
+    expect_error(capsys, ["--resume", tmp_path / "missing"], r"missing: no such folder; point --resume at a run's")
+    (tmp_path / "empty").mkdir()
+    expect_error(capsys, ["--resume", tmp_path / "empty"], r"empty: no checkpoint.safetensors there; point --resume")
     assert run(tiny_args(model_dir, tmp_path, steps=1), capsys)[0] == 0
     good = (tmp_path / checkpoints.CHECKPOINT).read_bytes()
     expect_error(capsys, ["--resume", tmp_path, "--lora-r", 4], r"trained with --lora-r 8; .*\(drop --lora-r 4\)")
     expect_error(capsys, ["--resume", tmp_path, "--mode", "full"], r"trained with --mode lora; resume it with the same")
+    from safetensors import safe_open
+    from safetensors.torch import load_file, save_file
+    with safe_open(str(tmp_path / checkpoints.CHECKPOINT), "pt") as f:
+        meta = f.metadata()
+    save_file(load_file(tmp_path / checkpoints.CHECKPOINT), tmp_path / checkpoints.CHECKPOINT,
+              metadata=meta | dict(format="mezo-2"))  # a later version's
+    expect_error(capsys, ["--resume", tmp_path], r"checkpoint.safetensors is format 'mezo-2', written by another "
+                 r"version of mezo; this one reads 'mezo-1'$")
     (tmp_path / checkpoints.CHECKPOINT).write_bytes(good[:len(good) // 2])  # truncated, as by a full disk
     expect_error(capsys, ["--resume", tmp_path], r"checkpoint.safetensors is corrupt")
     assert (tmp_path / "log.jsonl").exists()

@@ -152,8 +152,8 @@ def test_missing_data_says_where_it_looked_and_what_to_do(monkeypatch, tmp_path)
     monkeypatch.setenv("MEZO_CACHE", str(tmp_path / "cache"))
     monkeypatch.delenv("MEZO_DATA", raising=False)
     monkeypatch.setitem(files.DATA_URLS, "sst2", "http://127.0.0.1:9/SST-2.zip")  # a closed port
-    with pytest.raises(UsageError, match="download failed"):
-        files.find_data(["sst2/dev.tsv"])
+    with pytest.raises(UsageError, match=rf"looked for sst2/dev.tsv in {tmp_path}/cache/data \(download failed"):
+        files.find_data(["sst2/dev.tsv"])  # (not in the folders beside a checkout that are not there)
 
 
 def test_synthetic_task_is_deterministic_and_balanced():

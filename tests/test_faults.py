@@ -452,4 +452,4 @@ def test_6_a_file_written_over_a_folder_or_into_a_missing_one_names_that_fix(tmp
 
 def test_7_replay_of_a_missing_folder_says_replay(tmp_path, capsys):
     expect_error(capsys, ["--replay", tmp_path / "nonexistent", "--out", tmp_path / "b"],
-                 r"^mezo: error: --replay .*nonexistent: no checkpoint.safetensors there; point --replay at")
+                 r"^mezo: error: --replay .*nonexistent: no such folder; point --replay at")

@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 import torch
 import torch.nn as nn
-from conftest import run
+from conftest import records, run
 
 import mezo
 from mezo import rules
@@ -386,6 +386,63 @@ def test_a_model_path_that_is_a_file_or_missing_says_so_and_a_tilde_is_expanded(
     shutil.copytree(model_dir("llama"), home / "models" / "tiny")
     monkeypatch.setenv("HOME", str(home))
     assert mezo.main([str(a) for a in with_model("~/models/tiny")]) == 0
+
+
+def test_relative_and_tilde_folders_are_kept_absolute_so_a_resume_works_from_another_folder(model_dir, tmp_path,
+                                                                                              capsys, monkeypatch):
+    """run.json kept --model and --data-dir as typed: a run started with `--model mdl` resumed only from the folder it
+    started in (elsewhere, 'mdl' was a hub name, and --model ./path was refused as a changed model). `--out ~/run`
+    (quoted, or --out=~/run, which no shell expands) made a folder named '~' in the working folder. Each folder is
+    kept absolute, with ~ expanded, and --resume ~/run from another folder goes on."""
+    home, start, elsewhere = tmp_path / "home", tmp_path / "start", tmp_path / "elsewhere"
+    shutil.copytree(model_dir("llama"), start / "mdl")
+    elsewhere.mkdir()
+    monkeypatch.setenv("HOME", str(home))
+    monkeypatch.chdir(start)
+    code, _, err = run(P(model_dir, "--steps", 2)[:3] + ["mdl"] + P(model_dir, "--steps", 2, "--out", "~/run")[4:],
+                       capsys)
+    assert code == 0, err
+    assert not (start / "~").exists()
+    saved = json.loads((home / "run" / "run.json").read_text())
+    assert (saved["model"], saved["out"]) == (str(start / "mdl"), str(home / "run"))
+    monkeypatch.chdir(elsewhere)
+    code, out, err = run(["--resume", "~/run", "--steps", 3], capsys)
+    assert code == 0 and f"resumed from {home / 'run'} at step 2" in out, err
+    assert [r["step"] for r in records(home / "run") if "seed" in r] == [1, 2, 3]
+    cfg = mezo.Config(data_dir="data", out="~/x", model="not/a/folder")  # a hub name stays as it is
+    assert (cfg.data_dir, cfg.out, cfg.model) == (str(elsewhere / "data"), str(home / "x"), "not/a/folder")
+
+
+def test_a_refused_out_leaves_a_users_folder_as_it_was_and_a_finished_run_leaves_no_lock(model_dir, tmp_path, capsys):
+    """`--out` into a folder of the user's that holds a summary.json of their own is refused ("nothing was changed"),
+    and it was: the run's lock file, made there to hold the folder, went with the refusal. A finished run's folder
+    keeps no .lock either; a lock file the run found there stays. A path with a space is quoted in the command the
+    line names."""
+    theirs = tmp_path / "their files"
+    theirs.mkdir()
+    (theirs / "summary.json").write_text("{}")
+    (theirs / "notes.txt").write_text("mine")
+    before = snapshot(theirs)
+    refused(capsys, P(model_dir, "--steps", 1, "--out", theirs),  # the command it names, quoted as a shell takes it
+            r"--out .*their files already holds a run \(summary.json\): --resume '.*/their files' to go on")
+    assert snapshot(theirs) == before and sorted(p.name for p in theirs.iterdir()) == ["notes.txt", "summary.json"]
+    code, _, err = run(P(model_dir, "--steps", 1, "--out", tmp_path / "run"), capsys)
+    assert code == 0 and not (tmp_path / "run" / ".lock").exists(), err
+    (tmp_path / "run" / ".lock").touch()
+    code, _, err = run(["--resume", tmp_path / "run", "--steps", 2], capsys)
+    assert code == 0 and (tmp_path / "run" / ".lock").exists(), err
+
+
+def test_overwrite_removes_a_runs_files_and_not_a_users_file_in_its_adapter_folder(model_dir, tmp_path, capsys):
+    """--overwrite "removes that run's files first": it removed the whole adapter/ folder, with a file of the user's
+    in it. Only the adapter's two files go (the new run writes its own); the user's file stays."""
+    out = tmp_path / "run"
+    assert run(P(model_dir, "--steps", 1, "--out", out), capsys)[0] == 0
+    (out / "adapter" / "notes.txt").write_text("mine")
+    first = (out / "adapter" / "adapter_model.safetensors").read_bytes()
+    assert run(P(model_dir, "--steps", 1, "--out", out, "--overwrite", "--seed", 1), capsys)[0] == 0
+    assert (out / "adapter" / "notes.txt").read_text() == "mine"
+    assert (out / "adapter" / "adapter_model.safetensors").read_bytes() != first  # the new run's
 
 
 def test_a_run_folder_or_its_adapter_given_as_the_model_names_what_it_is_and_what_to_do(model_dir, tmp_path, capsys):

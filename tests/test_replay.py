@@ -1,6 +1,7 @@
 """--replay: a run's tensors rebuilt from its start and its log alone, against the checkpoints the run itself wrote,
 bit for bit; and the logs that cannot rebuild it (truncated, edited, another run's settings) refused in one line."""
 import json
+import re
 import shutil
 
 import pytest
@@ -30,6 +31,7 @@ def test_replay_equals_the_runs_checkpoints_bit_for_bit(model_dir, tmp_path, cap
         a, b = _tensors(want), _tensors(out)
         assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a), steps
         assert "accuracy" not in printed.split("mezo: done")[0].split("training")[1]  # no forward, no evaluation
+        assert re.search(r"^mezo: done in \d+ s$", printed, re.M), printed  # and no "; " before nothing
     if "--mode" not in extra:
         adapter = lambda f: load_file(f / "adapter" / "adapter_model.safetensors")
         assert all(torch.equal(adapter(long)[k], adapter(tmp_path / "replay20")[k]) for k in adapter(long))

@@ -208,7 +208,8 @@ def test_bad_combinations_give_one_error_line(worker, model_dir, tmp_path, capsy
         mezo.train(mezo.parse_args(cli_args(model_dir("llama"), tmp_path, k=1))[0], None, placement=FourRanks())
     assert mezo.main(cli_args(model_dir("llama"), tmp_path) + ["--tp", "2"]) == 2  # no torchrun
     assert capsys.readouterr().err.strip().splitlines()[-1] == (
-        "mezo: error: --tp 2 --dp 1 needs 2 processes: launch with torchrun --nproc-per-node 2 mezo.py ...")
+        "mezo: error: --tp 2 --dp 1 needs 2 processes: launch with torchrun --nproc-per-node 2 mezo.py ... (or, "
+        "installed, -m mezo ...)")
     from mezo.tp import check_tp
     with pytest.raises(mezo.UsageError, match="--tp 3 does not divide the model's 4 attention heads, 2 key/value"):
         check_tp(setup("llama", model_dir("llama"), "lora")[0], 3)

@@ -142,7 +142,8 @@ class DistributedPlacement(mezo.Placement):
         if "WORLD_SIZE" not in os.environ:
             n = cfg.tp * max(cfg.dp, 1)
             raise mezo.UsageError(f"--tp {cfg.tp} --dp {max(cfg.dp, 1)} needs {n} processes: "
-                                  f"launch with torchrun --nproc-per-node {n} mezo.py ...")
+                                  f"launch with torchrun --nproc-per-node {n} mezo.py ... (or, "
+                                  "installed, -m mezo ...)")
         world, rank = int(os.environ["WORLD_SIZE"]), int(os.environ["RANK"])
         self.tp, self.dp = cfg.tp, cfg.dp or world // cfg.tp
         if self.tp * self.dp != world:
