@@ -687,7 +687,7 @@ def train(cfg: Config, resume: str | None = None, *, backend=None, forward=Promp
     reference's; `variants(cfg)` makes those a config asks for (the command line passes them)."""
     placement, backend = placement or Placement(), backend or TorchBackend()
     # the task's data, the model and the prompt (runs.py); the tensors to train, this process's
-    loaded = runs.load(cfg, placement)
+    loaded = runs.load(cfg, placement, resume)
     params = placement.shard(loaded.model, select_trainables(loaded.model, cfg))
 
     # MeZO's step: the step's seeds (one per sample), then Algorithm 1; the log keeps its numbers

@@ -166,11 +166,18 @@ class Loaded:
     label_ids: list[int]  # one id per word, when every word is one token; else []
 
 
-def load(cfg, placement) -> Loaded:
+def load(cfg, placement, resume: str | None = None) -> Loaded:
     """The task's data, the model (with --head cls's fresh head) and the prompt, as a config asks;
-    --out is made first, so a folder that cannot be written is refused before anything loads."""
+    --out is made first, so a folder that cannot be written, that another run writes, or that
+    holds a run a fresh one would replace is refused before anything loads (Run checks again,
+    under its lock)."""
     if cfg.out and placement.is_main and not cfg.replay:
-        make_out(Path(cfg.out), cfg.out)
+        out = Path(cfg.out)
+        make_out(out, cfg.out)
+        if (out / ".lock").exists():
+            FolderLock(out, cfg.out).release()  # only to ask: is another run writing it now?
+        if not (resume and Path(resume).resolve() == out.resolve()) and not cfg.overwrite:
+            claim(out, False, "--out", locked=True)  # (refuses; removes nothing)
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
     torch.manual_seed(cfg.seed)
