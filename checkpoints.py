@@ -130,7 +130,7 @@ def save_peft_adapter(folder: Path, lora: dict, r: int, alpha: float, base: str,
                  lambda tmp: tmp.write_text(json.dumps(adapter, indent=2)))
 
 
-def saved_config(folder: Path, flag: str = "--resume") -> dict:
+def saved_config(folder: Path, flag: str = "--resume", known=None) -> dict:
     """A checkpoint's config for --resume and --replay: lists back to tuples, no world size (tp, dp:
     a checkpoint holds full tensors and resumes at any), no replay (a replayed run's folder resumes
     as a run) and no overwrite (an order to one command, not a setting of the run). A run with no
@@ -147,5 +147,9 @@ def saved_config(folder: Path, flag: str = "--resume") -> dict:
             raise UsageError(f"{flag} {folder}: {RUN_CONFIG} is damaged ({e}); --overwrite "
                              "with the run's flags starts it again") from None
     dropped = ("tp", "dp", "replay", "overwrite")
+    unknown = sorted(set(config) - set(known)) if known is not None else []
+    if unknown:  # a later version's setting: going on without it is another run
+        raise UsageError(f"{flag} {folder}: its run has settings this version of mezo does not "
+                         f"know ({', '.join(unknown)}); go on with the version that wrote it")
     return {k: tuple(v) if isinstance(v, list) else v
             for k, v in config.items() if k not in dropped}

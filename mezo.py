@@ -730,9 +730,9 @@ def parse_args(argv=None) -> tuple[Config, str | None]:
     resume = runs.user_path(args.pop("resume"))
     if resume or args.get("replay"):
         flag = "--resume" if resume else "--replay"
-        # the run's config, not its world size
-        saved = checkpoints.saved_config(Path(resume or runs.user_path(args["replay"])), flag)
-        saved = {k: v for k, v in saved.items() if k in Config.__dataclass_fields__}
+        # the run's config, not its world size (one this version lacks a setting of: refused)
+        saved = checkpoints.saved_config(Path(resume or runs.user_path(args["replay"])), flag,
+                                         known=Config.__dataclass_fields__)
         args = {**saved, "out": resume, **args}
     return Config(**args), resume
 

@@ -144,6 +144,11 @@ def test_corrupt_or_mismatched_checkpoint_is_refused(model_dir, tmp_path, capsys
               metadata=meta | dict(format="mezo-2"))  # a later version's
     expect_error(capsys, ["--resume", tmp_path], r"checkpoint.safetensors is format 'mezo-2', written by another "
                  r"version of mezo; this one reads 'mezo-1'$")
+    later = json.loads(meta["config"]) | dict(warmup_steps=10)  # a setting a later version added
+    save_file(load_file(tmp_path / checkpoints.CHECKPOINT), tmp_path / checkpoints.CHECKPOINT,
+              metadata=meta | dict(config=json.dumps(later)))
+    expect_error(capsys, ["--resume", tmp_path], r"its run has settings this version of mezo does not know "
+                 r"\(warmup_steps\); go on with the version that wrote it$")
     (tmp_path / checkpoints.CHECKPOINT).write_bytes(good[:len(good) // 2])  # truncated, as by a full disk
     expect_error(capsys, ["--resume", tmp_path], r"checkpoint.safetensors is corrupt")
     assert (tmp_path / "log.jsonl").exists()
