@@ -16,6 +16,8 @@ from .errors import UsageError
 # format "mezo-1": tensors by qualified name; metadata step, config, offsets
 FORMAT = "mezo-1"
 CHECKPOINT = "checkpoint.safetensors"
+# adapter/: PEFT's two files (save_peft_adapter)
+ADAPTER_WEIGHTS, ADAPTER_CONFIG = "adapter_model.safetensors", "adapter_config.json"
 # the config a run started with: a run killed before its first checkpoint resumes from its start
 # and its log (runs.Run.resume)
 RUN_CONFIG = "run.json"
@@ -125,8 +127,8 @@ def save_peft_adapter(folder: Path, lora: dict, r: int, alpha: float, base: str,
                    lora_dropout=0.0, bias="none", fan_in_fan_out=False,
                    base_model_name_or_path=base, task_type="CAUSAL_LM" if causal else None,
                    inference_mode=True)
-    atomic_write(folder / "adapter_model.safetensors", lambda tmp: save_file(tensors, str(tmp)))
-    atomic_write(folder / "adapter_config.json",
+    atomic_write(folder / ADAPTER_WEIGHTS, lambda tmp: save_file(tensors, str(tmp)))
+    atomic_write(folder / ADAPTER_CONFIG,
                  lambda tmp: tmp.write_text(json.dumps(adapter, indent=2)))
 
 

@@ -174,9 +174,8 @@ def load(cfg, placement, resume: str | None = None) -> Loaded:
     if cfg.out and placement.is_main and not cfg.replay:
         out = Path(cfg.out)
         make_out(out, cfg.out)
-        if (out / ".lock").exists():
-            FolderLock(out, cfg.out).release()  # only to ask: is another run writing it now?
-        if not (resume and Path(resume).resolve() == out.resolve()) and not cfg.overwrite:
+        FolderLock.ask(out, cfg.out)
+        if fresh_into(out, resume) and not cfg.overwrite:
             claim(out, False, "--out", locked=True)  # (refuses; removes nothing)
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
@@ -386,8 +385,7 @@ class Run(ReplayMixin):
             if resume and self.cfg.overwrite:
                 raise UsageError("--overwrite starts a run afresh and --resume goes on with one: "
                                  "drop one of them")
-            if not (resume and Path(resume).resolve() == self.out.resolve()):
-                # a fresh run, or a branch of --resume's run: a folder without one
+            if fresh_into(self.out, resume):
                 claim(self.out, self.cfg.overwrite, "--out", locked=True)
                 trunk = Path(resume or "") / "log.jsonl"
                 if resume and trunk.is_file():  # a branch's log starts with its trunk's steps
@@ -596,7 +594,6 @@ class Run(ReplayMixin):
 
 # a folder with one holds a run
 RUN_FILES = (checkpoints.CHECKPOINT, "log.jsonl", "summary.json", "adapter", checkpoints.RUN_CONFIG)
-ADAPTER_FILES = ("adapter_model.safetensors", "adapter_config.json")  # adapter/'s
 
 
 def spread_rows(rows: list, limit: int) -> list:
@@ -692,6 +689,12 @@ class FolderLock:
                 return
             os.close(self.fd)  # its holder removed that file as this one locked it (release): again
 
+    @classmethod
+    def ask(cls, folder: Path, shown: str | Path) -> None:
+        """Refused (one line) where another run is writing folder now; nothing is held after."""
+        if (folder / ".lock").exists():
+            cls(folder, shown).release()
+
     def release(self) -> None:
         """The lock goes, and the .lock file with it where this lock made it: a refused command
         leaves a user's folder as it was."""
@@ -720,14 +723,20 @@ def lock_holder(fd: int) -> str:
     return "?"
 
 
+def fresh_into(out: Path, resume: str | None) -> bool:
+    """A run into out is a fresh one, or a branch of --resume's run, not --resume's run itself: out
+    must hold no run."""
+    return not (resume and Path(resume).resolve() == out.resolve())
+
+
 def claim(folder: Path, overwrite: bool, flag: str, locked: bool = False) -> None:
     """A fresh run (or a replay's result) goes only into a folder that holds no run, or with
     --overwrite, which removes that run's files first. A folder another process writes is refused
     whatever the flags."""
     if not folder.is_dir():
         return
-    if not locked and (folder / ".lock").exists():
-        FolderLock(folder, folder).release()  # only to ask: is another run writing it now?
+    if not locked:
+        FolderLock.ask(folder, folder)
     own = (*RUN_FILES, ".lock", ".rebuild")  # and a killed write's .NAME.tmpPID
     foreign = [] if flag == "--out" else sorted(  # a replay's result replaces the whole folder
         p.name for p in folder.iterdir()
@@ -746,7 +755,7 @@ def claim(folder: Path, overwrite: bool, flag: str, locked: bool = False) -> Non
     # (a replay's result replaces the folder when it moves in)
     for name in old if flag == "--out" else ():
         if name == "adapter":  # its two files; a file of the user's in it stays, and the folder
-            for file in ADAPTER_FILES:
+            for file in (checkpoints.ADAPTER_WEIGHTS, checkpoints.ADAPTER_CONFIG):
                 (folder / name / file).unlink(missing_ok=True)
             with contextlib.suppress(OSError):  # (not empty)
                 (folder / name).rmdir()
@@ -884,8 +893,8 @@ def keep_last_good(error: NonFiniteLoss, cfg, train) -> str:
             # the checkpoint and the adapter; the run's log stays
             for path in sorted(rebuilt.rglob("*")):
                 if path.is_file() and path.name in (checkpoints.CHECKPOINT,
-                                                    "adapter_model.safetensors",
-                                                    "adapter_config.json"):
+                                                    checkpoints.ADAPTER_WEIGHTS,
+                                                    checkpoints.ADAPTER_CONFIG):
                     (Path(out) / path.relative_to(rebuilt)).parent.mkdir(exist_ok=True)
                     os.replace(path, Path(out) / path.relative_to(rebuilt))
         except UsageError as e:
