@@ -74,9 +74,11 @@ def save_checkpoint(out: Path, tensors: dict, step: int, config: dict, offsets: 
     atomic_write(out / CHECKPOINT, lambda tmp: save_file(tensors, str(tmp), metadata=meta))
 
 
-def read_checkpoint(folder: Path, flag: str = "--resume") -> tuple[dict, int, dict]:
-    """(tensors, step, config dict) from a checkpoint; one clear error line, naming the flag that
-    pointed at it (--resume or --replay), if it is missing or corrupt."""
+def read_checkpoint(folder: Path, flag: str = "--resume",
+                    tensors: bool = True) -> tuple[dict, int, dict]:
+    """(tensors, step, config dict) from a checkpoint (tensors=False: {}, only its header read);
+    one clear error line, naming the flag that pointed at it (--resume or --replay), if it is
+    missing or corrupt."""
     from safetensors import safe_open
     path = folder / CHECKPOINT
     if not path.is_file():
@@ -88,8 +90,8 @@ def read_checkpoint(folder: Path, flag: str = "--resume") -> tuple[dict, int, di
             if meta.get("format", FORMAT) != FORMAT:  # (a checkpoint before "format" was mezo-1)
                 raise UsageError(f"{flag} {folder}: {CHECKPOINT} is format {meta['format']!r}, "
                                  f"written by another version of mezo; this one reads {FORMAT!r}")
-            tensors = {k: f.get_tensor(k) for k in f.keys()}
-        return tensors, int(meta["step"]), json.loads(meta["config"])
+            read = {k: f.get_tensor(k) for k in f.keys()} if tensors else {}
+        return read, int(meta["step"]), json.loads(meta["config"])
     except UsageError:
         raise
     except Exception as e:
@@ -139,7 +141,7 @@ def saved_config(folder: Path, flag: str = "--resume", known=None) -> dict:
     checkpoint yet: the config it started with."""
     path = folder / RUN_CONFIG
     if (folder / CHECKPOINT).is_file() or not path.is_file():
-        _, _, config = read_checkpoint(folder, flag)
+        _, _, config = read_checkpoint(folder, flag, tensors=False)  # (its header alone)
     else:
         try:
             config = json.loads(path.read_text())

@@ -57,9 +57,6 @@ class ReplayMixin:
         if not (folder / "log.jsonl").is_file():
             raise UsageError(f"--replay {folder}: no log.jsonl there; point --replay at a run's "
                              "--out folder")
-        # (a run stopped before its first checkpoint has none)
-        if (folder / checkpoints.CHECKPOINT).is_file():
-            check_same_run(cfg, checkpoints.saved_config(folder, "--replay"), "--replay", folder)
         records = {r["step"]: r for r in read_log(folder / "log.jsonl") if "projected_grad" in r}
         missing = next((t for t in range(1, cfg.steps + 1) if t not in records), None)
         if missing is not None:
@@ -170,7 +167,10 @@ def load(cfg, placement, resume: str | None = None) -> Loaded:
     """The task's data, the model (with --head cls's fresh head) and the prompt, as a config asks;
     --out is made first, so a folder that cannot be written, that another run writes, or that
     holds a run a fresh one would replace is refused before anything loads (Run checks again,
-    under its lock)."""
+    under its lock). So is a --resume or --replay with a setting the run was not trained with."""
+    for flag, folder in (("--resume", resume), ("--replay", cfg.replay)):
+        if folder and (Path(folder) / checkpoints.CHECKPOINT).is_file():
+            check_same_run(cfg, checkpoints.saved_config(Path(folder), flag), flag, folder)
     if cfg.out and placement.is_main and not cfg.replay:
         out = Path(cfg.out)
         make_out(out, cfg.out)
@@ -396,14 +396,18 @@ class Run(ReplayMixin):
         if resume and self.tail:
             print(f"mezo: steps {self.start + 1}-{max(self.tail)} rebuilt from {resume}/log.jsonl "
                   "(their logged losses: no forward)")
+        # the checkpoint's step is due an evaluation that a signal cut short (Run.evaluate)
+        unevaluated = bool(resume) and self.start > 0 and self.evaluates_at(self.start) and not (
+            logged_evaluation(Path(self.out or resume) / "log.jsonl", self.start))
         # a finished run resumed again: no writes
-        self.idle = bool(resume) and self.start == self.cfg.steps
+        self.idle = bool(resume) and self.start == self.cfg.steps and not unevaluated
         writes = self.placement.is_main and not self.idle
         # at step 0 with nothing to rebuild, a resume starts the log afresh
         fresh = not resume or (self.start == 0 and not self.tail)
         # (a resume keeps the log's records of the steps it rebuilds from them)
         self.log = Log(self.out if writes else None,
-                       None if fresh else max(self.tail, default=self.start))
+                       None if fresh else max(self.tail, default=self.start),
+                       redo=self.start if unevaluated else None)
         if writes and self.out and not self.into:  # what a resume before any checkpoint reads
             config = json.dumps(dataclasses.asdict(self.cfg), indent=1)
             checkpoints.atomic_write(self.out / checkpoints.RUN_CONFIG,
@@ -414,6 +418,12 @@ class Run(ReplayMixin):
         peak_memory_mb(self.device, reset=True)  # from here on: evaluations and steps, not loading
         if fresh and self.replay is None and not self.idle:
             self.evals[0] = self.evaluate(0)
+        if unevaluated:
+            print(f"mezo: step {self.start}'s evaluation was cut short by the stop: it runs now")
+            evals = self.evaluate(self.start)
+            if evals is None:  # (cut short again)
+                raise Stopped(self.stop.signal, self.start, self.stop.code)
+            self.evals[self.start] = evals
         self.bar = tqdm(range(self.start + 1, self.cfg.steps + 1), initial=self.start,
                         total=self.cfg.steps, desc="mezo", dynamic_ncols=True,
                         disable=not self.placement.is_main)
@@ -452,34 +462,51 @@ class Run(ReplayMixin):
         shown = self.evals[max(self.evals)] if self.evals else {}
         self.bar.set_postfix(loss=f"{record['loss']:.4f}",
                              acc=f"{shown.get('test', float('nan')):.3f}")
-        if self.evaluates_at(step):  # (a step rebuilt from the log: its logged evaluation)
-            self.evals[step] = self.logged_evals.get(step) or self.evaluate(step)
-        if self._saves(step):
+        if self._saves(step):  # before the evaluation, which a stop does not wait for
             self.checkpoint(step)
-        if self.stop.step == step < self.cfg.steps:
+        if self.evaluates_at(step):  # (a step rebuilt from the log: its logged evaluation)
+            evals = self.logged_evals.get(step) or self.evaluate(step)
+            if evals is None:  # cut short by a signal: a resume evaluates the step again
+                self.stop.step = step
+            else:
+                self.evals[step] = evals
+        if self.stop.step == step and (step < self.cfg.steps or step not in self.evals):
             self.bar.close()
             raise Stopped(self.stop.signal, step, self.stop.code)
 
     @torch.no_grad()
-    def evaluate(self, step: int) -> dict:
+    def evaluate(self, step: int) -> dict | None:
         """Dev and test accuracy; test is cut to --eval-max rows (spread_rows) between the first and
-        the last evaluation."""
-        results, final = {}, step == self.cfg.steps
+        the last evaluation. Logged together once both are in. Once step's checkpoint is written,
+        a signal cuts the evaluation short (None, nothing logged): a scheduler's grace period is
+        shorter than a whole test set on a CPU, and a resume evaluates the step. (Not under
+        torchrun: every rank's forwards must meet in the same collectives.)"""
+        results, records, final = {}, [], step == self.cfg.steps
+        forward = self.forward
+        if self.last_saved == step and not distributed(self.cfg):
+            def forward(batch):
+                if self.stop.signal:
+                    raise Stopped(self.stop.signal, step, self.stop.code)
+                return self.forward(batch)
         for split in ("dev", "test"):
             rows, limit = self.splits[split], self.cfg.eval_max if step else self.cfg.eval_max_start
             rows = spread_rows(rows, limit) if split == "test" and limit and not final else rows
             mine = self.placement.local(rows)
             acc = loss = 0.0
             if mine:
-                logits, labels = batch_logits(self.forward, mine, self.cfg.micro_batch, self.pad_id,
-                                              self.device)
+                try:
+                    logits, labels = batch_logits(forward, mine, self.cfg.micro_batch,
+                                                  self.pad_id, self.device)
+                except Stopped:
+                    return None
                 acc, loss = ((logits.argmax(-1) == labels).float().mean().item(),
                              F.cross_entropy(logits, labels).item())
             acc, loss = self.placement.mean(acc, len(mine)), self.placement.mean(loss, len(mine))
-            self.log.write(dict(step=step, split=split, accuracy=acc, loss=loss, n=len(rows)))
+            records.append(dict(step=step, split=split, accuracy=acc, loss=loss, n=len(rows)))
             results[split] = acc
             tqdm.write(f"step {step:6d} | {split:4s} accuracy {acc:.4f} loss {loss:.4f} "
                        f"({len(rows)} examples)")
+        self.log.write(*records)
         return results
 
     def checkpoint(self, step: int) -> None:
@@ -1033,25 +1060,34 @@ class Log:
     """log.jsonl: one JSON object per step and per evaluation. resume_step: keep the records up to
     it (a crash may have left later ones); else start afresh."""
 
-    def __init__(self, out: Path | None, resume_step: int | None = None):
+    def __init__(self, out: Path | None, resume_step: int | None = None, redo: int | None = None):
+        """redo: a step whose evaluation runs again (a part of it logged is dropped)."""
         self.path = out / "log.jsonl" if out else None
         # on resume, the kept log's last step record (its cumulative pass counts go on)
         self.last_step = {}
         if self.path and resume_step is not None and self.path.exists():
-            keep = [r for r in read_log(self.path) if r["step"] <= resume_step]
+            keep = [r for r in read_log(self.path)
+                    if r["step"] <= resume_step and not (r["step"] == redo and "split" in r)]
             checkpoints.atomic_write(self.path, lambda tmp: tmp.write_text(
                 "".join(json.dumps(r) + "\n" for r in keep)))
             self.last_step = next((r for r in reversed(keep) if "forwards" in r), {})
         elif self.path:
             checkpoints.atomic_write(self.path, lambda tmp: tmp.write_text(""))
 
-    def write(self, record: dict) -> None:
+    def write(self, *records: dict) -> None:
+        """Appended in one write (an evaluation's dev and test records go in together)."""
         if self.path:
             try:
                 with open(self.path, "a") as f:
-                    f.write(json.dumps(record) + "\n")
+                    f.write("".join(json.dumps(r) + "\n" for r in records))
             except OSError as e:  # a full disk: a cut last line is dropped when the run is resumed
                 raise checkpoints.cannot_write(self.path, e) from None
+
+
+def logged_evaluation(path: Path, step: int) -> bool:
+    """Whether a log holds step's whole evaluation, dev and test."""
+    records = read_log(path) if path.is_file() else []
+    return {"dev", "test"} <= {r.get("split") for r in records if r["step"] == step}
 
 
 def read_log(path: Path) -> list[dict]:

@@ -136,6 +136,8 @@ def test_corrupt_or_mismatched_checkpoint_is_refused(model_dir, tmp_path, capsys
     good = (tmp_path / checkpoints.CHECKPOINT).read_bytes()
     expect_error(capsys, ["--resume", tmp_path, "--lora-r", 4], r"trained with --lora-r 8; .*\(drop --lora-r 4\)")
     expect_error(capsys, ["--resume", tmp_path, "--mode", "full"], r"trained with --mode lora; resume it with the same")
+    code, out, err = run(["--resume", tmp_path, "--task", "sst2"], capsys)  # refused before the model loads
+    assert code == 2 and "trained with --task synthetic" in err and "mezo: model" not in out, (out, err)
     from safetensors import safe_open
     from safetensors.torch import load_file, save_file
     with safe_open(str(tmp_path / checkpoints.CHECKPOINT), "pt") as f:

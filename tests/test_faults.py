@@ -453,3 +453,39 @@ def test_6_a_file_written_over_a_folder_or_into_a_missing_one_names_that_fix(tmp
 def test_7_replay_of_a_missing_folder_says_replay(tmp_path, capsys):
     expect_error(capsys, ["--replay", tmp_path / "nonexistent", "--out", tmp_path / "b"],
                  r"^mezo: error: --replay .*nonexistent: no such folder; point --replay at")
+
+
+def test_5_a_signal_during_an_evaluation_cuts_it_short_and_the_resume_evaluates_the_step(model_dir, tmp_path, capsys):
+    """SIGTERM while step 2 is evaluated, its checkpoint written first: the evaluation stops before its next forward
+    (a scheduler's grace period is shorter than a whole test set on a CPU), none of it is logged, and the run stops at
+    step 2. --resume evaluates step 2 first and goes on: its log and tensors are those of an unbroken run."""
+    import mezo
+    w, straight = tmp_path / "W", tmp_path / "straight"
+    flags = dict(steps=4, eval_every=2, micro_batch=2, eval_max=16, eval_max_start=16)
+    seen = []  # the forwards after the signal
+
+    class SignalOnceCheckpointed(mezo.PromptForward):
+        def __call__(self, batch):
+            if seen:
+                seen.append(batch)
+            elif (w / checkpoints.CHECKPOINT).is_file():
+                seen.append("signalled")
+                os.kill(os.getpid(), signal.SIGTERM)  # (handled at the next bytecode: this forward goes on)
+            return super().__call__(batch)
+
+    cfg, _ = mezo.parse_args(P(model_dir, out=w, **flags))
+    with pytest.raises(Stopped) as stopped:
+        mezo.train(cfg, forward=SignalOnceCheckpointed, placement=mezo.Placement(torch.device("cpu")))
+    assert stopped.value.step == 2 and seen == ["signalled"]  # no forward after the signal
+    assert step_of(w) == 2
+    logged = [json.loads(line) for line in (w / "log.jsonl").read_text().splitlines()]
+    assert logged[-1]["step"] == 2 and "projected_grad" in logged[-1]  # nothing of step 2's evaluation
+    capsys.readouterr()
+    code, out, err = run(["--resume", w, "--steps", 4], capsys)
+    assert code == 0 and "step 2's evaluation was cut short by the stop: it runs now" in out, err[-2000:]
+    assert run(P(model_dir, out=straight, **flags), capsys)[0] == 0
+    drop = lambda r: {k: v for k, v in r.items() if "time" not in k}
+    read = lambda f: [drop(json.loads(line)) for line in (f / "log.jsonl").read_text().splitlines()]
+    assert read(w) == read(straight) and [r["step"] for r in read(w) if r.get("split") == "test"] == [0, 2, 4]
+    a, b = load_file(w / checkpoints.CHECKPOINT), load_file(straight / checkpoints.CHECKPOINT)
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
