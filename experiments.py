@@ -97,11 +97,14 @@ TASK_SEEDS, MEZO_LRS, BUDGET = (13, 21), ("1e-3", "5e-4", "2e-3"), (100, 400, 10
 # (a pick should not sit at the grid's edge) and the pick is among all four. On SST-2, lr 1e-3
 # reached dev 84.4 at step 200 and then ran away after step 500.
 MEZO_LOWER_LR = "2e-4"
-# A probe has diverged at step s (a multiple of the window, the budget's first stop, from twice the
-# window on) when its mean training loss over the window ending at s is over DIVERGE_FACTOR times
-# its mean over the first window. At lr 2e-3 the loss of SST-2 went 0.82 -> 1.69 from the first 100
-# steps to the next 100 (SST-5: 1.79 -> 3.03) and never came back, while |projected_grad| grew a
-# hundredfold; the probes that did not diverge lowered their loss.
+# A probe has diverged at step s (a multiple of the window, the budget's first stop) when its mean
+# training loss over the window ending at s is over DIVERGE_FACTOR times the lowest it had been: its
+# mean over its first tenth of a window (the loss it started from) or over any earlier window. At lr
+# 2e-3 the loss of SST-2 went 0.82 -> 1.69 from the first 100 steps to the next 100 (SST-5: 1.79 ->
+# 3.03) and never came back, while |projected_grad| grew a hundredfold; the probes that did not
+# diverge lowered their loss. TREC's ran away within its first window (2.35 over steps 1-10, then
+# 4.35 over 1-100) or after it had fallen (lr 5e-4: 1.55 over steps 201-300, 2.79 over 401-500),
+# which a comparison with the first window alone missed: lr 2e-3, at chance on dev, had been picked.
 DIVERGE_FACTOR = 1.5
 # seconds between two looks at a running probe's log
 POLL_S = 10.0
@@ -301,14 +304,14 @@ def diverged(out: Path, m: Method) -> int | None:
         return None
     loss = {r["step"]: r["loss"] for r in log if "split" not in r and "loss" in r}
 
-    def mean(end: int) -> float | None:
-        span = range(end - window + 1, end + 1)
+    def mean(first: int, last: int) -> float | None:
+        span = range(first, last + 1)
         return float(np.mean([loss[t] for t in span])) if all(t in loss for t in span) else None
-    first, end = mean(window), 2 * window
-    while first is not None and (late := mean(end)) is not None:
-        if late > DIVERGE_FACTOR * first:
+    lowest, end = mean(1, max(1, window // 10)), window
+    while lowest is not None and (late := mean(end - window + 1, end)) is not None:
+        if late > DIVERGE_FACTOR * lowest:
             return end
-        end += window
+        lowest, end = min(lowest, late), end + window
     return None
 
 

@@ -300,7 +300,7 @@ def write_table(root: Path, path: Path, figures: Path | None = None, tasks_=ex.T
              task_seeds=" and ".join(map(str, ex.TASK_SEEDS)),
              p_first=ex.PRECISION[0].stops[0], p_last=ex.PRECISION[0].stops[-1],
              lrs=", ".join(sorted(ex.MEZO_LRS, key=float)), p_lr=ex.PRECISION_LR,
-             diverge=ex.DIVERGE_FACTOR, lower_lr=ex.MEZO_LOWER_LR,
+             diverge=ex.DIVERGE_FACTOR, start=max(1, ex.BUDGET[0] // 10), lower_lr=ex.MEZO_LOWER_LR,
              threads="/".join(map(str, threads)) or "?",
              rows="\n".join(rows), probes="\n".join(probes), figure=shown,
              per_seed="\n".join(per_seed(parts)), prompts="\n".join(prompts),
