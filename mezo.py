@@ -30,10 +30,9 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-# `mezo` is this module and also the package of the files beside it, so the rest of a run is
-# imported as `mezo.runs`, `mezo.tasks`, `mezo.fast`, ...: never another project's `runs` or
-# `tasks`, and nothing of ours at the top level. In a checkout they sit next to this file;
-# installed, in the folder mezo/ next to it (pyproject.toml).
+# `mezo` is this module and the package of the files beside it: the rest of a run is `mezo.runs`,
+# `mezo.tasks`, ... (never another project's `runs`; nothing of ours at the top level), next to
+# this file in a checkout and, installed, in the folder mezo/ next to it (pyproject.toml).
 _HERE = Path(__file__).resolve().parent
 __path__ = [str(_HERE / "mezo")] if (_HERE / "mezo" / "runs.py").is_file() else [str(_HERE)]
 
@@ -53,7 +52,7 @@ class Config:
     # task and data
     task: str = option("sst2", tasks.describe(), choices=tasks.NAMES, parse=tasks.canonical)
     data_dir: str | None = option(
-        None, "folder holding sst2/ and lm-bff/ (else $MEZO_DATA, ../shared/data, the cache)")
+        None, "folder holding sst2/ and lm-bff/ (else $MEZO_DATA, a checkout's data, the cache)")
     k: int = option(
         16, "training examples per class, sampled as LM-BFF does; 0 = the whole GLUE train set",
         min=0)
@@ -61,7 +60,7 @@ class Config:
     template: str | None = option(
         None, "{sentence} (or {sentence1}, {sentence2}) and {mask}; default: the task's")
     label_words: tuple[str, ...] | None = option(
-        None, "one word per class, class 0 first; default: the task's")
+        None, "one word per class, comma-separated, class 0 first; default: the task's")
     max_length: int = option(
         128, "tokens per example; a longer sentence is cut, the prompt never is", min=8)
     # model
@@ -92,17 +91,17 @@ class Config:
     weight_decay: float = option(0.0, "weight decay; never on biases and norm weights", min=0)
     n_samples: int = option(1, "directions z per step, averaged (the paper's Algorithm 2)", min=1)
     rule: str = option(
-        "sgd", "ZO-SGD or rules.py's", choices=("sgd", "momentum", "adam", "sign", "conservative"))
+        "sgd", "ZO-SGD, or mezo.rules", choices=("sgd", "momentum", "adam", "sign", "conservative"))
     beta: float = option(0.9, "--rule momentum's β, --rule adam's β1 (β2: 0.999)", min=0, below=1)
     objective: str = option(
         "ce", "cross-entropy over the label words, or 1 − accuracy", choices=("ce", "accuracy"))
     optimizer: str = option(
         "mezo", "or adam: the first-order baseline, backprop + AdamW", choices=("mezo", "adam"))
-    fast: bool = option(False, "fast/'s backend, same numbers: compiled on CPUs, Triton on GPUs")
+    fast: bool = option(False, "the fast backend, same numbers: compiled on CPUs, Triton on GPUs")
     exact_restore: bool = option(
         False, "keep a copy of θ during a step so ±ε never drifts (low-precision full)")
     cache: bool = option(
-        False, "cache/: reuse the frozen layers' states per example (pays with --top-layers)")
+        False, "reuse the frozen layers' states per example (pays with --top-layers)")
     cache_mb: int = option(
         1024, "--cache memory cap in MiB (least recently used examples go first)", min=1)
     seed: int = option(
@@ -562,9 +561,11 @@ class MeZO(torch.optim.Optimizer):
 
     @torch.no_grad()
     def step(self, closure) -> float:
-        if closure is None:
-            raise ValueError("MeZO.step needs a closure that runs a forward and returns the loss")
         params = self.layout()  # the trainables, and their rates tensor by tensor:
+        if closure is None or not params:  # (frozen ones are skipped, as torch's optimizers do)
+            raise ValueError("MeZO.step needs a closure that runs a forward and returns the loss"
+                             if params else "none of MeZO's parameters requires grad: nothing to "
+                             "train (set requires_grad=True on those to train)")
         lrs = [g["lr"] for g in self.param_groups for p in g["params"] if p.requires_grad]
         wds = [g["weight_decay"] for g in self.param_groups for p in g["params"] if p.requires_grad]
         seeds = [step_seed(self.seed, self.steps + 1, k) for k in range(self.n_samples)]
@@ -718,9 +719,8 @@ def train(cfg: Config, resume: str | None = None, *, backend=None, forward=Promp
         return run.finish()
 
 # -----------------------------------------------------------------------------
-# Command line: flags map 1:1 onto Config, and `variants` picks the seams (the one place that
-# imports fast/, cache/ or tp/). With --resume, the flags given change the checkpoint's config (e.g.
-# --steps to train further).
+# Command line: flags map 1:1 onto Config; `variants` picks the seams (the one place importing
+# fast/, cache/, tp/). With --resume, the flags given change the checkpoint's config (--steps too).
 
 
 def parse_args(argv=None) -> tuple[Config, str | None]:

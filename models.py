@@ -147,9 +147,15 @@ def resolve_model_path(name: str) -> str:
     from transformers import AutoModelForCausalLM, AutoTokenizer
     folder = spec.submodule_search_locations[0]
     print(f"mezo: converting {SMOLLM2['gguf']} to {target} (once, about 20 s)", file=sys.stderr)
-    tokenizer = AutoTokenizer.from_pretrained(folder, gguf_file=SMOLLM2["gguf"])
-    model = AutoModelForCausalLM.from_pretrained(folder, gguf_file=SMOLLM2["gguf"],
-                                                 dtype=torch.float32)
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(folder, gguf_file=SMOLLM2["gguf"])
+        model = AutoModelForCausalLM.from_pretrained(folder, gguf_file=SMOLLM2["gguf"],
+                                                     dtype=torch.float32)
+    except (OSError, ValueError) as e:  # a damaged install: no .gguf, or one cut short
+        why = str(e).split(". ")[0].rstrip(".") if str(e) else type(e).__name__
+        raise UsageError(f"--model {SMOLLM2['alias']}: cannot read {SMOLLM2['gguf']} in {folder} "
+                         f"({why}); reinstall it ({SMOLLM2['pip']} --force-reinstall) or give "
+                         "--model a model folder") from None
     model.hf_quantizer = None  # the weights are dequantised now; save them as a plain model
     if hasattr(model.config, "quantization_config"):
         del model.config.quantization_config

@@ -213,6 +213,9 @@ def load(cfg, placement, resume: str | None = None) -> Loaded:
 
 
 def make_out(folder: Path, shown, flag: str = "--out") -> None:
+    if folder.exists() and not folder.is_dir():
+        raise UsageError(f"{flag} {shown} is a file, not a folder; give a folder for the run "
+                         "(nothing was changed)")
     try:
         folder.mkdir(parents=True, exist_ok=True)
     except OSError as e:
@@ -764,10 +767,7 @@ def claim(folder: Path, overwrite: bool, flag: str, locked: bool = False) -> Non
         return
     if not locked:
         FolderLock.ask(folder, folder)
-    own = (*RUN_FILES, ".lock", ".rebuild")  # and a killed write's .NAME.tmpPID
-    foreign = [] if flag == "--out" else sorted(  # a replay's result replaces the whole folder
-        p.name for p in folder.iterdir()
-        if p.name not in own and not (p.name.startswith(".") and ".tmp" in p.name))
+    foreign = [] if flag == "--out" else run_foreign(folder)  # a replay replaces the whole folder
     if foreign:
         more = len(foreign) - 3
         shown = ", ".join(foreign[:3]) + (f" and {more} more" if more > 0 else "")
@@ -788,6 +788,18 @@ def claim(folder: Path, overwrite: bool, flag: str, locked: bool = False) -> Non
                 (folder / name).rmdir()
         elif not (folder / name).is_dir():  # (a folder of that name: the write names it)
             (folder / name).unlink()
+
+
+def run_foreign(folder: Path) -> list[str]:
+    """What a run folder holds that is not a run's, as paths in it: in adapter/ too (PEFT's own
+    save_pretrained puts a README.md there)."""
+    killed = lambda p: p.name.startswith(".") and ".tmp" in p.name  # a killed write's .NAME.tmpPID
+    adapter = folder / "adapter"
+    inside = [f"adapter/{p.name}" for p in adapter.iterdir() if not killed(p) and p.name not in (
+        checkpoints.ADAPTER_WEIGHTS, checkpoints.ADAPTER_CONFIG)] if adapter.is_dir() else []
+    own = (*RUN_FILES, ".lock", ".rebuild")
+    return sorted([p.name for p in folder.iterdir() if p.name not in own and not killed(p)]
+                  + inside)
 
 
 def move_into_place(built: Path, into: Path, overwrite: bool) -> None:
@@ -959,7 +971,7 @@ def check_config(cfg) -> None:
         words = "1 word" if len(cfg.label_words) == 1 else f"{len(cfg.label_words)} words"
         raise UsageError(f"--label-words gives {words}, but {cfg.task} has "
                          f"{tasks.num_classes(cfg.task)} classes: give one word per class, "
-                         f"class 0 first (the task's: "
+                         f"comma-separated, class 0 first (the task's: "
                          f"'{','.join(tasks.prompt(cfg.task, 'mlm')[1])}')")
     models.check_device(cfg.device)
     if cfg.mode == "head" and cfg.head != "cls":
@@ -1009,7 +1021,9 @@ def idle_flags(cfg) -> list[str]:
             (("eps", "n_samples"), cfg.optimizer == "adam", "--optimizer adam perturbs nothing"),
             (("beta",), cfg.rule not in ("momentum", "adam"), f"--rule {cfg.rule} has no β"),
             (("cache_mb",), not cfg.cache, "there is no --cache"),
-            (("save_every",), not cfg.out, "there is no --out to save into")]
+            (("save_every",), not cfg.out, "there is no --out to save into"),
+            (("data_dir",), tasks.canonical(cfg.task) == "synthetic",
+             "--task synthetic makes its own examples")]
     shown = lambda v: ",".join(v) if isinstance(v, tuple) else v  # noqa: E731 (as given)
     return [f"--{name.replace('_', '-')} {shown(getattr(cfg, name))} has no effect: {why}"
             for names, unused, why in idle if unused for name in names
@@ -1028,7 +1042,7 @@ def precision_note(dtype: str, eps: float, flag: str = "--eps ") -> str | None:
         return None
     best = min(errors, key=errors.get)
     return (f"in {dtype}, projected_grad at {flag}{nearest:g} was measured "
-            f"{errors[nearest]:.1f}x its own size away from float32's (docs/precision.md); "
+            f"{errors[nearest]:.1f}x its own size away from float32's (SmolLM2-135M, 50 steps); "
             f"{flag}{best:g} measured {errors[best]:.2f}: consider it")
 
 

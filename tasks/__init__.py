@@ -86,9 +86,8 @@ def canonical(name: str) -> str:
 
 def describe() -> str:
     """The --task help: each task with its data source."""
-    return ("sst2, sst5, mr, cr, mpqa, subj, trec, rte (LM-BFF's data/original, in ../shared/data "
-            f"or {DATA_URLS['lm-bff']}); mnli, snli, qnli (the same archive, not in "
-            "../shared/data); synthetic")
+    return ("sst2, sst5, mr, cr, mpqa, subj, trec, rte, mnli, snli, qnli (LM-BFF's data/original: "
+            f"in --data-dir, else downloaded once from {DATA_URLS['lm-bff']}); synthetic")
 
 
 def prompt(task: str, kind: str) -> tuple[str, tuple[str, ...]]:

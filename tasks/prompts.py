@@ -30,6 +30,10 @@ def check_template(template: str, pair: bool) -> None:
         raise UsageError(f"--template {template!r}: unknown placeholder {', '.join(unknown)}; a "
                          "template takes {sentence} (or {sentence1} and {sentence2}, each may end "
                          "in :- or :l) and {mask}")
+    if {"{", "}"} & set(PLACEHOLDER.sub("", template)):  # e.g. "{mask" or "sentence}"
+        raise UsageError(f"--template {template!r}: a brace without its pair; a template takes "
+                         "{sentence} (or {sentence1} and {sentence2}) and {mask}, each in one pair "
+                         "of braces")
     if template.count("{mask}") > 1:
         raise UsageError(f"--template {template!r}: {{mask}} appears "
                          f"{template.count('{mask}')} times; the label word is read at one place, "

@@ -208,6 +208,7 @@ def test_an_out_folder_that_cannot_be_made_is_one_line(model_dir, tmp_path, caps
     blocker.write_text("keep me")
     expect_error(capsys, tiny_args(model_dir, blocker / "run"),
                  r"--out .*a-file/run: cannot create it \(Not a directory")
+    expect_error(capsys, tiny_args(model_dir, blocker), r"--out .*a-file is a file, not a folder; give a folder")
     assert blocker.read_text() == "keep me"
 
 
@@ -243,7 +244,7 @@ def test_help_explains_every_option_and_lists_the_choices(capsys):
                  "--objective {ce,accuracy}", "--dtype {float32,bfloat16,float16}", "--optimizer {mezo,adam}"):
         assert flag in text, flag
     assert "learning rate (default: 0.001)" in text and "perturbation scale ε (paper: 1e-3) (default: 0.001)" in text
-    assert "mnli, snli, qnli (the same archive" in text and "lm-bff/datasets.tar" in text.replace("- ", "-")
+    assert "mnli, snli, qnli (LM-BFF's data/original: in --data-dir" in text and "lm-bff/datasets.tar" in text.replace("- ", "-")
     for f in dataclasses.fields(mezo.Config):  # every option has words, not only its default
         assert f.metadata["help"] and "--" + f.name.replace("_", "-") in text
 

@@ -120,17 +120,20 @@ def test_4_a_replay_into_a_run_and_a_fresh_run_over_a_run_are_refused(model_dir,
     assert step_of(c) == 2 and not (tmp_path / ".C.replay").exists() and not list(tmp_path.glob(".C.old*"))
 
 
-@pytest.mark.parametrize("theirs", ["thesis.txt", ".git/HEAD", "checkpoint.safetensors+notes.md"])
+@pytest.mark.parametrize("theirs", ["thesis.txt", ".git/HEAD", "checkpoint.safetensors+notes.md",
+                                    "adapter/adapter_config.json+adapter/README.md"])
 def test_4_a_replay_never_removes_files_that_are_not_a_runs(model_dir, tmp_path, capsys, theirs):
     """A replay's result replaces its --out whole: into a folder that holds anything else (a user's file, a .git,
-    beside a run's files) it is refused, --overwrite or not, and every file stays."""
+    beside a run's files, in its adapter/ as PEFT's save_pretrained writes a README.md) it is refused, --overwrite or
+    not, and every file stays."""
     a, c = tmp_path / "A", tmp_path / "C"
     assert run(P(model_dir, steps=2, eval_every=0, out=a), capsys)[0] == 0
     for name in theirs.split("+"):
         (c / name).parent.mkdir(parents=True, exist_ok=True)
         (c / name).write_text("the user's own")
     before = snapshot(c)
-    foreign = theirs.split("+")[-1].split("/")[0]
+    last = theirs.split("+")[-1]
+    foreign = last if last.startswith("adapter/") else last.split("/")[0]
     for flags in ([], ["--overwrite"]):
         expect_error(capsys, ["--replay", a, "--out", c, *flags],
                      rf"--replay … --out .*C holds files that are not a run's \({re.escape(foreign)}\); a replay "

@@ -74,7 +74,7 @@ def test_label_words_for_another_number_of_classes_are_refused(model_dir, tmp_pa
     refused(capsys, ["--task", "sst2", "--label-words", words, "--model", model_dir("llama"),
                      "--device", "cpu", "--out", tmp_path / "run"],
             rf"--label-words gives {count}, but sst2 has 2 classes: give one word per class, "
-            r"class 0 first \(the task's: ' terrible, great'\)")
+            r"comma-separated, class 0 first \(the task's: ' terrible, great'\)")
     assert nothing_written(tmp_path / "run")
 
 
@@ -244,6 +244,12 @@ def test_a_template_with_an_unknown_placeholder_is_refused(model_dir, capsys):
             r"--template .*: unknown placeholder \{foo\}; a template takes \{sentence\}")
 
 
+@pytest.mark.parametrize("template", ["{sentence} It was {mask", "sentence} It was {mask}", "{sentence} {{mask}}"])
+def test_a_template_with_a_brace_out_of_its_pair_is_refused(model_dir, capsys, template):
+    """A typo'd `{mask` had trained with the text "{mask" in every prompt and the label read after it."""
+    refused(capsys, P(model_dir, "--template", template), r"--template .*: a brace without its pair; a template takes")
+
+
 def test_a_template_with_two_masks_is_refused(model_dir, capsys):
     refused(capsys, P(model_dir, "--template", "{sentence} {mask} {mask}", kind="roberta"),
             r"--template .*: \{mask\} appears 2 times; .* give one \{mask\}")
@@ -266,17 +272,19 @@ def test_a_sentence_after_the_mask_is_refused_for_a_causal_lm_and_taken_by_a_mas
 
 def test_a_flag_the_others_leave_without_effect_gets_a_note_and_the_run_goes_on(model_dir, tmp_path, capsys):
     """`--mode full --lora-r 4`, `--mode lora --num-prefix 3`, `--beta` without a rule that has one, `--save-every`
-    without `--out`, a `--batch-size` past the training set: each was dropped without a word, and a user believed it
+    without `--out`, `--data-dir` for the synthetic task, a `--batch-size` past the training set: each was dropped without a word, and a user believed it
     acted. Each is a note now; the run goes on (a script may always pass them), and a run with the defaults prints
     none."""
     code, out, _ = run(P(model_dir, "--steps", 0, "--mode", "full", "--lora-r", 4, "--lora-targets", "q_proj,v_proj",
-                         "--num-prefix", 3, "--beta", 0.5, "--save-every", 5, "--k", 4, "--batch-size", 9), capsys)
+                         "--num-prefix", 3, "--beta", 0.5, "--save-every", 5, "--k", 4, "--batch-size", 9,
+                         "--data-dir", tmp_path), capsys)
     assert code == 0 and [line for line in out.splitlines() if "note" in line] == [
         "mezo: note: --lora-r 4 has no effect: --mode full trains no LoRA",
         "mezo: note: --lora-targets q_proj,v_proj has no effect: --mode full trains no LoRA",
         "mezo: note: --num-prefix 3 has no effect: --mode full trains no prefix",
         "mezo: note: --beta 0.5 has no effect: --rule sgd has no β",
         "mezo: note: --save-every 5 has no effect: there is no --out to save into",
+        f"mezo: note: --data-dir {tmp_path} has no effect: --task synthetic makes its own examples",
         # k 4 of each of 2 classes: 8 training examples
         "mezo: note: --batch-size 9 is more than the 8 training examples; each step takes all 8"]
     code, out, _ = run(P(model_dir, "--steps", 0, "--rule", "momentum", "--beta", 0.5), capsys)

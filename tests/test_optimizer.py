@@ -320,3 +320,18 @@ def test_fast_backend_in_the_optimizer_equals_mezo_step_with_it(groups):
         samples = mezo.mezo_step(params, lambda: loss_ref().item(), [mezo.step_seed(5, t, 0)], 1e-3, lrs, 0.0, backend)
         assert got == runs.step_record(samples, 0.05)["loss"]
         assert all(torch.equal(a, b) for a, b in zip(ours.parameters(), ref.parameters()))
+
+
+def test_a_mezo_with_nothing_to_train_is_one_error_not_a_step_that_changes_nothing():
+    """Every parameter frozen (a LoRA model whose adapters were never unfrozen): step() refuses in one line rather
+    than return a loss and leave the model as it was; once one is unfrozen, the same optimizer steps it."""
+    model = torch.nn.Linear(4, 2)
+    model.requires_grad_(False)
+    opt = mezo.MeZO(model.parameters(), lr=1e-2)
+    x = torch.randn(8, 4)
+    with pytest.raises(ValueError, match=r"none of MeZO's parameters requires grad: nothing to train"):
+        opt.step(lambda: model(x).pow(2).mean())
+    model.weight.requires_grad_(True)
+    before = model.weight.clone()
+    opt.step(lambda: model(x).pow(2).mean())
+    assert not torch.equal(model.weight, before) and opt.steps == 1
