@@ -131,12 +131,12 @@ class ReplayMixin:
                              f"own replay ({got}, logged vs replayed): the log was edited, or the "
                              "run had another --seed, --eps or --lr")
 
-    def _check_against_the_runs_checkpoint(self) -> None:
+    def _check_against_the_runs_checkpoint(self) -> bool:
         """Where the run saved a checkpoint at the step replayed to, the replay must equal it bit
-        for bit."""
+        for bit (True: it was compared)."""
         folder = Path(self.cfg.replay)
         if not (folder / checkpoints.CHECKPOINT).is_file():
-            return
+            return False
         tensors, step, _ = checkpoints.read_checkpoint(folder, "--replay")
         # and buffers
         mine = {p.name: p.tensor for p in self.placement.gather(self.params)} | self._rule_state()
@@ -146,6 +146,7 @@ class ReplayMixin:
             raise UsageError(f"--replay {folder}: the rebuilt tensors differ from the run's own "
                              f"checkpoint at step {step}: another model or backend than the run's "
                              "(--fast on a GPU is Triton's numbers), or an edited log")
+        return step == self.cfg.steps
 
 
 @dataclasses.dataclass
@@ -411,6 +412,11 @@ class Run(ReplayMixin):
         self.log = Log(self.out if writes else None,
                        None if fresh else max(self.tail, default=self.start),
                        redo=self.start if unevaluated else None)
+        gap = next((t for t in range(1, self.start + 1) if t not in self.log.kept), None)
+        if resume and writes and self.out and self.cfg.optimizer == "mezo" and gap:
+            print(f"mezo: note: {self.out / 'log.jsonl'} has no record of step {gap} (cut short or "
+                  "edited): the run goes on from its checkpoint, but --replay rebuilds it only up "
+                  f"to step {gap - 1}")
         if writes and self.out and not self.into:  # what a resume before any checkpoint reads
             config = json.dumps(dataclasses.asdict(self.cfg), indent=1)
             checkpoints.atomic_write(self.out / checkpoints.RUN_CONFIG,
@@ -591,8 +597,11 @@ class Run(ReplayMixin):
             if self.out and (self.out / "summary.json").is_file():
                 self.placement.close()
                 return json.loads((self.out / "summary.json").read_text())
-        if self.replay is not None:
-            self._check_against_the_runs_checkpoint()
+        if self.replay is not None:  # what it did, said once it is in place
+            replayed = (f"mezo: step {self.cfg.steps}'s tensors rebuilt from {self.cfg.replay}'s "
+                        f"log, no forward run" + (", equal bit for bit to the run's checkpoint"
+                                                  if self._check_against_the_runs_checkpoint()
+                                                  else "") + f": {self.into}")
         if self.last_saved != self.cfg.steps:
             self.checkpoint(self.cfg.steps)
         wall_time, per_step = time.time() - self.t0, self.per_step["forwards"]
@@ -616,6 +625,7 @@ class Run(ReplayMixin):
             checkpoints.atomic_write(self.out / "summary.json", write)
             if self.into:  # checked, complete: now it is --out
                 move_into_place(self.out, self.into, self.cfg.overwrite)
+                print(replayed)
         self.placement.close()
         return summary
 
@@ -1078,13 +1088,14 @@ class Log:
         """redo: a step whose evaluation runs again (a part of it logged is dropped)."""
         self.path = out / "log.jsonl" if out else None
         # on resume, the kept log's last step record (its cumulative pass counts go on)
-        self.last_step = {}
+        self.last_step, self.kept = {}, set()  # (the MeZO steps it keeps)
         if self.path and resume_step is not None and self.path.exists():
             keep = [r for r in read_log(self.path)
                     if r["step"] <= resume_step and not (r["step"] == redo and "split" in r)]
             checkpoints.atomic_write(self.path, lambda tmp: tmp.write_text(
                 "".join(json.dumps(r) + "\n" for r in keep)))
             self.last_step = next((r for r in reversed(keep) if "forwards" in r), {})
+            self.kept = {r["step"] for r in keep if "projected_grad" in r}
         elif self.path:
             checkpoints.atomic_write(self.path, lambda tmp: tmp.write_text(""))
 

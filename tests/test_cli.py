@@ -222,8 +222,14 @@ def test_resume_with_a_broken_log_is_one_line_and_changes_nothing(model_dir, tmp
     assert {f: (tmp_path / f).read_bytes() for f in before} == before
     # a last line cut short, as a run killed mid-write leaves it: dropped, and the run goes on
     (tmp_path / "log.jsonl").write_text("\n".join(lines) + '\n{"step": 4, "seed": 12')
-    assert run(["--resume", tmp_path, "--steps", 4], capsys)[0] == 0
+    code, out, _ = run(["--resume", tmp_path, "--steps", 4], capsys)
+    assert code == 0 and "note" not in out
     assert [r["step"] for r in records(tmp_path) if "seed" in r] == [1, 2, 3, 4]
+    # a log that lost a step's record (edited, or emptied): the run goes on, and says what a replay can still rebuild
+    (tmp_path / "log.jsonl").write_text("".join(line + "\n" for line in lines if '"step": 2, "seed"' not in line))
+    code, out, _ = run(["--resume", tmp_path, "--steps", 5], capsys)
+    assert code == 0 and f"mezo: note: {tmp_path / 'log.jsonl'} has no record of step 2 (cut short or edited): the " \
+        "run goes on from its checkpoint, but --replay rebuilds it only up to step 1" in out.splitlines(), out
 
 
 @pytest.mark.skipif(not (SHARED / "lm-bff" / "SST-2" / "train.tsv").exists(), reason="no ../shared/data")

@@ -32,6 +32,10 @@ def test_replay_equals_the_runs_checkpoints_bit_for_bit(model_dir, tmp_path, cap
         assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a), steps
         assert "accuracy" not in printed.split("mezo: done")[0].split("training")[1]  # no forward, no evaluation
         assert re.search(r"^mezo: done in \d+ s$", printed, re.M), printed  # and no "; " before nothing
+        # what it did: the run's own checkpoint is at step 20 only
+        said = f"mezo: step {steps}'s tensors rebuilt from {long}'s log, no forward run"
+        assert printed.splitlines()[-1] == said + (", equal bit for bit to the run's checkpoint" if steps == 20
+                                                   else "") + f": {out}", printed
     if "--mode" not in extra:
         adapter = lambda f: load_file(f / "adapter" / "adapter_model.safetensors")
         assert all(torch.equal(adapter(long)[k], adapter(tmp_path / "replay20")[k]) for k in adapter(long))
