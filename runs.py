@@ -428,7 +428,8 @@ class Run(ReplayMixin):
         if fresh and self.replay is None and not self.idle:
             self.evals[0] = self.evaluate(0)
         if unevaluated:
-            print(f"mezo: step {self.start}'s evaluation was cut short by the stop: it runs now")
+            print(f"mezo: step {self.start}'s evaluation is not in the log (a stop cut it short): "
+                  "it runs now")
             evals = self.evaluate(self.start)
             if evals is None:  # (cut short again)
                 raise Stopped(self.stop.signal, self.start, self.stop.code)
