@@ -54,8 +54,7 @@ class Config:
     data_dir: str | None = option(
         None, "folder holding sst2/ and lm-bff/ (else $MEZO_DATA, a checkout's data, the cache)")
     k: int = option(
-        16, "training examples per class, sampled as LM-BFF does; 0 = the whole GLUE train set",
-        min=0)
+        16, "examples per class, sampled as LM-BFF does; 0 = the whole GLUE train set", min=0)
     data_seed: int = option(42, "split seed (paper: 13, 21, 42, 87, 100)", min=0, below=1 << 32)
     template: str | None = option(
         None, "{sentence} (or {sentence1}, {sentence2}) and {mask}; default: the task's")
@@ -83,8 +82,7 @@ class Config:
     num_prefix: int = option(
         5, "--mode prefix: virtual tokens on every attention layer (paper: 5)", min=1)
     # MeZO
-    steps: int = option(
-        400, "optimisation steps (the default run takes about 15 minutes on 2 CPU cores)", min=0)
+    steps: int = option(400, "optimisation steps (the default run: ~15 min on 2 CPU cores)", min=0)
     batch_size: int = option(8, "examples per step (paper: 16 for OPT, 64 for RoBERTa)", min=1)
     lr: float = option(1e-3, "learning rate", min=0)
     eps: float = option(1e-3, "perturbation scale ε (paper: 1e-3)", above=0)
@@ -100,8 +98,7 @@ class Config:
     fast: bool = option(False, "the fast backend, same numbers: compiled on CPUs, Triton on GPUs")
     exact_restore: bool = option(
         False, "keep a copy of θ during a step so ±ε never drifts (low-precision full)")
-    cache: bool = option(
-        False, "reuse the frozen layers' states per example (pays with --top-layers)")
+    cache: bool = option(False, "reuse frozen layers' states per example (pays with --top-layers)")
     cache_mb: int = option(
         1024, "--cache memory cap in MiB (least recently used examples go first)", min=1)
     seed: int = option(
@@ -113,8 +110,7 @@ class Config:
     eval_max_start: int = option(0, "test rows evaluated at step 0 (0 = all)", min=0)
     out: str | None = option(
         None, "folder for log.jsonl, run.json, checkpoint.safetensors, summary.json, adapter/")
-    save_every: int = option(
-        0, "also checkpoint every N steps (0 = at each evaluation and at the end)", min=0)
+    save_every: int = option(0, "checkpoint every N steps too (0: at evaluations, the end)", min=0)
     replay: str | None = option(
         None, "rebuild this run folder's tensors after --steps from its log alone, into --out")
     overwrite: bool = option(False, "let a fresh run or a replay replace the run already in --out")
@@ -682,11 +678,14 @@ class Placement:
 # model, evaluation, checkpoints, timing); what happens to θ is all here.
 
 
-def train(cfg: Config, resume: str | None = None, *, backend=None, forward=PromptForward,
+def train(cfg: Config, resume: str | None = None, *, backend=None, forward=None,
           placement: Placement | None = None, rule=None) -> dict:
-    """Train as the command line does and return the run's summary. The seams default to the
-    reference's; `variants(cfg)` makes those a config asks for (the command line passes them)."""
-    placement, backend = placement or Placement(), backend or TorchBackend()
+    """Train as the command line does and return the run's summary. A seam not given is the one
+    the config asks for (variants: --rule, --fast, --cache, and --tp/--dp under torchrun)."""
+    if not isinstance(cfg, Config):  # e.g. a dict of settings
+        raise TypeError(f"train takes a mezo.Config, not {type(cfg).__name__}: mezo.Config(...)")
+    seams = variants(cfg, backend=backend, forward=forward, placement=placement, rule=rule)
+    placement, backend, forward, rule = map(seams.get, ("placement", "backend", "forward", "rule"))
     # the task's data, the model and the prompt (runs.py); the tensors to train, this process's
     loaded = runs.load(cfg, placement, resume)
     params = placement.shard(loaded.model, select_trainables(loaded.model, cfg))
@@ -737,9 +736,10 @@ def parse_args(argv=None) -> tuple[Config, str | None]:
     return Config(**args), resume
 
 
-def variants(cfg: Config) -> dict:
+def variants(cfg: Config, **given) -> dict:
     """The seams a config asks for, as train's keyword arguments: backend, forward and placement
-    (with the device: --device auto is decided here, once)."""
+    (with the device: --device auto is decided here, once); those given (not None) are kept."""
+    given = {name: seam for name, seam in given.items() if seam is not None}
     backend = TorchBackend()
     if cfg.exact_restore:
         backend = ExactRestore(backend)
@@ -756,10 +756,10 @@ def variants(cfg: Config) -> dict:
     if cfg.cache:
         from mezo.cache import CachedForward
         seams["forward"] = functools.partial(CachedForward, max_bytes=cfg.cache_mb << 20)
-    if runs.distributed(cfg):
+    if runs.distributed(cfg) and "placement" not in given:  # (it starts the process group)
         from mezo.tp import DistributedPlacement
         seams["placement"] = DistributedPlacement(cfg)
-    return seams
+    return seams | given
 
 
 def main(argv=None) -> int:

@@ -7,6 +7,7 @@ import argparse
 import dataclasses
 import difflib
 import math
+import numbers
 
 from .errors import UsageError
 
@@ -19,10 +20,37 @@ def option(default, help: str, choices=None, min=None, above=None, below=None, p
     return dataclasses.field(default=default, metadata=meta)
 
 
+# what a field's annotation asks of a value given in Python (the command line's are parsed)
+KINDS = {"bool": (bool, "True or False"), "int": (numbers.Integral, "a whole number"),
+         "float": (numbers.Real, "a number"), "str": (str, "text"),
+         "tuple": ((tuple, list), "a tuple of text, one item each")}
+
+
+def typed(f, value, flag: str):
+    """value as f's annotation has it (an int for a float field becomes a float, a list a tuple),
+    or one UsageError: Config(steps=2.5) or Config(lr="1e-3") had failed deep in a run."""
+    kind = f.type if isinstance(f.type, str) else getattr(f.type, "__name__", str(f.type))
+    if value is None and "None" in kind:
+        return value
+    want, said = KINDS.get(kind.split("[")[0].split("|")[0].strip(), (object, ""))
+    ok = isinstance(value, want) and (want is bool or not isinstance(value, bool))
+    if ok and want == (tuple, list):
+        ok = all(isinstance(v, str) for v in value)
+    if not ok:
+        raise UsageError(f"{flag} takes {said}, got {value!r}")
+    made = {numbers.Integral: int, numbers.Real: float, (tuple, list): tuple}.get(want)
+    return made(value) if made else value
+
+
 def check(cfg) -> None:
-    """Every field among its choices and within its bound, or one UsageError naming the flag."""
+    """Every field of its type, among its choices and within its bound, or one UsageError naming
+    the flag. A field with a spelling to parse takes it (Config(task="SST-2") as --task SST-2)."""
     for f in dataclasses.fields(cfg):
         value, meta, flag = getattr(cfg, f.name), f.metadata, "--" + f.name.replace("_", "-")
+        value = typed(f, value, flag)
+        if meta.get("parse") and isinstance(value, str):
+            value = meta["parse"](value)
+        setattr(cfg, f.name, value)
         if meta.get("choices") and value not in meta["choices"]:
             names = ", ".join(str(c) for c in meta["choices"] if c is not None)
             raise UsageError(f"unknown {flag} {value!r}; choose one of {names}")

@@ -267,3 +267,22 @@ def test_a_mistaken_flag_is_one_line_and_a_step_count_may_be_written_1e3(capsys)
         err = capsys.readouterr().err.strip().splitlines()
         assert exit_.value.code == 2 and len(err) == 1 and err[0].startswith(f"mezo: error: {said}"), err
         assert err[0].endswith("--help lists every flag)")
+
+
+def test_train_from_python_takes_the_seams_its_config_asks_for(model_dir, tmp_path, capsys):
+    """`mezo.train(mezo.Config(..., rule="adam"))` from a user's script had trained ZO-SGD (the rule was a seam only
+    the command line made) while run.json said adam, so its --resume failed. Now train makes the seams the config
+    asks for: its tensors and the rule's buffers equal the command line's bit for bit. A config for several processes
+    in one is refused as the command line refuses it, and a dict is not a config."""
+    from safetensors.torch import load_file
+    args = tiny_args(model_dir, tmp_path / "cli", steps=3, eval_every=0, rule="adam", device="cpu")
+    assert run(args, capsys)[0] == 0
+    cfg, _ = mezo.parse_args([str(a) for a in tiny_args(model_dir, tmp_path / "api", steps=3, eval_every=0,
+                                                        rule="adam", device="cpu")])
+    mezo.train(cfg)
+    a, b = load_file(tmp_path / "cli" / checkpoints.CHECKPOINT), load_file(tmp_path / "api" / checkpoints.CHECKPOINT)
+    assert any(k.startswith("rule.") for k in a) and a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    with pytest.raises(mezo.UsageError, match=r"--tp 1 --dp 2 needs 2 processes"):
+        mezo.train(dataclasses.replace(cfg, dp=2, out=None))
+    with pytest.raises(TypeError, match=r"train takes a mezo.Config, not dict"):
+        mezo.train(dataclasses.asdict(cfg))

@@ -469,3 +469,22 @@ def test_a_run_folder_or_its_adapter_given_as_the_model_names_what_it_is_and_wha
     refused(capsys, P(model_dir, "--steps", 2)[:3] + [run / "adapter"] + P(model_dir)[4:],
             r"it is a PEFT adapter of .*llama.*, not a model: peft loads it onto its base model .*--resume the run")
     assert snapshot(run) == before
+
+
+@pytest.mark.parametrize("given, said", [
+    (dict(eps=0), "--eps must be a finite number > 0, got 0.0"),  # an int had passed the strict bound
+    (dict(steps=2.5), "--steps takes a whole number, got 2.5"),
+    (dict(steps=None), "--steps takes a whole number, got None"),
+    (dict(lr="1e-3"), "--lr takes a number, got '1e-3'"),
+    (dict(fast=1), "--fast takes True or False, got 1"),
+    (dict(label_words="bad,good"), "--label-words takes a tuple of text, one item each, got 'bad,good'"),
+])
+def test_a_config_made_in_python_checks_its_types_as_the_command_line_does(given, said):
+    """mezo.Config(...) from a script: a value of the wrong type had been taken and failed deep in a run (a
+    ZeroDivisionError at step 1 for eps=0). Each is one UsageError now, and the right values are taken as the
+    command line takes them: an int for a float, a list for a tuple, a task's other spelling."""
+    import mezo
+    with pytest.raises(mezo.UsageError, match=re.escape(said)):
+        mezo.Config(task="synthetic", **given)
+    cfg = mezo.Config(task="SST-2", lr=1, label_words=[" bad", " good"])
+    assert (cfg.task, cfg.lr, cfg.label_words) == ("sst2", 1.0, (" bad", " good")) and isinstance(cfg.lr, float)

@@ -201,6 +201,8 @@ def setup(kind, path, mode):
 def test_bad_combinations_give_one_error_line(worker, model_dir, tmp_path, capsys):
     _, _, log = worker
     assert "mezo: error: --tp 2 x --dp 2 = 4 processes, but torchrun started 2" in log
+    assert "mezo: error: --tp 3 does not divide the 2 processes torchrun started; make --nproc-per-node a multiple " \
+        "of 3" in log  # (it had said "--tp 3 x --dp 0", a --dp the user never gave)
     assert "mezo: error: a step's batch has 1 examples (--batch-size 1, 16 training examples), fewer than --dp 2" in log
     class FourRanks(mezo.Placement):  # the same check where the training set is what is short (no 4 processes here)
         dp = 4
@@ -265,6 +267,7 @@ if __name__ == "__main__":  # the worker: python -m torch.distributed.run ... te
     for argv in spec["runs"]:
         assert mezo.main(argv) == 0, argv
     assert mezo.main(spec["runs"][0] + ["--tp", "2", "--dp", "2"]) == 2  # its error line goes to the log
+    assert mezo.main(spec["runs"][0] + ["--tp", "3"]) == 2  # --dp left to the 2 processes
     assert mezo.main(spec["runs"][2] + ["--batch-size", "1"]) == 2  # a DP run whose batch cannot be split
     for kind, path in spec["models"].items():
         for mode in ("lora", "full"):

@@ -146,6 +146,9 @@ class DistributedPlacement(mezo.Placement):
                                   "installed, -m mezo ...)")
         world, rank = int(os.environ["WORLD_SIZE"]), int(os.environ["RANK"])
         self.tp, self.dp = cfg.tp, cfg.dp or world // cfg.tp
+        if not cfg.dp and world % cfg.tp:  # (--dp left to torchrun's process count)
+            raise mezo.UsageError(f"--tp {cfg.tp} does not divide the {world} processes torchrun "
+                                  f"started; make --nproc-per-node a multiple of {cfg.tp}")
         if self.tp * self.dp != world:
             raise mezo.UsageError(f"--tp {self.tp} x --dp {self.dp} = {self.tp * self.dp} "
                                   f"processes, but torchrun started {world}; make --nproc-per-node "
