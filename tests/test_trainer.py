@@ -11,6 +11,7 @@ few float32 roundings, as tests/test_tp.py derives them. Elsewhere: ==. Run as a
 torchrun), this file is the worker of the two-process test.
 """
 import copy
+import math
 import os
 import subprocess
 import sys
@@ -312,3 +313,27 @@ if __name__ == "__main__":  # the worker: python -m torch.distributed.run ... te
     # without an active exception", exit code -6, after the ranks had saved)
     torch.distributed.barrier()
     torch.distributed.destroy_process_group()
+
+
+class PerExampleLoss(trainer.MeZOTrainer):
+    """A user's compute_loss that forgot to reduce its losses (one per token), or gives a plain number."""
+
+    reduce = None
+
+    def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+        logits = model(input_ids=inputs["input_ids"]).logits
+        losses = torch.nn.functional.cross_entropy(logits.flatten(0, 1), inputs["labels"].flatten(), reduction="none")
+        return losses if self.reduce is None else self.reduce(losses)
+
+
+def test_a_loss_that_is_not_one_number_is_one_line(tmp_path):
+    """compute_loss giving a loss per token (not reduced) had ended in a RuntimeError deep in the step; it is one
+    TypeError that says what to give. A plain number is a loss, as MeZO.step takes one (it had been an
+    AttributeError)."""
+    PerExampleLoss.reduce = None
+    with pytest.raises(TypeError, match=r"^MeZOTrainer: compute_loss must give one loss per batch, a number or a "
+                                        r"one-element tensor .*; it gave a tensor of shape \(\d+,\)$"):
+        run(tiny(False), tmp_path, cls=PerExampleLoss, max_steps=1)
+    PerExampleLoss.reduce = staticmethod(lambda losses: float(losses.mean()))
+    t = run(tiny(False), tmp_path, cls=PerExampleLoss, max_steps=1)
+    assert len(t.mezo_history) == 1 and math.isfinite(t.mezo_history[0]["loss"])
