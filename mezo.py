@@ -745,7 +745,7 @@ def variants(cfg: Config, **given) -> dict:
         backend = ExactRestore(backend)
     device = models.resolve_device(cfg.device)
     seams = dict(backend=backend, forward=PromptForward, placement=Placement(torch.device(device)))
-    if cfg.fast:  # the compiled reference on CPUs, Triton kernels on GPUs (fast/__init__.py)
+    if cfg.fast and "backend" not in given:  # compiled on CPUs, Triton on GPUs (fast/__init__.py)
         from mezo.fast import choose
         # ZO-SGD's restore, update and next perturbation in one pass (fast.Fused); a rule reads θ
         # between them
