@@ -64,12 +64,13 @@ def own_storage(t: torch.Tensor) -> torch.Tensor:
     return t if whole else t.clone()
 
 
-def save_checkpoint(out: Path, tensors: dict, step: int, config: dict, offsets: list) -> None:
+def save_checkpoint(out: Path, tensors: dict, step: int, config: dict, offsets: list,
+                    data: dict | None = None) -> None:
     """out/checkpoint.safetensors: the tensors (full, never shards) and what a resume needs to go
-    on."""
+    on (data: tasks.fingerprint of the run's splits)."""
     from safetensors.torch import save_file
     meta = dict(format=FORMAT, step=str(step), config=json.dumps(config),
-                offsets=json.dumps(offsets))
+                offsets=json.dumps(offsets), **({"data": json.dumps(data)} if data else {}))
     tensors = {name: own_storage(t) for name, t in tensors.items()}
     atomic_write(out / CHECKPOINT, lambda tmp: save_file(tensors, str(tmp), metadata=meta))
 
@@ -98,6 +99,15 @@ def read_checkpoint(folder: Path, flag: str = "--resume",
         raise UsageError(f"{flag} {folder}: {CHECKPOINT} is corrupt or not a mezo checkpoint "
                          f"({type(e).__name__}: "
                          f"{str(e).splitlines()[0] if str(e) else ''})") from None
+
+
+def saved_data(folder: Path) -> dict:
+    """The fingerprint of the data a checkpoint's run trained on ({} from a checkpoint that
+    predates it)."""
+    from safetensors import safe_open
+    with safe_open(str(folder / CHECKPOINT), "pt") as f:
+        data = json.loads((f.metadata() or {}).get("data", "{}"))
+    return data if isinstance(data, dict) else {}
 
 
 def check_match(folder: Path, tensors: dict, want: dict) -> None:

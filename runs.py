@@ -184,6 +184,8 @@ def load(cfg, placement, resume: str | None = None) -> Loaded:
     data = tasks.load(cfg.task, cfg.k, cfg.data_seed, cfg.data_dir)
     if data["root"] is not None:
         print(f"mezo: data from {data['root']}")
+    if resume and (Path(resume) / checkpoints.CHECKPOINT).is_file():
+        check_same_data(resume, checkpoints.saved_data(Path(resume)), data)
     device = placement.device or torch.device(models.resolve_device(cfg.device))
     model, tokenizer, source, model_path = models.load_model(cfg.model, cfg.dtype, cfg.head)
     model.to(device)
@@ -211,6 +213,19 @@ def load(cfg, placement, resume: str | None = None) -> Loaded:
                  if candidates and all(len(c) == 1 for c in candidates) else [])
     return Loaded(model, device, model_path, tokenizer, data, template, words, kind, candidates,
                   label_ids)
+
+
+def check_same_data(folder, saved: dict, data: dict) -> None:
+    """The splits a resume found are the ones its checkpoint's run trained on (saved: their
+    tasks.fingerprint; {} from a checkpoint that predates it): one line if not."""
+    now = tasks.fingerprint(data)
+    split = next((name for name in ("train", "dev", "test")
+                  if name in saved and saved[name] != now[name]), None)
+    if split:
+        now_from, was_from = data["root"] or "generated", saved.get("root") or "generated"
+        raise UsageError(f"--resume {folder}: the {split} set found now (data from {now_from}) is "
+                         f"not the one the run was trained on (data from {was_from}); give "
+                         "--data-dir (or $MEZO_DATA) the folder the run's data came from")
 
 
 def make_out(folder: Path, shown, flag: str = "--out") -> None:
@@ -252,6 +267,9 @@ class Run(ReplayMixin):
         self.cfg, self.placement, self.rule, self.objective = cfg, placement, rule, objective
         self.params, self.forward, self.optimizer = params, forward, optimizer
         self.model, self.device, self.model_path = loaded.model, loaded.device, loaded.model_path
+        # kept in each checkpoint: what a resume checks its data against, and where it was
+        root = loaded.data["root"]
+        self.data = tasks.fingerprint(loaded.data) | {"root": str(root) if root else None}
         self.out = Path(cfg.out) if cfg.out else None
         # --replay: the folder moved into place at the end; out's lock
         self.into, self.lock = None, None
@@ -531,7 +549,7 @@ class Run(ReplayMixin):
                      if self.optimizer else {})
             checkpoints.save_checkpoint(self.out, full | extra | rule, step,
                                         dataclasses.asdict(self.cfg),
-                                        [[p.name, p.offset] for p in self.params])
+                                        [[p.name, p.offset] for p in self.params], self.data)
             if self.cfg.mode == "lora":
                 lora = {n: t for n, t in full.items() if n.endswith((".lora_A", ".lora_B"))}
                 checkpoints.save_peft_adapter(self.out / "adapter", lora, self.cfg.lora_r,

@@ -96,6 +96,16 @@ def prompt(task: str, kind: str) -> tuple[str, tuple[str, ...]]:
     return TASKS.get(canonical(task), TASKS["sst2"]).prompt(kind)
 
 
+def fingerprint(data: dict) -> dict:
+    """Each split's examples, in order, as 16 hex digits of their sha256: a checkpoint keeps them,
+    so a resume that found other data (another --data-dir, $MEZO_DATA unset) is refused, not
+    trained on."""
+    import hashlib
+    import json
+    return {name: hashlib.sha256(json.dumps(data[name]).encode()).hexdigest()[:16]
+            for name in ("train", "dev", "test")}
+
+
 def num_classes(task: str) -> int:
     """How many classes a task's examples have (the synthetic task: 2), so one label word each."""
     return len(TASKS[canonical(task)].labels) if canonical(task) in TASKS else 2

@@ -421,6 +421,31 @@ def test_relative_and_tilde_folders_are_kept_absolute_so_a_resume_works_from_ano
     assert (cfg.data_dir, cfg.out, cfg.model) == (str(elsewhere / "data"), str(home / "x"), "not/a/folder")
 
 
+def test_a_resume_that_finds_other_data_is_refused_and_the_same_data_moved_goes_on(model_dir, tmp_path, capsys):
+    """A resume read whatever data it found: run.json keeps --data-dir as given and nothing of $MEZO_DATA, so a run
+    resumed without it, or with another folder, trained on other examples without a word. A checkpoint keeps a
+    fingerprint of the splits: other train or test examples are refused in one line that names the split and both
+    folders, and change nothing; the same files in another folder go on."""
+    data = sst2_data(tmp_path / "data")
+    code, _, err = run(sst2(model_dir, data, "--steps", 2, "--out", tmp_path / "run"), capsys)
+    assert code == 0, err
+    before = snapshot(tmp_path / "run")
+    other = shutil.copytree(data, tmp_path / "other")
+    train = other / "lm-bff" / "SST-2" / "train.tsv"
+    train.write_text(train.read_text().replace("movie", "show"))
+    refused(capsys, ["--resume", tmp_path / "run", "--steps", 4, "--data-dir", other],
+            rf"--resume .*run: the train set found now \(data from {other}\) is not the one the run was trained "
+            rf"on \(data from {data}\); give --data-dir \(or \$MEZO_DATA\) the folder the run's data came from")
+    shutil.copy(data / "lm-bff" / "SST-2" / "train.tsv", train)
+    (other / "sst2" / "dev.tsv").write_text("sentence\tlabel\nthe show was good\t1\n")
+    refused(capsys, ["--resume", tmp_path / "run", "--steps", 4, "--data-dir", other], r"the test set found now")
+    assert snapshot(tmp_path / "run") == before
+    moved = shutil.copytree(data, tmp_path / "moved")
+    shutil.rmtree(data)
+    code, out, err = run(["--resume", tmp_path / "run", "--steps", 4, "--data-dir", moved], capsys)
+    assert code == 0 and "resumed from" in out and "at step 2" in out, err
+
+
 def test_a_refused_out_leaves_a_users_folder_as_it_was_and_a_finished_run_leaves_no_lock(model_dir, tmp_path, capsys):
     """`--out` into a folder of the user's that holds a summary.json of their own is refused ("nothing was changed"),
     and it was: the run's lock file, made there to hold the folder, went with the refusal. A finished run's folder
