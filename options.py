@@ -8,6 +8,7 @@ import dataclasses
 import difflib
 import math
 import numbers
+import re
 
 from .errors import UsageError
 
@@ -79,6 +80,12 @@ def check(cfg) -> None:
 
 class Parser(argparse.ArgumentParser):
     """argparse, with a mistaken flag told in one line: the whole usage is --help's."""
+
+    def __init__(self, *args, **kw):
+        super().__init__(*args, **kw)
+        # a value like -1e-3 is a number, as -5 and -0.5 are to argparse, not a flag (it was
+        # "--lr: expected one argument"; now the flag's own range check says what is wrong)
+        self._negative_number_matcher = re.compile(r"^-(\d+\.?\d*|\.\d+)(e[-+]?\d+)?$", re.I)
 
     def error(self, message: str):
         flags = [w.split("=")[0] for w in message.split() if w.startswith("--")]

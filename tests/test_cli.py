@@ -92,6 +92,7 @@ def test_resume_into_another_folder_branches_the_run_with_its_whole_log(model_di
     (["--eps=-1e-3"], r"--eps must be a finite number > 0, got -0.001"),
     (["--eps", "nan"], r"--eps must be a finite number > 0, got nan"),
     (["--lr=-1"], r"--lr must be a finite number >= 0"),
+    (["--lr", "-1e-3"], r"--lr must be a finite number >= 0, got -0.001"),  # was "expected one argument"
     (["--batch-size", "0"], r"--batch-size 0 is out of range"),
     (["--mode", "head"], r"--mode head .* needs --head cls"),
     (["--template", "It was {mask}"], r"--template 'It was \{mask\}': .* the template needs \{sentence\}"),
