@@ -3,6 +3,8 @@ a model is, which of its layers LoRA adapts, and the fresh classification head o
 baseline."""
 from __future__ import annotations
 
+import difflib
+import functools
 import importlib.util
 import json
 import os
@@ -31,8 +33,12 @@ def open_model(name: str):
 
     path = resolve_model_path(name)
     local = Path(path).is_dir()
+    cached = cache_only(path)
+    if cached:
+        print(f"mezo: the hub cannot be reached from here: {path!r} is read from its cache",
+              file=sys.stderr)
     try:
-        config = AutoConfig.from_pretrained(path)
+        config = AutoConfig.from_pretrained(path, **cached)
     except (OSError, ValueError) as e:
         if local and (hint := not_a_model(Path(path))):
             raise UsageError(f"cannot load model {name!r}: {hint}") from None
@@ -51,7 +57,7 @@ def open_model(name: str):
         raise UsageError(f"cannot load model {name!r}: {problem}, or --model smollm2-135m for the "
                          "offline model") from None
     try:
-        tokenizer = AutoTokenizer.from_pretrained(path)
+        tokenizer = AutoTokenizer.from_pretrained(path, **cached)
     except (OSError, ValueError) as e:
         files = _files(path, ("tokenizer*", "vocab*", "merges*", "*.model")) if local else []
         if not local:
@@ -82,7 +88,8 @@ def load_model(name: str, dtype: str = "float32", head: str = "prompt"):
                          "a model with an LM head")
     try:
         model, info = (cls or AutoModel).from_pretrained(path, dtype=DTYPES[dtype],
-                                                         output_loading_info=True)
+                                                         output_loading_info=True,
+                                                         **cache_only(path, model=True))
     except (OSError, ValueError, SafetensorError) as e:  # a missing, truncated or corrupt file
         weights = ", ".join(_files(path, ("*.safetensors", "*.bin"))) if local else ""
         raise UsageError(f"cannot load the weights of model {name!r} ({weights or 'none found'}): "
@@ -98,6 +105,32 @@ def load_model(name: str, dtype: str = "float32", head: str = "prompt"):
     if Path(path).is_dir():
         path = str(Path(path).resolve())  # an adapter's base must resolve from any folder
     return model, tokenizer, name if path == name else f"{name} ({path})", path
+
+
+def cache_only(path: str, model: bool = False) -> dict:
+    """from_pretrained's local_files_only=True for a hub name when the hub's host has no address
+    from here (no network): its retries would wait half a minute for nothing. {} otherwise. A
+    model's from_pretrained needs it again for its look for a PEFT adapter (transformers 5.25 asks
+    the hub for adapter_config.json whatever local_files_only says, when peft is installed)."""
+    if Path(path).exists() or not hub_unreachable():
+        return {}
+    return dict(local_files_only=True) | (
+        dict(adapter_kwargs=dict(local_files_only=True)) if model else {})
+
+
+@functools.lru_cache(maxsize=1)
+def hub_unreachable() -> bool:
+    import socket
+    from urllib.parse import urlparse
+
+    from huggingface_hub import constants
+    if constants.HF_HUB_OFFLINE:  # (it reads only its cache already)
+        return False
+    try:
+        socket.getaddrinfo(urlparse(constants.ENDPOINT).hostname, 443)
+    except (OSError, UnicodeError):
+        return True
+    return False
 
 
 def _files(folder: str, patterns: tuple[str, ...]) -> list[str]:
@@ -134,7 +167,14 @@ def resolve_model_path(name: str) -> str:
     full-precision model."""
     if Path(name).expanduser().is_dir():  # (~ too: a quoted or --model=~/... one is not expanded)
         return str(Path(name).expanduser())
-    if name != SMOLLM2["alias"]:
+    alias = SMOLLM2["alias"]
+    if name.lower() != alias:
+        # a slip of the alias (smollm2-135, smolm2-135m) is no hub name: said now, not after the
+        # hub's retries (half a minute offline)
+        if "/" not in name and difflib.SequenceMatcher(None, name.lower(), alias).ratio() > 0.8:
+            raise UsageError(f"cannot load model {name!r}: no such folder, and not the offline "
+                             f"alias {alias}; did you mean --model {alias}? (a hub model takes its "
+                             f"full name, e.g. {SMOLLM2['hub']})")
         return name
     target = cache_dir() / "models" / SMOLLM2["alias"]
     if (target / "config.json").exists():
@@ -267,6 +307,8 @@ def lora_target_names(model: nn.Module, targets, top_layers: int) -> list[str]:
     """Qualified names of the linear layers to adapt: by last name component, within the top layers.
     targets None: query/value (RoBERTa, BERT) or q_proj/v_proj (Llama, OPT), the paper's choice."""
     linears = [n for n, m in model.named_modules() if isinstance(m, nn.Linear)]
+    # what --lora-targets can name here, in the model's order
+    ends = ", ".join(dict.fromkeys(n.split(".")[-1] for n in linears)) or "none"
     if targets is None:
         for candidate in (("query", "value"), ("q_proj", "v_proj")):
             if any(n.split(".")[-1] in candidate for n in linears):
@@ -274,8 +316,9 @@ def lora_target_names(model: nn.Module, targets, top_layers: int) -> list[str]:
                 break
         else:
             raise UsageError("found no query/value or q_proj/v_proj linear layers for LoRA; "
-                             "name them with --lora-targets (e.g. --lora-targets c_attn)")
+                             f"name some with --lora-targets (this model's: {ends})")
     names = [n for n in linears if n.split(".")[-1] in targets]
     if not names:
-        raise UsageError(f"--lora-targets {','.join(targets)} matches no nn.Linear in this model")
+        raise UsageError(f"--lora-targets {','.join(targets)} matches no nn.Linear in this model; "
+                         f"give comma-separated names from its own: {ends}")
     return [n for n in names if in_top_layers(n, model, top_layers)]

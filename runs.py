@@ -174,10 +174,13 @@ def load(cfg, placement, resume: str | None = None) -> Loaded:
             check_same_run(cfg, checkpoints.saved_config(Path(folder), flag), flag, folder)
     if cfg.out and placement.is_main and not cfg.replay:
         out = Path(cfg.out)
-        make_out(out, cfg.out)
+        made = make_out(out, cfg.out)  # (it can be made: checked before anything loads)
         FolderLock.ask(out, cfg.out)
         if fresh_into(out, resume) and not cfg.overwrite:
             claim(out, False, "--out", locked=True)  # (refuses; removes nothing)
+        for folder in made:  # made again as the run starts: a refusal before leaves none empty
+            with contextlib.suppress(OSError):
+                folder.rmdir()
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
     torch.manual_seed(cfg.seed)
@@ -228,15 +231,18 @@ def check_same_data(folder, saved: dict, data: dict) -> None:
                          "--data-dir (or $MEZO_DATA) the folder the run's data came from")
 
 
-def make_out(folder: Path, shown, flag: str = "--out") -> None:
+def make_out(folder: Path, shown, flag: str = "--out") -> list[Path]:
+    """Make folder (and its missing parents); return the folders made, the deepest first."""
     if folder.exists() and not folder.is_dir():
         raise UsageError(f"{flag} {shown} is a file, not a folder; give a folder for the run "
                          "(nothing was changed)")
+    made = [f for f in (folder, *folder.parents) if not f.exists()]
     try:
         folder.mkdir(parents=True, exist_ok=True)
     except OSError as e:
         raise UsageError(f"{flag} {shown}: cannot create it ({e.strerror}); "
                          "pick a folder you can write to") from None
+    return made
 
 
 class StepLoss:
@@ -376,8 +382,7 @@ class Run(ReplayMixin):
         """The run's folder is this process's until __exit__: its lock (FolderLock) is taken here.
         """
         if self.out and self.placement.is_main:
-            if self.into:
-                make_out(self.out, self.cfg.out)
+            make_out(self.out, self.cfg.out)
             self.lock = FolderLock(self.out, self.cfg.out)
             try:
                 if self.into:  # a killed replay's leftovers are this replay's to clear

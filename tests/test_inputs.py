@@ -3,6 +3,7 @@ an edited log, a misused optimizer. Each ends as a user would expect, or in one 
 `mezo: error: ...` that names the problem and what to do, with no traceback and no run folder
 changed."""
 import json
+import os
 import re
 import shutil
 import subprocess
@@ -396,6 +397,53 @@ def test_a_model_path_that_is_a_file_or_missing_says_so_and_a_tilde_is_expanded(
     assert mezo.main([str(a) for a in with_model("~/models/tiny")]) == 0
 
 
+@pytest.mark.parametrize("slip", ["smollm2-135", "smolm2-135m", "smollm2_135m"])
+def test_a_slip_of_the_offline_alias_is_one_line_at_once_and_its_capitals_are_the_alias(slip, model_dir, tmp_path,
+                                                                                       capsys, monkeypatch):
+    """`--model smollm2-135` went to the hub as a repo id: offline, half a minute of retries, then the hub's
+    complaint. A name near the alias (and not a folder) is one line that names the alias and the hub's full name, with
+    no hub asked (HF_HUB_OFFLINE would make the hub's own line); `SmolLM2-135M`, as the model card spells it, is the
+    alias."""
+    from mezo import models
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.chdir(tmp_path)
+    argv = P(model_dir, "--steps", 1)
+    argv[argv.index("--model") + 1] = slip
+    refused(capsys, argv, rf"cannot load model '{slip}': no such folder, and not the offline alias smollm2-135m; did "
+            r"you mean --model smollm2-135m\? \(a hub model takes its full name, e.g. HuggingFaceTB/SmolLM2-135M-Instruct\)$")
+    monkeypatch.setattr(models, "cache_dir", lambda: tmp_path / "cache")
+    (tmp_path / "cache" / "models" / "smollm2-135m").mkdir(parents=True)
+    (tmp_path / "cache" / "models" / "smollm2-135m" / "config.json").write_text("{}")
+    assert models.resolve_model_path("SmolLM2-135M") == str(tmp_path / "cache" / "models" / "smollm2-135m")
+    assert models.resolve_model_path("smollm2-360m-instruct") == "smollm2-360m-instruct"  # far enough: a hub name
+
+
+def test_with_no_network_a_hub_name_is_read_from_the_cache_at_once_not_after_the_hubs_retries(model_dir, tmp_path):
+    """With no network, a hub name waited through the hub's five retries (half a minute) before it was read from the
+    hub's cache, or refused; transformers 5.25 asks again for adapter_config.json even with local_files_only. Where
+    the hub's host has no address (here: an .invalid endpoint, which never resolves), the name is read from the cache
+    alone: a cached model runs, an absent one is one line, and the hub is never retried."""
+    snapshot_dir = tmp_path / "hub" / "models--tiny-org--tiny-llama" / "snapshots" / ("a" * 40)
+    shutil.copytree(model_dir("llama"), snapshot_dir)
+    (snapshot_dir.parents[1] / "refs").mkdir()
+    (snapshot_dir.parents[1] / "refs" / "main").write_text("a" * 40)
+    env = {**os.environ, "HF_ENDPOINT": "https://hub.invalid", "HF_HUB_CACHE": str(tmp_path / "hub")}
+    env.pop("HF_HUB_OFFLINE", None)
+    code = ("import sys, mezo\n"
+            "a = mezo.main(sys.argv[1:] + ['--model', 'tiny-org/tiny-llama', '--out', 'run'])\n"
+            "b = mezo.main(sys.argv[1:] + ['--model', 'tiny-org/absent'])\n"
+            "sys.exit(10 * a + b)")
+    flags = [str(a) for a in P(model_dir, "--steps", 1)]
+    flags = flags[:flags.index("--model")] + flags[flags.index("--model") + 2:]
+    done = subprocess.run([sys.executable, "-c", code, *flags], capture_output=True, text=True, cwd=tmp_path,
+                          env=env, timeout=300)
+    assert done.returncode == 2, done.stderr[-3000:]  # the cached model ran (0), the absent one refused (2)
+    assert (tmp_path / "run" / "checkpoint.safetensors").is_file()
+    assert "mezo: the hub cannot be reached from here: 'tiny-org/tiny-llama' is read from its cache" in done.stderr
+    assert re.search(r"^mezo: error: cannot load model 'tiny-org/absent': not a local folder", done.stderr, re.M)
+    assert "Retrying" not in done.stderr and "Traceback" not in done.stderr, done.stderr[-3000:]
+
+
 def test_relative_and_tilde_folders_are_kept_absolute_so_a_resume_works_from_another_folder(model_dir, tmp_path,
                                                                                               capsys, monkeypatch):
     """run.json kept --model and --data-dir as typed: a run started with `--model mdl` resumed only from the folder it
@@ -444,6 +492,22 @@ def test_a_resume_that_finds_other_data_is_refused_and_the_same_data_moved_goes_
     shutil.rmtree(data)
     code, out, err = run(["--resume", tmp_path / "run", "--steps", 4, "--data-dir", moved], capsys)
     assert code == 0 and "resumed from" in out and "at step 2" in out, err
+
+
+def test_a_refusal_after_the_data_loads_leaves_no_empty_out_and_names_what_would_do(model_dir, tmp_path, capsys):
+    """`--out` was made before the data and the model loaded, to check it could be: a mistake found later (a
+    --lora-targets the model lacks, a missing model, a --tp the model does not divide) left an empty folder, parents
+    and all. The check makes it and takes it away; the run makes it as it starts. A folder that was there stays. The
+    line for --lora-targets names the model's own linear layers."""
+    refused(capsys, P(model_dir, "--lora-targets", "nosuch", "--out", tmp_path / "new" / "run"),
+            r"--lora-targets nosuch matches no nn.Linear in this model; give comma-separated names from its own: "
+            r"q_proj, k_proj, v_proj, o_proj, gate_proj, up_proj, down_proj, lm_head$")
+    assert not (tmp_path / "new").exists()
+    (tmp_path / "theirs").mkdir()
+    refused(capsys, P(model_dir, "--model", tmp_path / "no-model", "--out", tmp_path / "theirs"), r"--model")
+    assert (tmp_path / "theirs").is_dir() and not any((tmp_path / "theirs").iterdir())
+    code, _, err = run(P(model_dir, "--steps", 1, "--out", tmp_path / "new" / "run"), capsys)
+    assert code == 0 and (tmp_path / "new" / "run" / "checkpoint.safetensors").is_file(), err
 
 
 def test_a_refused_out_leaves_a_users_folder_as_it_was_and_a_finished_run_leaves_no_lock(model_dir, tmp_path, capsys):
