@@ -485,6 +485,18 @@ def test_a_page_written_elsewhere_gets_its_figure_beside_it_and_leaves_the_check
     assert (here / "figures" / "budget.png").read_bytes() == b"committed"
     assert (page.parent / "figures" / "budget.png").read_bytes()[:4] == b"\x89PNG"
     assert "](figures/budget.png)" in page.read_text()
+    assert results.main(["table", "--root", str(root), "--output", str(page)]) == 0  # its own page: written again
+    capsys.readouterr()
+    # a file of the user's (--output README.md, notes.md) was written over: it is refused, and stays
+    notes = tmp_path / "mine" / "notes.md"
+    notes.parent.mkdir()
+    notes.write_text("# my notes\n")
+    for output, what in ((notes, "a file results.py did not write"), (notes.parent, "a folder")):
+        assert results.main(["table", "--root", str(root), "--output", str(output)]) == 2
+        err = capsys.readouterr().err.strip().splitlines()
+        assert err == [f"results: error: --output {output} is {what}; give the path of a new page (or of a page "
+                       "results.py wrote) (nothing was changed)"], err
+    assert notes.read_text() == "# my notes\n" and sorted(notes.parent.iterdir()) == [notes]
 
 
 def test_the_plan_counts_no_wait_for_a_task_whose_every_probe_diverged(study, tmp_path):
