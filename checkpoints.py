@@ -83,8 +83,12 @@ def read_checkpoint(folder: Path, flag: str = "--resume",
     from safetensors import safe_open
     path = folder / CHECKPOINT
     if not path.is_file():
-        what = f"no {CHECKPOINT} there" if folder.is_dir() else "no such folder"
-        raise UsageError(f"{flag} {folder}: {what}; point {flag} at a run's --out folder")
+        what = (f"no {CHECKPOINT} there" if folder.is_dir() else "a file, not a folder"
+                if folder.exists() else "no such folder")
+        # a file or folder inside a run (its checkpoint, log.jsonl, adapter/): the run is above it
+        run = folder.parent if (folder.parent / CHECKPOINT).is_file() else None
+        raise UsageError(f"{flag} {folder}: {what}; point {flag} at "
+                         + (f"the run's folder, {run}" if run else "a run's --out folder"))
     try:
         with safe_open(str(path), "pt") as f:
             meta = f.metadata() or {}

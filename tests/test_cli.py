@@ -135,6 +135,11 @@ def test_corrupt_or_mismatched_checkpoint_is_refused(model_dir, tmp_path, capsys
     expect_error(capsys, ["--resume", tmp_path / "empty"], r"empty: no checkpoint.safetensors there; point --resume")
     assert run(tiny_args(model_dir, tmp_path, steps=1), capsys)[0] == 0
     good = (tmp_path / checkpoints.CHECKPOINT).read_bytes()
+    # a file or folder inside the run (its checkpoint, its adapter/): the line names the run's folder
+    expect_error(capsys, ["--resume", tmp_path / checkpoints.CHECKPOINT],
+                 rf"checkpoint.safetensors: a file, not a folder; point --resume at the run's folder, {tmp_path}$")
+    expect_error(capsys, ["--replay", tmp_path / "adapter", "--out", tmp_path / "x"],
+                 rf"adapter: no checkpoint.safetensors there; point --replay at the run's folder, {tmp_path}$")
     expect_error(capsys, ["--resume", tmp_path, "--lora-r", 4], r"trained with --lora-r 8; .*\(drop --lora-r 4\)")
     expect_error(capsys, ["--resume", tmp_path, "--mode", "full"], r"trained with --mode lora; resume it with the same")
     code, out, err = run(["--resume", tmp_path, "--task", "sst2"], capsys)  # refused before the model loads
