@@ -57,6 +57,14 @@ def find_data(needed: list[str], data_dir: str | None = None, what: str = "SST-2
     else:
         reason = ("--data-dir was given" if data_dir else "$MEZO_DATA is set") + \
             ", so nothing else was tried"
+        # a folder one or two above the given one (lm-bff/ or lm-bff/SST-2/ given), or its data/
+        given = candidates[0]
+        near = next((c for c in (given.parent, given.parent.parent, given / "data")
+                     if all((c / f).is_file() for f in needed)), None)
+        if near is not None:
+            fix = f"--data-dir {near}" if data_dir else f"MEZO_DATA={near}"
+            raise UsageError(f"{what} data not found in {given}, but {near} holds it "
+                             f"({', '.join(needed)}): give {fix}")
     raise UsageError(f"{what} data not found: looked for {', '.join(needed)} in "
                      f"{', '.join(map(str, candidates))} ({reason}). Pass --data-dir DIR (or set "
                      "MEZO_DATA) pointing at a folder with those files (LM-BFF's "

@@ -144,6 +144,22 @@ def test_data_is_found_through_the_environment_and_a_mistyped_one_is_not_passed_
         files.find_data(["sst2/dev.tsv"])
 
 
+def test_a_data_folder_given_one_level_off_names_the_one_that_holds_the_files(monkeypatch, tmp_path):
+    """--data-dir data/lm-bff or data/lm-bff/SST-2 (the folder the files are in), or the folder above data/: the line
+    named only what it looked for; now it names the folder that holds them, and the flag or variable to give."""
+    root = tmp_path / "shared" / "data"
+    (root / "lm-bff" / "SST-2").mkdir(parents=True)
+    (root / "lm-bff" / "SST-2" / "train.tsv").write_text("sentence\tlabel\n")
+    needed = ["lm-bff/SST-2/train.tsv"]
+    for off in (root / "lm-bff", root / "lm-bff" / "SST-2", root.parent):
+        with pytest.raises(UsageError, match=rf"^SST-2 data not found in {off}, but {root} holds it "
+                                             rf"\(lm-bff/SST-2/train.tsv\): give --data-dir {root}$"):
+            files.find_data(needed, str(off))
+    monkeypatch.setenv("MEZO_DATA", str(root / "lm-bff"))
+    with pytest.raises(UsageError, match=rf": give MEZO_DATA={root}$"):
+        files.find_data(needed)
+
+
 def test_missing_data_says_where_it_looked_and_what_to_do(monkeypatch, tmp_path):
     with pytest.raises(UsageError, match=r"SST-2 data not found: looked for sst2/dev.tsv in .*nowhere"):
         files.find_data(["sst2/dev.tsv"], str(tmp_path / "nowhere"))
