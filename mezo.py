@@ -556,7 +556,7 @@ class MeZO(torch.optim.Optimizer):
         return self.trainables
 
     @torch.no_grad()
-    def step(self, closure) -> float:
+    def step(self, closure=None) -> float:
         params = self.layout()  # the trainables, and their rates tensor by tensor:
         if closure is None or not params:  # (frozen ones are skipped, as torch's optimizers do)
             raise ValueError("MeZO.step needs a closure that runs a forward and returns the loss"

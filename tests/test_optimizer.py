@@ -274,6 +274,8 @@ def test_bad_arguments_are_refused():
         mezo.MeZO([dict(params=model.parameters(), eps=1e-2)])
     with pytest.raises(ValueError, match="needs a closure"):
         mezo.MeZO(model.parameters()).step(None)
+    with pytest.raises(ValueError, match="needs a closure"):  # a first-order habit: loss.backward(); opt.step()
+        mezo.MeZO(model.parameters()).step()
     # numpy's integers are whole numbers: the same steps as Python's
     steps = []
     for seed, n in ((7, 2), (np.int64(7), np.int32(2))):
