@@ -1153,6 +1153,9 @@ def read_log(path: Path) -> list[dict]:
         except ValueError as e:
             if i == len(lines) and not line.rstrip().endswith("}"):
                 break  # the partial last write of a run that was killed
+            if i == 1 and path.name != "log.jsonl":  # summary.json, a user's file: not a log
+                raise UsageError(f"{path}: line 1 is not a log record ({e}): it is not a mezo "
+                                 "log.jsonl; give a run's log.jsonl, or its folder") from None
             raise UsageError(f"{path}: line {i} is not a log record ({e}); fix or delete that "
                              "line, then run again (nothing was changed)") from None
         records.append(record)

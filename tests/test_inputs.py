@@ -214,6 +214,25 @@ def test_a_log_record_missing_or_not_a_number_is_one_line(a_run, tmp_path, capsy
     assert nothing_written(tmp_path / "replayed")
 
 
+def test_a_file_that_is_no_log_given_to_plot_is_told_so_not_to_fix_its_first_line(a_run, tmp_path, capsys):
+    """`plot.py RUN/summary.json` (a run's other file) was told "line 1 is not a log record ...; fix or delete that
+    line": advice that damages the user's file. A file not named log.jsonl whose first line is no record is not a
+    log, and the line says what to give; a log.jsonl whose first line was edited keeps the advice to fix it."""
+    import plot
+    summary = a_run / "summary.json"
+    before = summary.read_bytes()
+    assert plot.main([str(summary), "-o", str(tmp_path / "plots")]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and re.match(rf"^plot: error: {summary}: line 1 is not a log record \(.*\): it is not a mezo "
+                                      r"log.jsonl; give a run's log.jsonl, or its folder$", err[0]), err
+    assert summary.read_bytes() == before and not (tmp_path / "plots").exists()
+    edited = shutil.copytree(a_run, tmp_path / "run")
+    (edited / "log.jsonl").write_text("{oops\n" + (a_run / "log.jsonl").read_text())
+    assert plot.main([str(edited), "-o", str(tmp_path / "plots")]) == 2
+    err = capsys.readouterr().err
+    assert "log.jsonl: line 1 is not a log record" in err and "; fix or delete that line" in err, err
+
+
 def test_the_command_itself_prints_one_line_not_a_traceback(model_dir):
     """The same refusals through `python3 mezo.py`, as the issue ran them."""
     for flags, line in [(["--beta", "1.5", "--rule", "momentum"], "mezo: error: --beta 1.5 is out"),
