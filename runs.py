@@ -184,11 +184,20 @@ def load(cfg, placement, resume: str | None = None) -> Loaded:
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
     torch.manual_seed(cfg.seed)
-    data = tasks.load(cfg.task, cfg.k, cfg.data_seed, cfg.data_dir)
+    # the data a checkpoint's run trained on: where it came from, and its fingerprint
+    trained = resume or cfg.replay
+    saved = (checkpoints.saved_data(Path(trained))
+             if trained and (Path(trained) / checkpoints.CHECKPOINT).is_file() else {})
+    data_dir = cfg.data_dir
+    if data_dir is None and not os.environ.get("MEZO_DATA") and saved.get("root") and (
+            Path(saved["root"]).is_dir()):  # e.g. a run started under a $MEZO_DATA unset since
+        data_dir = saved["root"]
+    data = tasks.load(cfg.task, cfg.k, cfg.data_seed, data_dir)
     if data["root"] is not None:
-        print(f"mezo: data from {data['root']}")
-    if resume and (Path(resume) / checkpoints.CHECKPOINT).is_file():
-        check_same_data(resume, checkpoints.saved_data(Path(resume)), data)
+        print(f"mezo: data from {data['root']}" + (" (the run's)" if data_dir != cfg.data_dir
+                                                   else ""))
+    if resume and saved:
+        check_same_data(resume, saved, data)
     device = placement.device or torch.device(models.resolve_device(cfg.device))
     model, tokenizer, source, model_path = models.load_model(cfg.model, cfg.dtype, cfg.head)
     model.to(device)
@@ -275,7 +284,8 @@ class Run(ReplayMixin):
         self.model, self.device, self.model_path = loaded.model, loaded.device, loaded.model_path
         # kept in each checkpoint: what a resume checks its data against, and where it was
         root = loaded.data["root"]
-        self.data = tasks.fingerprint(loaded.data) | {"root": str(root) if root else None}
+        self.data = tasks.fingerprint(loaded.data) | {
+            "root": str(Path(root).absolute()) if root else None}
         self.out = Path(cfg.out) if cfg.out else None
         # --replay: the folder moved into place at the end; out's lock
         self.into, self.lock = None, None

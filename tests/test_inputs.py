@@ -513,6 +513,25 @@ def test_a_resume_that_finds_other_data_is_refused_and_the_same_data_moved_goes_
     assert code == 0 and "resumed from" in out and "at step 2" in out, err
 
 
+def test_a_run_started_under_mezo_data_resumes_from_that_data_once_it_is_unset(model_dir, tmp_path, capsys,
+                                                                               monkeypatch):
+    """run.json keeps --data-dir as given, and $MEZO_DATA is no flag: a run started under it (a relative one, too)
+    and resumed from a new shell looked in the checkout's and the cache's folders, found other data or none. A
+    checkpoint keeps the folder its data came from, and a resume with neither --data-dir nor $MEZO_DATA reads
+    there."""
+    data = sst2_data(tmp_path / "data")
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv("MEZO_DATA", "data")
+    argv = sst2(model_dir, data, "--steps", 2, "--out", tmp_path / "run")
+    del argv[argv.index("--data-dir"):argv.index("--data-dir") + 2]
+    code, out, err = run(argv, capsys)
+    assert code == 0 and "mezo: data from data\n" in out, err
+    monkeypatch.delenv("MEZO_DATA")
+    monkeypatch.chdir(tmp_path / "run")
+    code, out, err = run(["--resume", tmp_path / "run", "--steps", 3], capsys)
+    assert code == 0 and f"mezo: data from {data} (the run's)" in out and "at step 2" in out, err
+
+
 def test_a_refusal_after_the_data_loads_leaves_no_empty_out_and_names_what_would_do(model_dir, tmp_path, capsys):
     """`--out` was made before the data and the model loaded, to check it could be: a mistake found later (a
     --lora-targets the model lacks, a missing model, a --tp the model does not divide) left an empty folder, parents
