@@ -110,7 +110,10 @@ def saved_data(folder: Path) -> dict:
     predates it)."""
     from safetensors import safe_open
     with safe_open(str(folder / CHECKPOINT), "pt") as f:
-        data = json.loads((f.metadata() or {}).get("data", "{}"))
+        try:
+            data = json.loads((f.metadata() or {}).get("data", "{}"))
+        except ValueError:  # (an edited header: nothing to check against)
+            return {}
     return data if isinstance(data, dict) else {}
 
 

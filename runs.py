@@ -234,10 +234,13 @@ def check_same_data(folder, saved: dict, data: dict) -> None:
     split = next((name for name in ("train", "dev", "test")
                   if name in saved and saved[name] != now[name]), None)
     if split:
-        now_from, was_from = data["root"] or "generated", saved.get("root") or "generated"
+        now_from = str(Path(data["root"]).absolute()) if data["root"] else "generated"
+        was_from = saved.get("root") or "generated"
+        fix = ("its files changed since the run read them: put them back as they were" if
+               now_from == was_from else f"the run's data came from {was_from}: give --data-dir "
+               "(or $MEZO_DATA) that folder")
         raise UsageError(f"--resume {folder}: the {split} set found now (data from {now_from}) is "
-                         f"not the one the run was trained on (data from {was_from}); give "
-                         "--data-dir (or $MEZO_DATA) the folder the run's data came from")
+                         f"not the one the run was trained on; {fix}")
 
 
 def make_out(folder: Path, shown, flag: str = "--out") -> list[Path]:

@@ -502,10 +502,17 @@ def test_a_resume_that_finds_other_data_is_refused_and_the_same_data_moved_goes_
     train.write_text(train.read_text().replace("movie", "show"))
     refused(capsys, ["--resume", tmp_path / "run", "--steps", 4, "--data-dir", other],
             rf"--resume .*run: the train set found now \(data from {other}\) is not the one the run was trained "
-            rf"on \(data from {data}\); give --data-dir \(or \$MEZO_DATA\) the folder the run's data came from")
+            rf"on; the run's data came from {data}: give --data-dir \(or \$MEZO_DATA\) that folder$")
     shutil.copy(data / "lm-bff" / "SST-2" / "train.tsv", train)
     (other / "sst2" / "dev.tsv").write_text("sentence\tlabel\nthe show was good\t1\n")
     refused(capsys, ["--resume", tmp_path / "run", "--steps", 4, "--data-dir", other], r"the test set found now")
+    dev = data / "sst2" / "dev.tsv"
+    kept = dev.read_bytes()
+    dev.write_text("sentence\tlabel\nthe show was good\t1\n")  # the run's own folder, edited since
+    refused(capsys, ["--resume", tmp_path / "run", "--steps", 4],
+            rf"the test set found now \(data from {data}\) is not the one the run was trained on; its files changed "
+            r"since the run read them: put them back as they were$")
+    dev.write_bytes(kept)
     assert snapshot(tmp_path / "run") == before
     moved = shutil.copytree(data, tmp_path / "moved")
     shutil.rmtree(data)
