@@ -908,6 +908,8 @@ def distributed(cfg) -> bool:
 def same_model_folder(was: str, now: str) -> bool:
     """A run's model given by another path: its old folder is gone, or both hold the same
     config.json."""
+    if was.lower() == now.lower() == models.SMOLLM2["alias"]:  # the alias, in any case
+        return True
     if "/" not in was or was == now:
         return was == now
     old, new = Path(was), Path(now)

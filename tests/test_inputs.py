@@ -423,7 +423,7 @@ def test_a_slip_of_the_offline_alias_is_one_line_at_once_and_its_capitals_are_th
     complaint. A name near the alias (and not a folder) is one line that names the alias and the hub's full name, with
     no hub asked (HF_HUB_OFFLINE would make the hub's own line); `SmolLM2-135M`, as the model card spells it, is the
     alias."""
-    from mezo import models
+    from mezo import models, runs
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     monkeypatch.chdir(tmp_path)
     argv = P(model_dir, "--steps", 1)
@@ -435,6 +435,8 @@ def test_a_slip_of_the_offline_alias_is_one_line_at_once_and_its_capitals_are_th
     (tmp_path / "cache" / "models" / "smollm2-135m" / "config.json").write_text("{}")
     assert models.resolve_model_path("SmolLM2-135M") == str(tmp_path / "cache" / "models" / "smollm2-135m")
     assert models.resolve_model_path("smollm2-360m-instruct") == "smollm2-360m-instruct"  # far enough: a hub name
+    # a run started as smollm2-135m resumes with --model SmolLM2-135M; a hub name keeps its case
+    assert runs.same_model_folder("smollm2-135m", "SmolLM2-135M") and not runs.same_model_folder("gpt2", "GPT2")
 
 
 def test_with_no_network_a_hub_name_is_read_from_the_cache_at_once_not_after_the_hubs_retries(model_dir, tmp_path):
