@@ -162,6 +162,9 @@ class Loaded:
     kind: str  # "mlm" or "causal": where the prompt is read
     candidates: list | None  # each label word's token ids (--head prompt)
     label_ids: list[int]  # one id per word, when every word is one token; else []
+    # tasks.fingerprint of the splits and the folder they came from (absolute): kept in each
+    # checkpoint, what a resume checks its data against
+    fingerprint: dict
 
 
 def load(cfg, placement, resume: str | None = None) -> Loaded:
@@ -196,8 +199,10 @@ def load(cfg, placement, resume: str | None = None) -> Loaded:
     if data["root"] is not None:
         print(f"mezo: data from {data['root']}" + (" (the run's)" if data_dir != cfg.data_dir
                                                    else ""))
+    root = data["root"]
+    fingerprint = tasks.fingerprint(data) | {"root": str(Path(root).absolute()) if root else None}
     if resume and saved:
-        check_same_data(resume, saved, data)
+        check_same_data(resume, saved, fingerprint)
     device = placement.device or torch.device(models.resolve_device(cfg.device))
     model, tokenizer, source, model_path = models.load_model(cfg.model, cfg.dtype, cfg.head)
     model.to(device)
@@ -224,17 +229,17 @@ def load(cfg, placement, resume: str | None = None) -> Loaded:
     label_ids = ([c[0] for c in candidates]
                  if candidates and all(len(c) == 1 for c in candidates) else [])
     return Loaded(model, device, model_path, tokenizer, data, template, words, kind, candidates,
-                  label_ids)
+                  label_ids, fingerprint)
 
 
-def check_same_data(folder, saved: dict, data: dict) -> None:
-    """The splits a resume found are the ones its checkpoint's run trained on (saved: their
-    tasks.fingerprint; {} from a checkpoint that predates it): one line if not."""
-    now = tasks.fingerprint(data)
+def check_same_data(folder, saved: dict, now: dict) -> None:
+    """The splits a resume found (now: Loaded.fingerprint) are the ones its checkpoint's run
+    trained on (saved: the same, kept in the checkpoint; {} from one that predates it): one line
+    if not."""
     split = next((name for name in ("train", "dev", "test")
                   if name in saved and saved[name] != now[name]), None)
     if split:
-        now_from = str(Path(data["root"]).absolute()) if data["root"] else "generated"
+        now_from = now["root"] or "generated"
         was_from = saved.get("root") or "generated"
         fix = ("its files changed since the run read them: put them back as they were" if
                now_from == was_from else f"the run's data came from {was_from}: give --data-dir "
@@ -285,10 +290,7 @@ class Run(ReplayMixin):
         self.cfg, self.placement, self.rule, self.objective = cfg, placement, rule, objective
         self.params, self.forward, self.optimizer = params, forward, optimizer
         self.model, self.device, self.model_path = loaded.model, loaded.device, loaded.model_path
-        # kept in each checkpoint: what a resume checks its data against, and where it was
-        root = loaded.data["root"]
-        self.data = tasks.fingerprint(loaded.data) | {
-            "root": str(Path(root).absolute()) if root else None}
+        self.data = loaded.fingerprint  # (kept in each checkpoint)
         self.out = Path(cfg.out) if cfg.out else None
         # --replay: the folder moved into place at the end; out's lock
         self.into, self.lock = None, None
