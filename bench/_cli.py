@@ -5,6 +5,7 @@ takes, not a traceback from deep in the benchmark. argparse reads each value wit
 from __future__ import annotations
 
 import argparse
+import json
 import math
 import os
 import sys
@@ -13,7 +14,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from mezo.errors import UsageError  # noqa: E402
 
-from mezo import models, options  # noqa: E402
+from mezo import checkpoints, models, options  # noqa: E402
 
 PROG = f"bench/{Path(sys.argv[0]).name}"
 
@@ -52,6 +53,32 @@ def listed(item, choices=None):
             raise argparse.ArgumentTypeError(f"{', '.join(bad)}: choose from {', '.join(choices)}")
         return [item(w) for w in words]
     return parse
+
+
+def json_file(text: str) -> Path:
+    """argparse type: a file for --json, checked before the benchmark runs (a measurement is not
+    lost to a path it cannot write at the end): not a folder, in a folder that exists, and new or
+    a JSON file (a benchmark's earlier rows, written over); a user's other file is left alone."""
+    path = Path(text)
+    if path.is_dir():
+        raise argparse.ArgumentTypeError(f"{text} is a folder; give a file name, as "
+                                         f"{path / 'rows.json'}")
+    if not path.parent.is_dir():
+        raise argparse.ArgumentTypeError(f"{text}: there is no folder {path.parent}; create it, "
+                                         "or give a file in a folder that exists")
+    if path.exists():
+        try:
+            json.loads(path.read_text())
+        except (OSError, ValueError):  # (UnicodeDecodeError is a ValueError)
+            raise argparse.ArgumentTypeError(f"{text} is not a JSON file (a benchmark's rows): "
+                                             "give a new file name; it was left as it is") from None
+    return path
+
+
+def write_json(path: Path, rows) -> None:
+    """rows as JSON at path, whole or not at all (a full disk is one line)."""
+    checkpoints.atomic_write(path, lambda tmp: tmp.write_text(json.dumps(rows, indent=1) + "\n"),
+                             then="run the benchmark again")
 
 
 def device(text: str) -> str:

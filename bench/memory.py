@@ -120,7 +120,8 @@ def main():
     p = bench_parser(__doc__, CASES, threads=2)
     p.add_argument("--micro-batch", type=_cli.count(0), default=0,
                    help="adam cases: examples per backward (default: the batch)")
-    p.add_argument("--json", help="also write the rows to this file")
+    p.add_argument("--json", type=_cli.json_file,
+                   help="also write the rows to this file (a new one, or JSON rows: written over)")
     args = p.parse_args()
     rows = rows_of(args, CASES, measure, __file__, ["--micro-batch", str(args.micro_batch)])
     if rows is None:
@@ -134,8 +135,8 @@ def main():
         print(f"{r['case']:22s} {r['peak_mb']:10.1f} {r['above_model_mb']:15.1f} {r['peak_mb'] / ref['peak_mb']:17.3f} "
               f"{above}")
     if args.json:
-        Path(args.json).write_text(json.dumps(dict(model=args.model, batch_size=args.batch_size, device=args.device,
-                                                   threads=args.threads, rows=rows), indent=1))
+        _cli.write_json(args.json, dict(model=args.model, batch_size=args.batch_size, device=args.device,
+                                        threads=args.threads, rows=rows))
 
 
 if __name__ == "__main__":

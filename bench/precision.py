@@ -12,7 +12,6 @@ low-precision logits, as mezo.PromptForward does (the LM head's output is cast b
 Prints a table (markdown) and, per dtype, the ε with the least error: the recommendation docs/precision.md gives.
 """
 import dataclasses
-import json
 import math
 import sys
 import time
@@ -63,7 +62,8 @@ def main() -> None:
     p.add_argument("--threads", type=_cli.count(1), default=2)
     p.add_argument("--eps", type=_cli.listed(_cli.number(above=0)), default=",".join(map(str, EPS)),
                    help="comma-separated ε")
-    p.add_argument("--json", help="also write the rows to this file")
+    p.add_argument("--json", type=_cli.json_file,
+                   help="also write the rows to this file (a new one, or JSON rows: written over)")
     args = p.parse_args()
     torch.set_num_threads(args.threads)
     base = mezo.Config(task=args.task, model=args.model, batch_size=args.batch_size, lr=0.0,
@@ -88,7 +88,7 @@ def main() -> None:
         best = min(mine, key=lambda r: r["error"])
         print(f"{dtype}: least error at ε = {best['eps']:g} ({best['error']:.3f})")
     if args.json:
-        Path(args.json).write_text(json.dumps(rows, indent=1) + "\n")
+        _cli.write_json(args.json, rows)
 
 
 if __name__ == "__main__":

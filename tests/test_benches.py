@@ -51,7 +51,7 @@ CASES = {
     "perturb.py": (["--device", "cpu", "--numel", "4096", "--repeat", "2"], ["reference"], {"TRITON_INTERPRET": "1"}),
     "rules.py": (["--device", "cpu", "--numel", "4096", "--tensors", "2", "--repeat", "1", "--threads", "1"],
                  ["momentum", "adam"], {}),
-    "precision.py": (["--model", "{model}", "--steps", "3", "--eps", "1e-3,3e-2", "--threads", "1"],
+    "precision.py": (["--model", "{model}", "--steps", "3", "--eps", "1e-3,3e-2", "--threads", "1", "--json", "rows.json"],
                      ["| float16 | 0.001 |", "| bfloat16 | 0.03 |", "least error"], {}),
     "step.py": (["--device", "cpu", "--sizes", "tiny", "--modes", "lora", "--backends", "original,reference", "--repeat", "1",
                  "--batch-size", "1", "--seq-len", "8"], ["original", "reference"], {}),
@@ -78,6 +78,8 @@ MISTAKES = [
     ("perturb.py", ["--numel", "-5"], r"argument --numel: '-5': give a whole number of 1 or more", {}),
     ("rules.py", ["--device", "cpu", "--numel", "10"], r"--numel 10 cuts into --tensors 32 of 64 columns", {}),
     ("precision.py", ["--eps", "1e-3,abc"], r"argument --eps: 'abc': give a finite number over 0", {}),
+    ("precision.py", ["--json", "{steps0}"], r"argument --json: .*steps0 is a folder; give a file name", {}),
+    ("memory.py", ["--json", "{text}"], r"argument --json: .*text.md is not a JSON file .*it was left as it is", {}),
     ("step.py", ["--sizes", "tiny,huge"], r"argument --sizes: huge: choose from tiny, smol, 135m, 1b", {}),
     ("tp.py", ["--model", "{missing}", "--steps", "1", "--batch-size", "4", "--length", "8"],
      r"cannot load model '.*missing': no such folder", {}),
@@ -109,6 +111,7 @@ def test_a_benchmark_given_a_wrong_value_says_what_in_one_line(name, args, said,
     errors = [line for line in proc.stderr.splitlines() if "error" in line.lower()]
     assert proc.returncode == 2 and "Traceback" not in proc.stderr and len(errors) == 1, proc.stderr[-3000:]
     assert re.match(rf"bench/{re.escape(name)}: error: {said}", errors[0]), errors[0]
+    assert (tmp_path / "text.md").read_text() == "# not\na log\n"  # (a user's file given to --json)
 
 
 @pytest.mark.parametrize("name", sorted(CASES))
@@ -116,9 +119,12 @@ def test_benchmark_runs_from_a_foreign_folder(name, model_dir, tmp_path):
     if name in ("perturb.py", "ptx.py"):
         pytest.importorskip("triton")
     args, words, env = CASES[name]
+    (tmp_path / "rows.json").write_text("[]")  # an earlier run's rows: --json writes over them
     out = ok(bench(name, *(a.format(model=model_dir("llama+tasks")) for a in args), cwd=tmp_path, env=env))
     missing = [w for w in words if w not in out]
     assert not missing, f"{name} printed no {missing}:\n{out[-2000:]}"
+    if "--json" in args:
+        assert len(json.loads((tmp_path / "rows.json").read_text())) == 4  # (2 ε × 2 dtypes)
 
 
 def test_compare_logs_passes_a_run_against_itself_and_fails_an_edited_copy(model_dir, tmp_path, capsys):
