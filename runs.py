@@ -465,6 +465,8 @@ class Run(ReplayMixin):
         peak_memory_mb(self.device, reset=True)  # from here on: evaluations and steps, not loading
         if fresh and self.replay is None and not self.idle:
             self.evals[0] = self.evaluate(0)
+            if self.evals[0] is None:  # cut short: nothing trained, a resume evaluates it
+                raise Stopped(self.stop.signal, 0, self.stop.code)
         if unevaluated:
             print(f"mezo: step {self.start}'s evaluation is not in the log (a stop cut it short): "
                   "it runs now")
@@ -527,11 +529,12 @@ class Run(ReplayMixin):
         """Dev and test accuracy; test is cut to --eval-max rows (spread_rows) between the first and
         the last evaluation. Logged together once both are in. Once step's checkpoint is written,
         a signal cuts the evaluation short (None, nothing logged): a scheduler's grace period is
-        shorter than a whole test set on a CPU, and a resume evaluates the step. (Not under
-        torchrun: every rank's forwards must meet in the same collectives.)"""
+        shorter than a whole test set on a CPU, and a resume evaluates the step. So it does at step
+        0, whose θ is the model's own. (Not under torchrun: every rank's forwards must meet in the
+        same collectives.)"""
         results, records, final = {}, [], step == self.cfg.steps
         forward = self.forward
-        if self.last_saved == step and not distributed(self.cfg):
+        if (self.last_saved == step or step == 0) and not distributed(self.cfg):
             def forward(batch):
                 if self.stop.signal:
                     raise Stopped(self.stop.signal, step, self.stop.code)
@@ -926,6 +929,9 @@ def stopped(cfg, trained: bool, why: BaseException) -> str:
     """What to say when a run stops early: stdout's reader left (`python mezo.py ... | head`; stdout
     then points at /dev/null, so nothing left in its buffer fails again at exit), Ctrl-C or SIGTERM
     (errors.Stopped: after the step under way and its checkpoint, or at once when asked twice)."""
+    if isinstance(why, Stopped) and why.step == 0:
+        return (f"stopped by {why.signal} at step 0's evaluation, before any step: --resume "
+                f"{shlex.quote(cfg.out)} starts there")
     if isinstance(why, Stopped) and why.step is not None:
         return (f"stopped by {why.signal} after step {why.step}, its checkpoint written: --resume "
                 f"{shlex.quote(cfg.out)} goes on from there")

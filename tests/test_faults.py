@@ -492,3 +492,36 @@ def test_5_a_signal_during_an_evaluation_cuts_it_short_and_the_resume_evaluates_
     assert read(w) == read(straight) and [r["step"] for r in read(w) if r.get("split") == "test"] == [0, 2, 4]
     a, b = load_file(w / checkpoints.CHECKPOINT), load_file(straight / checkpoints.CHECKPOINT)
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_5_a_signal_during_the_first_evaluation_stops_before_any_step_and_the_resume_starts_there(model_dir, tmp_path,
+                                                                                                  capsys):
+    """SIGTERM during step 0's evaluation (a zero-shot run's whole test set, minutes on a CPU): no checkpoint is due,
+    since step 0's θ is the model's own, so the evaluation stops before its next forward, not after a whole test set
+    and a first step. The run says how to go on, and --resume makes the run an unbroken one makes."""
+    import mezo
+    w, straight = tmp_path / "W", tmp_path / "straight"
+    flags = dict(steps=2, eval_every=2, micro_batch=2, eval_max=16, eval_max_start=16)
+    seen = []
+
+    class SignalAtOnce(mezo.PromptForward):
+        def __call__(self, batch):
+            seen.append(batch if seen else "signalled")
+            if len(seen) == 1:
+                os.kill(os.getpid(), signal.SIGTERM)
+            return super().__call__(batch)
+
+    cfg, _ = mezo.parse_args(P(model_dir, out=w, **flags))
+    with pytest.raises(Stopped) as stopped:
+        mezo.train(cfg, forward=SignalAtOnce, placement=mezo.Placement(torch.device("cpu")))
+    assert stopped.value.step == 0 and seen == ["signalled"]  # no forward after the signal
+    assert runs.stopped(cfg, False, stopped.value) == f"stopped by SIGTERM at step 0's evaluation, before any step: --resume {w} starts there"
+    assert not (w / checkpoints.CHECKPOINT).exists() and not (w / "log.jsonl").read_text()
+    capsys.readouterr()
+    assert run(["--resume", w], capsys)[0] == 0
+    assert run(P(model_dir, out=straight, **flags), capsys)[0] == 0
+    drop = lambda r: {k: v for k, v in r.items() if "time" not in k}
+    read = lambda f: [drop(json.loads(line)) for line in (f / "log.jsonl").read_text().splitlines()]
+    assert read(w) == read(straight) and [r["step"] for r in read(w) if r.get("split") == "test"] == [0, 2]
+    a, b = load_file(w / checkpoints.CHECKPOINT), load_file(straight / checkpoints.CHECKPOINT)
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
