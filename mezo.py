@@ -488,13 +488,13 @@ class ExactRestore:
 # parameters in the order given (group after group), with seeds from (seed, step count).
 
 
-def loss_value(loss) -> float:
-    try:  # MeZO.step's closure's loss: a number or a one-element tensor
+def loss_value(loss, must: str = "MeZO.step's closure must return the loss") -> float:
+    try:  # a closure's loss (or the Trainer's compute_loss's): a number or a one-element tensor
         return float(loss)
     except (TypeError, ValueError, RuntimeError):  # None, a vector of losses, ...
         got = f"a tensor of shape {tuple(loss.shape)}" if torch.is_tensor(loss) else repr(loss)[:60]
-        raise TypeError(f"MeZO.step's closure must return the loss, a number or a one-element "
-                        f"tensor (e.g. loss.mean()); it returned {got}") from None
+        raise TypeError(f"{must}, a number or a one-element tensor (e.g. loss.mean()); it "
+                        f"returned {got}") from None
 
 
 class MeZO(torch.optim.Optimizer):

@@ -206,13 +206,7 @@ class MeZOTrainer(Trainer):
             with self.compute_loss_context_manager():
                 loss = self.compute_loss(model, inputs, num_items_in_batch=num_items_in_batch)
             part = loss if scaled else loss / len(micro)
-            if not (torch.is_tensor(part) and part.numel() == 1 or isinstance(part, numbers.Real)):
-                got = f"a tensor of shape {tuple(part.shape)}" if torch.is_tensor(part) else repr(
-                    part)[:60]
-                raise TypeError(f"MeZOTrainer: compute_loss must give one loss per batch, a number "
-                                f"or a one-element tensor (a loss per example: reduce it, e.g. "
-                                f".mean()); it gave {got}")
-            total += float(part)
+            total += mezo.loss_value(part, "MeZOTrainer: compute_loss must give one loss per batch")
         if self.accelerator.num_processes > 1:
             t = torch.tensor(total, dtype=torch.float64, device=self.args.device)
             # Σ over ranks. Under average_tokens_across_devices (the default) each rank's loss is

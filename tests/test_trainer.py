@@ -332,7 +332,7 @@ def test_a_loss_that_is_not_one_number_is_one_line(tmp_path):
     AttributeError)."""
     PerExampleLoss.reduce = None
     with pytest.raises(TypeError, match=r"^MeZOTrainer: compute_loss must give one loss per batch, a number or a "
-                                        r"one-element tensor .*; it gave a tensor of shape \(\d+,\)$"):
+                                        r"one-element tensor .*; it returned a tensor of shape \(\d+,\)$"):
         run(tiny(False), tmp_path, cls=PerExampleLoss, max_steps=1)
     PerExampleLoss.reduce = staticmethod(lambda losses: float(losses.mean()))
     t = run(tiny(False), tmp_path, cls=PerExampleLoss, max_steps=1)
