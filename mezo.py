@@ -88,8 +88,8 @@ class Config:
     eps: float = option(1e-3, "perturbation scale ε (paper: 1e-3)", above=0)
     weight_decay: float = option(0.0, "weight decay; never on biases and norm weights", min=0)
     n_samples: int = option(1, "directions z per step, averaged (the paper's Algorithm 2)", min=1)
-    rule: str = option(
-        "sgd", "ZO-SGD, or mezo.rules", choices=("sgd", "momentum", "adam", "sign", "conservative"))
+    rule: str = option("sgd", "the update: sgd (MeZO's ZO-SGD), or one of mezo.rules (its doc)",
+                       choices=("sgd", "momentum", "adam", "sign", "conservative"))
     beta: float = option(0.9, "--rule momentum's β, --rule adam's β1 (β2: 0.999)", min=0, below=1)
     objective: str = option(
         "ce", "cross-entropy over the label words, or 1 − accuracy", choices=("ce", "accuracy"))
