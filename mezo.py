@@ -39,7 +39,7 @@ __path__ = [str(_HERE / "mezo")] if (_HERE / "mezo" / "runs.py").is_file() else 
 from mezo.baseline import adam_optimizer, adam_update  # noqa: E402
 from mezo.errors import NonFiniteLoss, UsageError  # noqa: E402
 from mezo.models import DTYPES  # noqa: E402
-from mezo.options import option  # noqa: E402
+from mezo.options import finite, option  # noqa: E402
 
 from mezo import checkpoints, models, options, prefix, runs, tasks  # noqa: E402
 
@@ -510,11 +510,11 @@ class MeZO(torch.optim.Optimizer):
     def __init__(self, params, lr: float = 1e-3, eps: float = 1e-3, weight_decay: float = 0.0,
                  n_samples: int = 1, seed: int = 0, backend=None, rule=None):
         whole = all(isinstance(v, numbers.Integral) for v in (n_samples, seed))
-        real = all(isinstance(v, (numbers.Real, torch.Tensor)) for v in (lr, eps, weight_decay))
+        real = all(finite(v) for v in (lr, eps, weight_decay))  # (not inf or NaN either)
         valid = real and whole and lr >= 0 and eps > 0 and weight_decay >= 0 and n_samples >= 1
         if not (valid and 0 <= seed < 1 << 63):
-            raise ValueError(f"MeZO needs lr >= 0, eps > 0, weight_decay >= 0, whole numbers "
-                             f"n_samples >= 1 and 0 <= seed < 2^63; got {lr=}, {eps=}, "
+            raise ValueError(f"MeZO needs finite lr >= 0, eps > 0, weight_decay >= 0, whole "
+                             f"numbers n_samples >= 1 and 0 <= seed < 2^63; got {lr=}, {eps=}, "
                              f"{weight_decay=}, {n_samples=}, {seed=}")
         if not (rule is None or callable(getattr(rule, "update", None))):  # e.g. rule="adam"
             raise TypeError(f"MeZO's rule= takes mezo.rules.make(name) or None; got {rule!r}")
@@ -532,8 +532,8 @@ class MeZO(torch.optim.Optimizer):
             raise ValueError(f"MeZO param group {len(self.param_groups)}: only lr and weight_decay "
                              f"can differ between groups, not {others}")
         rates = {key: group.get(key, self.defaults[key]) for key in ("lr", "weight_decay")}
-        if not (rates["lr"] >= 0 and rates["weight_decay"] >= 0):  # as the constructor; NaN too
-            raise ValueError(f"MeZO param group {len(self.param_groups)} needs lr >= 0 and "
+        if not all(finite(v) and v >= 0 for v in rates.values()):  # as the constructor
+            raise ValueError(f"MeZO param group {len(self.param_groups)} needs finite lr >= 0 and "
                              f"weight_decay >= 0; got lr={rates['lr']}, "
                              f"weight_decay={rates['weight_decay']}")
         tensors = [group["params"]] if torch.is_tensor(group["params"]) else group["params"]

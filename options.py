@@ -10,7 +10,16 @@ import math
 import numbers
 import re
 
+import torch
+
 from .errors import UsageError
+
+
+def finite(v) -> bool:
+    """A rate the optimizer takes (lr, eps, weight decay): a real number or a one-element tensor,
+    neither infinite nor NaN."""
+    return (isinstance(v, (numbers.Real, torch.Tensor)) and torch.as_tensor(v).numel() == 1
+            and math.isfinite(v))
 
 
 def option(default, help: str, choices=None, min=None, above=None, below=None, parse=None):

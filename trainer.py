@@ -105,8 +105,10 @@ def check_args(args: TrainingArguments, kwargs: dict) -> None:
     # MeZO's numbers, in the Trainer's words and before train() makes the optimizer
     real = lambda v: isinstance(v, numbers.Real) and math.isfinite(v)  # noqa: E731
     lr, eps, n, beta = args.learning_rate, *(setting(args, k) for k in ("eps", "n_samples", "beta"))
+    wd = args.weight_decay
     for name, value, ok, want in (
             ("learning_rate", lr, real(lr) and lr >= 0, "a finite number >= 0"),
+            ("weight_decay", wd, real(wd) and wd >= 0, "a finite number >= 0"),
             ("eps", eps, real(eps) and eps > 0, "a finite number > 0 (the paper's: 1e-3)"),
             ("n_samples", n, isinstance(n, numbers.Integral) and n >= 1, "a whole number >= 1"),
             ("beta", beta, real(beta) and 0 <= beta < 1, "0 <= beta < 1")):

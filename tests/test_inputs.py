@@ -343,14 +343,28 @@ def test_an_empty_text_flag_is_refused_not_taken_for_the_flag_left_out(model_dir
 
 def test_a_param_group_with_a_negative_lr_is_refused():
     a, b = nn.Linear(2, 2), nn.Linear(2, 2)
-    with pytest.raises(ValueError, match=r"param group 1 needs lr >= 0 and weight_decay >= 0; "
+    with pytest.raises(ValueError, match=r"param group 1 needs finite lr >= 0 and weight_decay >= 0; "
                        r"got lr=-1"):
         mezo.MeZO([{"params": a.parameters()}, {"params": b.parameters(), "lr": -1}])
     opt = mezo.MeZO(a.parameters())
-    for bad in (dict(lr=-1), dict(lr=float("nan")), dict(weight_decay=-0.1)):
-        with pytest.raises(ValueError, match=r"param group 1 needs lr >= 0"):
+    for bad in (dict(lr=-1), dict(lr=float("nan")), dict(weight_decay=-0.1), dict(lr=float("inf")), dict(lr="x"),
+                dict(lr=None), dict(lr=torch.tensor([0.1, 0.2]))):
+        with pytest.raises(ValueError, match=r"param group 1 needs finite lr >= 0"):
             opt.add_param_group({"params": b.parameters(), **bad})
     assert len(opt.param_groups) == 1
+
+
+def test_an_infinite_lr_eps_or_weight_decay_is_refused_before_it_reaches_the_parameters():
+    """eps=inf had left the parameters NaN (θ + inf·z), and lr=inf infinite, with no error or one that called them
+    intact: refused as a negative one is."""
+    a, x = nn.Linear(4, 2), torch.randn(3, 4)
+    for bad in (dict(eps=float("inf")), dict(lr=float("inf")), dict(weight_decay=float("inf")),
+                dict(eps=torch.tensor(float("inf")))):
+        with pytest.raises(ValueError, match=r"^MeZO needs finite lr >= 0, eps > 0, weight_decay >= 0"):
+            mezo.MeZO(a.parameters(), **bad)
+    opt, before = mezo.MeZO(a.parameters(), lr=torch.tensor(0.1)), [p.clone() for p in a.parameters()]
+    opt.step(lambda: a(x).pow(2).mean())  # a one-element tensor is a rate, as torch's optimizers take
+    assert all(torch.isfinite(p).all() and not torch.equal(p, q) for p, q in zip(a.parameters(), before))
 
 
 def test_an_adam_state_does_not_load_into_a_momentum_optimizer():

@@ -290,7 +290,7 @@ def test_a_users_mistakes_with_the_optimizer_get_one_line_that_names_the_fix_and
     """A string for lr, a rule's name for rule=, a closure that returns None or an unreduced loss: each is refused
     in one line that says what to pass, and a refused step leaves θ bit for bit as it was."""
     model, x = nn.Linear(4, 2), torch.randn(8, 4)
-    with pytest.raises(ValueError, match=r"^MeZO needs lr >= 0.*got lr='1e-3'"):
+    with pytest.raises(ValueError, match=r"^MeZO needs finite lr >= 0.*got lr='1e-3'"):
         mezo.MeZO(model.parameters(), lr="1e-3")
     with pytest.raises(TypeError, match=r"^MeZO's rule= takes mezo.rules.make\(name\) or None; got 'adam'$"):
         mezo.MeZO(model.parameters(), rule="adam")

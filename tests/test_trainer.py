@@ -241,6 +241,7 @@ def frozen_model():
     (dict(n_samples=0), "MeZOTrainer: n_samples=0; give a whole number >= 1"),
     (dict(beta=1.0), "MeZOTrainer: beta=1.0; give 0 <= beta < 1"),
     (dict(learning_rate=-1e-3), "MeZOTrainer: learning_rate=-0.001; give a finite number >= 0"),
+    (dict(weight_decay=float("inf")), "MeZOTrainer: weight_decay=inf; give a finite number >= 0"),
     (dict(model=frozen_model()), "requires_grad"),
 ])
 def test_bad_input_gets_one_line(tmp_path, bad, words):
