@@ -179,9 +179,8 @@ def uniform(word: torch.Tensor) -> torch.Tensor:
 
 
 def _f32(op, x: torch.Tensor) -> torch.Tensor:
-    # op in float64, rounded once: the correctly rounded float32 result. torch's float32
-    # sqrt/log/cos/sin on CPU differ by an ulp between vector and scalar paths, so z would depend on
-    # where an element falls in a chunk.
+    # op in float64, rounded once (the correctly rounded float32): torch's float32 sqrt/log/cos/sin
+    # on CPU differ by an ulp between vector and scalar paths, so z would depend on its chunking.
     return op(x.double()).float()
 
 
@@ -727,6 +726,8 @@ def parse_args(argv=None) -> tuple[Config, str | None]:
     p.add_argument("--resume", default=None, help="go on with this folder's run (--out: a branch)")
     args = vars(p.parse_args(argv))
     resume = runs.user_path(args.pop("resume"))
+    if resume and args.get("replay"):  # (a replay from a checkpoint is runs.keep_last_good's)
+        raise UsageError("--resume goes on with a run and --replay rebuilds one: drop one of them")
     if resume or args.get("replay"):
         flag = "--resume" if resume else "--replay"
         # the run's config, not its world size (one this version lacks a setting of: refused)
@@ -747,8 +748,7 @@ def variants(cfg: Config, **given) -> dict:
     seams = dict(backend=backend, forward=PromptForward, placement=Placement(torch.device(device)))
     if cfg.fast and "backend" not in given:  # compiled on CPUs, Triton on GPUs (fast/__init__.py)
         from mezo.fast import choose
-        # ZO-SGD's restore, update and next perturbation in one pass (fast.Fused); a rule reads θ
-        # between them
+        # ZO-SGD's restore, update and next ±εz in one pass (fast.Fused); a rule reads θ between
         seams["backend"] = choose(device, cfg.exact_restore, fuse=cfg.rule == "sgd")
     if cfg.rule != "sgd":  # momentum, Adam, sign, conservative (rules.py)
         from mezo.rules import make

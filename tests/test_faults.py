@@ -104,6 +104,10 @@ def test_3_replay_refuses_flags_that_change_the_update_and_leaves_out_as_it_was(
     (b / "notes.txt").write_text("mine")  # a folder without a run: a refused replay leaves it as it was
     expect_error(capsys, ["--replay", a, "--out", b, "--rule", "sgd"], r"the same rule")
     assert snapshot(b) == {"notes.txt": b"mine"}
+    # --resume with --replay had run, written B's summary and a .lock, no checkpoint, and said the tensors were rebuilt
+    expect_error(capsys, ["--resume", a, "--replay", a, "--out", b],
+                 r"^mezo: error: --resume goes on with a run and --replay rebuilds one: drop one of them$")
+    assert snapshot(b) == {"notes.txt": b"mine"}
     assert snapshot(a) == before
 
 
