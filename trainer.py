@@ -31,6 +31,7 @@ max_grad_norm > 0 (there is no gradient to clip; the step's projected gradient i
 optimizer of one's own (optim, optim_args, optimizers=, optimizer_cls_and_kwargs), DeepSpeed and
 FSDP (they shard for a backward), and a model with no trainable parameters.
 """
+import copy
 import dataclasses
 import functools
 import math
@@ -206,7 +207,10 @@ class MeZOTrainer(Trainer):
         total = 0.0
         for inputs in micro:
             with self.compute_loss_context_manager():
-                loss = self.compute_loss(model, inputs, num_items_in_batch=num_items_in_batch)
+                # a copy: the Trainer's compute_loss pops the labels (label smoothing, a
+                # compute_loss_func), and the same batch runs at θ+εz and at θ−εz
+                loss = self.compute_loss(model, copy.copy(inputs),
+                                         num_items_in_batch=num_items_in_batch)
             part = loss if scaled else loss / len(micro)
             total += mezo.loss_value(part, "MeZOTrainer: compute_loss must give one loss per batch")
         if self.accelerator.num_processes > 1:

@@ -137,6 +137,32 @@ def test_trainer_equals_the_mezo_optimizer_loop_bit_for_bit(tmp_path, lora):
                    if not p.requires_grad)
 
 
+def test_label_smoothing_trains_on_the_smoothed_loss_at_both_points(tmp_path):
+    """label_smoothing_factor pops the labels from the batch inside Trainer.compute_loss: the second forward of a step
+    (θ−εz) had got a batch without them and failed ("The model did not return a loss"). Each step's L+ and L− are the
+    label-smoothed loss, as a plain loop on the same batches computes it."""
+    from transformers.trainer_pt_utils import LabelSmoother
+    model = tiny(False)
+    ref = copy.deepcopy(model)
+    t = run(model, tmp_path, max_steps=2, label_smoothing_factor=0.1)
+    smooth = LabelSmoother(epsilon=0.1)
+
+    def loss(batch):
+        inputs = {k: v for k, v in batch.items() if k != "labels"}
+        return smooth(ref(**inputs), batch["labels"], shift_labels=True)
+    ref.eval()
+    opt = mezo.MeZO([(n, p) for n, p in ref.named_parameters() if p.requires_grad], lr=LR, eps=EPS,
+                    weight_decay=WD, seed=SEED)
+    sched = get_scheduler("linear", opt, 0, 2)
+    want = []
+    for batch in t.batches:
+        opt.step(lambda: loss(batch))
+        want.append(opt.last)
+        sched.step()
+    assert t.mezo_history == want and all(r["loss_plus"] != r["loss_minus"] for r in want)
+    assert_equal_tensors(trained(model), trained(ref))
+
+
 def test_the_lr_scheduler_from_training_arguments_sets_each_steps_lr(tmp_path):
     t = run(tiny(True), tmp_path, max_steps=6, lr_scheduler_type="cosine", warmup_steps=2)
     opt = torch.optim.SGD([torch.zeros(1)], lr=LR)
