@@ -164,6 +164,11 @@ def saved_config(folder: Path, flag: str = "--resume", known=None) -> dict:
             config = json.loads(path.read_text())
             if not isinstance(config, dict):
                 raise ValueError("not a JSON object")
+            # what every run.json has held: without one, the defaults would make another run
+            lacks = [k for k in ("task", "model", "mode", "seed", "data_seed", "lr", "eps", "steps")
+                     if k not in config]
+            if lacks:
+                raise ValueError(f"it lacks {', '.join(lacks)}")
         except ValueError as e:  # (UnicodeDecodeError and JSONDecodeError are ValueErrors)
             raise UsageError(f"{flag} {folder}: {RUN_CONFIG} is damaged ({e}); --overwrite "
                              "with the run's flags starts it again") from None

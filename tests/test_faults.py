@@ -239,6 +239,13 @@ def test_4_kill_9_before_the_first_checkpoint_resumes_from_the_start_and_the_log
     before = snapshot(w)
     expect_error(capsys, ["--resume", w, "--steps", last + 2], r"--resume .*W: run.json is damaged .*--overwrite")
     assert snapshot(w) == before
+    # a run.json without its task (or model, seed, ...) had resumed as the defaults' run: SST-2 on SmolLM2
+    for edited in ({k: v for k, v in json.loads(good).items() if k != "task"}, {}):
+        (w / "run.json").write_text(json.dumps(edited))
+        before = snapshot(w)
+        expect_error(capsys, ["--resume", w, "--steps", last + 2],
+                     r"--resume .*W: run.json is damaged \(it lacks task.*\); --overwrite")
+        assert snapshot(w) == before
     (w / "run.json").write_bytes(good)
     # to fewer steps than the log holds: refused (the resume would drop them), as past a checkpoint
     expect_error(capsys, ["--resume", w, "--steps", last - 1], rf"--resume .*W --steps {last - 1}: its log holds "
