@@ -827,6 +827,9 @@ def claim(folder: Path, overwrite: bool, flag: str, locked: bool = False) -> Non
                          "replaces the whole folder: give it a new or empty one (nothing was "
                          "changed)")
     old = [name for name in RUN_FILES if (folder / name).exists()]
+    if old and not any(written_by_a_run(folder / name) for name in old):
+        raise UsageError(f"{flag} {folder} holds {', '.join(old)}, not written by a mezo run: "
+                         "move it, or pick another folder (nothing was changed)")
     if old and not overwrite:
         raise UsageError(f"{flag} {folder} already holds a run ({', '.join(old)}): --resume "
                          f"{shlex.quote(str(folder))} to go on with it, --overwrite to replace it, "
@@ -840,6 +843,28 @@ def claim(folder: Path, overwrite: bool, flag: str, locked: bool = False) -> Non
                 (folder / name).rmdir()
         elif not (folder / name).is_dir():  # (a folder of that name: the write names it)
             (folder / name).unlink()
+
+
+def written_by_a_run(path: Path) -> bool:
+    """path (one of RUN_FILES) reads as a run wrote it: a checkpoint with its step, a log whose
+    first line is a record, a summary with its steps, a run.json with its task, an adapter with
+    its config. A user's file of the same name does not, and --overwrite does not remove it."""
+    try:
+        if path.name == checkpoints.CHECKPOINT:
+            from safetensors import safe_open
+            with safe_open(str(path), "pt") as f:
+                return "step" in (f.metadata() or {})
+        if path.name == "adapter":
+            return (path / checkpoints.ADAPTER_CONFIG).is_file()
+        with open(path, encoding="utf-8") as f:
+            text = f.readline() if path.name == "log.jsonl" else f.read()
+        if not text:  # (empty: a run's log cut short before its first record; nothing to lose)
+            return True
+        record = json.loads(text)
+        key = {"log.jsonl": "step", "summary.json": "steps"}.get(path.name, "task")
+        return isinstance(record, dict) and key in record
+    except Exception:  # (not JSON, not UTF-8, not safetensors, a folder, unreadable)
+        return False
 
 
 def run_foreign(folder: Path) -> list[str]:

@@ -111,6 +111,24 @@ def test_3_replay_refuses_flags_that_change_the_update_and_leaves_out_as_it_was(
     assert snapshot(a) == before
 
 
+def test_4_overwrite_removes_only_what_a_run_wrote_not_a_users_file_of_the_same_name(model_dir, tmp_path, capsys):
+    """A folder holding a user's summary.json (or log.jsonl, run.json, checkpoint.safetensors) was "a run", and the
+    --overwrite its refusal advised deleted the user's file. Files of those names that no run wrote are no run: a fresh
+    run, its --overwrite and a replay into it are refused, and the folder stays as it was."""
+    a, mine = tmp_path / "A", tmp_path / "mine"
+    assert run(P(model_dir, steps=1, eval_every=0, out=a), capsys)[0] == 0
+    mine.mkdir()
+    (mine / "summary.json").write_text('{"my": "notes"}')
+    (mine / "log.jsonl").write_text("day 1: started\n")
+    (mine / "run.json").write_text("[1, 2]")
+    before = snapshot(mine)
+    for argv in (P(model_dir, steps=1, out=mine), P(model_dir, steps=1, out=mine, overwrite=""),
+                 ["--replay", a, "--out", mine, "--overwrite"]):
+        expect_error(capsys, [x for x in argv if x], r"--out .*mine holds log.jsonl, summary.json, run.json, not "
+                     r"written by a mezo run: move it, or pick another folder \(nothing was changed\)")
+        assert snapshot(mine) == before
+
+
 def test_4_a_replay_into_a_run_and_a_fresh_run_over_a_run_are_refused(model_dir, tmp_path, capsys):
     a, c = tmp_path / "A", tmp_path / "C"
     assert run(P(model_dir, steps=2, eval_every=0, out=a), capsys)[0] == 0
