@@ -932,7 +932,24 @@ def changed(cfg, saved: dict, names):
 
 def distributed(cfg) -> bool:
     """Whether the run is one of several processes under torchrun (--tp, --dp or WORLD_SIZE)."""
-    return cfg.tp > 1 or cfg.dp > 1 or int(os.environ.get("WORLD_SIZE", "1")) > 1
+    return cfg.tp > 1 or cfg.dp > 1 or world_size() > 1
+
+
+def world_size() -> int:
+    """torchrun's WORLD_SIZE (1 without it). One left over in a shell, or set by hand without the
+    rest of torchrun's variables, is one line, not a traceback from torch.distributed."""
+    text = os.environ.get("WORLD_SIZE", "1")
+    world = int(text) if text.strip().isdigit() else 0
+    if world < 1:
+        raise UsageError(f"WORLD_SIZE={text!r} is not a number of processes: unset it to run one "
+                         "process, or launch with torchrun, which sets it")
+    missing = [k for k in ("RANK", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT")
+               if world > 1 and k not in os.environ]
+    if missing:
+        raise UsageError(f"WORLD_SIZE={world} is set but not {', '.join(missing)}: unset "
+                         f"WORLD_SIZE to run one process, or launch with torchrun --nproc-per-node "
+                         f"{world} (it sets them all)")
+    return world
 
 
 def same_model_folder(was: str, now: str) -> bool:

@@ -638,3 +638,26 @@ def test_a_config_made_in_python_checks_its_types_as_the_command_line_does(given
         mezo.Config(task="synthetic", **given)
     cfg = mezo.Config(task="SST-2", lr=1, label_words=[" bad", " good"])
     assert (cfg.task, cfg.lr, cfg.label_words) == ("sst2", 1.0, (" bad", " good")) and isinstance(cfg.lr, float)
+
+
+@pytest.mark.parametrize("env, said", [
+    (dict(WORLD_SIZE="abc"), r"WORLD_SIZE='abc' is not a number of processes: unset it to run one process, or launch "
+                             r"with torchrun"),
+    (dict(WORLD_SIZE="2"), r"WORLD_SIZE=2 is set but not RANK, LOCAL_RANK, MASTER_ADDR, MASTER_PORT: unset WORLD_SIZE "
+                           r"to run one process, or launch with torchrun --nproc-per-node 2"),
+    (dict(WORLD_SIZE="2", RANK="0", LOCAL_RANK="0"), r"WORLD_SIZE=2 is set but not MASTER_ADDR, MASTER_PORT"),
+], ids=["not-a-number", "alone", "no-master"])
+def test_a_world_size_left_in_the_shell_is_one_line_before_anything_is_made(model_dir, tmp_path, capsys, monkeypatch,
+                                                                            env, said):
+    """WORLD_SIZE left over from a torchrun job (or set by hand) without the rest of torchrun's variables had ended in
+    a KeyError, a ValueError or torch.distributed's own traceback; WORLD_SIZE=1 is one process, as without it."""
+    for name in ("WORLD_SIZE", "RANK", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT"):
+        monkeypatch.delenv(name, raising=False)
+    for name, value in env.items():
+        monkeypatch.setenv(name, value)
+    refused(capsys, P(model_dir, "--steps", 1, "--out", tmp_path / "run"), said)
+    assert not (tmp_path / "run").exists()
+    for name in env:
+        monkeypatch.delenv(name)
+    monkeypatch.setenv("WORLD_SIZE", "1")
+    assert run(P(model_dir, "--steps", 1), capsys)[0] == 0

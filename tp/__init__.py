@@ -144,7 +144,7 @@ class DistributedPlacement(mezo.Placement):
             raise mezo.UsageError(f"--tp {cfg.tp} --dp {max(cfg.dp, 1)} needs {n} processes: "
                                   f"launch with torchrun --nproc-per-node {n} mezo.py ... (or, "
                                   "installed, -m mezo ...)")
-        world, rank = int(os.environ["WORLD_SIZE"]), int(os.environ["RANK"])
+        world, rank = mezo.runs.world_size(), int(os.environ["RANK"])
         self.tp, self.dp = cfg.tp, cfg.dp or world // cfg.tp
         if not cfg.dp and world % cfg.tp:  # (--dp left to torchrun's process count)
             raise mezo.UsageError(f"--tp {cfg.tp} does not divide the {world} processes torchrun "
