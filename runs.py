@@ -990,6 +990,8 @@ def stopped(cfg, trained: bool, why: BaseException) -> str:
         return said + f"the run stopped; --resume {out} goes on from its last checkpoint"
     if (Path(cfg.out) / checkpoints.RUN_CONFIG).exists():
         return said + f"the run stopped before its first checkpoint; --resume {out} goes on"
+    if not any((Path(cfg.out) / name).exists() for name in RUN_FILES):  # (stopped as it loaded)
+        return said + "the run stopped before it wrote anything; the same command starts it"
     return said + "the run stopped before its first checkpoint; --overwrite starts it again"
 
 

@@ -554,3 +554,16 @@ def test_5_a_signal_during_the_first_evaluation_stops_before_any_step_and_the_re
     assert read(w) == read(straight) and [r["step"] for r in read(w) if r.get("split") == "test"] == [0, 2]
     a, b = load_file(w / checkpoints.CHECKPOINT), load_file(straight / checkpoints.CHECKPOINT)
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_5_ctrl_c_before_anything_is_written_says_the_same_command_starts_the_run(tmp_path):
+    """Ctrl-C while the model loads (--out not made yet, or made and empty) had said "--overwrite starts it again",
+    for a folder that holds nothing to overwrite; with a log and no run.json it still names --overwrite."""
+    import mezo
+    out = tmp_path / "new"
+    cfg = mezo.Config(task="synthetic", out=str(out))
+    said = runs.stopped(cfg, False, KeyboardInterrupt())
+    assert said == "interrupted (Ctrl-C): the run stopped before it wrote anything; the same command starts it"
+    out.mkdir()
+    (out / "log.jsonl").write_text("")
+    assert runs.stopped(cfg, False, KeyboardInterrupt()).endswith("before its first checkpoint; --overwrite starts it again")
