@@ -582,10 +582,18 @@ def test_a_refused_out_leaves_a_users_folder_as_it_was_and_a_finished_run_leaves
     (theirs / "notes.txt").write_text("mine")
     before = snapshot(theirs)
     assert mezo.main([str(a) for a in P(model_dir, "--steps", 1, "--out", theirs)]) == 2
+    out, err = capsys.readouterr()  # (a summary.json no run wrote is no run)
+    assert re.search(r"^mezo: error: --out .*their files holds summary.json, not written by a mezo run: move it, or "
+                     r"pick another folder \(nothing was changed\)$", err, re.M), err
+    assert "mezo: model" not in out  # refused before the model loads
+    assert snapshot(theirs) == before and sorted(p.name for p in theirs.iterdir()) == ["notes.txt", "summary.json"]
+    (theirs / "summary.json").write_text('{"steps": 1}')  # one a run wrote
+    before = snapshot(theirs)
+    assert mezo.main([str(a) for a in P(model_dir, "--steps", 1, "--out", theirs)]) == 2
     out, err = capsys.readouterr()  # the command it names is quoted as a shell takes it
     assert re.search(r"^mezo: error: --out .*their files already holds a run \(summary.json\): --resume "
                      r"'.*/their files' to go on with it, .*\(nothing was changed\)$", err, re.M), err
-    assert "mezo: model" not in out  # refused before the model loads
+    assert "mezo: model" not in out
     assert snapshot(theirs) == before and sorted(p.name for p in theirs.iterdir()) == ["notes.txt", "summary.json"]
     code, _, err = run(P(model_dir, "--steps", 1, "--out", tmp_path / "run"), capsys)
     assert code == 0 and not (tmp_path / "run" / ".lock").exists(), err
