@@ -95,12 +95,25 @@ def load_model(name: str, dtype: str = "float32", head: str = "prompt"):
         raise UsageError(f"cannot load the weights of model {name!r} ({weights or 'none found'}): "
                          f"{_first_line(e)}. A weights file is missing or damaged (e.g. a download "
                          "cut short): download or save the model again") from None
+    except RuntimeError as e:  # transformers refuses weights of other shapes than config.json's
+        if "mismatch" not in str(e).lower():
+            raise
+        raise UsageError(f"cannot load the weights of model {name!r}: their shapes differ from "
+                         "what its config.json describes (the config of another model, or one "
+                         "edited by hand): put the model's own config.json beside them, or save "
+                         "the model again") from None
     head_missing = [k for k in info["missing_keys"]
                     if not k.startswith(model.base_model_prefix + ".")]
     if head == "prompt" and head_missing:
         raise UsageError(f"model {name!r} has no pretrained LM head (missing {head_missing[:3]}); "
                          "a random head cannot read label words. Use --head cls, or a model saved "
                          "with its LM head")
+    embedded = model.get_input_embeddings().num_embeddings
+    if len(tokenizer) > embedded:  # a token past the table fails mid-run as an IndexError
+        raise UsageError(f"model {name!r}: its tokenizer has {len(tokenizer)} tokens but the model "
+                         f"embeds {embedded}, so text can give ids the model has no row for: save "
+                         "the model's own tokenizer beside it (or resize_token_embeddings after "
+                         "adding tokens)")
     model.eval()  # MeZO's forwards run without dropout
     if Path(path).is_dir():
         path = str(Path(path).resolve())  # an adapter's base must resolve from any folder

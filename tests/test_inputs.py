@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 import torch
 import torch.nn as nn
-from conftest import records, run
+from conftest import SPECIALS, TASK_WORDS, WORDS, make_tokenizer, records, run
 
 import mezo
 from mezo import rules
@@ -129,6 +129,35 @@ def test_a_truncated_weights_file_is_one_line(model_dir, tmp_path, capsys):
     refused(capsys, P(lambda _: model, "--steps", 1, "--out", tmp_path / "run"),
             r"cannot load the weights of model .*model' \(model.safetensors\): .*download or save "
             r"the model again")
+    assert nothing_written(tmp_path / "run")
+
+
+def test_weights_of_other_shapes_than_config_json_are_one_line(model_dir, tmp_path):
+    """A config.json from another model (here: hidden_size edited) beside the weights: transformers' RuntimeError
+    was a traceback."""
+    model = shutil.copytree(model_dir("llama"), tmp_path / "model")
+    config = json.loads((model / "config.json").read_text())
+    (model / "config.json").write_text(json.dumps(config | {"hidden_size": 64}))
+    # as a user runs it, from another folder: in-process, transformers' load report (which it prints first, naming
+    # each shape) goes to the stderr of whichever test first set up its logging
+    argv = [sys.executable, str(ROOT / "mezo.py"), *[str(a) for a in P(lambda _: model, "--steps", 1, "--out", "run")]]
+    done = subprocess.run(argv, capture_output=True, text=True, cwd=tmp_path, timeout=300)
+    assert done.returncode == 2 and "Traceback" not in done.stderr, done.stderr[-2000:]
+    assert re.search(r"^mezo: error: cannot load the weights of model .*model': their shapes differ from what its "
+                     r"config.json describes .*: put the model's own config.json beside them, or save the model "
+                     r"again$", done.stderr, re.M), done.stderr[-2000:]
+    assert nothing_written(tmp_path / "run")
+
+
+def test_a_tokenizer_larger_than_the_models_embeddings_is_refused_before_the_run(model_dir, tmp_path, capsys):
+    """Another model's tokenizer beside the weights: its ids past the embedding table were an IndexError at the
+    first forward, after run.json and log.jsonl were written."""
+    model = shutil.copytree(model_dir("llama"), tmp_path / "model")
+    make_tokenizer(causal=True, tasks_vocab=True).save_pretrained(model)
+    n = len(SPECIALS) + len(WORDS)
+    refused(capsys, P(lambda _: model, "--steps", 1, "--out", tmp_path / "run"),
+            rf"model .*model': its tokenizer has {n + len(TASK_WORDS)} tokens but the model embeds {n}, so text "
+            r"can give ids the model has no row for: save the model's own tokenizer beside it")
     assert nothing_written(tmp_path / "run")
 
 
