@@ -593,10 +593,10 @@ class MeZO(torch.optim.Optimizer):
             raise ValueError(f"the state_dict was saved with another --rule ({saved}), and this "
                              f"MeZO's rule is {rule}: make the MeZO with the rule it was saved "
                              f"with ({make})")
+        if self.rule:  # first: buffers of other shapes are refused before anything is loaded
+            self.rule.load(state_dict["mezo"].get("rule", {}), self.layout())
         super().load_state_dict({k: v for k, v in state_dict.items() if k != "mezo"})
         self.steps, self.seed = state_dict["mezo"]["steps"], state_dict["mezo"]["seed"]
-        if self.rule:
-            self.rule.load(state_dict["mezo"].get("rule", {}), self.layout())
 
 # -----------------------------------------------------------------------------
 # The forward (seam 2): a batch becomes label-word logits, read by the model's own LM head at one

@@ -116,7 +116,8 @@ class Stateful:
         return out | {"t": torch.tensor(self.t, dtype=torch.int64)}
 
     def load(self, state: dict[str, torch.Tensor], params: list[mezo.Trainable]) -> None:
-        """Take state()'s tensors back (full tensors are cut to this shard's slice)."""
+        """Take state()'s tensors back (full tensors are cut to this shard's slice), all of them or,
+        where one does not fit, none."""
         if not self.buffer_names:
             return
         missing = [f"{name}:{p.name}" for name in self.buffer_names for p in params
@@ -125,13 +126,20 @@ class Stateful:
             raise ValueError(f"the saved state has no {type(self).__name__.lower()} buffers "
                              f"({', '.join(missing[:2])}{'...' if len(missing) > 2 else ''}): it "
                              "was saved with another --rule")
+        loaded = {}
         for name in self.buffer_names:
             for p in params:
                 full = state[f"{name}:{p.name}"]
+                if tuple(full.shape) not in (tuple(p.tensor.shape), tuple(p.full_shape)):
+                    raise ValueError(f"the saved buffer {name}:{p.name} has shape "
+                                     f"{tuple(full.shape)} and the parameter "
+                                     f"{tuple(p.full_shape)}: the state was saved for other "
+                                     "parameters (another model, or other LoRA settings)")
                 local = full if tuple(full.shape) == tuple(p.tensor.shape) else \
                     full[tuple(slice(s, s + n) for s, n in zip(p.shard_start, p.tensor.shape))]
-                self.buffers[f"{name}:{p.name}"] = local.to(p.tensor.device,
-                                                            buffer_dtype(p)).reshape(-1).clone()
+                loaded[f"{name}:{p.name}"] = local.to(p.tensor.device,
+                                                      buffer_dtype(p)).reshape(-1).clone()
+        self.buffers.update(loaded)
         self.t = int(state["t"])
 
     @torch.no_grad()

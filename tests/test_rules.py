@@ -273,6 +273,12 @@ def test_the_optimizer_takes_a_rule_and_its_state_resumes_the_same_trajectory():
     with pytest.raises(ValueError, match="another --rule"):
         mezo.MeZO(other.parameters(), rule=rules.make("momentum")).load_state_dict(
             mezo.MeZO(other.parameters()).state_dict())
+    # the same number of parameters, of other shapes: the buffers are refused at the load, not at the next step
+    wider = torch.nn.Sequential(torch.nn.Linear(6, 5), torch.nn.Tanh(), torch.nn.Linear(5, 1))
+    with pytest.raises(ValueError, match=r"the saved buffer m:0.0 has shape \(4, 6\) and the parameter \(5, 6\): "
+                                         r"the state was saved for other parameters"):
+        (fresh := mezo.MeZO(wider.parameters(), rule=rules.make("adam", 0.9))).load_state_dict(state)
+    assert fresh.steps == 0 and fresh.rule.t == 0 and not fresh.rule.buffers  # and nothing of it was loaded
 
 
 def _tensors(folder):
