@@ -172,6 +172,9 @@ def load(cfg, placement, resume: str | None = None) -> Loaded:
     --out is made first, so a folder that cannot be written, that another run writes, or that
     holds a run a fresh one would replace is refused before anything loads (Run checks again,
     under its lock). So is a --resume or --replay with a setting the run was not trained with."""
+    if resume and cfg.overwrite and not cfg.replay:  # (a replay from a checkpoint: keep_last_good)
+        raise UsageError("--overwrite starts a run afresh and --resume goes on with one: drop one "
+                         "of them")
     for flag, folder in (("--resume", resume), ("--replay", cfg.replay)):
         if folder and (Path(folder) / checkpoints.CHECKPOINT).is_file():
             check_same_run(cfg, checkpoints.saved_config(Path(folder), flag), flag, folder)
@@ -424,9 +427,6 @@ class Run(ReplayMixin):
         """The steps still to run, behind a progress bar: after the resume, the log and the first
         evaluation."""
         if self.out and self.placement.is_main and not self.into:
-            if resume and self.cfg.overwrite:
-                raise UsageError("--overwrite starts a run afresh and --resume goes on with one: "
-                                 "drop one of them")
             if fresh_into(self.out, resume):
                 claim(self.out, self.cfg.overwrite, "--out", locked=True)
                 trunk = Path(resume or "") / "log.jsonl"

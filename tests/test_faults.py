@@ -111,6 +111,18 @@ def test_3_replay_refuses_flags_that_change_the_update_and_leaves_out_as_it_was(
     assert snapshot(a) == before
 
 
+def test_3_resume_with_overwrite_is_refused_before_the_model_loads(model_dir, tmp_path, capsys):
+    """Said at once, not after the model (minutes for a large one) has loaded: here the run's model is gone, and
+    the line is still the one about the flags, and the run is left as it was."""
+    model = shutil.copytree(model_dir("llama"), tmp_path / "model")
+    assert run(P(lambda _: model, steps=1, eval_every=0, out=tmp_path / "A"), capsys)[0] == 0
+    shutil.rmtree(model)
+    before = snapshot(tmp_path / "A")
+    expect_error(capsys, ["--resume", tmp_path / "A", "--overwrite", "--steps", 2],
+                 r"^mezo: error: --overwrite starts a run afresh and --resume goes on with one: drop one of them$")
+    assert snapshot(tmp_path / "A") == before
+
+
 def test_4_overwrite_removes_only_what_a_run_wrote_not_a_users_file_of_the_same_name(model_dir, tmp_path, capsys):
     """A folder holding a user's summary.json (or log.jsonl, run.json, checkpoint.safetensors) was "a run", and the
     --overwrite its refusal advised deleted the user's file. Files of those names that no run wrote are no run: a fresh
