@@ -11,6 +11,7 @@ from pathlib import Path
 
 import torch
 
+from . import options
 from .errors import UsageError
 
 # format "mezo-1": tensors by qualified name; metadata step, config, offsets
@@ -159,6 +160,7 @@ def saved_config(folder: Path, flag: str = "--resume", known=None) -> dict:
     path = folder / RUN_CONFIG
     if (folder / CHECKPOINT).is_file() or not path.is_file():
         _, _, config = read_checkpoint(folder, flag, tensors=False)  # (its header alone)
+        path = folder / CHECKPOINT
     else:
         try:
             config = json.loads(path.read_text())
@@ -177,5 +179,12 @@ def saved_config(folder: Path, flag: str = "--resume", known=None) -> dict:
     if unknown:  # a later version's setting: going on without it is another run
         raise UsageError(f"{flag} {folder}: its run has settings this version of mezo does not "
                          f"know ({', '.join(unknown)}); go on with the version that wrote it")
+    for key, value in config.items():  # as the run's own, not as a flag the user gave now
+        if known is not None and key not in dropped:
+            try:
+                options.check_field(known[key], value, key)
+            except UsageError as e:
+                raise UsageError(f"{flag} {folder}: {path.name} is damaged ({e}); --overwrite "
+                                 "with the run's flags starts it again") from None
     return {k: tuple(v) if isinstance(v, list) else v
             for k, v in config.items() if k not in dropped}

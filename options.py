@@ -56,35 +56,41 @@ def check(cfg) -> None:
     """Every field of its type, among its choices and within its bound, or one UsageError naming
     the flag. A field with a spelling to parse takes it (Config(task="SST-2") as --task SST-2)."""
     for f in dataclasses.fields(cfg):
-        value, meta, flag = getattr(cfg, f.name), f.metadata, "--" + f.name.replace("_", "-")
-        value = typed(f, value, flag)
-        if meta.get("parse") and isinstance(value, str):
-            value = meta["parse"](value)
-        setattr(cfg, f.name, value)
-        if meta.get("choices") and value not in meta["choices"]:
-            names = ", ".join(str(c) for c in meta["choices"] if c is not None)
-            raise UsageError(f"unknown {flag} {value!r}; choose one of {names}")
-        bound, strict = meta.get("min"), False
-        if meta.get("above") is not None:
-            bound, strict = meta["above"], True
-        if isinstance(value, bool):
-            continue
-        if isinstance(value, tuple) and not value:  # --label-words "$UNSET": not the default
-            raise UsageError(f"{flag} is empty; give comma-separated values, or leave {flag} out "
-                             "for the default")
-        if isinstance(value, str) and not value.strip():  # Config(out=""): not "no folder"
-            raise UsageError(f"{flag} is empty; give a value, or leave {flag} out for the default")
-        if bound is not None and isinstance(value, int) and value < bound:
-            raise UsageError(f"{flag} {value} is out of range: it must be >= {bound}")
-        if bound is not None and isinstance(value, float) and not (
-                math.isfinite(value) and (value > bound if strict else value >= bound)):
-            sign = ">" if strict else ">="
-            raise UsageError(f"{flag} must be a finite number {sign} {bound}, got {value}")
-        below = meta.get("below")
-        if below is not None and not value < below:  # a seed the generators cannot take, β ≥ 1
-            power = isinstance(below, int) and below > 1 << 16 and below & (below - 1) == 0
-            raise UsageError(f"{flag} {value} is out of range: it must be < "
-                             f"{f'2^{below.bit_length() - 1}' if power else below}")
+        setattr(cfg, f.name, check_field(f, getattr(cfg, f.name), "--" + f.name.replace("_", "-")))
+
+
+def check_field(f, value, flag: str):
+    """value as field f takes it (typed, and parsed where f has a spelling), or one UsageError
+    that names it as `flag`: its type, choices and bounds (check's, one field; a run.json's too)."""
+    meta = f.metadata
+    value = typed(f, value, flag)
+    if meta.get("parse") and isinstance(value, str):
+        value = meta["parse"](value)
+    if meta.get("choices") and value not in meta["choices"]:
+        names = ", ".join(str(c) for c in meta["choices"] if c is not None)
+        raise UsageError(f"unknown {flag} {value!r}; choose one of {names}")
+    bound, strict = meta.get("min"), False
+    if meta.get("above") is not None:
+        bound, strict = meta["above"], True
+    if isinstance(value, bool):
+        return value
+    if isinstance(value, tuple) and not value:  # --label-words "$UNSET": not the default
+        raise UsageError(f"{flag} is empty; give comma-separated values, or leave {flag} out "
+                         "for the default")
+    if isinstance(value, str) and not value.strip():  # Config(out=""): not "no folder"
+        raise UsageError(f"{flag} is empty; give a value, or leave {flag} out for the default")
+    if bound is not None and isinstance(value, int) and value < bound:
+        raise UsageError(f"{flag} {value} is out of range: it must be >= {bound}")
+    if bound is not None and isinstance(value, float) and not (
+            math.isfinite(value) and (value > bound if strict else value >= bound)):
+        sign = ">" if strict else ">="
+        raise UsageError(f"{flag} must be a finite number {sign} {bound}, got {value}")
+    below = meta.get("below")
+    if below is not None and not value < below:  # a seed the generators cannot take, β ≥ 1
+        power = isinstance(below, int) and below > 1 << 16 and below & (below - 1) == 0
+        raise UsageError(f"{flag} {value} is out of range: it must be < "
+                         f"{f'2^{below.bit_length() - 1}' if power else below}")
+    return value
 
 
 class Parser(argparse.ArgumentParser):

@@ -276,6 +276,14 @@ def test_4_kill_9_before_the_first_checkpoint_resumes_from_the_start_and_the_log
         expect_error(capsys, ["--resume", w, "--steps", last + 2],
                      r"--resume .*W: run.json is damaged \(it lacks task.*\); --overwrite")
         assert snapshot(w) == before
+    # a value no run writes was told as a flag the user had not given ("--lr takes a number")
+    for key, value, why in (("lr", "abc", "lr takes a number, got 'abc'"), ("mode", "banana", "unknown mode 'banana'"),
+                            ("steps", -3, "steps -3 is out of range")):
+        (w / "run.json").write_text(json.dumps(json.loads(good) | {key: value}))
+        before = snapshot(w)
+        expect_error(capsys, ["--resume", w, "--steps", last + 2],
+                     rf"^mezo: error: --resume .*W: run.json is damaged \({why}.*\); --overwrite")
+        assert snapshot(w) == before
     (w / "run.json").write_bytes(good)
     # to fewer steps than the log holds: refused (the resume would drop them), as past a checkpoint
     expect_error(capsys, ["--resume", w, "--steps", last - 1], rf"--resume .*W --steps {last - 1}: its log holds "
