@@ -75,9 +75,16 @@ def label_tokens(tokenizer, words, kind: str) -> list[list[int]]:
     several is refused in one line; causal LMs score several. Two classes with the same tokens are
     refused."""
     ids = [tokenizer(w, add_special_tokens=False)["input_ids"] for w in words]
+    for w, t in zip(words, ids):  # a word the scores cannot tell apart from other text
+        if not t:
+            raise UsageError(f"label word {w!r} has no tokens: give each class a word in "
+                             "--label-words (comma-separated, class 0 first)")
+        if tokenizer.unk_token_id is not None and tokenizer.unk_token_id in t:
+            raise UsageError(f"label word {w!r} is not in the tokenizer's vocabulary (it reads as "
+                             f"{tokenizer.unk_token}): pick other --label-words")
     several = [f"{w!r} -> {tokenizer.convert_ids_to_tokens(t)}" for w, t in zip(words, ids)
                if len(t) != 1]
-    if several and (kind == "mlm" or any(not t for t in ids)):
+    if several and kind == "mlm":
         raise UsageError(f"label words must be single tokens for a masked LM's <mask>; not single: "
                          f"{'; '.join(several)}. Pick other --label-words (a leading space often "
                          "helps BPE tokenizers)")

@@ -79,6 +79,17 @@ def test_label_words_for_another_number_of_classes_are_refused(model_dir, tmp_pa
     assert nothing_written(tmp_path / "run")
 
 
+@pytest.mark.parametrize("kind", ["llama", "roberta"])
+def test_a_label_word_without_tokens_or_out_of_the_vocabulary_is_refused(model_dir, tmp_path, capsys, kind):
+    """A blank word had been told as "not single tokens for a masked LM's <mask>" on a causal model too; a word
+    the tokenizer does not know read as <unk> for its class, and the run went on."""
+    for words, said in ((" bad, ", r"label word ' ' has no tokens: give each class a word in --label-words"),
+                        (" bad, zorglub", r"label word ' zorglub' is not in the tokenizer's vocabulary \(it reads as "
+                                          r"<unk>\): pick other --label-words")):
+        refused(capsys, P(model_dir, "--label-words", words, "--out", tmp_path / "run", kind=kind), said)
+        assert nothing_written(tmp_path / "run")
+
+
 # -----------------------------------------------------------------------------
 # Case 6: what was a traceback is one line
 
@@ -260,6 +271,18 @@ def test_a_file_that_is_no_log_given_to_plot_is_told_so_not_to_fix_its_first_lin
     assert plot.main([str(edited), "-o", str(tmp_path / "plots")]) == 2
     err = capsys.readouterr().err
     assert "log.jsonl: line 1 is not a log record" in err and "; fix or delete that line" in err, err
+
+
+def test_plot_says_which_path_is_missing_and_that_its_out_is_for_the_figure(a_run, tmp_path, capsys):
+    import plot
+    assert plot.main([str(tmp_path / "nope"), "-o", str(tmp_path / "plots")]) == 2
+    assert capsys.readouterr().err == (f"plot: error: {tmp_path / 'nope'}: no such file or folder; give run folders "
+                                       "(mezo.py --out) or log.jsonl files\n")
+    (tmp_path / "a-file").write_text("mine")
+    assert plot.main([str(a_run), "-o", str(tmp_path / "a-file")]) == 2
+    assert capsys.readouterr().err == (f"plot: error: --out {tmp_path / 'a-file'} is a file, not a folder; give a "
+                                       "folder for the figure (nothing was changed)\n")
+    assert (tmp_path / "a-file").read_text() == "mine"
 
 
 def test_the_command_itself_prints_one_line_not_a_traceback(model_dir):
