@@ -53,8 +53,8 @@ def find_logs(paths: list[str]) -> list[Path]:
         run = p / "log.jsonl"
         here = [p] if p.is_file() else [run] if run.is_file() else sorted(p.rglob("log.jsonl"))
         if not here:
-            raise UsageError(f"{p}: no log.jsonl there; give run folders (mezo.py --out) or "
-                             "log.jsonl files")
+            there = "no log.jsonl there" if p.exists() else "no such file or folder"
+            raise UsageError(f"{p}: {there}; give run folders (mezo.py --out) or log.jsonl files")
         found.extend(here)
     return found
 
@@ -143,7 +143,7 @@ def save(fig, path: Path, flag: str, again: str, dpi: int) -> None:
     """The figure as a PNG, written atomically: a full disk or a folder (given by flag) that cannot
     be made is one line (again: the command to run after the fix), and a figure already there
     stays whole."""
-    runs.make_out(path.parent, path.parent, flag)
+    runs.make_out(path.parent, path.parent, flag, "for the figure")
     checkpoints.atomic_write(path, lambda tmp: fig.savefig(tmp, dpi=dpi, format="png"),
                              then=f"run {again} again")
 

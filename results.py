@@ -354,6 +354,9 @@ def main(argv=None) -> int:
                    help="table: the figure's folder (default: figures/ beside --output)")
     args = p.parse_args(argv)
     try:
+        if Path(args.root).exists() and not Path(args.root).is_dir():  # (plan had read it as empty)
+            raise UsageError(f"--root {args.root} is a file, not a folder; give the study's "
+                             "folder (default runs/results)")
         commands = {"plan": ex.cmd_plan, "run": ex.cmd_run, "table": cmd_table}
         return commands[args.command](args)
     except UsageError as e:

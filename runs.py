@@ -251,11 +251,11 @@ def check_same_data(folder, saved: dict, now: dict) -> None:
                          f"not the one the run was trained on; {fix}")
 
 
-def make_out(folder: Path, shown, flag: str = "--out") -> list[Path]:
+def make_out(folder: Path, shown, flag: str = "--out", what: str = "for the run") -> list[Path]:
     """Make folder (and its missing parents); return the folders made, the deepest first."""
     if folder.exists() and not folder.is_dir():
-        raise UsageError(f"{flag} {shown} is a file, not a folder; give a folder for the run "
-                         "(nothing was changed)")
+        raise UsageError(f"{flag} {shown} is a file, not a folder; give a folder {what} (nothing "
+                         "was changed)")
     made = [f for f in (folder, *folder.parents) if not f.exists()]
     try:
         folder.mkdir(parents=True, exist_ok=True)

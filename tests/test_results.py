@@ -545,6 +545,17 @@ def test_results_py_refuses_an_empty_root_which_would_be_the_working_folder(comm
     assert not any(tmp_path.iterdir())
 
 
+@pytest.mark.parametrize("command", ["run", "plan", "table"])
+def test_results_py_refuses_a_root_that_is_a_file(command, tmp_path, capsys):
+    """plan had shown every run to do, and table had said "no finished runs under" the user's file."""
+    import results
+    (tmp_path / "notes.txt").write_text("mine")
+    assert results.main([command, "--root", str(tmp_path / "notes.txt")]) == 2
+    assert capsys.readouterr().err == (f"results: error: --root {tmp_path / 'notes.txt'} is a file, not a folder; give "
+                                       "the study's folder (default runs/results)\n")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["notes.txt"]
+
+
 def test_a_second_results_py_run_on_the_same_root_is_refused_in_one_line(tmp_path, capsys):
     """One study per --root: while a `results.py run` holds the root (its flock), a second one says so in one line,
     names the holder's PID and starts nothing; a root that cannot be made is one line too."""
