@@ -13,6 +13,7 @@ torchrun), this file is the worker of the two-process test.
 import copy
 import math
 import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -229,6 +230,17 @@ def test_resume_from_checkpoint_continues_the_same_trajectory(tmp_path, lora, ru
     assert resumed.mezo_history == a.mezo_history[3:]
     assert input_ids(resumed.batches) == input_ids(a.batches[3:])
     assert_equal_tensors(trained(resumed_model), trained(whole))
+    if rule == "momentum":  # resumed with other arguments, or from another optimizer's checkpoint: what to pass
+        with pytest.raises(ValueError, match=r"trained with rule='momentum', and these arguments give rule='sgd': "
+                                             r"resume with MeZOTrainingArguments\(rule='momentum', ...\)$"):
+            run(tiny(lora), tmp_path / "c", resume=str(checkpoint), **(saving | dict(rule="sgd")))
+        adamw = shutil.copytree(checkpoint, tmp_path / "adamw")
+        model = tiny(lora)
+        torch.save(torch.optim.AdamW(p for p in model.parameters() if p.requires_grad).state_dict(),
+                   adamw / "optimizer.pt")
+        with pytest.raises(ValueError, match=r"optimizer.pt is not MeZO's \(a Trainer with another optimizer, e.g. "
+                                             r"AdamW, wrote it\): resume a MeZOTrainer's checkpoint, or train on"):
+            run(model, tmp_path / "d", resume=str(adamw), **saving)
 
 
 def test_evaluation_and_compute_metrics_work_as_usual(tmp_path):
