@@ -488,8 +488,8 @@ class ExactRestore:
 
 
 def loss_value(loss, must: str = "MeZO.step's closure must return the loss") -> float:
-    try:  # a closure's loss (or the Trainer's compute_loss's): a number or a one-element tensor
-        return float(loss)
+    try:  # a closure's loss (or the Trainer's compute_loss's): a number or a one-element tensor,
+        return float(loss if not isinstance(loss, (str, bytes)) else None)  # not text ("0.5")
     except (TypeError, ValueError, RuntimeError):  # None, a vector of losses, ...
         got = f"a tensor of shape {tuple(loss.shape)}" if torch.is_tensor(loss) else repr(loss)[:60]
         raise TypeError(f"{must}, a number or a one-element tensor (e.g. loss.mean()); it "

@@ -295,7 +295,8 @@ def test_a_users_mistakes_with_the_optimizer_get_one_line_that_names_the_fix_and
     with pytest.raises(TypeError, match=r"^MeZO's rule= takes mezo.rules.make\(name\) or None; got 'adam'$"):
         mezo.MeZO(model.parameters(), rule="adam")
     opt, before = mezo.MeZO(model.parameters(), lr=0.1), [p.detach().clone() for p in model.parameters()]
-    for closure, got in ((lambda: model(x), r"a tensor of shape \(8, 2\)"), (lambda: None, "None")):
+    for closure, got in ((lambda: model(x), r"a tensor of shape \(8, 2\)"), (lambda: None, "None"),
+                         (lambda: "0.5", "'0.5'")):  # text (a metric formatted for a log) had been taken as 0.5
         with pytest.raises(TypeError, match=rf"^MeZO.step's closure must return the loss, a number or a one-element "
                                             rf"tensor \(e.g. loss.mean\(\)\); it returned {got}$"):
             opt.step(closure)
