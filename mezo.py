@@ -338,7 +338,7 @@ def select_trainables(model: nn.Module, cfg: Config) -> list[Trainable]:
     model.requires_grad_(False)
     # which layers: by name, within the top layers (models.py knows the architectures)
     if cfg.mode == "lora":
-        names = models.lora_target_names(model, cfg.lora_targets, cfg.top_layers)
+        names = models.lora_target_names(model, cfg.lora_targets, cfg.top_layers, cfg.lora_r)
         dtype = DTYPES.get(cfg.lora_dtype)
         add_lora(model, names, cfg.lora_r, cfg.lora_alpha, cfg.seed, dtype)
     # MeZO-prefix: virtual tokens' keys and values on every attention layer (prefix.py)

@@ -316,9 +316,11 @@ def in_top_layers(name: str, model: nn.Module, top_layers: int) -> bool:
     return i is not None and i >= num_layers(model) - top_layers
 
 
-def lora_target_names(model: nn.Module, targets, top_layers: int) -> list[str]:
+def lora_target_names(model: nn.Module, targets, top_layers: int, r: int = 1) -> list[str]:
     """Qualified names of the linear layers to adapt: by last name component, within the top layers.
-    targets None: query/value (RoBERTa, BERT) or q_proj/v_proj (Llama, OPT), the paper's choice."""
+    targets None: query/value (RoBERTa, BERT) or q_proj/v_proj (Llama, OPT), the paper's choice. A
+    rank r past a layer's smaller side is refused: BA's rank cannot pass it, and its A and B would
+    outweigh the layer (a slip like --lora-r 80000 would fill memory first)."""
     linears = [n for n, m in model.named_modules() if isinstance(m, nn.Linear)]
     # what --lora-targets can name here, in the model's order
     ends = ", ".join(dict.fromkeys(n.split(".")[-1] for n in linears)) or "none"
@@ -334,4 +336,11 @@ def lora_target_names(model: nn.Module, targets, top_layers: int) -> list[str]:
     if not names:
         raise UsageError(f"--lora-targets {','.join(targets)} matches no nn.Linear in this model; "
                          f"give comma-separated names from its own: {ends}")
-    return [n for n in names if in_top_layers(n, model, top_layers)]
+    names = [n for n in names if in_top_layers(n, model, top_layers)]
+    side = min((min(model.get_submodule(n).in_features, model.get_submodule(n).out_features)
+                for n in names), default=r)
+    if r > side:
+        raise UsageError(f"--lora-r {r} is past {side}, the smaller side of the smallest layer it "
+                         f"adapts, where a LoRA's rank stops: give --lora-r {side} or less (paper: "
+                         "8)")
+    return names

@@ -79,6 +79,15 @@ def test_label_words_for_another_number_of_classes_are_refused(model_dir, tmp_pa
     assert nothing_written(tmp_path / "run")
 
 
+def test_a_lora_rank_past_the_adapted_layers_smaller_side_is_refused(model_dir, tmp_path, capsys):
+    """The tiny llama's v_proj maps 32 to 16: rank 17 adds parameters and no rank (and --lora-r 100000 on a real
+    model had gone on to allocate billions of them)."""
+    refused(capsys, P(model_dir, "--lora-r", 17, "--out", tmp_path / "run"),
+            r"--lora-r 17 is past 16, the smaller side of the smallest layer it adapts, where a LoRA's rank stops: "
+            r"give --lora-r 16 or less \(paper: 8\)")
+    assert nothing_written(tmp_path / "run")
+
+
 @pytest.mark.parametrize("kind", ["llama", "roberta"])
 def test_a_label_word_without_tokens_or_out_of_the_vocabulary_is_refused(model_dir, tmp_path, capsys, kind):
     """A blank word had been told as "not single tokens for a masked LM's <mask>" on a causal model too; a word
