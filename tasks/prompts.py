@@ -79,9 +79,12 @@ def label_tokens(tokenizer, words, kind: str) -> list[list[int]]:
         if not t:
             raise UsageError(f"label word {w!r} has no tokens: give each class a word in "
                              "--label-words (comma-separated, class 0 first)")
-        if tokenizer.unk_token_id is not None and tokenizer.unk_token_id in t:
-            raise UsageError(f"label word {w!r} is not in the tokenizer's vocabulary (it reads as "
-                             f"{tokenizer.unk_token}): pick other --label-words")
+        special = [i for i in t if i in tokenizer.all_special_ids]  # <unk>, <pad>, <mask>, ...
+        if special:
+            token = tokenizer.convert_ids_to_tokens(special[0])
+            why = (f"is not in the tokenizer's vocabulary (it reads as {token})"
+                   if special[0] == tokenizer.unk_token_id else f"is the special token {token}")
+            raise UsageError(f"label word {w!r} {why}: pick other --label-words")
     several = [f"{w!r} -> {tokenizer.convert_ids_to_tokens(t)}" for w, t in zip(words, ids)
                if len(t) != 1]
     if several and kind == "mlm":

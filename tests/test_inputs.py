@@ -89,12 +89,13 @@ def test_a_lora_rank_past_the_adapted_layers_smaller_side_is_refused(model_dir, 
 
 
 @pytest.mark.parametrize("kind", ["llama", "roberta"])
-def test_a_label_word_without_tokens_or_out_of_the_vocabulary_is_refused(model_dir, tmp_path, capsys, kind):
+def test_a_label_word_without_tokens_unknown_or_special_is_refused(model_dir, tmp_path, capsys, kind):
     """A blank word had been told as "not single tokens for a masked LM's <mask>" on a causal model too; a word
-    the tokenizer does not know read as <unk> for its class, and the run went on."""
+    the tokenizer does not know read as <unk> for its class, and <pad> was a class's word; the runs went on."""
     for words, said in ((" bad, ", r"label word ' ' has no tokens: give each class a word in --label-words"),
                         (" bad, zorglub", r"label word ' zorglub' is not in the tokenizer's vocabulary \(it reads as "
-                                          r"<unk>\): pick other --label-words")):
+                                          r"<unk>\): pick other --label-words"),
+                        ("<pad>, good", r"label word '<pad>' is the special token <pad>: pick other --label-words")):
         refused(capsys, P(model_dir, "--label-words", words, "--out", tmp_path / "run", kind=kind), said)
         assert nothing_written(tmp_path / "run")
 
