@@ -337,8 +337,8 @@ def lora_target_names(model: nn.Module, targets, top_layers: int, r: int = 1) ->
         raise UsageError(f"--lora-targets {','.join(targets)} matches no nn.Linear in this model; "
                          f"give comma-separated names from its own: {ends}")
     names = [n for n in names if in_top_layers(n, model, top_layers)]
-    side = min((min(model.get_submodule(n).in_features, model.get_submodule(n).out_features)
-                for n in names), default=r)
+    side = min((min(m.in_features, m.out_features) for m in map(model.get_submodule, names)),
+               default=r)
     if r > side:
         raise UsageError(f"--lora-r {r} is past {side}, the smaller side of the smallest layer it "
                          f"adapts, where a LoRA's rank stops: give --lora-r {side} or less (paper: "

@@ -141,12 +141,12 @@ class TrainerMeZO(mezo.MeZO):
     def load_state_dict(self, state_dict: dict) -> None:
         """resume_from_checkpoint's optimizer.pt: one of another optimizer or rule is told with
         the argument that fixes it (mezo.MeZO's own lines name its constructor)."""
-        saved = state_dict.get("mezo", {}).get("rule_name", self.rule_name())
         if "mezo" not in state_dict:
             raise ValueError("resume_from_checkpoint: the checkpoint's optimizer.pt is not MeZO's "
                              "(a Trainer with another optimizer, e.g. AdamW, wrote it): resume a "
                              "MeZOTrainer's checkpoint, or train on from its model weights without "
                              "resume_from_checkpoint")
+        saved = state_dict["mezo"].get("rule_name", self.rule_name())
         if saved != self.rule_name():
             raise ValueError(f"resume_from_checkpoint: the checkpoint was trained with rule="
                              f"{saved!r}, and these arguments give rule={self.rule_name()!r}: "

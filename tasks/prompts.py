@@ -75,11 +75,12 @@ def label_tokens(tokenizer, words, kind: str) -> list[list[int]]:
     several is refused in one line; causal LMs score several. Two classes with the same tokens are
     refused."""
     ids = [tokenizer(w, add_special_tokens=False)["input_ids"] for w in words]
+    specials = set(tokenizer.all_special_ids)  # <unk>, <pad>, <mask>, ...
     for w, t in zip(words, ids):  # a word the scores cannot tell apart from other text
         if not t:
             raise UsageError(f"label word {w!r} has no tokens: give each class a word in "
                              "--label-words (comma-separated, class 0 first)")
-        special = [i for i in t if i in tokenizer.all_special_ids]  # <unk>, <pad>, <mask>, ...
+        special = [i for i in t if i in specials]
         if special:
             token = tokenizer.convert_ids_to_tokens(special[0])
             why = (f"is not in the tokenizer's vocabulary (it reads as {token})"
