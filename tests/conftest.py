@@ -171,7 +171,13 @@ def shards_st(draw):
     with global offsets."""
     out, offset = [], draw(offset_st)
     for i in range(draw(st.integers(1, 3))):
-        full = tuple(draw(st.lists(st.integers(1, 37), min_size=1, max_size=3)))
+        # Short leading dimensions and a long last one. A cut along a later dimension makes a stretch of the shard
+        # per row before it (fast/kernels.py), and Triton's interpreter takes about 0.1 s a program, one per
+        # stretch: at most 25 rows here. The long last dimension lets a shard span more than one of the kernels'
+        # 4,096-element blocks, and a stretch more than one block.
+        ndim = draw(st.integers(1, 3))
+        full = (*draw(st.lists(st.integers(1, 5), min_size=ndim - 1, max_size=ndim - 1)),
+                draw(st.integers(1, 10_000 if ndim == 1 else 1_500)))
         d = draw(st.integers(0, len(full) - 1))
         parts = draw(st.integers(1, 4))
         rank = draw(st.integers(0, parts - 1))
