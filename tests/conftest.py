@@ -30,7 +30,9 @@ from mezo import (
     tasks,  # noqa: E402
 )
 
-torch.set_num_threads(min(2, os.cpu_count() or 1))
+# the cores shared among pytest-xdist's workers (make test runs 2): two processes each running torch on every core
+# slow each other down badly
+torch.set_num_threads(max(1, min(2, (os.cpu_count() or 1) // int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", 1)))))
 
 settings.register_profile("ci", max_examples=12, deadline=None, derandomize=True)
 settings.register_profile("long", max_examples=200, deadline=None)
