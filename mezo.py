@@ -299,9 +299,10 @@ def make_trainables(named_params) -> list[Trainable]:
     order."""
     params, offset = [], 0
     for name, p in named_params:
-        if not (p.is_contiguous() and p.is_floating_point()):  # perturbed through a flat view
-            raise ValueError(f"{name}: MeZO trains contiguous floating-point tensors, got "
-                             f"{p.dtype}{'' if p.is_contiguous() else ', not contiguous'}")
+        if p.is_meta or not (p.is_contiguous() and p.is_floating_point()):  # via a flat view
+            raise ValueError(f"{name}: MeZO trains contiguous floating-point tensors, got " + (
+                "a meta tensor (no values: load the weights first)" if p.is_meta else
+                f"{p.dtype}{'' if p.is_contiguous() else ', not contiguous'}"))
         whole = dict(full_shape=tuple(p.shape), shard_start=(0,) * p.dim())
         params.append(Trainable(name, p, offset, p.dim() >= 2, **whole))
         offset += p.numel()
@@ -627,8 +628,7 @@ class PromptForward:
         h = hidden[rows, batch["position"]]  # (N, H) at the mask / last token / each word token
         if hasattr(self.model, "cls_head"):
             return in_compute_dtype(self.model.cls_head(h))  # (B, C)
-        if "target" not in batch:
-            # (B, V) -> (B, C)
+        if "target" not in batch:  # (B, V) -> (B, C)
             return in_compute_dtype(self.lm_head(h)[:, self.label_ids.to(h.device)])
         logp = in_compute_dtype(self.lm_head(h)).log_softmax(-1)  # (N, V)
         logp = logp.gather(1, batch["target"][:, None])[:, 0]  # (N,)

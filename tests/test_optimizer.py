@@ -223,6 +223,16 @@ def test_a_tensor_that_is_not_contiguous_or_not_floating_point_is_refused_in_one
     mezo.MeZO([kept, nn.Parameter(transposed.data.contiguous())], lr=0.1).step(lambda: torch.tensor(1.0))
 
 
+def test_a_meta_tensor_is_refused_in_one_line_when_the_optimizer_is_made():
+    """A model made on the meta device (torch.device("meta"), accelerate's init_empty_weights) has no values: refused
+    where MeZO is made, not as torch's `Tensor.item() cannot be called on meta tensors` at the first step."""
+    with torch.device("meta"):
+        model = nn.Linear(4, 3)
+    with pytest.raises(ValueError, match=r"^weight: MeZO trains .* got a meta tensor \(no values: load the weights "
+                                         r"first\)$"):
+        mezo.MeZO(model.named_parameters(), lr=0.1)
+
+
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA GPU")
 @pytest.mark.parametrize("first", ["cpu", "cuda"])
 @pytest.mark.parametrize("rule", [None, "momentum"])
