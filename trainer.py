@@ -34,7 +34,6 @@ FSDP (they shard for a backward), and a model with no trainable parameters.
 import copy
 import dataclasses
 import functools
-import math
 import numbers
 import warnings
 
@@ -43,7 +42,7 @@ import torch.distributed as dist
 from transformers import Trainer, TrainingArguments
 
 import mezo
-from mezo import runs
+from mezo import options, runs
 
 
 def field(default, help: str):
@@ -104,7 +103,7 @@ def check_args(args: TrainingArguments, kwargs: dict) -> None:
         raise ValueError(f"MeZOTrainer: rule={setting(args, 'rule')!r}; the rules are "
                          f"{', '.join(RULES)}")
     # MeZO's numbers, in the Trainer's words and before train() makes the optimizer
-    real = lambda v: isinstance(v, numbers.Real) and math.isfinite(v)  # noqa: E731
+    real = options.finite  # as MeZO's own constructor checks them
     lr, eps, n, beta = args.learning_rate, *(setting(args, k) for k in ("eps", "n_samples", "beta"))
     wd = args.weight_decay
     for name, value, ok, want in (
