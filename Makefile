@@ -15,11 +15,12 @@ run:
 
 # the suite over JOBS processes (pytest-xdist), each test file in one of them: its module fixtures are made once
 JOBS ?= 2
+XDIST = -n $(JOBS) --dist loadfile
 test:
-	$(PY) -m pytest -q -n $(JOBS) --dist loadfile
+	$(PY) -m pytest -q $(XDIST)
 
 test-long:
-	HYPOTHESIS_PROFILE=long $(PY) -m pytest -q -n $(JOBS) --dist loadfile
+	HYPOTHESIS_PROFILE=long $(PY) -m pytest -q $(XDIST)
 
 bench:
 	$(PY) bench/memory.py
@@ -43,7 +44,7 @@ test-deps-low:
 	$(DEPS_LOW_VENV)/bin/python -m pip install -q --only-binary :all: -c $(DEPS_LOW_VENV)/constraints.txt \
 		-r $(DEPS_LOW_VENV)/lowest.txt
 	echo "installed:" $$(cat $(DEPS_LOW_VENV)/lowest.txt)
-	$(DEPS_LOW_VENV)/bin/python -m pytest -q -n $(JOBS) --dist loadfile tests/test_prefix.py tests/test_tasks.py tests/test_model.py \
+	$(DEPS_LOW_VENV)/bin/python -m pytest -q $(XDIST) tests/test_prefix.py tests/test_tasks.py tests/test_model.py \
 		tests/test_cli.py tests/test_data.py tests/test_trainer.py tests/test_results.py tests/test_replay.py \
 		tests/test_faults.py tests/test_inputs.py tests/test_readme.py
 
@@ -57,7 +58,7 @@ test-torch-low:
 	test -x $(TORCH_LOW_VENV)/bin/python || $(PY) -m venv --system-site-packages $(TORCH_LOW_VENV)
 	$(TORCH_LOW_VENV)/bin/python -m pip install -q torch==$(TORCH_LOW)
 	$(TORCH_LOW_VENV)/bin/python -c "import torch, triton; print('torch', torch.__version__, 'triton', triton.__version__)"
-	$(TORCH_LOW_VENV)/bin/python -m pytest -q -n $(JOBS) --dist loadfile tests/test_compiled.py tests/test_kernels.py tests/test_noise.py \
+	$(TORCH_LOW_VENV)/bin/python -m pytest -q $(XDIST) tests/test_compiled.py tests/test_kernels.py tests/test_noise.py \
 		tests/test_optimizer.py tests/test_rules.py
 
 # On a machine with a CUDA GPU (issue 21): the compiled-kernel tests, the tables (bandwidth; R at the default
