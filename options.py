@@ -77,6 +77,9 @@ def check_field(f, value, flag: str):
     if isinstance(value, tuple) and not value:  # --label-words "$UNSET": not the default
         raise UsageError(f"{flag} is empty; give comma-separated values, or leave {flag} out "
                          "for the default")
+    if isinstance(value, tuple) and "" in value:  # "a,,b": a slip, not an empty word
+        raise UsageError(f"{flag} {','.join(map(str, value))!r} has an empty item; give "
+                         "comma-separated values with none empty")
     if isinstance(value, str) and not value.strip():  # Config(out=""): not "no folder"
         raise UsageError(f"{flag} is empty; give a value, or leave {flag} out for the default")
     if bound is not None and isinstance(value, int) and value < bound:
@@ -157,7 +160,8 @@ def parser(config_class, prog: str, description: str) -> argparse.ArgumentParser
     """--flag-name for every field (tuples comma-separated, booleans as switches); unset flags stay
     absent."""
     p = Parser(prog=prog, description=description)
-    comma = lambda s: tuple(w for w in s.split(",") if w)
+    # "," is no words, for check_field's "is empty"; "a,,b" keeps its empty item for its refusal
+    comma = lambda s: tuple(s.split(",")) if s.strip(",") else ()
     for f in dataclasses.fields(config_class):
         meta, default = f.metadata, f.default
         shown = default

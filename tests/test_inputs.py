@@ -382,6 +382,15 @@ def test_an_empty_list_is_refused_not_taken_for_the_default(model_dir, tmp_path,
     assert nothing_written(tmp_path / "run")
 
 
+@pytest.mark.parametrize("flag", ["--label-words", "--lora-targets"])
+@pytest.mark.parametrize("value", [" bad,, good", " bad, good,"])
+def test_an_empty_item_in_a_list_is_refused_not_dropped(model_dir, tmp_path, capsys, flag, value):
+    """A doubled or trailing comma is a slip; dropping its empty item had trained on the words left."""
+    refused(capsys, P(model_dir, flag, value, "--out", tmp_path / "run"),
+            rf"{flag} '{value}' has an empty item; give comma-separated values with none empty")
+    assert nothing_written(tmp_path / "run")
+
+
 @pytest.mark.parametrize("flag", ["--out", "--resume", "--replay", "--data-dir", "--model", "--device", "--template"])
 @pytest.mark.parametrize("value", ["", " "])
 def test_an_empty_text_flag_is_refused_not_taken_for_the_flag_left_out(model_dir, tmp_path, capsys, flag, value):
@@ -698,6 +707,7 @@ def test_a_run_folder_or_its_adapter_given_as_the_model_names_what_it_is_and_wha
     (dict(lr="1e-3"), "--lr takes a number, got '1e-3'"),
     (dict(fast=1), "--fast takes True or False, got 1"),
     (dict(label_words="bad,good"), "--label-words takes a tuple of text, one item each, got 'bad,good'"),
+    (dict(label_words=("bad", "")), "--label-words 'bad,' has an empty item"),
 ])
 def test_a_config_made_in_python_checks_its_types_as_the_command_line_does(given, said):
     """mezo.Config(...) from a script: a value of the wrong type had been taken and failed deep in a run (a
