@@ -181,7 +181,7 @@ def load(cfg, placement, resume: str | None = None) -> Loaded:
     if cfg.out and placement.is_main and not cfg.replay:
         out = Path(cfg.out)
         made = make_out(out, cfg.out)  # (it can be made: checked before anything loads)
-        FolderLock.ask(out, cfg.out)
+        FolderLock.ask(out, cfg.out, "--out" if fresh_into(out, resume) else "--resume")
         if fresh_into(out, resume) and not cfg.overwrite:
             claim(out, False, "--out", locked=True)  # (refuses; removes nothing)
         for folder in made:  # made again as the run starts: a refusal before leaves none empty
@@ -765,17 +765,18 @@ class FolderLock:
             except (BlockingIOError, PermissionError):  # (msvcrt: EACCES)
                 pid = lock_holder(self.fd)
                 os.close(self.fd)
+                what = ("then --resume it" if flag == "--resume" else f"or pick another {flag}")
                 raise UsageError(f"{shown}: another run (PID {pid}) is writing this folder; wait "
-                                 f"for it to end, or pick another {flag}") from None
+                                 f"for it to end, {what}") from None
             if self.path.exists() and os.path.samestat(os.fstat(self.fd), os.stat(self.path)):
                 return
             os.close(self.fd)  # its holder removed that file as this one locked it (release): again
 
     @classmethod
-    def ask(cls, folder: Path, shown: str | Path) -> None:
+    def ask(cls, folder: Path, shown: str | Path, flag: str = "--out") -> None:
         """Refused (one line) where another run is writing folder now; nothing is held after."""
         if (folder / ".lock").exists():
-            cls(folder, shown).release()
+            cls(folder, shown, flag).release()
 
     def release(self) -> None:
         """The lock goes, and the .lock file with it where this lock made it: a refused command

@@ -182,7 +182,7 @@ def _cli(args, **kw):
 
 
 def test_4_one_writer_per_folder_a_stale_lock_does_not_block_and_kill_9_resumes_bit_for_bit(model_dir, tmp_path):
-    """Two real processes on one --out: the second is refused naming the first's PID. Then kill -9 of the first
+    """Two real processes on one --out: the second (and a --resume) is refused naming the first's PID. Then kill -9 of the first
     (a --rule adam --save-every 2 run): its lock goes with it, --resume finishes it, equal to an unbroken run."""
     w, straight = tmp_path / "W", tmp_path / "straight"
     # More steps than the first run can make while the second starts (a loaded machine once let 400 finish
@@ -198,6 +198,11 @@ def test_4_one_writer_per_folder_a_stale_lock_does_not_block_and_kill_9_resumes_
     lines = [x for x in err.splitlines() if x.startswith("mezo: error:")]
     assert second.returncode == 2 and len(lines) == 1, err[-2000:]
     assert f"another run (PID {first.pid}) is writing this folder" in lines[0]
+    # a --resume of it meanwhile: the same refusal, told to wait and resume, not to pick another --out
+    _, err = _cli(["--resume", str(w), "--steps", "1000000"]).communicate(timeout=300)
+    lines = [x for x in err.splitlines() if x.startswith("mezo: error:")]
+    assert len(lines) == 1 and lines[0].endswith(f"(PID {first.pid}) is writing this folder; wait for it to "
+                                                 "end, then --resume it"), err[-2000:]
     first.send_signal(signal.SIGKILL)
     first.wait()
     stopped = step_of(w)
