@@ -393,8 +393,7 @@ class TorchBackend:
 
 # -----------------------------------------------------------------------------
 # One MeZO step (Algorithm 1; Algorithm 2 with n samples). loss_fn runs a forward on the step's
-# batch and returns a float: the forward seam lives inside it, and so does the placement seam's
-# reduction of the loss.
+# batch and returns a float: the forward seam and the placement seam's loss reduction are inside.
 
 
 @torch.no_grad()
@@ -569,8 +568,9 @@ class MeZO(torch.optim.Optimizer):
             samples = mezo_step(params, lambda: loss_value(closure()), seeds, self.eps, lrs, wds,
                                 self.backend, rule=self.rule)
         except NonFiniteLoss as e:
-            raise NonFiniteLoss(f"non-finite loss at step {self.steps + 1} ({e}); the parameters "
-                                f"are as step {self.steps} left them. Lower lr or eps") from None
+            near = "" if isinstance(self.backend, ExactRestore) else ", up to θ ± εz's rounding"
+            raise NonFiniteLoss(f"non-finite loss at step {self.steps + 1} ({e}); θ is as step "
+                                f"{self.steps} left it{near}. Lower lr or eps") from None
         self.steps += 1
         self.last = dict(step=self.steps, **runs.step_record(samples, self.param_groups[0]["lr"]))
         return self.last["loss"]
