@@ -40,7 +40,10 @@ TEST_ROWS = dict(sst2=872, sst5=2210, trec=500, rte=277)
 # Seconds a MeZO-LoRA step on 2 cores, for the time estimate only: a step's time follows the padded
 # length of its batch of 8 (SmolLM2's tokenizer, data seed 13, mean of 200 draws: sst2 54 tokens,
 # sst5 42, mr 44, cr 32, mpqa 10, subj 52, trec 27, rte 175). 2.4 s at SST-2's length and 4.8 at
-# RTE's were measured; the others are on the line through those two.
+# RTE's were measured; the others are on the line through those two. Measured on a 2-core Intel
+# machine (2026-12-05); a 2-core AMD EPYC took 5.7 s at SST-2 and 14 s at RTE (--jobs 2 --threads 1,
+# 2026-12-07), so the plan says which machine its times are from (PACE).
+PACE = "a 2-core Intel machine; a 2-core AMD EPYC took about 2.5x that"
 TASK_STEP_S = dict(sst2=2.4, sst5=2.2, mr=2.2, cr=2.0, mpqa=1.5, subj=2.4, trec=1.9, rte=4.8)
 # Every run: 16-shot, batch 8, the default offline model and the task's prompt. During training the
 # test score is taken on 32 rows spread through the test set (before 6f449f8: its first 32); the
@@ -361,7 +364,8 @@ def plan(root: Path, threads: int, methods=None, jobs: int = 1) -> list[tuple[Me
     # so --jobs 2 --threads 1 takes about half the time
     wall = f" (about {(left + waiting) / 3600 / jobs:.1f} h at --jobs {jobs})" if jobs > 1 else ""
     print(f"results: {len(todo)} runs + the memory table; expected {total / 60:.0f} min on 2 cores "
-          f"from scratch, {left / 60:.0f} min left{more}{wall}", flush=True)
+          f"from scratch, {left / 60:.0f} min left{more}{wall}; times as measured on {PACE}",
+          flush=True)
     return todo
 
 
