@@ -181,8 +181,9 @@ def load(cfg, placement, resume: str | None = None) -> Loaded:
     if cfg.out and placement.is_main and not cfg.replay:
         out = Path(cfg.out)
         made = make_out(out, cfg.out)  # (it can be made: checked before anything loads)
-        FolderLock.ask(out, cfg.out, "--out" if fresh_into(out, resume) else "--resume")
-        if fresh_into(out, resume) and not cfg.overwrite:
+        fresh = fresh_into(out, resume)
+        FolderLock.ask(out, cfg.out, "--out" if fresh else "--resume")
+        if fresh and not cfg.overwrite:
             claim(out, False, "--out", locked=True)  # (refuses; removes nothing)
         for folder in made:  # made again as the run starts: a refusal before leaves none empty
             with contextlib.suppress(OSError):
@@ -765,7 +766,7 @@ class FolderLock:
             except (BlockingIOError, PermissionError):  # (msvcrt: EACCES)
                 pid = lock_holder(self.fd)
                 os.close(self.fd)
-                what = ("then --resume it" if flag == "--resume" else f"or pick another {flag}")
+                what = "then --resume it" if flag == "--resume" else f"or pick another {flag}"
                 raise UsageError(f"{shown}: another run (PID {pid}) is writing this folder; wait "
                                  f"for it to end, {what}") from None
             if self.path.exists() and os.path.samestat(os.fstat(self.fd), os.stat(self.path)):

@@ -182,8 +182,9 @@ def _cli(args, **kw):
 
 
 def test_4_one_writer_per_folder_a_stale_lock_does_not_block_and_kill_9_resumes_bit_for_bit(model_dir, tmp_path):
-    """Two real processes on one --out: the second (and a --resume) is refused naming the first's PID. Then kill -9 of the first
-    (a --rule adam --save-every 2 run): its lock goes with it, --resume finishes it, equal to an unbroken run."""
+    """Two real processes on one --out: the second (and a --resume) is refused naming the first's PID. Then kill -9
+    of the first (a --rule adam --save-every 2 run): its lock goes with it, --resume finishes it, equal to an unbroken
+    run."""
     w, straight = tmp_path / "W", tmp_path / "straight"
     # More steps than the first run can make while the second starts (a loaded machine once let 400 finish
     # first, and the second then met a finished run); it is killed long before the end.

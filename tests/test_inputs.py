@@ -373,16 +373,18 @@ def test_a_flag_the_others_leave_without_effect_gets_a_note_and_the_run_goes_on(
     assert code == 0 and "note" not in out
 
 
+EMPTY = "is empty; give comma-separated values, or leave {flag} out for the default"
+ITEM = "{value!r} has an empty item; give comma-separated values with none empty"
+
+
 @pytest.mark.parametrize("flag", ["--label-words", "--lora-targets"])
-@pytest.mark.parametrize("value,says", [("", "is empty; give comma-separated values, or leave {flag} out for the default"),
-                                        (",", "is empty; give comma-separated values, or leave {flag} out for the default"),
-                                        (" bad,, good", "' bad,, good' has an empty item; give comma-separated values"),
-                                        (" bad, good,", "' bad, good,' has an empty item; give comma-separated values")])
+@pytest.mark.parametrize("value,says", [("", EMPTY), (",", EMPTY), (" bad,, good", ITEM), (" bad, good,", ITEM)])
 def test_an_empty_list_or_item_is_refused_not_taken_for_the_default_or_dropped(model_dir, tmp_path, capsys, flag,
                                                                                value, says):
     """`--label-words "$WORDS"` with WORDS unset would otherwise train on the task's words; a doubled or trailing comma
     is a slip, and dropping its empty item had trained on the words left."""
-    refused(capsys, P(model_dir, flag, value, "--out", tmp_path / "run"), re.escape(f"{flag} {says.format(flag=flag)}"))
+    says = says.format(flag=flag, value=value)
+    refused(capsys, P(model_dir, flag, value, "--out", tmp_path / "run"), re.escape(f"{flag} {says}"))
     assert nothing_written(tmp_path / "run")
 
 
