@@ -199,33 +199,40 @@ def resolve_model_path(name: str) -> str:
         return SMOLLM2["hub"]
     from transformers import AutoModelForCausalLM, AutoTokenizer
     folder = spec.submodule_search_locations[0]
+    tmp = target.with_name(target.name + f".tmp{os.getpid()}")
+
+    def unwritable(e: OSError) -> UsageError:
+        return UsageError(f"cannot write the converted {SMOLLM2['alias']} into {target.parent} "
+                          f"({e.strerror or e}): free some space, or set MEZO_CACHE to a folder "
+                          "you can write to")
+    try:  # the folder it is saved into, made first: an unwritable cache is said before the 20 s
+        tmp.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise unwritable(e) from None
     print(f"mezo: converting {SMOLLM2['gguf']} to {target} (once, about 20 s)", file=sys.stderr)
     try:
-        tokenizer = AutoTokenizer.from_pretrained(folder, gguf_file=SMOLLM2["gguf"])
-        model = AutoModelForCausalLM.from_pretrained(folder, gguf_file=SMOLLM2["gguf"],
-                                                     dtype=torch.float32)
-    except (OSError, ValueError) as e:  # a damaged install: no .gguf, or one cut short
-        why = str(e).split(". ")[0].rstrip(".") if str(e) else type(e).__name__
-        raise UsageError(f"--model {SMOLLM2['alias']}: cannot read {SMOLLM2['gguf']} in {folder} "
-                         f"({why}); reinstall it ({SMOLLM2['pip']} --force-reinstall) or give "
-                         "--model a model folder") from None
-    model.hf_quantizer = None  # the weights are dequantised now; save them as a plain model
-    if hasattr(model.config, "quantization_config"):
-        del model.config.quantization_config
-    tmp = target.with_name(target.name + f".tmp{os.getpid()}")
-    try:
+        try:
+            tokenizer = AutoTokenizer.from_pretrained(folder, gguf_file=SMOLLM2["gguf"])
+            model = AutoModelForCausalLM.from_pretrained(folder, gguf_file=SMOLLM2["gguf"],
+                                                         dtype=torch.float32)
+        except (OSError, ValueError) as e:  # a damaged install: no .gguf, or one cut short
+            why = str(e).split(". ")[0].rstrip(".") if str(e) else type(e).__name__
+            raise UsageError(f"--model {SMOLLM2['alias']}: cannot read {SMOLLM2['gguf']} in "
+                             f"{folder} ({why}); reinstall it ({SMOLLM2['pip']} "
+                             "--force-reinstall) or give --model a model folder") from None
+        model.hf_quantizer = None  # the weights are dequantised now; save them as a plain model
+        if hasattr(model.config, "quantization_config"):
+            del model.config.quantization_config
         model.save_pretrained(tmp)
         tokenizer.save_pretrained(tmp)
         os.replace(tmp, target)  # atomic: a half-written copy is never found
     except BaseException as e:
         shutil.rmtree(tmp, ignore_errors=True)
-        if not isinstance(e, OSError):  # Ctrl-C goes on up
+        if not isinstance(e, OSError):  # Ctrl-C and the damaged install's line go on up
             raise
         if (target / "config.json").exists():  # another process converted it meanwhile
             return str(target)
-        raise UsageError(f"cannot write the converted {SMOLLM2['alias']} into {target.parent} "
-                         f"({e.strerror or e}): free some space, or set MEZO_CACHE to a folder "
-                         "you can write to") from None
+        raise unwritable(e) from None
     return str(target)
 
 

@@ -175,7 +175,8 @@ def test_the_runs_adapter_loads_with_peft_alone_and_gives_the_runs_evaluation(mo
 def test_two_processes_converting_the_offline_model_at_once_both_get_it(tmp_path):
     """`results.py run --jobs 2` on a machine without the converted SmolLM2: two processes convert it at once into
     the same cache (each into a folder of its own, then one rename). The second rename finds the first's copy: both
-    use it, and nothing else is left in the cache. A cache that cannot be written is one line."""
+    use it, and nothing else is left in the cache. A cache that cannot be written is one line, said before the
+    conversion's 20 s."""
     import importlib.util
     import subprocess
     import sys
@@ -199,6 +200,7 @@ def test_two_processes_converting_the_offline_model_at_once_both_get_it(tmp_path
     stuck = subprocess.run([sys.executable, "-c", code], env=dict(env, MEZO_CACHE="/proc/no-cache-here"),
                            capture_output=True, text=True, timeout=900)
     assert stuck.returncode == 2 and "Traceback" not in stuck.stderr, stuck.stderr[-2000:]
+    assert "converting" not in stuck.stderr  # said before the conversion, not after it
     assert stuck.stderr.strip().splitlines()[-1].startswith(
         "mezo: error: cannot write the converted smollm2-135m into /proc/no-cache-here/models")
 
