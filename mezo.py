@@ -455,10 +455,10 @@ def rate_groups(params: list[Trainable], lr,
 
 
 class ExactRestore:
-    """Drift-free mode (--exact-restore): keeps a copy of θ for the step, and every perturbation
-    starts from it, so L± are taken at round(θ ± εz) and the restore is the copy: bit-exact in any
-    dtype. (In-place ±ε in bfloat16 loses ~3 % of |θ| in 50 steps at lr = 0: bench/drift.py.) Costs
-    one copy of the trainable tensors."""
+    """Drift-free mode (--exact-restore): a copy of θ kept for the step, which each perturbation
+    starts from: L± are taken at round(θ ± εz), the restore is the copy, bit-exact in any dtype (in
+    place, ±ε loses ~3 % of |θ| in bfloat16 in 50 steps at lr 0: bench/drift.py), for one θ copy."""
+    exact = True  # θ comes back bit for bit (TritonBackend(exact=True) says so too)
 
     def __init__(self, backend):
         self.backend, self.saved, self.scale = backend, None, 0.0
@@ -568,7 +568,7 @@ class MeZO(torch.optim.Optimizer):
             samples = mezo_step(params, lambda: loss_value(closure()), seeds, self.eps, lrs, wds,
                                 self.backend, rule=self.rule)
         except NonFiniteLoss as e:
-            near = "" if isinstance(self.backend, ExactRestore) else ", up to θ ± εz's rounding"
+            near = "" if getattr(self.backend, "exact", False) else ", up to θ ± εz's rounding"
             raise NonFiniteLoss(f"non-finite loss at step {self.steps + 1} ({e}); θ is as step "
                                 f"{self.steps} left it{near}. Lower lr or eps") from None
         self.steps += 1

@@ -86,6 +86,11 @@ class Fused:
         self.restore, self.update_args = None, None
         self.last = None  # the last perturbation made: (seed, scale)
 
+    @property
+    def exact(self) -> bool:
+        """θ comes back bit for bit: the backend's own restore is (the held passes are its)."""
+        return getattr(self.backend, "exact", False)
+
     def perturb(self, params, seed: int, scale: float) -> None:
         held = self.update_args
         if held is not None and held[2] is params and scale == held[1]:

@@ -2,6 +2,7 @@
 the same losses and tensors over K steps, param groups and lr schedulers, state_dict resume, learning on a plain
 nn.Module that no transformers code touches, and a NaN loss."""
 import math
+import os
 
 import numpy as np
 import pytest
@@ -128,15 +129,27 @@ def test_it_learns_a_plain_regression():
     assert F.mse_loss(model(x), y).item() < 0.1 * start
 
 
-@pytest.mark.parametrize("exact", [False, True])
-def test_a_nan_loss_raises_the_command_lines_error_and_keeps_theta(exact):
+def _exact_backends():
+    """Each backend that restores θ bit for bit (each says so: `exact`); Triton's on the CPU under its interpreter."""
+    from mezo import fast
+    triton = pytest.mark.skipif(os.environ.get("TRITON_INTERPRET") != "1", reason="CPU kernels need TRITON_INTERPRET=1")
+    return [pytest.param(lambda: mezo.ExactRestore(mezo.TorchBackend()), id="ExactRestore"),
+            pytest.param(lambda: fast.Fused(mezo.ExactRestore(mezo.TorchBackend())), id="Fused-ExactRestore"),
+            pytest.param(lambda: fast.TritonBackend(exact=True), id="Triton-exact", marks=triton),
+            pytest.param(lambda: fast.Fused(fast.TritonBackend(exact=True)), id="Fused-Triton-exact", marks=triton)]
+
+
+@pytest.mark.parametrize("make_backend", [pytest.param(None, id="in-place"), *_exact_backends()])
+def test_a_nan_loss_raises_the_command_lines_error_and_keeps_theta(make_backend):
     """The closure returns NaN: NonFiniteLoss with the CLI's wording; θ as the last good step left it (within the
-    rounding of +ε, −2ε, +ε in place; bit for bit with ExactRestore), and the step count unchanged."""
+    rounding of +ε, −2ε, +ε in place; bit for bit with a backend whose restore is exact, and the message then makes
+    no claim of rounding), and the step count unchanged."""
     model = mlp([4, 5, 2], torch.float32)
-    backend = mezo.ExactRestore(mezo.TorchBackend()) if exact else None
-    opt = mezo.MeZO(model.parameters(), lr=0.1, eps=1e-3, backend=backend)
+    exact = make_backend is not None
+    opt = mezo.MeZO(model.parameters(), lr=0.1, eps=1e-3, backend=make_backend() if exact else None)
     loss = regression_loss(model)
     opt.step(loss)
+    opt.backend.settle(opt.trainables)  # (Fused holds the last update back until θ is read)
     before = [p.detach().clone() for p in model.parameters()]
     with pytest.raises(mezo.NonFiniteLoss, match=r"^non-finite loss at step 2 \(loss_plus=nan, loss_minus=nan\); "
                                                  r"θ is as step 1 left it"
