@@ -11,7 +11,9 @@ batch, or in a --replay the logged L± (ReplayMixin), so the loop and mezo_step 
 from __future__ import annotations
 
 import contextlib
+import ctypes
 import dataclasses
+import gc
 import json
 import math
 import os
@@ -1247,13 +1249,18 @@ def check_step_record(record: dict) -> None:
 
 def peak_memory_mb(device: torch.device, reset: bool = False) -> float | None:
     """Peak memory since the last reset, in MiB: torch's allocator on a GPU; on a Linux CPU the
-    process's peak resident set (VmHWM), reset through /proc/self/clear_refs. None elsewhere."""
+    process's peak resident set (VmHWM), reset through /proc/self/clear_refs once the heap that
+    loading freed is given back (glibc's malloc_trim), so that it does not count. None elsewhere."""
     if device.type == "cuda":
         if reset:
             torch.cuda.reset_peak_memory_stats(device)
         return torch.cuda.max_memory_allocated(device) / 2**20
     try:
         if reset:
+            gc.collect()
+            with contextlib.suppress(AttributeError, OSError, TypeError):  # (glibc's only)
+                # freed memory that glibc keeps (e.g. the offline model's conversion, ~200 MB)
+                ctypes.CDLL(None).malloc_trim(0)
             with open("/proc/self/clear_refs", "w") as f:
                 f.write("5")  # the peak resident set starts again from the current one
         with open("/proc/self/status") as f:
