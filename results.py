@@ -61,8 +61,12 @@ def acc(runs_: list[dict], key: str = "test") -> str:
 
 
 def peak(runs_: list[dict]) -> str:
-    values = [r["peak_mb"] for r in runs_ if r.get("peak_mb") is not None]
-    return f"{max(values):.0f}" if values else "—"
+    """Peak RSS in MB over the seeds: lowest–highest where they differ (a process's, not a
+    step's)."""
+    values = sorted((f"{r['peak_mb']:.0f}" for r in runs_ if r.get("peak_mb") is not None), key=int)
+    if not values:
+        return "—"
+    return values[0] if values[0] == values[-1] else f"{values[0]}–{values[-1]}"
 
 
 def dev_curve(root: Path, m: ex.Method) -> dict[int, float]:

@@ -284,6 +284,9 @@ def test_the_budget_table_matches_a_hand_computation_from_the_logs(study, tmp_pa
         m, s = mean_std([logged(root, f"{task}/adam-lora", x, "test", 4)["accuracy"] for x in seeds])
         assert row[6] == f"{100 * m:.1f} ± {100 * s:.1f} (n = {len(seeds)})"
         assert row[7] == lr and row[8] == "8 / 0" and row[9] == "4 / 4"  # MeZO 2 forwards a step; Adam 1 + 1
+        peaks = [sorted(round(json.loads((root / task / m / f"seed{x}" / "summary.json").read_text())["peak_memory_mb"])
+                        for x in seeds) for m in (f"mezo-lora-lr{lr}", "adam-lora")]
+        assert row[10] == " / ".join(f"{p[0]}" if p[0] == p[-1] else f"{p[0]}–{p[-1]}" for p in peaks), row[10]
         assert f"| {task} | {lr} |" in md and "**kept**" in md
     sst2 = cells(md, "| MeZO-LoRA, 4 steps |")
     lr = ex.task_lr(root, "sst2")
@@ -293,6 +296,15 @@ def test_the_budget_table_matches_a_hand_computation_from_the_logs(study, tmp_pa
     image = matplotlib.image.imread(tmp_path / "figures" / "budget.png")
     assert image.ndim == 3 and image.shape[1] > 800 and image.std() > 0
     assert "![budget](figures/budget.png)" in md
+
+
+def test_the_peak_memory_cell_gives_the_spread_over_seeds_not_only_its_top():
+    """MPQA's MeZO runs peaked at 1,074 and 1,414 MB: "1414" alone had read as more than Adam's 1,168."""
+    import results
+    assert results.peak([dict(peak_mb=1413.5), dict(peak_mb=1073.7), dict(peak_mb=None)]) == "1074–1414"
+    assert results.peak([dict(peak_mb=1000.2), dict(peak_mb=999.1)]) == "999–1000"  # as numbers, not as text
+    assert results.peak([dict(peak_mb=1000.4), dict(peak_mb=999.6)]) == "1000"
+    assert results.peak([dict(peak_mb=None)]) == results.peak([]) == "—"
 
 
 def test_dev_still_rising_is_the_slope_of_the_second_half():
