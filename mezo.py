@@ -37,7 +37,7 @@ _HERE = Path(__file__).resolve().parent
 __path__ = [str(_HERE / "mezo")] if (_HERE / "mezo" / "runs.py").is_file() else [str(_HERE)]
 
 from mezo.baseline import adam_optimizer, adam_update  # noqa: E402
-from mezo.errors import NonFiniteLoss, UsageError  # noqa: E402
+from mezo.errors import NonFiniteLoss, UsageError, says_mistakes  # noqa: E402
 from mezo.models import DTYPES  # noqa: E402
 from mezo.options import finite, option  # noqa: E402
 
@@ -777,15 +777,15 @@ def main(argv=None) -> int:
         print(f"mezo: error: {line}", file=sys.stderr)
         return 1
     except UsageError as e:
-        print(f"mezo: error: {e}", file=sys.stderr)
+        if says_mistakes():  # (under torchrun, once a machine)
+            print(f"mezo: error: {e}", file=sys.stderr)
         return 2
     except (BrokenPipeError, KeyboardInterrupt) as e:  # `... | head`'s reader left; Ctrl-C; SIGTERM
         print(f"mezo: error: {runs.stopped(cfg, trained, e)}", file=sys.stderr)
         return 1 if isinstance(e, BrokenPipeError) else getattr(e, "code", 130)  # 128 + signal
     except RuntimeError as e:
         # Under torchrun, a collective that failed because another rank died or hung: tp/ knows them
-        peer_failure = getattr(seams.get("placement"), "peer_failure", None)
-        line = peer_failure(e) if peer_failure else None
+        line = getattr(seams.get("placement"), "peer_failure", lambda e: None)(e)
         if line is None:
             raise
         print(f"mezo: error: {line}", file=sys.stderr)

@@ -12,7 +12,7 @@ import re
 
 import torch
 
-from .errors import UsageError
+from .errors import UsageError, says_mistakes
 
 
 def finite(v) -> bool:
@@ -111,6 +111,10 @@ class Parser(argparse.ArgumentParser):
                 for m in difflib.get_close_matches(w, list(self._option_string_actions), 1)]
         hint = f"did you mean {' '.join(near)}? " if near else ""
         self.exit(2, f"{self.prog}: error: {message} ({hint}--help lists every flag)\n")
+
+    def exit(self, status=0, message=None):
+        # a mistaken flag is every rank's under torchrun: said once a machine, as UsageError is
+        super().exit(status, message if status == 0 or says_mistakes() else None)
 
     def parse_known_args(self, args=None, namespace=None):
         """argparse's, and a text flag given empty (`--out "$UNSET"`) is refused: it is not the

@@ -273,6 +273,17 @@ def test_a_mistaken_flag_is_one_line_and_a_step_count_may_be_written_1e3(capsys)
         err = capsys.readouterr().err.strip().splitlines()
         assert exit_.value.code == 2 and len(err) == 1 and err[0].startswith(f"mezo: error: {said}"), err
         assert err[0].endswith("--help lists every flag)")
+    # under torchrun every rank parses the same flags: local rank 0 alone says the mistake (tests/test_tp.py: the
+    # checks after parsing); LOCAL_RANK left in a shell without WORLD_SIZE silences nothing
+    for env, lines in (({"WORLD_SIZE": "2", "LOCAL_RANK": "1"}, 0), ({"WORLD_SIZE": "2", "LOCAL_RANK": "0"}, 1),
+                       ({"LOCAL_RANK": "1"}, 1)):
+        with pytest.MonkeyPatch.context() as m, pytest.raises(SystemExit) as exit_:
+            for k in ("WORLD_SIZE", "LOCAL_RANK"):
+                m.delenv(k, raising=False)
+            for k, v in env.items():
+                m.setenv(k, v)
+            mezo.parse_args(["--stepz", "3"])
+        assert exit_.value.code == 2 and len(capsys.readouterr().err.splitlines()) == lines, env
 
 
 def test_train_from_python_takes_the_seams_its_config_asks_for(model_dir, tmp_path, capsys):

@@ -204,12 +204,15 @@ def setup(kind, path, mode):
     return model, mezo.select_trainables(model, cfg)
 
 
-def test_bad_combinations_give_one_error_line(worker, model_dir, tmp_path, capsys):
-    _, _, log = worker
-    assert "mezo: error: --tp 2 x --dp 2 = 4 processes, but torchrun started 2" in log
-    assert "mezo: error: --tp 3 does not divide the 2 processes torchrun started; make --nproc-per-node a multiple " \
-        "of 3" in log  # (it had said "--tp 3 x --dp 0", a --dp the user never gave)
-    assert "mezo: error: a step's batch has 1 examples (--batch-size 1, 16 training examples), fewer than --dp 2" in log
+def test_bad_combinations_give_one_error_line(worker, model_dir, tmp_path, capsys, monkeypatch):
+    root, _, log = worker
+    # one line from the 2 ranks, not one each: the mistake is the same on every rank (local rank 0 says it)
+    assert log.count("mezo: error: --tp 2 x --dp 2 = 4 processes, but torchrun started 2") == 1
+    assert log.count("mezo: error: --tp 3 does not divide the 2 processes torchrun started; make --nproc-per-node a "
+                     "multiple of 3") == 1  # (it had said "--tp 3 x --dp 0", a --dp the user never gave)
+    assert log.count("mezo: error: a step's batch has 1 examples (--batch-size 1, 16 training examples), fewer than "
+                     "--dp 2") == 1
+    assert log.count("mezo: error:") == 3 and not (root / "dp-batch-1").exists()  # a refusal leaves no --out
     class FourRanks(mezo.Placement):  # the same check where the training set is what is short (no 4 processes here)
         dp = 4
     with pytest.raises(mezo.UsageError, match=r"batch has 2 examples \(--batch-size 8, 2 training examples\), fewer"):
@@ -218,6 +221,9 @@ def test_bad_combinations_give_one_error_line(worker, model_dir, tmp_path, capsy
     assert capsys.readouterr().err.strip().splitlines()[-1] == (
         "mezo: error: --tp 2 --dp 1 needs 2 processes: launch with torchrun --nproc-per-node 2 mezo.py ... (or, "
         "installed, -m mezo ...)")
+    monkeypatch.setenv("LOCAL_RANK", "1")  # left in a shell without torchrun's WORLD_SIZE: the line is still said
+    assert mezo.main(cli_args(model_dir("llama"), tmp_path) + ["--tp", "2"]) == 2
+    assert "mezo: error: --tp 2 --dp 1 needs 2 processes" in capsys.readouterr().err
     from mezo.tp import check_tp
     with pytest.raises(mezo.UsageError, match="--tp 3 does not divide the model's 4 attention heads, 2 key/value"):
         check_tp(setup("llama", model_dir("llama"), "lora")[0], 3)
@@ -274,7 +280,8 @@ if __name__ == "__main__":  # the worker: python -m torch.distributed.run ... te
         assert mezo.main(argv) == 0, argv
     assert mezo.main(spec["runs"][0] + ["--tp", "2", "--dp", "2"]) == 2  # its error line goes to the log
     assert mezo.main(spec["runs"][0] + ["--tp", "3"]) == 2  # --dp left to the 2 processes
-    assert mezo.main(spec["runs"][2] + ["--batch-size", "1"]) == 2  # a DP run whose batch cannot be split
+    # a DP run whose batch cannot be split, into a fresh --out (rank 0 would first refuse the one holding a run)
+    assert mezo.main(spec["runs"][2] + ["--batch-size", "1", "--out", str(out / "dp-batch-1")]) == 2
     for kind, path in spec["models"].items():
         for mode in ("lora", "full"):
             model, params = setup(kind, path, mode)
