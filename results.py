@@ -270,8 +270,10 @@ def memory_table(root: Path) -> str:
         values = f"{r['trainable']:,}" if r["case"] != "inference" and "trainable" in r else "—"
         lines.append(f"| {names.get(r['case'], r['case'])} | {values} | {r['peak_mb']:.0f} | "
                      f"{r['above_model_mb']:.0f} | {r['peak_mb'] / ref['peak_mb']:.3f} |")
+    when = (f", {memory['date']}" if memory.get("date") else "") + (
+        f", commit {memory['commit']}" if memory.get("commit") else "")  # (older files lack them)
     return say("memory", batch=memory["batch_size"], model=memory["model"], rows="\n".join(lines),
-               device=memory["device"], threads=memory["threads"])
+               device=memory["device"], threads=memory["threads"], when=when)
 
 
 def write_table(root: Path, path: Path, figures: Path | None = None, tasks_=ex.TASKS) -> str:

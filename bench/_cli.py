@@ -75,6 +75,23 @@ def json_file(text: str) -> Path:
     return path
 
 
+def measured_at() -> dict:
+    """When and from what code a measurement was made, for the file it is written to: the UTC date
+    and the checkout's commit (with "+changes" when a tracked .py file differs from it; None outside
+    a git checkout, as from a pip install)."""
+    import datetime
+    import subprocess
+    root = Path(__file__).resolve().parents[1]
+    git = lambda *a: subprocess.run(["git", "-C", str(root), *a], capture_output=True, text=True)
+    try:
+        head = git("rev-parse", "--short", "HEAD")
+        changed = git("diff", "--quiet", "HEAD", "--", ":(glob)**/*.py").returncode
+    except OSError:  # no git
+        head, changed = None, 0
+    commit = head.stdout.strip() + ("+changes" if changed else "") if head and not head.returncode else None
+    return dict(date=f"{datetime.datetime.now(datetime.timezone.utc):%Y-%m-%d}", commit=commit)
+
+
 def write_json(path: Path, rows) -> None:
     """rows as JSON at path, whole or not at all (a full disk is one line)."""
     checkpoints.atomic_write(path, lambda tmp: tmp.write_text(json.dumps(rows, indent=1) + "\n"),

@@ -136,7 +136,7 @@ def main():
               f"{above}")
     if args.json:
         _cli.write_json(args.json, dict(model=args.model, batch_size=args.batch_size, device=args.device,
-                                        threads=args.threads, rows=rows))
+                                        threads=args.threads, **_cli.measured_at(), rows=rows))
 
 
 if __name__ == "__main__":
