@@ -6,6 +6,7 @@ changes is. bench/precision.py once stopped with a TypeError after runs.Run chan
 bench/step.py runs only its plain backends here (its compiled ones take minutes to build on a CPU; tests/
 test_compiled.py tests those). bench/gpu.sh needs a GPU, bench/same_steps.sh an earlier commit to compare with.
 """
+import datetime
 import json
 import os
 import re
@@ -43,7 +44,7 @@ CASES = {
                  ["step ref step cache  ratio"], {}),
     "drift.py": (["--device", "cpu", "--numel", "1024", "--steps", "3"], ["float32", "bfloat16"], {}),
     "memory.py": (["--model", "{model}", "--cases", "inference,mezo-lora,adam-lora", "--threads", "1",
-                   "--device", "cpu"],
+                   "--device", "cpu", "--json", "rows.json"],
                   ["inference", "mezo-lora", "adam-lora"], {}),
     "trainer_memory.py": (["--model", "{model}", "--cases", "forward,mezo-lora", "--threads", "1",
                            "--device", "cpu"],
@@ -123,8 +124,14 @@ def test_benchmark_runs_from_a_foreign_folder(name, model_dir, tmp_path):
     out = ok(bench(name, *(a.format(model=model_dir("llama+tasks")) for a in args), cwd=tmp_path, env=env))
     missing = [w for w in words if w not in out]
     assert not missing, f"{name} printed no {missing}:\n{out[-2000:]}"
-    if "--json" in args:
-        assert len(json.loads((tmp_path / "rows.json").read_text())) == 4  # (2 ε × 2 dtypes)
+    written = json.loads((tmp_path / "rows.json").read_text())
+    if name == "precision.py":
+        assert len(written) == 4  # (2 ε × 2 dtypes)
+    if name == "memory.py":  # RESULTS.md's memory table says when, and from which commit, it was measured
+        assert [r["case"] for r in written["rows"]] == ["inference", "mezo-lora", "adam-lora"]
+        assert written["date"] == f"{datetime.datetime.now(datetime.timezone.utc):%Y-%m-%d}"
+        head = subprocess.run(["git", "-C", str(ROOT), "rev-parse", "--short", "HEAD"], capture_output=True, text=True)
+        assert (written["commit"] or "").split("+")[0] == (head.stdout.strip() if head.returncode == 0 else ""), written
 
 
 def test_compare_logs_passes_a_run_against_itself_and_fails_an_edited_copy(model_dir, tmp_path, capsys):

@@ -307,6 +307,21 @@ def test_the_peak_memory_cell_gives_the_spread_over_seeds_not_only_its_top():
     assert results.peak([dict(peak_mb=None)]) == results.peak([]) == "—"
 
 
+def test_the_memory_table_says_when_and_from_which_commit_bench_memory_measured_it(tmp_path):
+    """bench/memory.py's JSON carries its date and commit (tests/test_benches.py); a file written before it did
+    is still read, without them. Ratios are to the first row, inference."""
+    import results
+    rows = [dict(case="inference", peak_mb=1000.0, above_model_mb=50.0, trainable=10),
+            dict(case="adam-lora", peak_mb=1380.0, above_model_mb=430.0, trainable=10)]
+    head = dict(model="m", batch_size=8, device="cpu", threads=1)
+    (tmp_path / "memory.json").write_text(json.dumps(dict(head, date="2026-12-07", commit="72386b6", rows=rows)))
+    md = results.memory_table(tmp_path)
+    assert "(`bench/memory.py`, 2026-12-07, commit 72386b6): peak" in md
+    assert "| first-order step (Adam), LoRA | 10 | 1380 | 430 | 1.380 |" in md
+    (tmp_path / "memory.json").write_text(json.dumps(dict(head, rows=rows)))
+    assert "(`bench/memory.py`): peak" in results.memory_table(tmp_path)
+
+
 def test_dev_still_rising_is_the_slope_of_the_second_half():
     import results
     curve = {0: 0.5, 100: 0.52, 500: 0.60, 600: 0.62, 800: 0.64, 1000: 0.66}
