@@ -145,8 +145,10 @@ PRECISION = [Method(f"sst2/precision/bfloat16{'-lora-float32' if lora_flag else 
              for lora_flag in ((), ("--lora-dtype", "float32")) for eps in ("1e-3", "3e-2")]
 # process start + model load; forward seconds per evaluated row (batch 8, 2 cores)
 LOAD_S, ROW_S = 15.0, 0.05
-# bench/memory.py's cases, each in a fresh process (the full-parameter MeZO step is slow)
-MEMORY_S = 480.0
+# bench/memory.py's cases, each in MEMORY_REPEAT fresh processes, the median kept (a first-order
+# step's peak differed by 8% from one process to the next); the full-parameter MeZO step is slow
+MEMORY_REPEAT = 3
+MEMORY_S = 480.0 * MEMORY_REPEAT
 RULE_CASES = [f"mezo-{mode}-{rule}" for mode in ("lora", "full") for rule in rules.RULES]
 
 
@@ -388,7 +390,7 @@ def cmd_plan(args) -> int:
 def memory_command(root: Path, threads: int) -> list[str]:
     cases = ["inference", "mezo-lora", "mezo-full", "adam-lora", "adam-full", *RULE_CASES]
     return ["python", "bench/memory.py", "--cases", ",".join(cases), "--threads", str(threads),
-            "--json", str(root / "memory.json")]
+            "--repeat", str(MEMORY_REPEAT), "--json", str(root / "memory.json")]
 
 
 class Stopping(runs.StopOnSignal):

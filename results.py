@@ -268,12 +268,17 @@ def memory_table(root: Path) -> str:
     ref, lines = memory["rows"][0], []
     for r in memory["rows"]:
         values = f"{r['trainable']:,}" if r["case"] != "inference" and "trainable" in r else "—"
-        lines.append(f"| {names.get(r['case'], r['case'])} | {values} | {r['peak_mb']:.0f} | "
-                     f"{r['above_model_mb']:.0f} | {r['peak_mb'] / ref['peak_mb']:.3f} |")
+        peaks = r.get("peak_mb_runs", [])  # (with --repeat: the median, then every process's range)
+        spread = f" ({min(peaks):.0f}–{max(peaks):.0f})" if len(peaks) > 1 else ""
+        lines.append(f"| {names.get(r['case'], r['case'])} | {values} | {r['peak_mb']:.0f}{spread} "
+                     f"| {r['above_model_mb']:.0f} | {r['peak_mb'] / ref['peak_mb']:.3f} |")
+    n = memory.get("repeat", 1)
+    repeat = (f", {n} times (the median; each process's lowest–highest peak in brackets)"
+              if n > 1 else "")
     when = (f", {memory['date']}" if memory.get("date") else "") + (
         f", commit {memory['commit']}" if memory.get("commit") else "")  # (older files lack them)
     return say("memory", batch=memory["batch_size"], model=memory["model"], rows="\n".join(lines),
-               device=memory["device"], threads=memory["threads"], when=when)
+               device=memory["device"], threads=memory["threads"], when=when, repeat=repeat)
 
 
 def write_table(root: Path, path: Path, figures: Path | None = None, tasks_=ex.TASKS) -> str:

@@ -5,6 +5,7 @@ and one first-order step: backward + AdamW, as `mezo.py --optimizer adam` takes)
     python bench/memory.py --model DIR --batch-size 16 --device cuda
     python bench/memory.py --cases inference,mezo-lora,adam-lora --json memory.json
     python bench/memory.py --cases inference,mezo-full,mezo-full-momentum,mezo-full-adam   # --rule's buffers
+    python bench/memory.py --repeat 3                # each figure the median of 3 fresh processes
 
 Each case runs in a fresh process: load the model, warm up, reset the peak, run the case, read the peak.
 CPU: the process's peak resident set (VmHWM, reset through /proc/self/clear_refs). GPU: torch's
@@ -13,6 +14,7 @@ max_memory_allocated. Printed: the absolute peak, the part above the loaded mode
 import argparse
 import json
 import os
+import statistics
 import subprocess
 import sys
 import time
@@ -88,6 +90,9 @@ def bench_parser(doc: str, cases: list[str], threads: int) -> argparse.ArgumentP
     p.add_argument("--device", type=_cli.device, default="cpu")
     p.add_argument("--threads", type=_cli.count(1), default=threads)
     p.add_argument("--cases", default=",".join(cases), help="comma-separated, from " + ", ".join(cases))
+    p.add_argument("--repeat", type=_cli.count(1), default=1,
+                   help="fresh processes per case; each figure is their median (the peaks of first-order "
+                        "steps here differed by up to 8%% from one process to the next)")
     p.add_argument("--case", help=argparse.SUPPRESS)
     return p
 
@@ -108,11 +113,16 @@ def rows_of(args, cases: list[str], measure, script: str, flags: list[str]) -> l
     rows = []
     for case in picked:
         cmd = [sys.executable, script, "--case", case, *shared, *flags]
-        out = subprocess.run(cmd, capture_output=True, text=True, env={**os.environ, "TQDM_DISABLE": "1"})
-        _cli.pass_on_error(out)
-        if out.returncode:
-            sys.exit(f"{case} failed:\n{out.stderr[-2000:]}")
-        rows.append(json.loads(out.stdout.strip().splitlines()[-1]))
+        runs = []
+        for _ in range(args.repeat):
+            out = subprocess.run(cmd, capture_output=True, text=True, env={**os.environ, "TQDM_DISABLE": "1"})
+            _cli.pass_on_error(out)
+            if out.returncode:
+                sys.exit(f"{case} failed:\n{out.stderr[-2000:]}")
+            runs.append(json.loads(out.stdout.strip().splitlines()[-1]))
+        # each figure the median over the processes (a number's own, not one process's row), and every peak
+        row = {k: statistics.median(r[k] for r in runs) if isinstance(v, float) else v for k, v in runs[0].items()}
+        rows.append(dict(row, peak_mb_runs=[r["peak_mb"] for r in runs]))
     return rows
 
 
@@ -129,14 +139,16 @@ def main():
     ref = rows[0]
     print(f"model {args.model}, batch {args.batch_size}" + (f", adam micro-batch {args.micro_batch}" if args.micro_batch
                                                              else "") + f", {args.device}")
-    print(f"{'case':22s} {'peak MB':>10s} {'above model MB':>15s} {'peak / inference':>17s} {'above / inference':>18s}")
+    print(f"{'case':22s} {'peak MB':>10s} {'above model MB':>15s} {'peak / inference':>17s} {'above / inference':>18s}"
+          + (f"  peaks over {args.repeat} processes, MB" if args.repeat > 1 else ""))
     for r in rows:  # on a CPU, inference may add almost nothing above the model: no ratio to a near-zero
         above = f"{r['above_model_mb'] / ref['above_model_mb']:18.2f}" if ref["above_model_mb"] >= 1 else f"{'-':>18s}"
         print(f"{r['case']:22s} {r['peak_mb']:10.1f} {r['above_model_mb']:15.1f} {r['peak_mb'] / ref['peak_mb']:17.3f} "
-              f"{above}")
+              f"{above}" + (f"  {min(r['peak_mb_runs']):.0f}–{max(r['peak_mb_runs']):.0f}" if args.repeat > 1 else ""))
     if args.json:
         _cli.write_json(args.json, dict(model=args.model, batch_size=args.batch_size, device=args.device,
-                                        threads=args.threads, **_cli.measured_at(), rows=rows))
+                                        threads=args.threads, repeat=args.repeat, **_cli.measured_at(),
+                                        rows=rows))
 
 
 if __name__ == "__main__":

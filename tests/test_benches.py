@@ -44,7 +44,7 @@ CASES = {
                  ["step ref step cache  ratio"], {}),
     "drift.py": (["--device", "cpu", "--numel", "1024", "--steps", "3"], ["float32", "bfloat16"], {}),
     "memory.py": (["--model", "{model}", "--cases", "inference,mezo-lora,adam-lora", "--threads", "1",
-                   "--device", "cpu", "--json", "rows.json"],
+                   "--device", "cpu", "--json", "rows.json", "--repeat", "2"],
                   ["inference", "mezo-lora", "adam-lora"], {}),
     "trainer_memory.py": (["--model", "{model}", "--cases", "forward,mezo-lora", "--threads", "1",
                            "--device", "cpu"],
@@ -129,6 +129,8 @@ def test_benchmark_runs_from_a_foreign_folder(name, model_dir, tmp_path):
         assert len(written) == 4  # (2 ε × 2 dtypes)
     if name == "memory.py":  # RESULTS.md's memory table says when, and from which commit, it was measured
         assert [r["case"] for r in written["rows"]] == ["inference", "mezo-lora", "adam-lora"]
+        for r in written["rows"]:  # --repeat 2: each figure the median (here the mean) of two fresh processes
+            assert len(r["peak_mb_runs"]) == 2 and r["peak_mb"] == sum(r["peak_mb_runs"]) / 2, r
         assert written["date"] == f"{datetime.datetime.now(datetime.timezone.utc):%Y-%m-%d}"
         head = subprocess.run(["git", "-C", str(ROOT), "rev-parse", "--short", "HEAD"], capture_output=True, text=True)
         assert (written["commit"] or "").split("+")[0] == (head.stdout.strip() if head.returncode == 0 else ""), written

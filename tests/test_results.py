@@ -320,6 +320,12 @@ def test_the_memory_table_says_when_and_from_which_commit_bench_memory_measured_
     assert "| first-order step (Adam), LoRA | 10 | 1380 | 430 | 1.380 |" in md
     (tmp_path / "memory.json").write_text(json.dumps(dict(head, rows=rows)))
     assert "(`bench/memory.py`): peak" in results.memory_table(tmp_path)
+    # --repeat 3: each figure the median of 3 processes, and the peaks' range beside it
+    rows[1].update(peak_mb_runs=[1484.6, 1608.7, 1380.0])
+    (tmp_path / "memory.json").write_text(json.dumps(dict(head, repeat=3, rows=rows)))
+    md = results.memory_table(tmp_path)
+    assert "(`bench/memory.py`), 3 times (the median; each process's lowest–highest peak in brackets): peak" in md
+    assert "| first-order step (Adam), LoRA | 10 | 1380 (1380–1609) | 430 | 1.380 |" in md
 
 
 def test_dev_still_rising_is_the_slope_of_the_second_half():
