@@ -269,7 +269,7 @@ def memory_table(root: Path) -> str:
     for r in memory["rows"]:
         values = f"{r['trainable']:,}" if r["case"] != "inference" and "trainable" in r else "—"
         peaks = r.get("peak_mb_runs", [])  # (with --repeat: the median, then every process's range)
-        spread = f" ({min(peaks):.0f}–{max(peaks):.0f})" if len(peaks) > 1 else ""
+        spread = f" ({peak([dict(peak_mb=p) for p in peaks])})" if len(peaks) > 1 else ""
         lines.append(f"| {names.get(r['case'], r['case'])} | {values} | {r['peak_mb']:.0f}{spread} "
                      f"| {r['above_model_mb']:.0f} | {r['peak_mb'] / ref['peak_mb']:.3f} |")
     n = memory.get("repeat", 1)
