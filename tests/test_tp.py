@@ -84,7 +84,9 @@ def assert_same_run(ref, par, steps, keep=lambda r: True):
         assert err <= bound, (k, err, bound)
 
 
-def finish(proc, timeout=180):
+def finish(proc, timeout=900):
+    """A launch's output, once it exited 0. The timeout only catches a hang: the module's launch takes 130 s here,
+    and CI's machines have run this suite 1.5 times slower (180 s timed out there)."""
     out, _ = proc.communicate(timeout=timeout)
     assert proc.returncode == 0, out[-3000:]
     return out
@@ -233,7 +235,7 @@ def test_killed_rank_ends_the_job(model_dir, tmp_path):
     """SIGKILL one worker mid-training: torchrun stops the other and exits non-zero, naming the dead rank."""
     proc = torchrun(2, "mezo.py", *cli_args(model_dir("llama"), tmp_path, steps=100000, eval_every=0), "--tp", 2)
     log = tmp_path / "log.jsonl"
-    deadline = time.time() + 60
+    deadline = time.time() + 300  # the job's start: 2 processes loading torch
     while not (log.exists() and len(log.read_text().splitlines()) > 3):  # evals at step 0, then training steps
         assert time.time() < deadline and proc.poll() is None, "the job did not start training"
         time.sleep(0.2)
@@ -242,8 +244,8 @@ def test_killed_rank_ends_the_job(model_dir, tmp_path):
     assert len(rank1) == 1
     t0 = time.time()
     os.kill(rank1[0], signal.SIGKILL)
-    out, _ = proc.communicate(timeout=60)
-    assert proc.returncode != 0 and time.time() - t0 < 60
+    out, _ = proc.communicate(timeout=300)
+    assert proc.returncode != 0 and time.time() - t0 < 120
     assert "rank      : 1" in out and "SIGKILL" in out, out[-2000:]
 
 
@@ -252,14 +254,14 @@ def test_sigterm_to_one_rank_stops_every_rank_after_the_same_checkpointed_step(m
     step (Placement.any_rank), rank 0 checkpoints it, both exit 143 naming it, and the run resumes from there."""
     proc = torchrun(2, "mezo.py", *cli_args(model_dir("llama"), tmp_path, steps=100000, eval_every=0), "--dp", 2)
     log = tmp_path / "log.jsonl"
-    deadline = time.time() + 60
+    deadline = time.time() + 300  # the job's start: 2 processes loading torch
     while not (log.exists() and '"step": 2,' in log.read_text()):
         assert time.time() < deadline and proc.poll() is None, "the job did not start training"
         time.sleep(0.2)
     workers = Path(f"/proc/{proc.pid}/task/{proc.pid}/children").read_text().split()
     rank1 = [int(p) for p in workers if "RANK=1" in Path(f"/proc/{p}/environ").read_bytes().decode().split("\0")]
     os.kill(rank1[0], signal.SIGTERM)
-    out, _ = proc.communicate(timeout=60)
+    out, _ = proc.communicate(timeout=300)
     stopped = [int(m) for m in re.findall(r"mezo: error: stopped by .* after step (\d+), its checkpoint written", out)]
     assert proc.returncode != 0 and len(stopped) == 2 and stopped[0] == stopped[1], out[-3000:]
     assert "stopped by SIGTERM after step" in out and "stopped by another rank's signal after step" in out
