@@ -33,7 +33,9 @@ kernels:
 # The lowest versions pyproject.toml declares, but torch's and Triton's (test-torch-low): a venv over this one (its
 # torch included) with each `>=` bound of the dependencies and of the test extras installed at exactly that version
 # (transformers 5.17, numpy 1.26, accelerate 1.3, peft 0.18, ...), read from pyproject.toml so the two cannot
-# drift; then the tests of what uses them: models, data, the command line, checkpoints, the Trainer, the results
+# drift; then the tests of what uses them: models, data, the command line, checkpoints, the Trainer, the results.
+# Not test_faults.py: signals, locks and pipes use none of these packages (its runs are the CLI's, tested here),
+# and its kill/resume runs were 4 of this target's 6 minutes
 DEPS_LOW_VENV ?= .venv-deps-low
 test-deps-low:
 	test -x $(DEPS_LOW_VENV)/bin/python || $(PY) -m venv --system-site-packages $(DEPS_LOW_VENV)
@@ -46,12 +48,13 @@ test-deps-low:
 	echo "installed:" $$(cat $(DEPS_LOW_VENV)/lowest.txt)
 	$(DEPS_LOW_VENV)/bin/python -m pytest -q $(XDIST) tests/test_prefix.py tests/test_tasks.py tests/test_model.py \
 		tests/test_cli.py tests/test_data.py tests/test_trainer.py tests/test_results.py tests/test_replay.py \
-		tests/test_faults.py tests/test_inputs.py tests/test_readme.py
+		tests/test_inputs.py tests/test_readme.py
 
 # The lowest torch pyproject.toml admits, with the Triton it pins (3.6 for torch 2.11), for the tests of what
 # depends on their internals: the compiled CPU backend, the Triton kernels (interpreted, and compiled for sm_80 and
 # sm_90), the noise, the optimizer and the update rules. A venv over this one; PyPI's torch 2.11 is a CUDA build
-# (about 3 GB with its CUDA libraries), and runs on a CPU.
+# (about 3 GB with its CUDA libraries), and runs on a CPU. The default recipe's SmolLM2 run is left to `make test`:
+# its time is the 135M model's forwards (torch's, not the backend's), and the compiled backend's own tests run here
 TORCH_LOW ?= 2.11.0
 TORCH_LOW_VENV ?= .venv-torch-low
 test-torch-low:
@@ -59,7 +62,8 @@ test-torch-low:
 	$(TORCH_LOW_VENV)/bin/python -m pip install -q torch==$(TORCH_LOW)
 	$(TORCH_LOW_VENV)/bin/python -c "import torch, triton; print('torch', torch.__version__, 'triton', triton.__version__)"
 	$(TORCH_LOW_VENV)/bin/python -m pytest -q $(XDIST) tests/test_compiled.py tests/test_kernels.py tests/test_noise.py \
-		tests/test_optimizer.py tests/test_rules.py
+		tests/test_optimizer.py tests/test_rules.py \
+		--deselect tests/test_compiled.py::test_default_recipe_first_steps_are_the_references_bit_for_bit
 
 # On a machine with a CUDA GPU (issue 21): the compiled-kernel tests, the tables (bandwidth; R at the default
 # and the paper's batch, both dtypes, LoRA and full), the command line on CUDA (reference against --fast); it

@@ -219,8 +219,13 @@ def test_fused_restore_update_and_next_perturbation_matches_reference(device, sh
              2 * eps + g * lr)
 
 
+# Exact mode makes 4 launches a seed where the other kernels' tests make 1 to 3, and the interpreter's time is its
+# programs (4,096 elements each): tensors of up to 29^3 elements, 6 programs, still span several and end mid-program
+exact_shapes_st = st.lists(st.lists(st.integers(1, 29), min_size=1, max_size=3).map(tuple), min_size=1, max_size=4)
+
+
 @pytest.mark.parametrize("device", DEVICES)
-@given(shapes=shapes_st, dtype=dtype_st, seeds=st.lists(st.integers(0, 2**63 - 1), min_size=2, max_size=4),
+@given(shapes=exact_shapes_st, dtype=dtype_st, seeds=st.lists(st.integers(0, 2**63 - 1), min_size=2, max_size=4),
        n=st.integers(1, 2), lr=st.sampled_from([0.0, 1e-2]), fuse=st.booleans(), offset0=offset_st)
 def test_exact_mode_matches_exact_restore(device, shapes, dtype, seeds, n, lr, fuse, offset0):
     """TritonBackend(exact=True), which writes θ's copy in the first perturbation and reads it in the next
