@@ -16,7 +16,6 @@ those steps' batches) and the held-out loss (the same 64 sentences each time); p
 and after; one held-out sentence's greedy continuation before and after. lr: measured on this
 set, 1e-3 lowers the held-out loss steadily, 3e-3 and 1e-2 diverged within 60 steps.
 """
-import argparse
 import math
 import sys
 from pathlib import Path
@@ -33,6 +32,8 @@ from mezo.errors import UsageError  # noqa: E402
 from mezo.models import open_model  # noqa: E402
 from mezo.tasks.files import find_data  # noqa: E402
 from mezo.trainer import MeZOTrainer, MeZOTrainingArguments  # noqa: E402
+
+from mezo import options  # noqa: E402
 
 TRAIN_TSV = "lm-bff/SST-2/train.tsv"  # LM-BFF's data/original/SST-2/train.tsv
 
@@ -78,52 +79,48 @@ def continuation(model, tokenizer, text: str, words: int = 6) -> str:
 
 
 def main() -> None:
-    p = argparse.ArgumentParser(description=" ".join(__doc__.split("\n\n")[0].split()))
+    # mezo's parser: a mistaken flag or value is one line (argparse's own prints its usage too)
+    p = options.Parser(description=" ".join(__doc__.split("\n\n")[0].split()))
     p.add_argument("--data", type=Path, help="SST-2's train.tsv (default: found as mezo.py finds "
                    "its data: $MEZO_DATA, ../shared/data, the cache, else downloaded)")
-    p.add_argument("--train", type=int, default=256, help="training sentences")
-    p.add_argument("--steps", type=int, default=100)
+    p.add_argument("--train", type=options.count(1), default=256, help="training sentences")
+    p.add_argument("--steps", type=options.count(5), default=100,
+                   help="at least 5: the loss is printed every steps/5")
     p.add_argument("--lr", type=float, default=1e-3)  # measured: 3e-3 diverged by step 60
-    p.add_argument("--batch-size", type=int, default=8)
-    p.add_argument("--threads", type=int, default=1)
+    p.add_argument("--batch-size", type=options.count(1), default=8)
+    p.add_argument("--threads", type=options.count(1), default=1)
     p.add_argument("--out", default="/tmp/mezo-smollm2-lora")
     p.add_argument("--model", default="smollm2-135m",
                    help="a causal LM's folder (default: the offline alias)")
     a = p.parse_args()
+
+    def refuse(message: str):
+        p.exit(2, f"{p.prog}: error: {message}\n")
     if a.data is None:
         try:
             a.data = find_data([TRAIN_TSV]) / TRAIN_TSV
         except UsageError as e:  # not found, and the download failed
-            p.error(str(e))
+            refuse(str(e))
     if not a.data.is_file():
-        p.error(f"--data {a.data}: no such file; give SST-2's train.tsv (sentence<TAB>label rows) "
-                "or set $MEZO_DATA to the folder that holds lm-bff/SST-2/")
-    if a.steps < 5:
-        p.error(f"--steps {a.steps}: give 5 or more (the loss is printed every steps/5)")
-    counts = (("--train", a.train), ("--batch-size", a.batch_size), ("--threads", a.threads))
-    for flag, value in counts:
-        if value < 1:
-            p.error(f"{flag} {value}: give 1 or more")
-    for flag, text in (("--out", a.out), ("--model", a.model)):  # "$UNSET": not the default
-        if not text.strip():
-            p.error(f"{flag} is empty; give a value, or leave it out for its default")
+        refuse(f"--data {a.data}: no such file; give SST-2's train.tsv (sentence<TAB>label rows) "
+               "or set $MEZO_DATA to the folder that holds lm-bff/SST-2/")
     if not (math.isfinite(a.lr) and a.lr >= 0):
-        p.error(f"--lr {a.lr}: give a finite number of 0 or more (measured here: 1e-3)")
+        refuse(f"--lr {a.lr}: give a finite number of 0 or more (measured here: 1e-3)")
     try:
         Path(a.out).mkdir(parents=True, exist_ok=True)
     except OSError as e:
-        p.error(f"--out {a.out}: cannot create it ({e.strerror}); pick a folder you can write to")
+        refuse(f"--out {a.out}: cannot create it ({e.strerror}); pick a folder you can write to")
     torch.set_num_threads(a.threads)
 
     texts = sentences(a.data, a.train + 64)
     train, held_out = texts[:a.train], texts[a.train:]
     if not held_out:
-        p.error(f"--train {a.train}: {a.data} has {len(texts)} sentences of at most 16 words, "
-                f"and 64 are held out; give --train {max(len(texts) - 64, 0)} or fewer")
+        refuse(f"--train {a.train}: {a.data} has {len(texts)} sentences of at most 16 words, "
+               f"and 64 are held out; give --train {max(len(texts) - 64, 0)} or fewer")
     try:
         path, _, tokenizer = open_model(a.model)  # or one line that says what --model is
     except UsageError as e:
-        p.error(str(e))
+        refuse(str(e))
     tokenizer.pad_token = tokenizer.pad_token or tokenizer.eos_token
     torch.manual_seed(0)  # LoRA's A initialisation
     base = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32)

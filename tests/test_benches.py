@@ -153,7 +153,8 @@ def test_compare_logs_passes_a_run_against_itself_and_fails_an_edited_copy(model
 def test_the_trainer_example_runs_from_a_foreign_folder(model_dir, tmp_path):
     """examples/finetune_smollm2.py on the tiny Llama: MeZOTrainer with PEFT-LoRA on the causal-LM loss, 5 steps on
     real SST-2 sentences; it prints the perplexity before and after. A missing --data, a count of 0, more training
-    sentences than the file has, a --model or --out that cannot be, each is one line, not a traceback."""
+    sentences than the file has, a --model or --out that cannot be, a misspelt flag, each is one line, not a
+    traceback and not argparse's usage."""
     pytest.importorskip("peft")
     example = ROOT / "examples" / "finetune_smollm2.py"
     out = ok(script(example, "--model", model_dir("llama+tasks"), "--steps", "5", "--train", "16", "--out",
@@ -162,12 +163,14 @@ def test_the_trainer_example_runs_from_a_foreign_folder(model_dir, tmp_path):
     proc = script(example, "--data", str(tmp_path / "none.tsv"), cwd=tmp_path)
     assert proc.returncode == 2 and "Traceback" not in proc.stderr and "--data" in proc.stderr.splitlines()[-1]
     (tmp_path / "a-file").write_text("")
-    for mistake, said in [(["--train", "0"], r"--train 0: give 1 or more"),
+    for mistake, said in [(["--train", "0"], r"argument --train: '0': give a whole number of 1 or more"),
+                          (["--steps", "4"], r"argument --steps: '4': give a whole number of 5 or more"),
+                          (["--stpes", "5"], r"unrecognized arguments: --stpes 5 \(did you mean --steps\?"),
                           (["--train", "100000"], r"--train 100000: .* has \d+ sentences .*give --train \d+ or fewer"),
                           (["--model", str(tmp_path / "gone")], r"cannot load model '.*gone': no such folder"),
                           (["--out", str(tmp_path / "a-file" / "out")], r"--out .*: cannot create it \(Not a directory\)"),
                           (["--out", ""], r"--out is empty; give a value, or leave it out for its default$")]:
         proc = script(example, *mistake, cwd=tmp_path)
         last = proc.stderr.strip().splitlines()[-1]
-        assert proc.returncode == 2 and "Traceback" not in proc.stderr, proc.stderr[-3000:]
+        assert proc.returncode == 2 and "Traceback" not in proc.stderr and "usage:" not in proc.stderr, proc.stderr
         assert re.match(rf"finetune_smollm2.py: error: {said}", last), last
