@@ -18,7 +18,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import records, z_of
+from conftest import make_model, make_tokenizer, records, z_of
 from safetensors import safe_open
 from safetensors.torch import load_file
 
@@ -100,8 +100,18 @@ CASES = [("llama", "tp", "lora"), ("roberta", "tp", "full"), ("llama", "dp", "fu
 EXTRA = {("llama", "dp", "full"): dict(batch_size=7)}  # ranks get 4 and 3 examples: the mean must weigh them
 FAST_CASES = [("llama", "tp", "full"), ("roberta", "tp", "lora")]  # --fast on shards (rows of rowwise weights)
 # 2 steps: the first's restore + update + next +εz' fused, the last's without a next seed. Triton's interpreter runs a
-# program per row of a rowwise shard, about 0.1 s each: these runs were most of the module's time at 3 steps.
+# program per row of a rowwise shard, about 0.1 s each: these runs were most of the module's time at 3 steps, and
+# still 60% of the launch at 2 on models of 2 layers. So they run on one layer: half the rows.
 FAST_STEPS = 2
+
+
+def one_layer(kind: str, root: Path) -> str:
+    """The tiny model of `kind` with one layer, in root (--fast's cases)."""
+    path = root / f"tiny-{kind}-1-layer"
+    if not path.exists():
+        make_model(kind, layers=1).save_pretrained(path)
+        make_tokenizer(causal=kind == "llama").save_pretrained(path)
+    return str(path)
 RULE_CASES = [("llama", "tp", "full", "adam"), ("roberta", "tp", "lora", "momentum"), ("llama", "dp", "lora", "sign"),
               ("roberta", "tp", "full", "conservative")]  # --rule on shards: buffers per shard, gathered to save
 SEED = 1234  # of the noise test
@@ -116,7 +126,7 @@ def worker(model_dir, tmp_path_factory):
     models = {k: model_dir(k) for k in ("llama", "roberta")}
     runs = [cli_args(models[kind], root / f"{kind}-{how}-{mode}", mode=mode, lora_targets=LORA_TARGETS[kind],
                      **EXTRA.get((kind, how, mode), {})) + [f"--{how}", "2"] for kind, how, mode in CASES]
-    runs += [cli_args(models[kind], root / f"{kind}-{how}-{mode}-fast", mode=mode, lora_targets=LORA_TARGETS[kind],
+    runs += [cli_args(one_layer(kind, root), root / f"{kind}-{how}-{mode}-fast", mode=mode, lora_targets=LORA_TARGETS[kind],
                       steps=FAST_STEPS, eval_every=FAST_STEPS) + [f"--{how}", "2", "--fast"]
              for kind, how, mode in FAST_CASES]
     runs += [cli_args(models[kind], root / f"{kind}-{how}-{mode}-{rule}", mode=mode, lora_targets=LORA_TARGETS[kind],
@@ -143,8 +153,8 @@ def test_fast_on_shards_equals_one_process(worker, tmp_path, case):
     """--fast under tensor parallelism: each rank's kernels make the noise of its shards (a rowwise weight's
     shard is one stretch of global indices per row), equal to the reference backend in one process."""
     kind, how, mode = case
-    root, models, _ = worker
-    reference(models[kind], tmp_path, mode=mode, lora_targets=LORA_TARGETS[kind], steps=FAST_STEPS,
+    root, _, _ = worker
+    reference(one_layer(kind, root), tmp_path, mode=mode, lora_targets=LORA_TARGETS[kind], steps=FAST_STEPS,
               eval_every=FAST_STEPS)
     assert_same_run(tmp_path, root / ("-".join(case) + "-fast"), steps=FAST_STEPS)
 
