@@ -225,7 +225,8 @@ exact_shapes_st = st.lists(st.lists(st.integers(1, 29), min_size=1, max_size=3).
 
 
 @pytest.mark.parametrize("device", DEVICES)
-@given(shapes=exact_shapes_st, dtype=dtype_st, seeds=st.lists(st.integers(0, 2**63 - 1), min_size=2, max_size=4),
+@given(shapes=exact_shapes_st, dtype=dtype_st, seeds=st.lists(st.integers(0, 2**63 - 1), min_size=2,
+                                                              max_size=4),
        n=st.integers(1, 2), lr=st.sampled_from([0.0, 1e-2]), fuse=st.booleans(), offset0=offset_st)
 def test_exact_mode_matches_exact_restore(device, shapes, dtype, seeds, n, lr, fuse, offset0):
     """TritonBackend(exact=True), which writes θ's copy in the first perturbation and reads it in the next
